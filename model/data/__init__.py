@@ -1,0 +1,1 @@
+"""Datasets: procedural shapes scenes and adapters for COCO / Karpathy splits."""
