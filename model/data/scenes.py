@@ -140,16 +140,20 @@ def _sample_kinds(rng: random.Random) -> list[tuple[str, str, str]]:
     n = rng.choices((1, 2, 3), weights=(1, 1.5, 1.5))[0]
     kinds = []
     for i in range(n):
-        if i > 0 and rng.random() < 0.3:
+        if i > 0 and rng.random() < 0.2:
             colour, shape, size = rng.choice(kinds)
             if rng.random() < 0.25:
                 size = rng.choice(SIZES)
         else:
             colour, shape, size = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(SIZES)
         kinds.append((colour, shape, size))
-    # a single mixed-size group has too few distinct phrasings for 5 references
+    return _single_group_same_size(kinds)
+
+
+def _single_group_same_size(kinds):
+    """A single mixed-size group has too few distinct phrasings for 5 references."""
     if len({(c, s) for c, s, _ in kinds}) == 1:
-        kinds = [(c, s, kinds[0][2]) for c, s, _ in kinds]
+        return [(c, s, kinds[-1][2]) for c, s, _ in kinds]
     return kinds
 
 
@@ -312,10 +316,19 @@ def make_captions(objects, rng: random.Random, n: int = 5) -> tuple[list[str], l
 def make_scene(seed: int) -> Scene:
     """Layout and reference captions of scene `seed` (no pixels)."""
     rng = random.Random(seed)
-    while True:  # rejection sampling; fails rarely and only for crowded large layouts
-        objects = _place(rng, _sample_kinds(rng))
+    kinds = _sample_kinds(rng)
+    while True:  # rejection sampling; only crowded layouts of large objects fail
+        objects = next((o for o in (_place(rng, kinds) for _ in range(10)) if o), None)
         if objects is not None:
             break
+        # keep the object count (3-object scenes matter most) and make one object small
+        large = [i for i, k in enumerate(kinds) if k[2] == "large"]
+        if large:
+            colour, shape, _ = kinds[large[-1]]
+            kinds[large[-1]] = (colour, shape, "small")
+            kinds = _single_group_same_size(kinds)
+        else:
+            kinds = _sample_kinds(rng)
     captions, templates = make_captions(objects, rng)
     return Scene(objects=objects, captions=captions, seed=seed, templates=templates)
 
