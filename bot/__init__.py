@@ -1,0 +1,1 @@
+"""Image-captioning Telegram bot (aiogram 3). Start it with `python -m bot`."""

@@ -1,0 +1,77 @@
+"""`python -m bot [--playground]`
+
+With TELEGRAM_BOT_TOKEN set, runs the bot against Telegram (or TELEGRAM_API_BASE).
+Without one (or with --playground), starts the built-in Bot API emulator with its local
+chat page and runs the very same bot against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+
+from bot.log import get_logger, register_secret, setup_logging
+from bot.settings import Secret, Settings, SettingsError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--playground", action="store_true",
+                        help="chat with the bot in a local web page instead of Telegram")
+    return parser.parse_args(argv)
+
+
+async def run_playground(settings: Settings) -> None:
+    from bot.emulator.playground import start_playground
+
+    emulator = await start_playground(host="127.0.0.1", port=settings.playground_port)
+    register_secret(emulator.bot_token)
+    try:
+        print(f"Playground: open {emulator.page_url} to chat with the bot "
+              "(Ctrl+C to stop)", flush=True)
+        from bot.app import run
+
+        await run(dataclasses.replace(
+            settings,
+            mode="polling",
+            telegram_api_base=emulator.base_url,
+            telegram_bot_token=Secret(emulator.bot_token),
+        ))
+    finally:
+        await emulator.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as error:
+        print(f"captionbot: {error}", file=sys.stderr)
+        return 2
+    # Before anything can log: the token must never reach a log line.
+    register_secret(settings.token)
+    register_secret(settings.webhook_secret.get() if settings.webhook_secret else None)
+    setup_logging(settings.log_format, settings.log_level)
+    log = get_logger("bot")
+
+    from bot.app import StartupError, run
+
+    playground = args.playground or (settings.token is None and settings.mode == "polling")
+    try:
+        asyncio.run(run_playground(settings) if playground else run(settings))
+    except (SettingsError, StartupError) as error:
+        log.error("cannot_start", reason=str(error))
+        return 2
+    except KeyboardInterrupt:
+        pass
+    except Exception:
+        log.exception("crashed")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Wiring: the model, the worker, the Bot and the Dispatcher, and how they start and stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from typing import Any
+
+from aiogram import Bot, Dispatcher
+from aiogram.client.session.aiohttp import AiohttpSession
+from aiogram.client.telegram import TelegramAPIServer
+from aiogram.exceptions import TelegramAPIError
+from aiogram.types import BotCommand
+from aiogram.webhook.aiohttp_server import SimpleRequestHandler
+from aiohttp import web
+
+from bot import texts
+from bot.handlers import routers
+from bot.health import heartbeat
+from bot.log import get_logger
+from bot.middlewares import AllowlistMiddleware, RateLimitMiddleware, UpdateContextMiddleware
+from bot.photos import PhotoBook
+from bot.retry import RetryMiddleware
+from bot.service import CaptionService
+from bot.settings import Settings
+from bot.worker import InferenceWorker
+
+log = get_logger("bot")
+
+# After the shutdown deadline, jobs that didn't run are failed; give their handlers
+# this long to tell the users to resend before the HTTP session closes.
+LAST_WORDS_S = 5.0
+
+
+class StartupError(RuntimeError):
+    """The bot cannot start; str() says why and what to do."""
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_captioner(settings: Settings) -> Any:
+    from model.captioner import Captioner
+
+    if settings.captioner == "untrained":
+        log.warning("untrained_captioner", note="random decoders: captions are nonsense")
+        return Captioner.untrained(seed=0)
+    device = resolve_device(settings.device)
+    try:
+        return Captioner.load(weights_dir=str(settings.weights_dir), device=device)
+    except (FileNotFoundError, OSError) as error:
+        raise StartupError(
+            f"cannot load the captioning weights from WEIGHTS_DIR={settings.weights_dir}: "
+            f"{error}. Train or copy them there (see README), or set CAPTIONER=untrained "
+            "to try the bot with random decoders."
+        ) from None
+
+
+def build_bot(settings: Settings) -> Bot:
+    token = settings.require_token()
+    if settings.telegram_api_base:
+        session = AiohttpSession(api=TelegramAPIServer.from_base(settings.telegram_api_base))
+    else:
+        session = AiohttpSession()
+    session.middleware(RetryMiddleware(budget_s=settings.send_retry_timeout_s))
+    return Bot(token=token, session=session)
+
+
+class BotApp:
+    def __init__(self, settings: Settings, captioner: Any) -> None:
+        self.settings = settings
+        self.bot = build_bot(settings)
+        self.worker = InferenceWorker(
+            captioner,
+            queue_max=settings.queue_max,
+            batch_max=settings.batch_max,
+            batch_wait_ms=settings.batch_wait_ms,
+            cache_size=settings.encoded_cache_size,
+            max_image_pixels=settings.max_image_pixels,
+        )
+        self.service = CaptionService(self.bot, self.worker, PhotoBook(), settings)
+        self.updates = UpdateContextMiddleware()
+        self.dispatcher = self._build_dispatcher()
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    def _build_dispatcher(self) -> Dispatcher:
+        dp = Dispatcher()
+        dp["service"] = self.service
+        dp.update.outer_middleware(self.updates)
+        allowlist = AllowlistMiddleware(self.settings.allowed_user_ids, self.settings.allowlist_ignore_s)
+        rate_limit = RateLimitMiddleware(self.settings.rate_limit_per_min)
+        for observer in (dp.message, dp.callback_query):
+            observer.outer_middleware(allowlist)
+            observer.middleware(rate_limit)
+        dp.include_routers(*routers())
+        dp.startup.register(self._on_startup)
+        dp.shutdown.register(self._on_shutdown)
+        return dp
+
+    async def _on_startup(self) -> None:
+        from PIL import Image
+
+        try:
+            seconds = await self.worker.warm_up(Image.new("RGB", (224, 224), (128, 128, 128)))
+            log.info("model_warmed_up", seconds=round(seconds, 2))
+        except Exception:  # a broken model shows on the first job too; don't hide the bot
+            log.exception("warm_up_failed")
+        await self.worker.start()
+        if self.settings.health_file is not None:
+            self._heartbeat = asyncio.create_task(
+                heartbeat(self.settings.health_file, lambda: self.worker.running)
+            )
+        try:
+            await self.bot.set_my_commands(
+                [BotCommand(command=name, description=about) for name, about in texts.COMMANDS.items()]
+            )
+        except TelegramAPIError as error:  # the menu is a nicety; the bot works without it
+            log.error("set_my_commands_failed", error=f"{type(error).__name__}: {error}")
+        log.info("bot_started", mode=self.settings.mode, batch_max=self.settings.batch_max,
+                 queue_max=self.settings.queue_max)
+
+    async def _on_shutdown(self) -> None:
+        """No new updates arrive any more: finish what was accepted, then stop."""
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        log.info("shutting_down", updates_in_flight=self.updates.in_flight,
+                 jobs_queued=self.worker.queued)
+        finished = await self.updates.wait_idle(self.settings.shutdown_timeout_s)
+        await self.worker.stop(timeout=max(0.0, deadline - time.monotonic()))
+        if not finished:
+            await self.updates.wait_idle(LAST_WORDS_S)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            with contextlib.suppress(OSError):
+                self.settings.health_file.unlink()  # type: ignore[union-attr]
+        log.info("stopped", jobs_done=self.worker.jobs_done, batches=self.worker.batches_run)
+
+    # ---- run modes -------------------------------------------------------------------
+
+    async def run_polling(self) -> None:
+        # aiogram stops polling on SIGTERM/SIGINT, then runs _on_shutdown with the
+        # session still open, then closes it.
+        await self.dispatcher.start_polling(self.bot, handle_signals=True, close_bot_session=True)
+
+    async def run_webhook(self) -> None:
+        settings = self.settings
+        app = web.Application()
+        SimpleRequestHandler(
+            dispatcher=self.dispatcher,
+            bot=self.bot,
+            secret_token=settings.webhook_secret.get() if settings.webhook_secret else None,
+        ).register(app, path=settings.webhook_path)
+        app.router.add_get("/healthz", self._healthz)
+        runner = web.AppRunner(app, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.webhook_host, settings.webhook_port)
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.dispatcher.emit_startup(bot=self.bot)
+            await site.start()
+            await self.bot.set_webhook(
+                settings.webhook_url,
+                secret_token=settings.webhook_secret.get() if settings.webhook_secret else None,
+                allowed_updates=self.dispatcher.resolve_used_update_types(),
+            )
+            log.info("webhook_listening", host=settings.webhook_host, port=settings.webhook_port,
+                     path=settings.webhook_path)
+            await stop.wait()
+            log.info("signal_received")
+        finally:
+            await site.stop()  # stop taking updates first
+            try:
+                await self.dispatcher.emit_shutdown(bot=self.bot)
+            finally:
+                await runner.cleanup()
+                await self.bot.session.close()
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        ok = self.worker.running
+        return web.json_response({"ok": ok, "queued": self.worker.queued}, status=200 if ok else 503)
+
+
+async def run(settings: Settings, captioner: Any | None = None) -> None:
+    if captioner is None:
+        captioner = await asyncio.to_thread(load_captioner, settings)
+    app = BotApp(settings, captioner)
+    if settings.mode == "webhook":
+        await app.run_webhook()
+    else:
+        await app.run_polling()

@@ -1,0 +1,20 @@
+from aiogram import F, Router
+from aiogram.types import Message
+
+from bot import texts
+from bot.middlewares import INFERENCE_FLAG
+from bot.photos import NotAnImage, photo_of
+from bot.service import CaptionService
+
+router = Router(name="images")
+
+
+@router.message(F.photo | F.document, flags={INFERENCE_FLAG: True})
+async def image(message: Message, service: CaptionService) -> None:
+    try:
+        photo = photo_of(message)
+    except NotAnImage:
+        await service.tell(message.chat.id, message.message_id, texts.NOT_AN_IMAGE)
+        return
+    service.photos.remember(message.chat.id, message.message_id, photo)
+    await service.caption(message.chat.id, message.message_id, photo)

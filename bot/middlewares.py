@@ -1,0 +1,154 @@
+"""Cross-cutting concerns, kept out of the handlers.
+
+- `UpdateContextMiddleware` (outer, every update): binds chat/user/update ids to the
+  structlog context so every line logged while handling an update carries them, and
+  counts updates in flight so shutdown can wait for their replies.
+- `AllowlistMiddleware` (outer, messages and button presses): with `ALLOWED_USER_IDS`
+  set, anyone else gets one refusal and is then ignored for a while.
+- `RateLimitMiddleware` (inner, only handlers flagged `inference`): at most N requests
+  per user per sliding minute; the first request over the limit gets a polite answer,
+  the rest of that minute is ignored so a flood doesn't become a flood of replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import structlog
+from aiogram import BaseMiddleware
+from aiogram.dispatcher.flags import get_flag
+from aiogram.types import CallbackQuery, Message, TelegramObject, Update, User
+
+from bot import texts
+from bot.log import get_logger
+
+log = get_logger("bot.updates")
+
+Handler = Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]]
+
+INFERENCE_FLAG = "inference"
+
+
+class UpdateContextMiddleware(BaseMiddleware):
+    def __init__(self) -> None:
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True when no update is being handled; False if `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]) -> Any:
+        assert isinstance(event, Update)
+        user: User | None = data.get("event_from_user")
+        chat = data.get("event_chat")
+        message = event.message or (event.callback_query.message if event.callback_query else None)
+        self._in_flight += 1
+        self._idle.clear()
+        started = time.perf_counter()
+        with structlog.contextvars.bound_contextvars(
+            update_id=event.update_id,
+            chat_id=chat.id if chat else None,
+            user_id=user.id if user else None,
+            message_id=message.message_id if message else None,
+        ):
+            try:
+                return await handler(event, data)
+            finally:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.set()
+                log.debug("update_handled", ms=round((time.perf_counter() - started) * 1000, 1))
+
+
+async def _tell(event: TelegramObject, text: str) -> None:
+    """Answer a message or a button press with `text`; failures are logged, not raised."""
+    try:
+        if isinstance(event, Message):
+            await event.reply(text, allow_sending_without_reply=True)
+        elif isinstance(event, CallbackQuery):
+            await event.answer(text, show_alert=True)
+    except Exception as error:  # noqa: BLE001 - a refusal that can't be sent isn't fatal
+        log.warning("notice_not_sent", error=f"{type(error).__name__}: {error}")
+
+
+class AllowlistMiddleware(BaseMiddleware):
+    def __init__(self, allowed_user_ids: Iterable[int], ignore_s: float = 600) -> None:
+        self.allowed = frozenset(allowed_user_ids)
+        self.ignore_s = ignore_s
+        self._refused_at: dict[int, float] = {}
+
+    async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]) -> Any:
+        user: User | None = data.get("event_from_user")
+        if not self.allowed or (user is not None and user.id in self.allowed):
+            return await handler(event, data)
+        user_id = user.id if user is not None else 0
+        now = time.monotonic()
+        last = self._refused_at.get(user_id)
+        if last is not None and now - last < self.ignore_s:
+            log.info("ignored_not_allowed")
+            return None
+        self._forget_old(now)
+        self._refused_at[user_id] = now
+        log.info("refused_not_allowed")
+        await _tell(event, texts.NOT_ALLOWED)
+        return None
+
+    def _forget_old(self, now: float) -> None:
+        if len(self._refused_at) > 10_000:
+            for uid, at in list(self._refused_at.items()):
+                if now - at >= self.ignore_s:
+                    del self._refused_at[uid]
+
+
+class RateLimitMiddleware(BaseMiddleware):
+    WINDOW_S = 60.0
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._recent: dict[int, deque[float]] = {}
+        self._noticed_until: dict[int, float] = {}
+
+    async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]) -> Any:
+        user: User | None = data.get("event_from_user")
+        if self.per_minute <= 0 or user is None or not get_flag(data, INFERENCE_FLAG):
+            return await handler(event, data)
+        now = time.monotonic()
+        recent = self._recent.setdefault(user.id, deque())
+        while recent and now - recent[0] >= self.WINDOW_S:
+            recent.popleft()
+        if len(recent) < self.per_minute:
+            recent.append(now)
+            if len(self._recent) > 10_000:
+                self._forget_idle(now)
+            return await handler(event, data)
+        retry_in = max(1, round(self.WINDOW_S - (now - recent[0])))
+        if self._noticed_until.get(user.id, 0) > now:
+            log.info("rate_limited_quietly")
+            if isinstance(event, CallbackQuery):
+                # A button press must always be answered, or the client shows a spinner.
+                await _tell(event, texts.rate_limited(self.per_minute, retry_in))
+            return None
+        self._noticed_until[user.id] = now + retry_in
+        log.info("rate_limited", retry_in_s=retry_in)
+        await _tell(event, texts.rate_limited(self.per_minute, retry_in))
+        return None
+
+    def _forget_idle(self, now: float) -> None:
+        for uid, stamps in list(self._recent.items()):
+            if not stamps or now - stamps[-1] >= self.WINDOW_S:
+                del self._recent[uid]
+                self._noticed_until.pop(uid, None)

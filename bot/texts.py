@@ -1,0 +1,111 @@
+"""Everything the bot says, in one place (plain text: no parse mode to escape for)."""
+
+from __future__ import annotations
+
+from aiogram.filters.callback_data import CallbackData
+from aiogram.types import InlineKeyboardButton, InlineKeyboardMarkup
+
+COMMANDS = {
+    "start": "What this bot does",
+    "help": "Commands and tips",
+    "sample": "N sampled captions: /sample N [temperature]",
+    "attention": "Where the model looked, word by word",
+}
+
+COCO_SECTION = "README, section \"Training on COCO\""
+
+
+def help_text(*, default_samples: int, max_samples: int, readme_url: str | None) -> str:
+    where = readme_url or COCO_SECTION
+    return "\n".join([
+        "I describe images in a sentence.",
+        "",
+        "Send a photo (or an image file: JPEG, PNG, WebP, BMP, or the first frame of a "
+        "GIF) and I reply with the attention decoder's caption, the baseline decoder's "
+        f"caption and {default_samples} sampled captions.",
+        "",
+        "Commands (reply to a photo, put them in a photo's caption, or use them on your "
+        "latest photo):",
+        f"/sample N [T] - N sampled captions (1-{max_samples}), optional temperature T "
+        "in (0, 2], default 1",
+        "/attention - a picture of where the model looked for each word",
+        "/help - this message",
+        "",
+        "Honest note: the bundled model was trained on synthetic scenes of coloured "
+        "shapes (circles, squares, stars... on plain backgrounds), so that is what it "
+        f"describes well. To caption real photos, retrain it on COCO: see {where}.",
+    ])
+
+
+SEND_A_PHOTO = "Send me a photo first, then I can do that (or reply to a photo with the command)."
+TEXT_HINT = "Send me a photo and I'll describe it. /help lists the commands."
+NOT_ALLOWED = "Sorry, this is a private bot."
+QUEUE_FULL = "I'm busy with a lot of images right now. Please try again in a few seconds."
+RESTARTING = "I'm restarting right now and couldn't finish this one. Please send it again in a minute."
+INFERENCE_FAILED = "Sorry, something went wrong while captioning this image. Please try another one."
+DOWNLOAD_FAILED = "I couldn't download that file from Telegram. Please send it again."
+PHOTO_GONE = "I no longer have that photo. Please send it again."
+NOT_AN_IMAGE = (
+    "That file isn't an image I can read. Send a photo, or an image file "
+    "(JPEG, PNG, WebP, BMP or GIF)."
+)
+
+
+def sample_usage(max_samples: int) -> str:
+    return (
+        f"Usage: /sample N [T] - N sampled captions, 1 <= N <= {max_samples}; optional "
+        "temperature T with 0 < T <= 2 (default 1). Example: /sample 5 0.7"
+    )
+
+
+def bad_image(reason: str) -> str:
+    return f"I can't use this image: {reason}."
+
+
+def too_large(size: int, limit: int) -> str:
+    return (
+        f"That file is too large: {size / 1_000_000:.1f} MB (the limit is "
+        f"{limit / 1_000_000:.0f} MB). Please send a smaller image."
+    )
+
+
+def rate_limited(per_minute: int, retry_in_s: int) -> str:
+    return (
+        f"You're sending requests quickly - I can take {per_minute} a minute per person. "
+        f"Please try again in {retry_in_s} s."
+    )
+
+
+def numbered(captions: list[str]) -> str:
+    return "\n".join(f"{i}. {text}" for i, text in enumerate(captions, 1))
+
+
+def caption_reply(headline: str, baseline: str, samples: list[str]) -> str:
+    lines = [headline, "", f"Baseline decoder: {baseline}"]
+    if samples:
+        lines += ["", "Sampled:", numbered(samples)]
+    return "\n".join(lines)
+
+
+def samples_reply(samples: list[str], temperature: float) -> str:
+    return f"{len(samples)} sampled captions (temperature {temperature:g}):\n{numbered(samples)}"
+
+
+class PhotoAction(CallbackData, prefix="p"):
+    """Button payload: what to do and which photo (its file_unique_id), < 64 bytes."""
+
+    action: str  # "more" | "attn"
+    key: str
+
+
+MORE_SAMPLES = "more"
+ATTENTION_MAP = "attn"
+
+
+def photo_keyboard(key: str) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup(inline_keyboard=[[
+        InlineKeyboardButton(text="More samples",
+                             callback_data=PhotoAction(action=MORE_SAMPLES, key=key).pack()),
+        InlineKeyboardButton(text="Attention map",
+                             callback_data=PhotoAction(action=ATTENTION_MAP, key=key).pack()),
+    ]])

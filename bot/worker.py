@@ -1,0 +1,511 @@
+"""The inference worker: the only part of the bot that touches the captioning model.
+
+Handlers submit jobs and await their results; one background task takes jobs off a
+bounded queue in micro-batches (up to `batch_max`, waiting at most `batch_wait_ms` for
+the batch to fill) and runs each batch in a single dedicated thread, so the event loop
+keeps polling and replying while the model works. Per batch the encoder runs once on
+every image that is not cached yet, then each decoder runs once on the jobs that need
+it. When a batched call fails, the same call is repeated job by job so that only the
+job that caused the failure fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from bot.log import get_logger
+
+log = get_logger("bot.worker")
+
+# Thumbnails kept beside encoder outputs for /attention figures; the figure draws small
+# tiles, so the full-size photo isn't needed once it has been encoded.
+THUMBNAIL_SIDE = 384
+
+
+# ---- errors a handler can meet (each has a user-facing meaning) -----------------------
+
+
+class WorkerError(Exception):
+    """Base class of errors the worker reports to handlers."""
+
+
+class QueueFull(WorkerError):
+    """The bounded queue is full: ask the user to retry shortly."""
+
+
+class WorkerStopped(WorkerError):
+    """The worker is shutting down and did not run (or finish) the job."""
+
+
+class NotCached(WorkerError):
+    """The job named a photo by key only, and its encoding is not (or no longer) cached."""
+
+
+class BadImage(WorkerError):
+    """The bytes are not a usable image; str() is a short user-facing reason."""
+
+
+class InferenceFailed(WorkerError):
+    """The model failed on this job for an unexpected reason (logged with a traceback)."""
+
+
+# ---- what handlers pass in and get back ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class PhotoInput:
+    """A photo identified by Telegram's `file_unique_id`, with its bytes when downloaded.
+
+    `data=None` asks the worker to use the cached encoding; it raises `NotCached` if
+    the photo is not in the cache, and the handler then downloads and resubmits.
+    """
+
+    key: str
+    data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    headline: str  # attention decoder, greedy
+    baseline: str  # baseline decoder, greedy
+    samples: list[str]
+
+
+@dataclass(frozen=True)
+class AttentionResult:
+    caption: str
+    words: int  # tiles in the figure besides the photo itself
+    png: bytes
+
+
+class CaptionerLike(Protocol):
+    """What the worker needs from `model.captioner.Captioner` (tests pass a double)."""
+
+    def encode(self, images: Sequence[Any]) -> list[Any]: ...
+    def greedy(self, encoded: Sequence[Any], decoder: str) -> list[Any]: ...
+    def sample(
+        self, encoded: Sequence[Any], n: int, *, decoder: str = ..., temperature: float = ...
+    ) -> list[list[str]]: ...
+
+
+# ---- internals -----------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    kind: str  # "caption" | "samples" | "attention"
+    photo: PhotoInput
+    n: int = 0
+    temperature: float = 1.0
+    chat_id: int | None = None
+    message_id: int | None = None
+    future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    # Filled in the worker thread:
+    image: Any = None
+    encoded: Any = None
+    thumbnail: Any = None
+    from_cache: bool = False
+    headline: Any = None
+
+
+@dataclass
+class _CacheEntry:
+    encoded: Any
+    thumbnail: Any
+
+
+class EncodedCache:
+    """LRU of encoder outputs (plus a thumbnail) keyed by Telegram `file_unique_id`.
+
+    Read from the event loop (`__contains__`) and written from the worker thread.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[str, _CacheEntry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def get(self, key: str) -> _CacheEntry | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key: str, entry: _CacheEntry) -> None:
+        if self.capacity <= 0:
+            return
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+
+def _default_open_image(data: bytes, max_pixels: int) -> Any:
+    from model.images import open_image
+
+    return open_image(data, max_pixels=max_pixels)
+
+
+def _default_figure(image: Any, tokens: list[str], alphas: Any) -> bytes:
+    from model.figure import attention_figure
+
+    return attention_figure(image, tokens, alphas)
+
+
+def _image_error_types() -> tuple[type[BaseException], ...]:
+    try:
+        from model.images import ImageError
+    except ImportError:  # the model package is optional for worker unit tests
+        return ()
+    return (ImageError,)
+
+
+class InferenceWorker:
+    def __init__(
+        self,
+        captioner: CaptionerLike,
+        *,
+        queue_max: int = 100,
+        batch_max: int = 8,
+        batch_wait_ms: float = 10,
+        cache_size: int = 128,
+        max_image_pixels: int = 40_000_000,
+        open_image: Callable[[bytes, int], Any] = _default_open_image,
+        attention_figure: Callable[[Any, list[str], Any], bytes] = _default_figure,
+        image_errors: tuple[type[BaseException], ...] | None = None,
+    ) -> None:
+        self._captioner = captioner
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_max)
+        self.batch_max = batch_max
+        self.batch_wait_s = batch_wait_ms / 1000
+        self.cache = EncodedCache(cache_size)
+        self._max_image_pixels = max_image_pixels
+        self._open_image = open_image
+        self._attention_figure = attention_figure
+        self._image_errors = _image_error_types() if image_errors is None else image_errors
+        # One thread: the model is not re-entrant, and torch parallelises inside a call.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._task: asyncio.Task[None] | None = None
+        self._accepting = False
+        self._in_flight: list[_Job] = []
+        self.batches_run = 0
+        self.jobs_done = 0
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._accepting = True
+            self._task = asyncio.create_task(self._run(), name="inference-worker")
+
+    async def warm_up(self, image: Any) -> float:
+        """Run every model path once on `image`, so the first user doesn't pay for
+        torch's one-time setup; returns the seconds it took."""
+        def run() -> None:
+            encoded = self._captioner.encode([image])
+            headline = self._captioner.greedy(encoded, "attention")[0]
+            self._captioner.greedy(encoded, "baseline")
+            self._captioner.sample(encoded, 2, decoder="attention", temperature=1.0)
+            self._attention_figure(image, list(headline.tokens), headline.alphas)
+
+        started = time.perf_counter()
+        await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        return time.perf_counter() - started
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    async def stop(self, timeout: float) -> None:
+        """Stop accepting jobs, finish the accepted ones within `timeout` seconds, and
+        fail whatever is left with `WorkerStopped` so no job waits forever."""
+        self._accepting = False
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout)
+        except TimeoutError:
+            log.warning("worker_drain_timeout", left=self._queue.qsize() + len(self._in_flight))
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        leftovers = list(self._in_flight)
+        while not self._queue.empty():
+            leftovers.append(self._queue.get_nowait())
+            self._queue.task_done()
+        for job in leftovers:
+            self._settle(job, WorkerStopped("the bot is restarting"), 0.0, 0, "stopped")
+        self._in_flight = []
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- the API handlers use --------------------------------------------------------
+
+    def is_cached(self, key: str) -> bool:
+        return key in self.cache
+
+    async def caption(
+        self, photo: PhotoInput, *, n_samples: int, chat_id: int | None = None,
+        message_id: int | None = None,
+    ) -> CaptionResult:
+        """Both greedy captions plus `n_samples` sampled ones (temperature 1)."""
+        return await self._submit(
+            _Job("caption", photo, n=n_samples, chat_id=chat_id, message_id=message_id)
+        )
+
+    async def samples(
+        self, photo: PhotoInput, *, n: int, temperature: float = 1.0,
+        chat_id: int | None = None, message_id: int | None = None,
+    ) -> list[str]:
+        return await self._submit(
+            _Job("samples", photo, n=n, temperature=temperature, chat_id=chat_id,
+                 message_id=message_id)
+        )
+
+    async def attention(
+        self, photo: PhotoInput, *, chat_id: int | None = None, message_id: int | None = None,
+    ) -> AttentionResult:
+        return await self._submit(
+            _Job("attention", photo, chat_id=chat_id, message_id=message_id)
+        )
+
+    async def _submit(self, job: _Job) -> Any:
+        if not self._accepting:
+            raise WorkerStopped("the bot is restarting")
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise QueueFull("too many images are waiting") from None
+        return await job.future
+
+    # ---- the batching loop (event loop side) -----------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.batch_wait_s
+            while len(batch) < self.batch_max:
+                try:
+                    batch.append(self._queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+            # A handler that gave up (cancelled) no longer needs its job run.
+            live = [job for job in batch if not job.future.done()]
+            self._in_flight = live
+            started = time.perf_counter()
+            outcomes: list[Any] = []
+            try:
+                if live:
+                    outcomes = await loop.run_in_executor(self._executor, self._run_batch, live)
+            except asyncio.CancelledError:
+                raise  # stop() gave up waiting: it fails the jobs still in self._in_flight
+            except Exception as error:  # the batch machinery itself broke: fail the batch
+                log.exception("batch_failed", batch_size=len(live))
+                outcomes = [InferenceFailed(str(error)) for _ in live]
+            inference_ms = (time.perf_counter() - started) * 1000
+            self._in_flight = []
+            for _ in batch:
+                self._queue.task_done()
+            self.batches_run += 1
+            for job, outcome in zip(live, outcomes):
+                self._settle(job, outcome, inference_ms, len(live), None)
+
+    def _settle(
+        self, job: _Job, outcome: Any, inference_ms: float, batch_size: int,
+        label: str | None,
+    ) -> None:
+        failed = isinstance(outcome, BaseException)
+        if label is None:
+            label = "ok" if not failed else type(outcome).__name__
+        log.info(
+            "job",
+            kind=job.kind,
+            chat_id=job.chat_id,
+            message_id=job.message_id,
+            queue_wait_ms=round((time.perf_counter() - job.enqueued_at) * 1000 - inference_ms, 1),
+            inference_ms=round(inference_ms, 1),
+            batch_size=batch_size,
+            cached=job.from_cache,
+            outcome=label,
+        )
+        self.jobs_done += 1
+        if job.future.done():
+            return
+        if failed:
+            job.future.set_exception(outcome)
+        else:
+            job.future.set_result(outcome)
+
+    # ---- the batch itself (inference thread) -----------------------------------------
+
+    def _run_batch(self, jobs: list[_Job]) -> list[Any]:
+        """Run one batch; returns a result or an exception per job, in order."""
+        errors: dict[int, BaseException] = {}
+
+        def alive(selected: Sequence[_Job]) -> list[_Job]:
+            return [job for job in selected if id(job) not in errors]
+
+        # 1. Photos: cached encodings, or decode the downloaded bytes.
+        to_encode: list[_Job] = []
+        for job in jobs:
+            entry = self.cache.get(job.photo.key)
+            if entry is not None:
+                job.encoded, job.thumbnail, job.from_cache = entry.encoded, entry.thumbnail, True
+                continue
+            if job.photo.data is None:
+                errors[id(job)] = NotCached(job.photo.key)
+                continue
+            try:
+                image = self._open_image(job.photo.data, self._max_image_pixels)
+            except Exception as error:
+                errors[id(job)] = self._as_worker_error(error, job, "decode")
+                continue
+            job.image = image
+            to_encode.append(job)
+
+        # 2. One encoder forward for every image that wasn't cached.
+        if to_encode:
+            encodings = self._batched(
+                to_encode, errors, "encode",
+                lambda group: self._captioner.encode([job.image for job in group]),
+            )
+            for job, encoded in zip(to_encode, encodings):
+                if encoded is None:
+                    continue
+                job.encoded = encoded
+                job.thumbnail = _thumbnail(job.image)
+                job.image = None  # the full-size decode is no longer needed
+                self.cache.put(job.photo.key, _CacheEntry(encoded, job.thumbnail))
+
+        # 3. Greedy attention captions (headline and figure), one call.
+        needs_headline = alive([j for j in jobs if j.kind in ("caption", "attention")])
+        for job, caption in zip(needs_headline, self._batched(
+            needs_headline, errors, "greedy_attention",
+            lambda group: self._captioner.greedy([j.encoded for j in group], "attention"),
+        )):
+            job.headline = caption
+
+        # 4. Baseline captions for caption jobs, one call.
+        baselines: dict[int, Any] = {}
+        wants_baseline = alive([j for j in jobs if j.kind == "caption"])
+        for job, caption in zip(wants_baseline, self._batched(
+            wants_baseline, errors, "greedy_baseline",
+            lambda group: self._captioner.greedy([j.encoded for j in group], "baseline"),
+        )):
+            baselines[id(job)] = caption
+
+        # 5. Sampling: one call per distinct (n, temperature) in the batch.
+        samples: dict[int, list[str]] = {}
+        groups: dict[tuple[int, float], list[_Job]] = {}
+        for job in alive(jobs):
+            if job.kind in ("caption", "samples") and job.n > 0:
+                groups.setdefault((job.n, job.temperature), []).append(job)
+        for (n, temperature), group in groups.items():
+            group = alive(group)
+            for job, texts in zip(group, self._batched(
+                group, errors, "sample",
+                lambda g, n=n, t=temperature: self._captioner.sample(
+                    [j.encoded for j in g], n, decoder="attention", temperature=t
+                ),
+            )):
+                samples[id(job)] = texts
+
+        # 6. Results (attention figures are drawn per job).
+        outcomes: list[Any] = []
+        for job in jobs:
+            if id(job) in errors:
+                outcomes.append(errors[id(job)])
+                continue
+            try:
+                if job.kind == "caption":
+                    outcomes.append(CaptionResult(
+                        headline=job.headline.text,
+                        baseline=baselines[id(job)].text,
+                        samples=list(samples.get(id(job), [])),
+                    ))
+                elif job.kind == "samples":
+                    outcomes.append(list(samples[id(job)]))
+                else:
+                    tokens = list(job.headline.tokens)
+                    png = self._attention_figure(job.thumbnail, tokens, job.headline.alphas)
+                    outcomes.append(AttentionResult(job.headline.text, len(tokens), png))
+            except Exception as error:
+                outcomes.append(self._as_worker_error(error, job, "result"))
+        return outcomes
+
+    def _batched(
+        self, group: list[_Job], errors: dict[int, BaseException], stage: str,
+        call: Callable[[list[_Job]], Sequence[Any]],
+    ) -> list[Any]:
+        """`call(group)`, or job by job if that fails; failed jobs get None + an error."""
+        if not group:
+            return []
+        try:
+            results = list(call(group))
+            if len(results) != len(group):
+                raise RuntimeError(f"{stage} returned {len(results)} results for {len(group)}")
+            return results
+        except Exception as error:
+            if len(group) == 1:
+                errors[id(group[0])] = self._as_worker_error(error, group[0], stage)
+                return [None]
+        out: list[Any] = []
+        for job in group:
+            try:
+                out.append(list(call([job]))[0])
+            except Exception as error:
+                errors[id(job)] = self._as_worker_error(error, job, stage)
+                out.append(None)
+        return out
+
+    def _as_worker_error(self, error: BaseException, job: _Job, stage: str) -> WorkerError:
+        if isinstance(error, WorkerError):
+            return error
+        if self._image_errors and isinstance(error, self._image_errors):
+            return BadImage(str(error))
+        log.error(
+            "job_failed", stage=stage, kind=job.kind, chat_id=job.chat_id,
+            message_id=job.message_id, exc_info=error,
+        )
+        return InferenceFailed(f"{stage} failed")
+
+
+def _thumbnail(image: Any) -> Any:
+    """A bounded-size copy for the cache (PIL images; anything else is kept as is)."""
+    if hasattr(image, "thumbnail") and hasattr(image, "copy"):
+        if max(image.size) > THUMBNAIL_SIDE:
+            image = image.copy()
+            image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    return image

@@ -1,0 +1,337 @@
+"""InferenceWorker: batching, error isolation, ordering, cache, drain on shutdown.
+
+A small captioner double records every call, and can hold the inference thread on a
+gate so that jobs pile up in the queue deterministically (no timing guesses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from bot.worker import (
+    AttentionResult,
+    BadImage,
+    CaptionResult,
+    InferenceFailed,
+    InferenceWorker,
+    NotCached,
+    PhotoInput,
+    QueueFull,
+    WorkerStopped,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class FakeImageError(ValueError):
+    pass
+
+
+@dataclass
+class FakeCaption:
+    text: str
+    tokens: list[str]
+    alphas: list | None
+
+
+class FakeCaptioner:
+    """Images are strings; a caption names its image so mix-ups are visible."""
+
+    def __init__(self) -> None:
+        self.encode_batches: list[list[str]] = []
+        self.greedy_calls: list[tuple[str, int]] = []
+        self.sample_calls: list[tuple[int, float, int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def encode(self, images):
+        self.entered.set()
+        assert self.gate.wait(10), "test gate never opened"
+        if any(image == "poison" for image in images):
+            raise RuntimeError("encoder exploded")
+        self.encode_batches.append(list(images))
+        return [f"enc({image})" for image in images]
+
+    def greedy(self, encoded, decoder):
+        self.greedy_calls.append((decoder, len(encoded)))
+        return [
+            FakeCaption(f"{decoder} {e}", [decoder, e], [[[1.0]], [[1.0]]] if decoder == "attention" else None)
+            for e in encoded
+        ]
+
+    def sample(self, encoded, n, *, decoder="attention", temperature=1.0):
+        self.sample_calls.append((n, temperature, len(encoded)))
+        return [[f"sample{i} {e} t={temperature}" for i in range(n)] for e in encoded]
+
+
+def fake_open(data: bytes, max_pixels: int) -> str:
+    if data == b"corrupt":
+        raise FakeImageError("the image is corrupt or truncated")
+    return data.decode()
+
+
+def fake_figure(image, tokens, alphas) -> bytes:
+    return f"PNG {image} {' '.join(tokens)}".encode()
+
+
+def make_worker(captioner: FakeCaptioner, **kwargs) -> InferenceWorker:
+    options = dict(queue_max=100, batch_max=8, batch_wait_ms=5, cache_size=16)
+    options.update(kwargs)
+    return InferenceWorker(
+        captioner, open_image=fake_open, attention_figure=fake_figure,
+        image_errors=(FakeImageError,), **options,
+    )
+
+
+def photo(name: str, data: bool = True) -> PhotoInput:
+    return PhotoInput(key=name, data=name.encode() if data else None)
+
+
+async def hold_first_batch(worker: InferenceWorker, captioner: FakeCaptioner) -> asyncio.Task:
+    """Start one job and keep the inference thread busy with it until the gate opens."""
+    captioner.gate.clear()
+    captioner.entered.clear()
+    first = asyncio.create_task(worker.caption(photo("first"), n_samples=1))
+    assert await asyncio.to_thread(captioner.entered.wait, 5)
+    return first
+
+
+async def test_jobs_waiting_together_share_one_encoder_call():
+    captioner = FakeCaptioner()
+    worker = make_worker(captioner, batch_max=8)
+    await worker.start()
+    first = await hold_first_batch(worker, captioner)
+    jobs = [asyncio.create_task(worker.caption(photo(f"img{i}"), n_samples=2)) for i in range(10)]
+    await asyncio.sleep(0.05)  # let every submit reach the queue
+    captioner.gate.set()
+    results = await asyncio.gather(first, *jobs)
+
+    assert [len(batch) for batch in captioner.encode_batches] == [1, 8, 2]
+    # Decoders run once per batch too: attention + baseline greedy, one sample call.
+    assert captioner.greedy_calls[2:4] == [("attention", 8), ("baseline", 8)]
+    assert (2, 1.0, 8) in captioner.sample_calls
+    for i, result in enumerate(results[1:]):
+        assert isinstance(result, CaptionResult)
+        assert result.headline == f"attention enc(img{i})"
+        assert result.baseline == f"baseline enc(img{i})"
+        assert result.samples == [f"sample{k} enc(img{i}) t=1.0" for k in range(2)]
+    await worker.stop(timeout=5)
+
+
+async def test_jobs_run_in_submission_order_and_each_gets_its_own_result():
+    captioner = FakeCaptioner()
+    worker = make_worker(captioner, batch_max=3)
+    await worker.start()
+    first = await hold_first_batch(worker, captioner)
+    names = [f"p{i}" for i in range(7)]
+    kinds = ["samples", "caption", "attention"]
+    tasks = []
+    for i, name in enumerate(names):
+        kind = kinds[i % 3]
+        if kind == "samples":
+            tasks.append(asyncio.create_task(worker.samples(photo(name), n=i + 1, temperature=0.5)))
+        elif kind == "caption":
+            tasks.append(asyncio.create_task(worker.caption(photo(name), n_samples=0)))
+        else:
+            tasks.append(asyncio.create_task(worker.attention(photo(name))))
+    await asyncio.sleep(0.05)
+    captioner.gate.set()
+    await first
+    results = await asyncio.gather(*tasks)
+
+    encoded_order = [image for batch in captioner.encode_batches[1:] for image in batch]
+    assert encoded_order == names
+    for i, (name, result) in enumerate(zip(names, results)):
+        kind = kinds[i % 3]
+        if kind == "samples":
+            assert result == [f"sample{k} enc({name}) t=0.5" for k in range(i + 1)]
+        elif kind == "caption":
+            assert result.headline == f"attention enc({name})" and result.samples == []
+        else:
+            assert isinstance(result, AttentionResult)
+            assert result.words == 2
+            assert result.png == f"PNG {name} attention enc({name})".encode()
+    await worker.stop(timeout=5)
+
+
+async def test_a_failing_job_fails_alone_and_the_worker_keeps_going():
+    captioner = FakeCaptioner()
+    worker = make_worker(captioner)
+    await worker.start()
+    first = await hold_first_batch(worker, captioner)
+    good1 = asyncio.create_task(worker.caption(photo("good1"), n_samples=1))
+    corrupt = asyncio.create_task(worker.caption(PhotoInput("c", b"corrupt"), n_samples=1))
+    poison = asyncio.create_task(worker.samples(photo("poison"), n=2))
+    good2 = asyncio.create_task(worker.attention(photo("good2")))
+    await asyncio.sleep(0.05)
+    captioner.gate.set()
+    await first
+    results = await asyncio.gather(good1, corrupt, poison, good2, return_exceptions=True)
+
+    assert results[0].headline == "attention enc(good1)"
+    assert isinstance(results[1], BadImage) and str(results[1]) == "the image is corrupt or truncated"
+    assert isinstance(results[2], InferenceFailed)
+    assert isinstance(results[3], AttentionResult)
+    # The batch was encoded together first (and failed on the poison), then job by job.
+    assert ["good1", "good2"] in captioner.encode_batches or (
+        ["good1"] in captioner.encode_batches and ["good2"] in captioner.encode_batches
+    )
+    # Still serving afterwards.
+    after = await worker.caption(photo("later"), n_samples=1)
+    assert after.headline == "attention enc(later)"
+    await worker.stop(timeout=5)
+
+
+async def test_a_decoder_failure_in_a_batch_only_fails_that_job():
+    captioner = FakeCaptioner()
+    original = captioner.sample
+
+    def picky_sample(encoded, n, *, decoder="attention", temperature=1.0):
+        if "enc(bad)" in encoded:
+            raise RuntimeError("sampler exploded")
+        return original(encoded, n, decoder=decoder, temperature=temperature)
+
+    captioner.sample = picky_sample
+    worker = make_worker(captioner)
+    await worker.start()
+    first = await hold_first_batch(worker, captioner)
+    tasks = [asyncio.create_task(worker.samples(photo(name), n=2)) for name in ("a", "bad", "b")]
+    await asyncio.sleep(0.05)
+    captioner.gate.set()
+    await first
+    a, bad, b = await asyncio.gather(*tasks, return_exceptions=True)
+    assert a == ["sample0 enc(a) t=1.0", "sample1 enc(a) t=1.0"]
+    assert isinstance(bad, InferenceFailed)
+    assert b == ["sample0 enc(b) t=1.0", "sample1 enc(b) t=1.0"]
+    await worker.stop(timeout=5)
+
+
+async def test_samples_with_different_settings_in_one_batch_are_grouped():
+    captioner = FakeCaptioner()
+    worker = make_worker(captioner)
+    await worker.start()
+    first = await hold_first_batch(worker, captioner)
+    tasks = [
+        asyncio.create_task(worker.samples(photo("a"), n=3, temperature=0.7)),
+        asyncio.create_task(worker.samples(photo("b"), n=3, temperature=0.7)),
+        asyncio.create_task(worker.samples(photo("c"), n=5, temperature=1.5)),
+    ]
+    await asyncio.sleep(0.05)
+    captioner.gate.set()
+    await first
+    await asyncio.gather(*tasks)
+    assert sorted(captioner.sample_calls[1:]) == [(3, 0.7, 2), (5, 1.5, 1)]
+    await worker.stop(timeout=5)
+
+
+async def test_jobs_arriving_within_the_batch_window_are_batched():
+    captioner = FakeCaptioner()
+    worker = make_worker(captioner, batch_wait_ms=400)
+    await worker.start()
+    one = asyncio.create_task(worker.caption(photo("one"), n_samples=1))
+    await asyncio.sleep(0.05)
+    two = asyncio.create_task(worker.caption(photo("two"), n_samples=1))
+    await asyncio.gather(one, two)
+    assert captioner.encode_batches == [["one", "two"]]
+    await worker.stop(timeout=5)
+
+
+async def test_batching_off_runs_one_job_per_batch():
+    captioner = FakeCaptioner()
+    worker = make_worker(captioner, batch_max=1)
+    await worker.start()
+    first = await hold_first_batch(worker, captioner)
+    tasks = [asyncio.create_task(worker.caption(photo(f"x{i}"), n_samples=1)) for i in range(3)]
+    await asyncio.sleep(0.05)
+    captioner.gate.set()
+    await asyncio.gather(first, *tasks)
+    assert [len(batch) for batch in captioner.encode_batches] == [1, 1, 1, 1]
+    await worker.stop(timeout=5)
+
+
+async def test_encoded_photos_are_cached_by_key_and_reused_without_bytes():
+    captioner = FakeCaptioner()
+    worker = make_worker(captioner, cache_size=2)
+    await worker.start()
+    await worker.caption(photo("a"), n_samples=1)
+    assert worker.is_cached("a")
+    samples = await worker.samples(photo("a", data=False), n=2)
+    figure = await worker.attention(photo("a", data=False))
+    assert samples == ["sample0 enc(a) t=1.0", "sample1 enc(a) t=1.0"]
+    assert figure.png.startswith(b"PNG a")
+    assert captioner.encode_batches == [["a"]]  # encoded once
+
+    with pytest.raises(NotCached):
+        await worker.samples(photo("never-seen", data=False), n=1)
+    # LRU: "a" was used last, so adding b and c evicts b... then a is older than c.
+    await worker.caption(photo("b"), n_samples=0)
+    await worker.samples(photo("a", data=False), n=1)
+    await worker.caption(photo("c"), n_samples=0)
+    assert worker.is_cached("a") and worker.is_cached("c") and not worker.is_cached("b")
+    await worker.stop(timeout=5)
+
+
+async def test_a_full_queue_is_refused_at_once():
+    captioner = FakeCaptioner()
+    worker = make_worker(captioner, queue_max=2)
+    await worker.start()
+    first = await hold_first_batch(worker, captioner)
+    queued = [asyncio.create_task(worker.caption(photo(f"q{i}"), n_samples=1)) for i in range(2)]
+    await asyncio.sleep(0.05)
+    with pytest.raises(QueueFull):
+        await worker.caption(photo("one-too-many"), n_samples=1)
+    captioner.gate.set()
+    await asyncio.gather(first, *queued)
+    await worker.stop(timeout=5)
+
+
+async def test_the_event_loop_keeps_running_while_the_model_works():
+    captioner = FakeCaptioner()
+    worker = make_worker(captioner)
+    await worker.start()
+    first = await hold_first_batch(worker, captioner)
+    started = time.perf_counter()
+    await asyncio.sleep(0.01)
+    assert time.perf_counter() - started < 0.5  # the blocked model thread doesn't block us
+    captioner.gate.set()
+    await first
+    await worker.stop(timeout=5)
+
+
+async def test_stop_finishes_accepted_jobs_then_refuses_new_ones():
+    captioner = FakeCaptioner()
+    worker = make_worker(captioner, batch_max=2)
+    await worker.start()
+    first = await hold_first_batch(worker, captioner)
+    queued = [asyncio.create_task(worker.caption(photo(f"d{i}"), n_samples=1)) for i in range(5)]
+    await asyncio.sleep(0.05)
+    stopping = asyncio.create_task(worker.stop(timeout=10))
+    await asyncio.sleep(0.05)
+    with pytest.raises(WorkerStopped):
+        await worker.caption(photo("late"), n_samples=1)
+    captioner.gate.set()
+    await stopping
+    results = await asyncio.gather(first, *queued)
+    assert [r.headline for r in results[1:]] == [f"attention enc(d{i})" for i in range(5)]
+    assert not worker.running
+
+
+async def test_stop_past_its_timeout_fails_leftover_jobs_instead_of_hanging():
+    captioner = FakeCaptioner()
+    worker = make_worker(captioner)
+    await worker.start()
+    first = await hold_first_batch(worker, captioner)
+    queued = asyncio.create_task(worker.caption(photo("never-run"), n_samples=1))
+    await asyncio.sleep(0.05)
+    await worker.stop(timeout=0.2)
+    with pytest.raises(WorkerStopped):
+        await queued
+    with pytest.raises(WorkerStopped):
+        await first  # in flight in the thread when time ran out
+    captioner.gate.set()
