@@ -51,9 +51,10 @@ def build_cache(path: str | Path, examples: Sequence[Example], encoder: Encoder,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = [e.key for e in examples]
+    captions = ["\n".join(e.captions) for e in examples]
     encoder_json = json.dumps(encoder.config.to_dict(), sort_keys=True)
-    if path.exists() and not _matches(path, keys, encoder_json):
-        path.unlink()   # built from other images or by another encoder: start again
+    if path.exists() and not _matches(path, keys, captions, encoder_json):
+        path.unlink()   # other images, other captions or another encoder: start again
     if not path.exists():
         with h5py.File(path, "w") as f:
             n, cells, dim = len(examples), encoder.num_cells, encoder.feature_dim
@@ -62,8 +63,7 @@ def build_cache(path: str | Path, examples: Sequence[Example], encoder: Encoder,
             f.create_dataset("done", (n,), dtype=bool)
             strings = h5py.string_dtype()
             f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=strings)
-            f.create_dataset("captions", data=np.array(["\n".join(e.captions) for e in examples], dtype=object),
-                             dtype=strings)
+            f.create_dataset("captions", data=np.array(captions, dtype=object), dtype=strings)
             f.attrs["encoder"] = encoder_json
 
     with h5py.File(path, "r+") as f:
@@ -87,11 +87,15 @@ def build_cache(path: str | Path, examples: Sequence[Example], encoder: Encoder,
     return path
 
 
-def _matches(path: Path, keys: list[str], encoder_json: str) -> bool:
+def _strings(dataset) -> list[str]:
+    return [s.decode() if isinstance(s, bytes) else s for s in dataset[:]]
+
+
+def _matches(path: Path, keys: list[str], captions: list[str], encoder_json: str) -> bool:
     try:
         with h5py.File(path, "r") as f:
-            return (f.attrs.get("encoder") == encoder_json and len(f["keys"]) == len(keys)
-                    and [k.decode() if isinstance(k, bytes) else k for k in f["keys"][:]] == keys)
+            return (f.attrs.get("encoder") == encoder_json and _strings(f["keys"]) == keys
+                    and _strings(f["captions"]) == captions)
     except (OSError, KeyError):
         return False
 
@@ -117,6 +121,6 @@ def load_cache(path: str | Path) -> CachedSplit:
         if not f["done"][:].all():
             raise RuntimeError(f"{path} is incomplete: build it again to resume")
         grid = torch.from_numpy(f["grid"][:])
-        keys = [k.decode() if isinstance(k, bytes) else k for k in f["keys"][:]]
-        captions = [(c.decode() if isinstance(c, bytes) else c).split("\n") for c in f["captions"][:]]
+        keys = _strings(f["keys"])
+        captions = [c.split("\n") for c in _strings(f["captions"])]
     return CachedSplit(grid, keys, captions)

@@ -67,6 +67,7 @@ class Captioner:
         self.vocab = vocab
         self.device = device
         self.grid = encoder.grid
+        self._banned = (vocab.pad, vocab.unk)
 
     @classmethod
     def load(cls, weights_dir: str | Path = DEFAULT_WEIGHTS_DIR, device: str = "cpu") -> "Captioner":
@@ -127,7 +128,7 @@ class Captioner:
         if not encoded:
             return []
         ids, alphas = sample(self._decoder(decoder), self._stack(encoded), self.vocab.bos, self.vocab.eos,
-                             MAX_LEN, greedy=True)
+                             MAX_LEN, greedy=True, banned=self._banned)
         return self._captions(ids, alphas)
 
     @torch.inference_mode()
@@ -135,7 +136,7 @@ class Captioner:
         if not encoded:
             return []
         ids, alphas = beam_search(self._decoder(decoder), self._stack(encoded), self.vocab.bos,
-                                  self.vocab.eos, width, MAX_LEN)
+                                  self.vocab.eos, width, MAX_LEN, banned=self._banned)
         return self._captions(ids, alphas)
 
     @torch.inference_mode()
@@ -146,7 +147,8 @@ class Captioner:
             return [[] for _ in encoded]
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
         ids, _ = sample(self._decoder(decoder), self._stack(encoded, n), self.vocab.bos, self.vocab.eos,
-                        MAX_LEN, temperature=temperature, top_k=top_k, generator=generator)
+                        MAX_LEN, temperature=temperature, top_k=top_k, generator=generator,
+                        banned=self._banned)
         texts = [" ".join(self.vocab.decode(i)) for i in ids]
         return [texts[i * n:(i + 1) * n] for i in range(len(encoded))]
 

@@ -191,6 +191,11 @@ def build_decoder(config: DecoderConfig) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 # Decoding. Results are token ids without <bos>/<eos>; alphas are (T, N) per caption or None.
 
+def _never(logits: torch.Tensor, banned: tuple[int, ...]) -> torch.Tensor:
+    """Words a caption may not contain (<pad>, <bos>, <unk>) get zero probability."""
+    return logits.index_fill(1, torch.tensor(banned, device=logits.device), float("-inf")) if banned else logits
+
+
 def _select(state: State, index: torch.Tensor) -> State:
     return {name: tensor.index_select(0, index) for name, tensor in state.items()}
 
@@ -198,7 +203,7 @@ def _select(state: State, index: torch.Tensor) -> State:
 @torch.no_grad()
 def sample(decoder, grid: torch.Tensor, bos: int, eos: int, max_len: int = 20,
            temperature: float = 1.0, top_k: int | None = None, greedy: bool = False,
-           generator: torch.Generator | None = None):
+           generator: torch.Generator | None = None, banned: tuple[int, ...] = ()):
     """Greedy (greedy=True) or ancestral sampling for every row of grid, all rows in one batch.
 
     To draw n samples of one image, repeat its grid n times. Returns (ids, alphas): lists of
@@ -208,9 +213,11 @@ def sample(decoder, grid: torch.Tensor, bos: int, eos: int, max_len: int = 20,
     state = decoder.start(grid)
     words = torch.full((batch,), bos, dtype=torch.long, device=grid.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=grid.device)
+    banned = tuple(banned) + (bos,)
     tokens, maps = [], []
     for _ in range(max_len):
         logits, state, alpha = decoder.step(words, state)
+        logits = _never(logits, banned)
         if greedy:
             words = logits.argmax(dim=1)
         else:
@@ -236,7 +243,8 @@ def sample(decoder, grid: torch.Tensor, bos: int, eos: int, max_len: int = 20,
 
 
 @torch.no_grad()
-def beam_search(decoder, grid: torch.Tensor, bos: int, eos: int, width: int = 3, max_len: int = 20):
+def beam_search(decoder, grid: torch.Tensor, bos: int, eos: int, width: int = 3, max_len: int = 20,
+                banned: tuple[int, ...] = ()):
     """Beam search of `width` for each image of the batch, all beams in one batch of B*width.
 
     Scores are summed log-probabilities; a hypothesis that emits <eos> is set aside. Returns
@@ -255,11 +263,12 @@ def beam_search(decoder, grid: torch.Tensor, bos: int, eos: int, width: int = 3,
     history = torch.zeros(batch * width, 0, dtype=torch.long, device=device)   # (B*K, t)
     alpha_history = None                                                       # (B*K, t, N)
     best: list[tuple[float, list[int], torch.Tensor | None]] = [(float("-inf"), [], None)] * batch
+    banned = tuple(banned) + (bos,)
 
     for _ in range(max_len):
         logits, state, alpha = decoder.step(words, state)
         vocab = logits.shape[1]
-        total = scores.view(-1, 1) + logits.log_softmax(dim=1)                 # (B*K, V)
+        total = scores.view(-1, 1) + _never(logits, banned).log_softmax(dim=1)  # (B*K, V)
         top_scores, top_index = total.view(batch, -1).topk(width, dim=1)       # (B, K)
         parent = top_index // vocab + torch.arange(batch, device=device).unsqueeze(1) * width
         parent, words = parent.view(-1), (top_index % vocab).view(-1)

@@ -37,11 +37,13 @@ def heat_overlay(tile: np.ndarray, attention: np.ndarray) -> np.ndarray:
 
 def upsample_map(alpha: np.ndarray, size: int) -> np.ndarray:
     """(rows, cols) attention -> (size, size) smooth map scaled to a peak of 1."""
-    grid = Image.fromarray(np.asarray(alpha, dtype=np.float32), mode="F")
-    smooth = grid.resize((size, size), Image.BICUBIC).filter(ImageFilter.GaussianBlur(radius=size / 20))
-    values = np.asarray(smooth, dtype=np.float32).clip(min=0)
-    peak = values.max()
-    return values / peak if peak > 0 else values
+    alpha = np.asarray(alpha, dtype=np.float32)
+    peak = float(alpha.max())
+    levels = (alpha / peak * 255).round().astype(np.uint8) if peak > 0 else np.zeros(alpha.shape, np.uint8)
+    smooth = (Image.fromarray(levels, mode="L").resize((size, size), Image.BICUBIC)
+              .filter(ImageFilter.GaussianBlur(radius=size / 20)))
+    values = np.asarray(smooth, dtype=np.float32)
+    return values / max(float(values.max()), 1.0)
 
 
 def attention_figure(image: Image.Image, tokens: Sequence[str], alphas) -> bytes:

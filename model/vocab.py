@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from pathlib import Path
 
+from model.data.datasets import tokenize
+
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
-
-
-def tokenize(text: str) -> list[str]:
-    """Lowercase words; punctuation dropped. The one tokenizer for every dataset."""
-    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
 
 
 class Vocabulary:

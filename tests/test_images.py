@@ -1,0 +1,129 @@
+"""open_image: every odd or hostile file becomes RGB or a clear ImageError."""
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.images import ImageError, open_image
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny, valid-looking PNG whose header claims width x height pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF"])
+def test_common_formats_open_as_rgb(fmt):
+    image = open_image(encoded(Image.new("RGB", (64, 48), (200, 30, 30)), fmt))
+    assert image.mode == "RGB" and image.size == (64, 48)
+    r, g, b = image.getpixel((32, 24))
+    assert r > 150 and g < 90 and b < 90
+
+
+def test_not_an_image():
+    with pytest.raises(ImageError, match="not an image"):
+        open_image(b"%PDF-1.4 this is a document, not a picture")
+
+
+def test_empty_file():
+    with pytest.raises(ImageError, match="empty"):
+        open_image(b"")
+
+
+def test_truncated_jpeg():
+    data = encoded(Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)), "JPEG")
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        open_image(data[: len(data) // 2])
+
+
+def test_corrupt_png_body():
+    data = bytearray(encoded(Image.new("RGB", (64, 64), (10, 200, 10)), "PNG"))
+    data[60:80] = b"\xff" * 20
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        open_image(bytes(data))
+
+
+def test_decompression_bomb_is_refused_from_its_header():
+    with pytest.raises(ImageError, match="too large"):
+        open_image(png_claiming(60_000, 60_000))      # 3.6 gigapixels in a 100-byte file
+
+
+def test_pixel_limit_is_configurable():
+    data = encoded(Image.new("RGB", (300, 300)), "PNG")
+    assert open_image(data, max_pixels=90_000).size == (300, 300)
+    with pytest.raises(ImageError, match="too large"):
+        open_image(data, max_pixels=89_999)
+
+
+def test_byte_limit():
+    with pytest.raises(ImageError, match="too large"):
+        open_image(encoded(Image.new("RGB", (64, 64)), "PNG"), max_bytes=10)
+
+
+def test_cmyk_jpeg():
+    image = open_image(encoded(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG"))   # pure red in CMYK
+    assert image.mode == "RGB"
+    r, g, b = image.getpixel((16, 16))
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped():
+    values = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    image = open_image(encoded(Image.fromarray(values), "PNG"))
+    assert image.mode == "RGB"
+    assert image.getpixel((0, 0))[0] < 10 and image.getpixel((63, 63))[0] > 245
+
+
+def test_palette_with_transparency_goes_onto_white():
+    palette = Image.new("P", (16, 16), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.info["transparency"] = 0
+    image = open_image(encoded(palette, "PNG", transparency=0))
+    assert image.getpixel((8, 8)) == (255, 255, 255)
+
+
+def test_alpha_channel_goes_onto_white():
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 255, 0))
+    rgba.putpixel((0, 0), (0, 0, 255, 255))
+    image = open_image(encoded(rgba, "PNG"))
+    assert image.getpixel((8, 8)) == (255, 255, 255) and image.getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_exif_orientation_is_applied():
+    wide = Image.new("RGB", (80, 40), (0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6          # "rotate 90 CW to display"
+    image = open_image(encoded(wide, "JPEG", exif=exif.tobytes()))
+    assert image.size == (40, 80)
+
+
+def test_animated_gif_gives_its_first_frame():
+    frames = [Image.new("RGB", (20, 20), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    data = encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+    image = open_image(data)
+    r, g, b = image.getpixel((10, 10))
+    assert r > 200 and b < 50
+
+
+def test_big_jpeg_is_decoded_at_reduced_scale_but_keeps_its_content():
+    big = Image.new("RGB", (2400, 1800), (30, 30, 200))
+    image = open_image(encoded(big, "JPEG", quality=80))
+    assert 448 <= min(image.size) < 1800 and image.size[0] / image.size[1] == pytest.approx(4 / 3, rel=0.02)
+    assert image.getpixel((10, 10))[2] > 150
+
+
+def test_missing_path():
+    with pytest.raises(ImageError, match="cannot read"):
+        open_image("/nonexistent/picture.png")
