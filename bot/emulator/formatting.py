@@ -55,6 +55,33 @@ def command_entities(text: str) -> list[dict[str, Any]]:
     return entities
 
 
+_URL = re.compile(r"(?<![\w@/])https?://[^\s<>\"']+[^\s<>\"'.,;:!?)\]]")
+# Detected entities are not added inside these: "/start" in a code span stays code.
+_OPAQUE_ENTITIES = {"code", "pre", "text_link", "url", "bot_command", "email", "mention"}
+
+
+def with_detected_entities(text: str, entities: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`entities` plus the commands and URLs Telegram's server detects in any message."""
+    taken = [
+        (e["offset"], e["offset"] + e["length"]) for e in entities if e["type"] in _OPAQUE_ENTITIES
+    ]
+    detected = command_entities(text)
+    for match in _URL.finditer(text):
+        detected.append(
+            {
+                "type": "url",
+                "offset": utf16_len(text[: match.start()]),
+                "length": utf16_len(match.group()),
+            }
+        )
+    added = [
+        e
+        for e in detected
+        if not any(start < e["offset"] + e["length"] and e["offset"] < end for start, end in taken)
+    ]
+    return _sorted([*entities, *added]) if added else entities
+
+
 def _sorted(entities: list[dict[str, Any]]) -> list[dict[str, Any]]:
     kept = [e for e in entities if e["length"] > 0]
     return sorted(kept, key=lambda e: (e["offset"], -e["length"]))

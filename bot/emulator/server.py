@@ -29,7 +29,7 @@ from aiohttp import web
 
 from .errors import NOT_FOUND, UNAUTHORIZED, BotAPIError, bad_request, too_many_requests
 from .files import GETFILE_MAX_BYTES, FileStore, StoredFile, image_info, store_photo
-from .formatting import command_entities, parse_formatted, utf16_len
+from .formatting import parse_formatted, utf16_len, with_detected_entities
 from .params import UploadedFile, read_params
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ class BotAPIEmulator:
     ) -> dict[str, Any]:
         """A user sends `text`; returns the Message (bot_command entities for /commands)."""
         content: dict[str, Any] = {"text": text}
-        if entities := command_entities(text):
+        if entities := with_detected_entities(text, []):
             content["entities"] = entities
         return self._user_message(chat_id, user_id, reply_to_message_id, content)
 
@@ -431,7 +431,7 @@ class BotAPIEmulator:
         if not caption:
             return {}
         content: dict[str, Any] = {"caption": caption}
-        if entities := command_entities(caption):
+        if entities := with_detected_entities(caption, []):
             content["caption_entities"] = entities
         return content
 
@@ -592,6 +592,7 @@ class BotAPIEmulator:
             text, entities = raw, params[entities_key]
         else:
             text, entities = parse_formatted(raw, params.get("parse_mode"))
+        entities = with_detected_entities(text, entities)
         if utf16_len(text) > max_length:
             raise bad_request(f"{what} is too long")
         content: dict[str, Any] = {text_key: text}
