@@ -1,0 +1,88 @@
+"""Training end to end on small data: scenes, and COCO / Karpathy fixtures a user might bring."""
+import json
+
+import pytest
+from PIL import Image, ImageDraw
+
+from model.captioner import Captioner
+from model.train import TrainConfig, run
+
+TINY = dict(epochs=5, batch_size=8, lr=5e-3, warmup_steps=4, workers=0, encode_batch=16,
+            decoder_overrides={"hidden_dim": 64, "embed_dim": 32, "attention_dim": 32, "cell_dim": 64})
+
+
+def test_tiny_scene_training_lowers_the_loss_and_writes_loadable_weights(tmp_path):
+    config = TrainConfig(data="scenes", train_scenes=64, val_scenes=8, out_dir=str(tmp_path / "w"),
+                         work_dir=str(tmp_path / "run"), **TINY)
+    results = run(config, log=lambda line: None)
+    for kind in ("baseline", "attention"):
+        losses = [epoch["loss"] for epoch in results["decoders"][kind]["history"]]
+        assert losses[-1] < losses[0] * 0.8, f"{kind} losses {losses}"
+    captioner = Captioner.load(tmp_path / "w")
+    assert set(captioner.decoders) == {"baseline", "attention"}
+    assert (tmp_path / "run" / "train.h5").exists() and (tmp_path / "run" / "training.json").exists()
+
+
+def test_training_is_reproducible(tmp_path):
+    histories = []
+    for attempt in range(2):
+        config = TrainConfig(data="scenes", decoder="baseline", train_scenes=32, val_scenes=4,
+                             out_dir=str(tmp_path / f"w{attempt}"), work_dir=str(tmp_path / "run"), **{**TINY, "epochs": 2})
+        histories.append([e["loss"] for e in run(config, log=lambda line: None)["decoders"]["baseline"]["history"]])
+    assert histories[0] == histories[1]
+
+
+def draw_photo(path, colour):
+    image = Image.new("RGB", (120, 90), (200, 200, 190))
+    ImageDraw.Draw(image).ellipse((30, 20, 90, 80), fill=colour)
+    image.save(path, "JPEG")
+
+
+COLOURS = {"red": (210, 30, 30), "blue": (30, 60, 210), "green": (30, 170, 60)}
+
+
+def test_coco_layout_trains(tmp_path):
+    images = tmp_path / "train2017"
+    images.mkdir()
+    coco = {"images": [], "annotations": []}
+    for i in range(24):
+        name = list(COLOURS)[i % 3]
+        draw_photo(images / f"{i:012d}.jpg", COLOURS[name])
+        coco["images"].append({"id": i, "file_name": f"{i:012d}.jpg", "width": 120, "height": 90})
+        coco["annotations"] += [{"id": 100 * i + k, "image_id": i, "caption": text} for k, text in enumerate(
+            [f"A {name} ball on a table.", f"a round {name} object", f"The {name} circle."])]
+    (tmp_path / "captions_train2017.json").write_text(json.dumps(coco))
+    config = TrainConfig(data="coco", captions_json=str(tmp_path / "captions_train2017.json"),
+                         images_dir=str(images), min_word_count=1, out_dir=str(tmp_path / "w"),
+                         work_dir=str(tmp_path / "run"), **TINY)
+    results = run(config, log=lambda line: None)
+    assert results["train_images"] + results["val_images"] == 24
+    assert "best_val_bleu4" in results["decoders"]["attention"]
+    captioner = Captioner.load(tmp_path / "w")
+    assert {"red", "ball", "table"} <= set(captioner.vocab.words)
+    caption = captioner.greedy(captioner.encode([Image.open(images / "000000000000.jpg")]), "attention")[0]
+    assert all(word in captioner.vocab.words for word in caption.tokens)
+
+
+def test_karpathy_split_trains(tmp_path):
+    images = tmp_path / "Flicker8k_Dataset"
+    images.mkdir()
+    entries = []
+    for i in range(20):
+        name = list(COLOURS)[i % 3]
+        draw_photo(images / f"{i}.jpg", COLOURS[name])
+        entries.append({"filename": f"{i}.jpg", "split": "val" if i >= 16 else "train",
+                        "sentences": [{"raw": f"a {name} disc", "tokens": ["a", name, "disc"]},
+                                      {"raw": f"{name} circle", "tokens": [name, "circle"]}]})
+    (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": entries, "dataset": "flickr8k"}))
+    config = TrainConfig(data="karpathy", karpathy_json=str(tmp_path / "dataset_flickr8k.json"),
+                         images_dir=str(images), min_word_count=1, decoder="attention",
+                         out_dir=str(tmp_path / "w"), work_dir=str(tmp_path / "run"), **TINY)
+    results = run(config, log=lambda line: None)
+    assert (results["train_images"], results["val_images"]) == (16, 4)
+    assert Captioner.load(tmp_path / "w").decoders.keys() == {"attention"}
+
+
+def test_missing_dataset_paths_fail_clearly(tmp_path):
+    with pytest.raises(SystemExit, match="--captions-json"):
+        run(TrainConfig(data="coco", out_dir=str(tmp_path), work_dir=str(tmp_path)), log=lambda line: None)
