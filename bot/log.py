@@ -88,6 +88,8 @@ def setup_logging(log_format: str = "console", level: str = "INFO") -> None:
     root.setLevel(level)
     # aiohttp's access log (webhook mode) would log every update request; keep warnings.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # aiogram logs every handled update at INFO; our per-job line says more, once.
+    logging.getLogger("aiogram.event").setLevel(max(root.level, logging.WARNING))
     logging.captureWarnings(True)
 
     log = structlog.get_logger("bot")

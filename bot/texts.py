@@ -76,12 +76,20 @@ def rate_limited(per_minute: int, retry_in_s: int) -> str:
     )
 
 
+EMPTY_CAPTION = "(no words)"
+
+
+def shown(caption: str) -> str:
+    """A decoder may stop at once and return no words; show that instead of a blank."""
+    return caption.strip() or EMPTY_CAPTION
+
+
 def numbered(captions: list[str]) -> str:
-    return "\n".join(f"{i}. {text}" for i, text in enumerate(captions, 1))
+    return "\n".join(f"{i}. {shown(text)}" for i, text in enumerate(captions, 1))
 
 
 def caption_reply(headline: str, baseline: str, samples: list[str]) -> str:
-    lines = [headline, "", f"Baseline decoder: {baseline}"]
+    lines = [shown(headline), "", f"Baseline decoder: {shown(baseline)}"]
     if samples:
         lines += ["", "Sampled:", numbered(samples)]
     return "\n".join(lines)

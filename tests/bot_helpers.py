@@ -1,0 +1,198 @@
+"""Running the real bot (`python -m bot` in a subprocess) against the Bot API emulator.
+
+The bot polls the emulator over real HTTP on 127.0.0.1. Its stdout/stderr are kept in
+memory so tests can look for log lines, and check the token never shows up in them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from bot.emulator import BotAPIEmulator
+
+REPO = Path(__file__).resolve().parent.parent
+WEIGHTS = REPO / "weights"
+TOKEN = "123456789:AAH-bot_token_SECRET_part_0123456789"
+
+# End-to-end tests only check structure (numbering, counts, reply ids, PNG sizes), so
+# they hold for any captioner; the trained weights are used once they exist.
+HAVE_WEIGHTS = all((WEIGHTS / name).exists() for name in ("vocab.json", "encoder.json", "attention.pt"))
+
+
+def bot_env(base_url: str, tmp: Path, **overrides: Any) -> dict[str, str]:
+    env = {
+        key: value for key, value in os.environ.items()
+        if key in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV")
+    }
+    env.update({
+        "PYTHONPATH": str(REPO),
+        "PYTHONUNBUFFERED": "1",
+        "TELEGRAM_BOT_TOKEN": TOKEN,
+        "TELEGRAM_API_BASE": base_url,
+        "WEIGHTS_DIR": str(WEIGHTS),
+        "CAPTIONER": "bundled" if HAVE_WEIGHTS else "untrained",
+        "DEVICE": "cpu",
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "INFO",
+        "HEALTH_FILE": str(tmp / "health"),
+        "SEND_RETRY_TIMEOUT_S": "8",
+        "SHUTDOWN_TIMEOUT_S": "20",
+        # Two cores shared with everything else: keep torch from oversubscribing.
+        "OMP_NUM_THREADS": "2",
+    })
+    env.update({key: str(value) for key, value in overrides.items()})
+    return env
+
+
+class BotProcess:
+    def __init__(self, env: dict[str, str], cwd: Path, args: tuple[str, ...] = ()) -> None:
+        self.env = env
+        self.cwd = cwd
+        self.args = args
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lines: list[str] = []
+        self._readers: list[asyncio.Task[None]] = []
+        self._new_line = asyncio.Event()
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", *self.args,
+            cwd=self.cwd, env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        self._readers = [asyncio.create_task(self._read(stream))
+                         for stream in (self.proc.stdout, self.proc.stderr)]
+
+    async def _read(self, stream: asyncio.StreamReader | None) -> None:
+        assert stream is not None
+        while line := await stream.readline():
+            self.lines.append(line.decode(errors="replace").rstrip("\n"))
+            self._new_line.set()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """Parsed JSON log lines whose event is `name`."""
+        found = []
+        for line in self.lines:
+            if line.startswith("{"):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("event") == name:
+                    found.append(record)
+        return found
+
+    async def wait_for_line(self, predicate: Callable[[str], bool], timeout: float) -> str:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        seen = 0
+        while True:
+            for line in self.lines[seen:]:
+                if predicate(line):
+                    return line
+            seen = len(self.lines)
+            remaining = deadline - loop.time()
+            if remaining <= 0 or (self.proc and self.proc.returncode is not None):
+                raise TimeoutError(f"no matching line; output so far:\n{self.output[-3000:]}")
+            self._new_line.clear()
+            try:
+                await asyncio.wait_for(self._new_line.wait(), min(remaining, 0.5))
+            except TimeoutError:
+                pass
+
+    async def wait_for_event(self, name: str, timeout: float, count: int = 1) -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(found := self.events(name)) < count:
+            if loop.time() > deadline or (self.proc and self.proc.returncode is not None):
+                raise TimeoutError(f"{count} x {name!r} not logged; output:\n{self.output[-3000:]}")
+            await asyncio.sleep(0.05)
+        return found
+
+    async def wait_exit(self, timeout: float) -> int:
+        assert self.proc is not None
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        return code
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+
+    async def stop(self, timeout: float = 30) -> int:
+        """SIGTERM and wait; SIGKILL if it does not exit in time (then the test fails)."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return await self.wait_exit(timeout)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            raise
+
+
+async def start_bot(emu: BotAPIEmulator, tmp: Path, ready_timeout: float = 120, **overrides: Any) -> BotProcess:
+    """Start the bot and wait until it polls (model loaded and warmed up)."""
+    process = BotProcess(bot_env(emu.base_url, tmp, **overrides), cwd=tmp)
+    await process.start()
+    try:
+        await process.wait_for_event("bot_started", timeout=ready_timeout)
+        await emu.wait_for_call("getUpdates", timeout=30)
+    except BaseException:
+        if process.proc and process.proc.returncode is None:
+            process.proc.kill()
+            await process.proc.wait()
+        raise
+    return process
+
+
+def dump_output(process: BotProcess) -> None:
+    """With BOT_LOG_DUMP=<file>, keep the bot's output for a look after the run."""
+    target = os.environ.get("BOT_LOG_DUMP")
+    if target:
+        with open(target, "a", encoding="utf-8") as handle:
+            handle.write(process.output + "\n")
+
+
+# ---- images ------------------------------------------------------------------------
+
+
+def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (224, 224), mode: str = "RGB",
+                color: Any = (200, 40, 40), **save: Any) -> bytes:
+    image = Image.new(mode, size, color)
+    if mode == "RGB":
+        # A shape on a plain background, so it looks like the scenes the model knows.
+        from PIL import ImageDraw
+
+        draw = ImageDraw.Draw(image)
+        w, h = size
+        draw.ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=(40, 80, 220))
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def numbered_lines(text: str) -> list[str]:
+    """The "1. ...", "2. ..." lines of a reply, checked to be numbered 1..n in order."""
+    lines = [line for line in text.splitlines() if line[:1].isdigit() and ". " in line]
+    for index, line in enumerate(lines, 1):
+        assert line.startswith(f"{index}. "), text
+        assert line[len(f"{index}. "):].strip(), text
+    return lines
