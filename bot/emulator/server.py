@@ -158,7 +158,7 @@ class BotAPIEmulator:
         bound_port = self._runner.addresses[0][1]
         shown_host = "127.0.0.1" if host in ("0.0.0.0", "", None) else host
         self.base_url = f"http://{shown_host}:{bound_port}"
-        log.info("Bot API emulator listening on %s", self.base_url)
+        log.debug("Bot API emulator listening on %s", self.base_url)
 
     async def stop(self) -> None:
         # Release long polls first so shutdown does not wait for them to time out.

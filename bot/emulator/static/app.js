@@ -477,6 +477,7 @@
   // --- chat actions and callback answers -------------------------------------------------------
 
   function showAction(action) {
+    document.body.dataset.lastChatAction = action; // lets tests see a brief indicator happened
     ui.status.textContent = ACTION_LABELS[action] || "busy…";
     ui.status.classList.add("active");
     ui.typingRow.hidden = false;
