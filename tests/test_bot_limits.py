@@ -1,0 +1,93 @@
+"""Overload and access limits, end to end: queue full, per-user rate limit, allowlist."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import pytest_asyncio
+
+from bot.emulator import BotAPIEmulator
+from bot_helpers import TOKEN, dump_output, image_bytes, start_bot
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
+
+ALLOWED = list(range(3001, 3041))
+STRANGER = 6666
+RATE = 3
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def emu():
+    emulator = BotAPIEmulator(bot_token=TOKEN)
+    await emulator.start(host="127.0.0.1", port=0)
+    yield emulator
+    await emulator.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def bot(emu, tmp_path_factory):
+    process = await start_bot(
+        emu, tmp_path_factory.mktemp("bot"),
+        QUEUE_MAX=1, BATCH_MAX=1, RATE_LIMIT_PER_MIN=RATE,
+        ALLOWED_USER_IDS=",".join(map(str, ALLOWED)), ALLOWLIST_IGNORE_S=600,
+    )
+    yield process
+    code = await process.stop()
+    dump_output(process)
+    assert code == 0, process.output[-3000:]
+
+
+async def test_a_full_queue_tells_users_to_retry_and_every_photo_gets_an_answer(emu, bot):
+    chats = ALLOWED[:20]
+    photo = image_bytes("JPEG", (900, 900), quality=95)
+    sent = {chat: emu.user_sends_photo(chat, photo) for chat in chats}
+    replies = await asyncio.gather(*(emu.next_bot_message(chat, timeout=60) for chat in chats))
+
+    busy = [r for r in replies if "busy" in r.get("text", "")]
+    captioned = [r for r in replies if "Baseline decoder:" in r.get("text", "")]
+    assert busy, "QUEUE_MAX=1 with 20 photos at once must overflow"
+    assert captioned
+    assert len(busy) + len(captioned) == len(chats)  # each photo: a caption or a retry notice
+    for chat, reply in zip(chats, replies):
+        assert reply["reply_to_message"]["message_id"] == sent[chat]["message_id"]
+    # Exactly one answer each: nothing more arrives.
+    for chat in chats:
+        with pytest.raises(TimeoutError):
+            await emu.next_bot_message(chat, timeout=0.2)
+    assert any(e.get("chat_id") in chats for e in bot.events("queue_full"))
+
+
+async def test_the_rate_limit_answers_politely_once_then_ignores_the_flood(emu, bot):
+    chat = ALLOWED[25]
+    for _ in range(RATE):
+        emu.user_sends_photo(chat, image_bytes())
+        reply = await emu.next_bot_message(chat, timeout=30)
+        assert "Baseline decoder:" in reply["text"]
+    over = emu.user_sends_photo(chat, image_bytes())
+    notice = await emu.next_bot_message(chat, timeout=30)
+    assert notice["reply_to_message"]["message_id"] == over["message_id"]
+    assert f"{RATE} a minute" in notice["text"] and "try again in" in notice["text"]
+    emu.user_sends_text(chat, "/sample 2")
+    emu.user_sends_photo(chat, image_bytes())
+    with pytest.raises(TimeoutError):
+        await emu.next_bot_message(chat, timeout=1.5)
+    # Cheap commands are not rate limited.
+    emu.user_sends_text(chat, "/help")
+    assert "/sample" in (await emu.next_bot_message(chat, timeout=30))["text"]
+
+
+async def test_users_outside_the_allowlist_get_one_refusal_then_silence(emu, bot):
+    emu.user_sends_text(STRANGER, "/start")
+    refusal = await emu.next_bot_message(STRANGER, timeout=30)
+    assert "private" in refusal["text"]
+    emu.user_sends_photo(STRANGER, image_bytes())
+    emu.user_sends_text(STRANGER, "/help")
+    # An allowed user is served meanwhile...
+    friend = ALLOWED[30]
+    emu.user_sends_text(friend, "/help")
+    assert "/sample" in (await emu.next_bot_message(friend, timeout=30))["text"]
+    # ...while the stranger hears nothing more and nothing was downloaded for them.
+    with pytest.raises(TimeoutError):
+        await emu.next_bot_message(STRANGER, timeout=1.5)
+    assert not [p for name, p in emu.calls if name == "sendChatAction" and p.get("chat_id") == STRANGER]

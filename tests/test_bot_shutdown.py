@@ -1,0 +1,49 @@
+"""Graceful shutdown: SIGTERM with jobs queued; every accepted photo is answered, exit 0."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from bot.emulator import BotAPIEmulator
+from bot_helpers import TOKEN, dump_output, image_bytes, start_bot
+
+pytestmark = [pytest.mark.timeout(120)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_finishes_the_accepted_jobs_and_replies_before_exit(tmp_path, sig):
+    async with BotAPIEmulator(bot_token=TOKEN) as emu:
+        # One job per batch, so the queue is still full of work when the signal comes.
+        bot = await start_bot(emu, tmp_path, BATCH_MAX=1, QUEUE_MAX=50, SHUTDOWN_TIMEOUT_S=60)
+        chats = list(range(4001, 4011))
+        photo = image_bytes("JPEG", (900, 900), quality=95)
+        sent = {chat: emu.user_sends_photo(chat, photo) for chat in chats}
+        for _ in chats:  # every photo has been fetched: the bot has accepted them all
+            await emu.wait_for_call("getFile", timeout=30)
+        bot.signal(sig)
+        code = await bot.wait_exit(timeout=90)
+        dump_output(bot)
+        assert code == 0, bot.output[-3000:]
+
+        shutting_down = bot.events("shutting_down")
+        assert shutting_down, bot.output[-2000:]
+        # The test means something only if work was still pending at the signal.
+        assert shutting_down[0]["updates_in_flight"] >= 2, shutting_down
+        for chat in chats:
+            reply = await emu.next_bot_message(chat, timeout=1)
+            assert "Baseline decoder:" in reply["text"]
+            assert reply["reply_to_message"]["message_id"] == sent[chat]["message_id"]
+        assert bot.events("stopped")
+        assert not [line for line in bot.lines if "Traceback" in line]
+
+
+async def test_updates_after_the_signal_are_left_for_the_next_run(tmp_path):
+    """Stopping means no new updates are taken: Telegram keeps them for the next start."""
+    async with BotAPIEmulator(bot_token=TOKEN) as emu:
+        bot = await start_bot(emu, tmp_path)
+        bot.signal(signal.SIGTERM)
+        assert await bot.wait_exit(timeout=60) == 0
+        emu.user_sends_text(4100, "/help")
+        assert len(emu.pending_updates) == 1  # not consumed by the stopped bot
