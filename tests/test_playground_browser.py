@@ -41,6 +41,7 @@ CHROMIUM_ARGS = [
 ]
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"
+WEIGHT_FILES = ("vocab.json", "encoder.json", "attention.pt")
 STARTUP_TIMEOUT_S = 120
 # Captioning runs on a shared CPU in CI; generous, but every wait is bounded.
 REPLY_TIMEOUT_MS = 90_000
@@ -86,8 +87,9 @@ class PlaygroundProcess:
         env["PLAYGROUND_PORT"] = str(port)
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        weights = REPO / "weights"
-        if "CAPTIONER" not in env and not (weights / "vocab.json").exists():
+        env.setdefault("OMP_NUM_THREADS", "2")  # shared CPUs: keep torch from oversubscribing
+        have_weights = all((REPO / "weights" / name).exists() for name in WEIGHT_FILES)
+        if "CAPTIONER" not in env and not have_weights:
             # A checkout without trained weights still shows the whole conversation.
             env["CAPTIONER"] = "untrained"
         self.process = subprocess.Popen(

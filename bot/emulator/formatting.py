@@ -111,20 +111,25 @@ class _HTMLEntityParser(HTMLParser):
         super().__init__(convert_charrefs=True)
         self._text: list[str] = []
         self._length16 = 0
-        self._open: list[tuple[str, dict[str, Any]]] = []  # (tag, entity being built)
+        # (tag, entity being built); None for a tag that adds no entity of its own
+        self._open: list[tuple[str, dict[str, Any] | None]] = []
         self._entities: list[dict[str, Any]] = []
 
     def parse(self, markup: str) -> tuple[str, list[dict[str, Any]]]:
+        self._markup = markup
         self.feed(markup)
         self.close()
         if self._open:
-            tag = self._open[-1][0]
+            tag = self._open[-1][0]  # the innermost tag left open
             raise _entities_error(f'Can\'t find end tag corresponding to start tag "{tag}"')
         return "".join(self._text), _sorted(self._entities)
 
     def _offset(self) -> int:
+        """Byte offset (UTF-8, as Telegram reports it) of the tag being handled."""
         line, column = self.getpos()
-        return column if line == 1 else column  # good enough for an error message
+        lines = self._markup.splitlines(keepends=True)
+        before = "".join(lines[: line - 1]) + lines[line - 1][:column] if lines else ""
+        return len(before.encode())
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         attributes = dict(attrs)
@@ -140,12 +145,15 @@ class _HTMLEntityParser(HTMLParser):
             entity = {"type": "custom_emoji", "custom_emoji_id": attributes.get("emoji-id", "")}
         elif tag == "blockquote" and "expandable" in attributes:
             entity = {"type": "expandable_blockquote"}
+        elif tag == "code" and self._open and self._open[-1][0] == "pre":
+            # <pre><code class="language-x"> is one pre entity, with a language
+            language = (attributes.get("class") or "").removeprefix("language-")
+            if language:
+                self._open[-1][1]["language"] = language
+            self._open.append((tag, None))
+            return
         elif tag in _SIMPLE_TAGS:
             entity = {"type": _SIMPLE_TAGS[tag]}
-            language = (attributes.get("class") or "").removeprefix("language-")
-            if tag == "code" and language and self._open and self._open[-1][0] == "pre":
-                # <pre><code class="language-x"> is one pre entity with a language
-                self._open[-1][1]["language"] = language
         else:
             raise _entities_error(f'Unsupported start tag "{tag}" at byte offset {self._offset()}')
         entity["offset"] = self._length16
@@ -158,8 +166,9 @@ class _HTMLEntityParser(HTMLParser):
         if not self._open or self._open[-1][0] != tag:
             raise _entities_error(f'Unexpected end tag at byte offset {self._offset()}')
         _, entity = self._open.pop()
-        entity["length"] = self._length16 - entity["offset"]
-        self._entities.append(entity)
+        if entity is not None:
+            entity["length"] = self._length16 - entity["offset"]
+            self._entities.append(entity)
 
     def handle_data(self, data: str) -> None:
         self._text.append(data)

@@ -74,9 +74,17 @@ async def start_playground(
         bot_username="captionbot_playground_bot",
         max_files=max_files,
         max_file_bytes=max_file_bytes,
+        max_calls=2_000,  # nobody inspects them here; uploads in them hold memory
     )
     Playground(emu).attach()
-    await emu.start(host=host, port=port)
+    try:
+        await emu.start(host=host, port=port)
+    except OSError as problem:
+        raise OSError(
+            problem.errno,
+            f"the playground cannot listen on {host}:{port} ({problem.strerror}); "
+            "set PLAYGROUND_PORT to a free port",
+        ) from problem
     emu.page_url = f"{emu.base_url}/"
     return emu
 

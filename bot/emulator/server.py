@@ -96,6 +96,7 @@ class BotAPIEmulator:
         max_messages: int = 10_000,
         max_pending_updates: int = 1_000,
         max_events_per_chat: int = 500,
+        max_calls: int = 100_000,
     ):
         bot_id, _, secret = bot_token.partition(":")
         if not bot_id.isdigit() or not secret:
@@ -120,6 +121,7 @@ class BotAPIEmulator:
         self._max_messages = max_messages
         self._max_pending_updates = max_pending_updates
         self._max_events_per_chat = max_events_per_chat
+        self._max_calls = max_calls
 
         self._changed = asyncio.Event()  # replaced on every change; see _notify
         self._closing = False
@@ -138,7 +140,10 @@ class BotAPIEmulator:
         self._event_seq = itertools.count(1)
         self._chat_events: dict[int, deque[dict[str, Any]]] = {}
         self._bot_message_cursor: dict[int, int] = {}
+        # wait_for_call remembers what it returned by absolute call number, so trimming
+        # the oldest calls (see _record_call) never shifts what counts as consumed.
         self._consumed_calls: set[int] = set()
+        self._calls_trimmed = 0
         self._faults: dict[str, deque[Fault]] = {}
         self._commands: dict[tuple[str, str], list[dict[str, str]]] = {}
         self._bot_texts: dict[str, str] = {}  # name, description, short_description
@@ -154,7 +159,12 @@ class BotAPIEmulator:
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError:
+            await self._runner.cleanup()
+            self._runner = None
+            raise
         bound_port = self._runner.addresses[0][1]
         shown_host = "127.0.0.1" if host in ("0.0.0.0", "", None) else host
         self.base_url = f"http://{shown_host}:{bound_port}"
@@ -303,7 +313,7 @@ class BotAPIEmulator:
         found: list[Params] = []
 
         def take() -> bool:
-            for index, (name, params) in enumerate(self.calls):
+            for index, (name, params) in enumerate(self.calls, start=self._calls_trimmed):
                 if index in self._consumed_calls or name.lower() != wanted:
                     continue
                 if predicate is None or predicate(params):
@@ -499,11 +509,9 @@ class BotAPIEmulator:
         try:
             params = await read_params(request)
         except BotAPIError as error:
-            self.calls.append((name, {}))
-            self._notify()
+            self._record_call(name, {})
             return _json(error.to_json(), error.error_code)
-        self.calls.append((name, params))
-        self._notify()
+        self._record_call(name, params)
         if impl is None:
             log.warning("bot called %s, which the emulator does not implement", requested)
             return _json(NOT_FOUND.to_json(), 404)
@@ -513,6 +521,16 @@ class BotAPIEmulator:
         except BotAPIError as error:
             return _json(error.to_json(), error.error_code)
         return _json({"ok": True, "result": result}, 200)
+
+    def _record_call(self, name: str, params: Params) -> None:
+        self.calls.append((name, params))
+        if len(self.calls) > self._max_calls:
+            # Long playground sessions must not grow without bound: drop the oldest tenth.
+            dropped = max(1, self._max_calls // 10)
+            del self.calls[:dropped]
+            self._calls_trimmed += dropped
+            self._consumed_calls = {i for i in self._consumed_calls if i >= self._calls_trimmed}
+        self._notify()
 
     async def _handle_download(self, request: web.Request) -> web.StreamResponse:
         if request.match_info["token"] != self.bot_token:
