@@ -1,10 +1,15 @@
-"""The playground in a real browser: headless Chromium chatting with the real bot.
+"""The playground in a real browser: headless Chromium.
 
-Starts `python -m bot --playground` exactly as a newcomer would (no token, no network),
+The first test chats with the real bot. It starts `python -m bot --playground` exactly
+as a newcomer would (no token, no network),
 opens the chat page, and uses it the way a person does: picks a scene image, waits for
 the caption, sends /sample 3 and /attention, presses an inline button, replies to a
 photo, drops a second image, and checks a second tab is a separate chat. Screenshots go
 to artifacts/ (playground.png is the one the README shows as docs/playground.png).
+
+The second test plays the bot itself against an in-process playground, to check the
+page renders every kind of formatting without interpreting markup, the typing
+indicator, edits, callback alerts, documents, deletions and a reload.
 
 Needs Debian's `chromium` (apt-get install -y chromium chromium-driver) and the
 playwright Python package; without /usr/bin/chromium the test is skipped, saying why.
@@ -141,8 +146,7 @@ class PlaygroundProcess:
         (ARTIFACTS / "playground-bot.log").write_text("\n".join(self.output) + "\n")
 
 
-@pytest.fixture
-def playground():
+def require_chromium() -> None:
     if not CHROMIUM.exists():
         reason = (
             f"{CHROMIUM} not found: install Debian's chromium "
@@ -151,6 +155,11 @@ def playground():
         print(f"SKIPPED browser test: {reason}")
         pytest.skip(reason)
     pytest.importorskip("playwright", reason="the playwright Python package is not installed")
+
+
+@pytest.fixture
+def playground():
+    require_chromium()
     process = PlaygroundProcess(free_port())
     try:
         process.wait_until_ready()
@@ -296,3 +305,123 @@ def drop_file(page, name: str, data: bytes) -> None:
         }""",
         [name, base64.b64encode(data).decode()],
     )
+
+
+async def test_page_renders_what_the_bot_sends_safely():
+    """Formatting, typing, edits, alerts and deletions, with this test playing the bot."""
+    require_chromium()
+    from aiogram import Bot
+    from aiogram.client.session.aiohttp import AiohttpSession
+    from aiogram.client.telegram import TelegramAPIServer
+    from aiogram.types import BufferedInputFile, InlineKeyboardButton, InlineKeyboardMarkup
+    from playwright.async_api import async_playwright, expect
+
+    from bot.emulator.playground import start_playground
+
+    chat = 5550001
+    emu = await start_playground(host="127.0.0.1", port=0)
+    bot = Bot(emu.bot_token, session=AiohttpSession(api=TelegramAPIServer.from_base(emu.base_url)))
+    updates = HandPoller(bot)
+    try:
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = await browser.new_page(viewport={"width": 860, "height": 900})
+                page_errors: list[str] = []
+                dialogs: list[str] = []
+                page.on("pageerror", lambda error: page_errors.append(str(error)))
+                page.on("dialog", lambda dialog: dialogs.append(dialog.message))
+                await page.goto(f"{emu.page_url}?chat={chat}")
+                await page.click("#start-button")
+                start = await updates.next("message")
+                assert start.text == "/start" and start.chat.id == chat
+
+                # a user's own markup is shown as typed
+                await page.fill("#text-input", "<b>not bold</b><img src=x onerror=alert(1)>")
+                await page.press("#text-input", "Enter")
+                mine = page.locator('.message[data-from="user"] .text').last
+                await expect(mine).to_have_text("<b>not bold</b><img src=x onerror=alert(1)>")
+                assert await page.locator('.message[data-from="user"] .text b, .text img').count() == 0
+
+                await bot.send_chat_action(chat, "typing")
+                await expect(page.locator("#typing-row")).to_be_visible()
+                await expect(page.locator("#bot-status")).to_have_text("typing…")
+
+                keyboard = InlineKeyboardMarkup(inline_keyboard=[[
+                    InlineKeyboardButton(text="Alert me", callback_data="alert"),
+                    InlineKeyboardButton(text="Docs", url="https://example.org/docs"),
+                ]])
+                sent = await bot.send_message(
+                    chat,
+                    '😀 <b>bold <i>both</i></b> <a href="https://example.org">link</a> '
+                    '<a href="javascript:alert(1)">js</a> <code>&lt;img src=x onerror=alert(1)&gt;</code> '
+                    '<tg-spoiler>secret</tg-spoiler>\n<pre><code class="language-python">print(1)</code></pre>'
+                    "<u>end</u> /help",
+                    parse_mode="HTML",
+                    reply_to_message_id=start.message_id,
+                    reply_markup=keyboard,
+                )
+                reply = page.locator(f'.message[data-message-id="{sent.message_id}"]')
+                await expect(reply).to_be_visible()
+                await expect(page.locator("#typing-row")).to_be_hidden()  # a message ends "typing"
+                await expect(reply.locator(".quote")).to_contain_text("/start")
+                text = reply.locator(".text")
+                await expect(text.locator("b")).to_have_text("bold both")
+                await expect(text.locator("b i")).to_have_text("both")
+                await expect(text.locator('a[href="https://example.org"]')).to_have_text("link")
+                assert await text.locator('a[href^="javascript"]').count() == 0
+                await expect(text.locator("code").first).to_have_text("<img src=x onerror=alert(1)>")
+                assert await page.locator(".text img").count() == 0
+                await expect(text.locator(".spoiler")).to_have_text("secret")
+                await expect(text.locator('pre code[data-language="python"]')).to_have_text("print(1)")
+                await expect(text.locator("u")).to_have_text("end")  # UTF-16 offsets after the emoji
+                await expect(text.locator(".command")).to_have_text("/help")
+                await expect(reply.locator('.keyboard a[href="https://example.org/docs"]')).to_be_visible()
+
+                await bot.edit_message_text("edited <b>text</b>", chat_id=chat, message_id=sent.message_id, parse_mode="HTML")
+                await expect(reply.locator(".text")).to_have_text("edited text")
+                await expect(reply.locator(".meta")).to_contain_text("edited")
+                await expect(reply.locator(".keyboard")).to_have_count(0)  # an edit without markup drops it
+
+                with_button = await bot.send_message(chat, "press", reply_markup=keyboard)
+                await page.locator(f'.message[data-message-id="{with_button.message_id}"] .keyboard button').click()
+                query = await updates.next("callback_query")
+                assert query.data == "alert" and query.message.message_id == with_button.message_id
+                await bot.answer_callback_query(query.id, text="Careful!", show_alert=True)
+                await expect(page.locator("#alert")).to_be_visible()
+                await expect(page.locator("#alert-text")).to_have_text("Careful!")
+                await page.click("#alert-ok")
+
+                await bot.send_document(chat, BufferedInputFile(b"a,b\n", "table.csv"), caption="data")
+                document = page.locator(".message .document").last
+                await expect(document).to_contain_text("table.csv")
+                await bot.delete_message(chat, with_button.message_id)
+                await expect(page.locator(f'.message[data-message-id="{with_button.message_id}"]')).to_have_count(0)
+
+                # a reload shows the same chat again, from the emulator's history
+                await page.reload()
+                await expect(page.locator(f'.message[data-message-id="{sent.message_id}"] .text')).to_have_text("edited text")
+                await expect(page.locator("#start-button")).to_be_hidden()
+                assert page_errors == [] and dialogs == []
+            finally:
+                await browser.close()
+    finally:
+        await bot.session.close()
+        await emu.stop()
+
+
+class HandPoller:
+    """getUpdates by hand for a test that plays the bot itself, confirming as it goes."""
+
+    def __init__(self, bot):
+        self.bot = bot
+        self.offset = 0
+
+    async def next(self, kind: str, timeout: float = 10):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for update in await self.bot.get_updates(offset=self.offset, timeout=1):
+                self.offset = update.update_id + 1
+                if getattr(update, kind) is not None:
+                    return getattr(update, kind)
+        raise AssertionError(f"no {kind} update within {timeout}s")
