@@ -1,9 +1,8 @@
 """The playground in a real browser: headless Chromium.
 
 The first test chats with the real bot. It starts `python -m bot --playground` exactly
-as a newcomer would (no token, no network),
-opens the chat page, and uses it the way a person does: picks a scene image, waits for
-the caption, sends /sample 3 and /attention, presses an inline button, replies to a
+as a newcomer would (no token, no network), opens the chat page, and uses it the way a
+person does: picks a scene image, waits for the caption, sends /sample 3 and /attention, presses an inline button, replies to a
 photo, drops a second image, and checks a second tab is a separate chat. Screenshots go
 to artifacts/ (playground.png is the one the README shows as docs/playground.png).
 
