@@ -59,7 +59,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from bot.app import StartupError, run
 
-    playground = args.playground or (settings.token is None and settings.mode == "polling")
+    playground = args.playground or (
+        settings.token is None and settings.mode == "polling" and settings.playground == "auto"
+    )
+    if not playground:
+        try:
+            settings.require_token()
+        except SettingsError as error:
+            print(f"captionbot: {error}", file=sys.stderr)
+            return 2
     try:
         asyncio.run(run_playground(settings) if playground else run(settings))
     except (SettingsError, StartupError) as error:

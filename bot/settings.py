@@ -86,6 +86,7 @@ class Settings:
     log_level: str = "INFO"
     health_file: Path | None = Path("/tmp/captionbot.health")
     playground_port: int = 8080
+    playground: str = "auto"
     readme_url: str | None = None
 
     @property
@@ -274,6 +275,7 @@ def _parse(values: Mapping[str, str]) -> Settings:
             health or "/tmp/captionbot.health"
         ),
         playground_port=r.integer("PLAYGROUND_PORT", 8080, 0, 65535),
+        playground=r.string("PLAYGROUND", "auto", ("auto", "off")),
         readme_url=r.url("README_URL"),
     )
     if r.problems:

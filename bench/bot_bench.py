@@ -1,0 +1,200 @@
+"""Benchmark the whole bot: `python -m bot` polling the Bot API emulator on loopback.
+
+    python bench/bot_bench.py                 # bundled weights, 2 cores
+    python bench/bot_bench.py --captioner untrained --photos 100
+
+Measures, from the moment an update is queued in the emulator to the moment the bot's
+reply reaches it:
+  * latency (p50/p95) of one photo at a time (caption reply, no /attention);
+  * sustained photos/s when `--chats` chats send `--photos` photos at once, with
+    micro-batching on (BATCH_MAX=8) and off (BATCH_MAX=1);
+  * the bot process's peak RSS (VmHWM) in each run.
+The emulator runs in this process and the bot in a child; both are pinned to `--cpus`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bot.emulator import BotAPIEmulator  # noqa: E402
+from model.data.scenes import render_scene  # noqa: E402
+
+TOKEN = "123456:BENCH"
+TARGETS = {"p50_ms": 150.0, "photos_per_s": 20.0, "speedup": 1.5, "rss_mb": 1024.0}
+
+
+def scene_jpeg(seed: int) -> bytes:
+    _, image = render_scene(seed, side=224)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+class Bot:
+    """`python -m bot` against the emulator, with its JSON log lines collected."""
+
+    def __init__(self, emu: BotAPIEmulator, captioner: str, **settings: object) -> None:
+        self.env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+        self.env.update({
+            "PYTHONPATH": str(REPO), "TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_API_BASE": emu.base_url,
+            "WEIGHTS_DIR": str(REPO / "weights"), "CAPTIONER": captioner, "DEVICE": "cpu",
+            "LOG_FORMAT": "json", "LOG_LEVEL": "WARNING", "HEALTH_FILE": "off",
+            "RATE_LIMIT_PER_MIN": "0", "QUEUE_MAX": "1000",
+        })
+        self.env.update({k: str(v) for k, v in settings.items()})
+        self.proc: asyncio.subprocess.Process | None = None
+        self.output: list[str] = []
+
+    async def start(self, emu: BotAPIEmulator) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", cwd=REPO / "bench", env=self.env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        asyncio.create_task(self._read())
+        await emu.wait_for_call("setMyCommands", timeout=180)
+        await emu.wait_for_call("getUpdates", timeout=60)
+
+    async def _read(self) -> None:
+        assert self.proc and self.proc.stdout
+        while line := await self.proc.stdout.readline():
+            self.output.append(line.decode(errors="replace").rstrip())
+
+    def peak_rss_mb(self) -> float:
+        assert self.proc
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    async def stop(self) -> None:
+        assert self.proc
+        self.proc.terminate()
+        code = await asyncio.wait_for(self.proc.wait(), 120)
+        if code != 0:
+            print("\n".join(self.output[-30:]), file=sys.stderr)
+            raise SystemExit(f"the bot exited with {code}")
+
+
+async def one_at_a_time(emu: BotAPIEmulator, count: int, warmup: int = 5) -> list[float]:
+    chat = 1
+    latencies = []
+    for seed in range(count + warmup):
+        photo = scene_jpeg(10_000 + seed)
+        started = time.perf_counter()
+        emu.user_sends_photo(chat, photo)
+        reply = await emu.next_bot_message(chat, timeout=60)
+        elapsed = (time.perf_counter() - started) * 1000
+        assert "Baseline decoder:" in reply["text"], reply["text"]
+        if seed >= warmup:
+            latencies.append(elapsed)
+    return latencies
+
+
+async def all_at_once(emu: BotAPIEmulator, chats: int, photos: int, seed0: int) -> float:
+    per_chat = [photos // chats + (1 if i < photos % chats else 0) for i in range(chats)]
+    images = [scene_jpeg(seed0 + i) for i in range(photos)]
+    started = time.perf_counter()
+    n = 0
+    for chat_index, count in enumerate(per_chat):
+        for _ in range(count):
+            emu.user_sends_photo(100 + chat_index, images[n])
+            n += 1
+
+    async def drain(chat: int, count: int) -> None:
+        for _ in range(count):
+            reply = await emu.next_bot_message(chat, timeout=300)
+            assert "Baseline decoder:" in reply["text"], reply["text"]
+
+    await asyncio.gather(*(drain(100 + i, c) for i, c in enumerate(per_chat)))
+    return photos / (time.perf_counter() - started)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def run(args: argparse.Namespace) -> dict:
+    results: dict = {"captioner": args.captioner, "cpus": sorted(os.sched_getaffinity(0))}
+    for label, batch_max in (("batching on", 8), ("batching off", 1)):
+        emu = BotAPIEmulator(bot_token=TOKEN, max_files=4 * args.photos + 100)
+        await emu.start("127.0.0.1", 0)
+        bot = Bot(emu, args.captioner, BATCH_MAX=batch_max)
+        try:
+            await bot.start(emu)
+            row: dict = {}
+            if batch_max == 8:
+                latencies = await one_at_a_time(emu, args.single)
+                row["p50_ms"] = statistics.median(latencies)
+                row["p95_ms"] = percentile(latencies, 95)
+            await all_at_once(emu, args.chats, min(20, args.photos), seed0=50_000)  # warm-up
+            row["photos_per_s"] = await all_at_once(emu, args.chats, args.photos, seed0=60_000)
+            row["peak_rss_mb"] = bot.peak_rss_mb()
+            results[label] = row
+        finally:
+            await bot.stop()
+            await emu.stop()
+    results["speedup"] = results["batching on"]["photos_per_s"] / results["batching off"]["photos_per_s"]
+    return results
+
+
+def report(r: dict, args: argparse.Namespace) -> bool:
+    on, off = r["batching on"], r["batching off"]
+    rss = max(on["peak_rss_mb"], off["peak_rss_mb"])
+    checks = [
+        ("single photo p50 latency", f"{on['p50_ms']:.0f} ms", f"<= {TARGETS['p50_ms']:.0f} ms",
+         on["p50_ms"] <= TARGETS["p50_ms"]),
+        ("single photo p95 latency", f"{on['p95_ms']:.0f} ms", "-", True),
+        (f"sustained, {args.photos} photos / {args.chats} chats, batching on",
+         f"{on['photos_per_s']:.1f} photos/s", f">= {TARGETS['photos_per_s']:.0f}",
+         on["photos_per_s"] >= TARGETS["photos_per_s"]),
+        ("sustained, batching off (BATCH_MAX=1)", f"{off['photos_per_s']:.1f} photos/s", "-", True),
+        ("batching speed-up", f"{r['speedup']:.2f}x", f">= {TARGETS['speedup']}x",
+         r["speedup"] >= TARGETS["speedup"]),
+        ("bot peak RSS", f"{rss:.0f} MB", f"<= {TARGETS['rss_mb']:.0f} MB", rss <= TARGETS["rss_mb"]),
+    ]
+    print(f"\nBot benchmark: captioner={r['captioner']}, CPUs {r['cpus']}, "
+          f"{args.single} single photos, {args.photos} photos from {args.chats} chats\n")
+    width = max(len(c[0]) for c in checks)
+    print(f"{'measure':<{width}}  {'result':>16}  {'target':>10}  ok")
+    for name, value, target, ok in checks:
+        print(f"{name:<{width}}  {value:>16}  {target:>10}  {'yes' if ok else 'NO'}")
+    return all(c[3] for c in checks)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    weights = (REPO / "weights" / "attention.pt").exists()
+    parser.add_argument("--captioner", choices=("bundled", "untrained"),
+                        default="bundled" if weights else "untrained")
+    parser.add_argument("--single", type=int, default=40, help="photos for the latency run")
+    parser.add_argument("--photos", type=int, default=200)
+    parser.add_argument("--chats", type=int, default=50)
+    parser.add_argument("--cpus", default="0,1", help="CPU ids to pin the bot and emulator to")
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    args = parser.parse_args()
+    wanted = {int(c) for c in args.cpus.split(",") if c.strip()}
+    available = os.sched_getaffinity(0)
+    if wanted & available:
+        os.sched_setaffinity(0, wanted & available)  # the bot inherits it
+    results = asyncio.run(run(args))
+    ok = report(results, args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
