@@ -54,13 +54,20 @@ def load_captioner(settings: Settings) -> Any:
         return Captioner.untrained(seed=0)
     device = resolve_device(settings.device)
     try:
-        return Captioner.load(weights_dir=str(settings.weights_dir), device=device)
-    except (FileNotFoundError, OSError) as error:
+        captioner = Captioner.load(weights_dir=str(settings.weights_dir), device=device)
+    except Exception as error:  # missing, partial or corrupt files: all mean "no usable weights"
         raise StartupError(
             f"cannot load the captioning weights from WEIGHTS_DIR={settings.weights_dir}: "
-            f"{error}. Train or copy them there (see README), or set CAPTIONER=untrained "
-            "to try the bot with random decoders."
+            f"{type(error).__name__}: {error}. Train or copy them there (see README), or set "
+            "CAPTIONER=untrained to try the bot with random decoders."
         ) from None
+    missing = [name for name in ("attention", "baseline") if name not in captioner.decoders]
+    if missing:
+        raise StartupError(
+            f"WEIGHTS_DIR={settings.weights_dir} has no {' or '.join(missing)} decoder "
+            f"({', '.join(f'{name}.pt' for name in missing)}); the bot needs both."
+        )
+    return captioner
 
 
 def build_bot(settings: Settings) -> Bot:
@@ -109,9 +116,11 @@ class BotApp:
 
         try:
             seconds = await self.worker.warm_up(Image.new("RGB", (224, 224), (128, 128, 128)))
-            log.info("model_warmed_up", seconds=round(seconds, 2))
-        except Exception:  # a broken model shows on the first job too; don't hide the bot
-            log.exception("warm_up_failed")
+        except Exception as error:
+            # A model that fails here would fail every photo: better not to start at all.
+            raise StartupError(f"the captioning model failed its warm-up run: "
+                               f"{type(error).__name__}: {error}") from error
+        log.info("model_warmed_up", seconds=round(seconds, 2))
         await self.worker.start()
         if self.settings.health_file is not None:
             self._heartbeat = asyncio.create_task(

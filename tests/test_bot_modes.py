@@ -158,6 +158,17 @@ def test_missing_weights_are_a_clear_start_up_error(tmp_path):
     assert SECRET_PART not in result.stdout + result.stderr
 
 
+def test_partial_or_corrupt_weights_are_a_clear_start_up_error(tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "vocab.json").write_text("not json")
+    (weights / "encoder.json").write_text("{}")
+    env = bot_env("http://127.0.0.1:9", tmp_path, CAPTIONER="bundled", WEIGHTS_DIR=weights)
+    result = run_bot_sync(env, tmp_path)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "cannot_start" in result.stdout and "WEIGHTS_DIR" in result.stdout
+
+
 async def test_an_unreachable_api_is_retried_then_reported_without_the_token(tmp_path):
     port = free_port()  # nothing listens there
     bot = BotProcess(bot_env(f"http://127.0.0.1:{port}", tmp_path, SEND_RETRY_TIMEOUT_S=2), cwd=tmp_path)
