@@ -43,9 +43,11 @@ class NotAnImage(Exception):
 
 
 class TooLarge(Exception):
-    def __init__(self, size: int, limit: int) -> None:
+    """`size` is None when the download was cut off at the limit (real size unknown)."""
+
+    def __init__(self, size: int | None, limit: int) -> None:
         self.size, self.limit = size, limit
-        super().__init__(f"{size} bytes (limit {limit})")
+        super().__init__(f"{size if size is not None else 'more than'} bytes (limit {limit})")
 
 
 class DownloadFailed(Exception):
@@ -158,8 +160,8 @@ async def download(bot: Bot, photo: PhotoRef, *, max_bytes: int, retry_budget_s:
             received = 0
             async for chunk in response.content.iter_chunked(256 * 1024):
                 received += len(chunk)
-                if received > max_bytes:
-                    raise TooLarge(received, max_bytes)
+                if received > max_bytes:  # the declared size was wrong: stop reading
+                    raise TooLarge(None, max_bytes)
                 chunks.append(chunk)
             return b"".join(chunks)
 

@@ -131,8 +131,7 @@ class CaptionService:
         except TelegramBadRequest as error:
             # getFile answers 400 "file is too big" for files over the download limit.
             if "too big" in str(error).lower():
-                reason = texts.too_large(photo.file_size or self.settings.max_image_bytes + 1,
-                                         self.settings.max_image_bytes)
+                reason = texts.too_large(photo.file_size, self.settings.max_image_bytes)
             else:
                 log.warning("get_file_failed", error=str(error))
                 reason = texts.DOWNLOAD_FAILED

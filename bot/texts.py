@@ -62,10 +62,17 @@ def bad_image(reason: str) -> str:
     return f"I can't use this image: {reason}."
 
 
-def too_large(size: int, limit: int) -> str:
+def _megabytes(size: int) -> str:
+    mb = size / 1_000_000
+    return f"{mb:.0f} MB" if mb >= 10 else f"{mb:.1f} MB"
+
+
+def too_large(size: int | None, limit: int) -> str:
+    """`size=None`: the real size is unknown, only that it exceeds `limit`."""
+    what = f"{_megabytes(size)}, " if size is not None else ""
     return (
-        f"That file is too large: {size / 1_000_000:.1f} MB (the limit is "
-        f"{limit / 1_000_000:.0f} MB). Please send a smaller image."
+        f"That file is too large ({what}the limit is {_megabytes(limit)}). "
+        "Please send a smaller image."
     )
 
 

@@ -384,6 +384,18 @@ async def test_429_retry_after_is_honoured(emu, bot):
     assert len(calls(emu, "sendMessage", chat)) == 2
 
 
+async def test_a_slow_reply_does_not_hold_up_other_chats(emu, bot):
+    slow_chat, quick_chat = new_chat(), new_chat()
+    emu.inject_fault("sendMessage", delay=4)  # the next sendMessage is held for 4 s
+    emu.user_sends_text(slow_chat, "/help")
+    await emu.wait_for_call("sendMessage", lambda p: p.get("chat_id") == slow_chat, timeout=10)
+    started = time.monotonic()
+    emu.user_sends_text(quick_chat, "/help")
+    await emu.next_bot_message(quick_chat, timeout=3)
+    assert time.monotonic() - started < 3
+    await emu.next_bot_message(slow_chat, timeout=15)
+
+
 async def test_slow_and_failing_file_api_still_gets_the_photo_captioned(emu, bot):
     chat = new_chat()
     emu.inject_fault("getFile", delay=1.5)

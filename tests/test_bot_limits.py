@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import io
 
 import pytest
 import pytest_asyncio
+from PIL import Image
 
 from bot.emulator import BotAPIEmulator
 from bot_helpers import TOKEN, dump_output, image_bytes, start_bot
@@ -15,6 +17,7 @@ pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)
 ALLOWED = list(range(3001, 3041))
 STRANGER = 6666
 RATE = 3
+MAX_BYTES = 300_000
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -29,7 +32,7 @@ async def emu():
 async def bot(emu, tmp_path_factory):
     process = await start_bot(
         emu, tmp_path_factory.mktemp("bot"),
-        QUEUE_MAX=1, BATCH_MAX=1, RATE_LIMIT_PER_MIN=RATE,
+        QUEUE_MAX=1, BATCH_MAX=1, RATE_LIMIT_PER_MIN=RATE, MAX_IMAGE_BYTES=MAX_BYTES,
         ALLOWED_USER_IDS=",".join(map(str, ALLOWED)), ALLOWLIST_IGNORE_S=600,
     )
     yield process
@@ -91,3 +94,23 @@ async def test_users_outside_the_allowlist_get_one_refusal_then_silence(emu, bot
     with pytest.raises(TimeoutError):
         await emu.next_bot_message(STRANGER, timeout=1.5)
     assert not [p for name, p in emu.calls if name == "sendChatAction" and p.get("chat_id") == STRANGER]
+
+
+async def test_a_file_bigger_than_it_claims_is_cut_off_while_downloading(emu, bot):
+    chat = ALLOWED[35]
+    noisy = Image.effect_noise((800, 800), 120).convert("RGB")
+    buffer = io.BytesIO()
+    noisy.save(buffer, "PNG")
+    data = buffer.getvalue()
+    assert len(data) > MAX_BYTES
+    # The document claims 1 kB; the bot stops reading at MAX_IMAGE_BYTES all the same.
+    sent = emu.user_sends_document(chat, data, "noise.png", "image/png", declared_size=1000)
+    reply = await emu.next_bot_message(chat, timeout=30)
+    assert reply["reply_to_message"]["message_id"] == sent["message_id"]
+    assert reply["text"] == "That file is too large (the limit is 0.3 MB). Please send a smaller image."
+    # An honest declaration over the limit is refused before any download.
+    downloads = len([1 for name, _ in emu.calls if name == "getFile"])
+    emu.user_sends_document(chat, data, "noise.png", "image/png")
+    reply = await emu.next_bot_message(chat, timeout=30)
+    assert reply["text"].startswith(f"That file is too large ({len(data) / 1e6:.1f} MB, the limit is 0.3 MB)")
+    assert len([1 for name, _ in emu.calls if name == "getFile"]) == downloads
