@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import signal
 import sys
 
 from bot.log import get_logger, register_secret, setup_logging
@@ -57,8 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_format, settings.log_level)
     log = get_logger("bot")
 
-    from bot.app import StartupError, run
-
     playground = args.playground or (
         settings.token is None and settings.mode == "polling" and settings.playground == "auto"
     )
@@ -68,6 +67,16 @@ def main(argv: list[str] | None = None) -> int:
         except SettingsError as error:
             print(f"captionbot: {error}", file=sys.stderr)
             return 2
+
+    # Until aiogram installs its own handlers (after the model has loaded), SIGTERM means
+    # "stop now": nothing has been accepted yet, so exit cleanly like Ctrl+C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        from bot.app import StartupError, run
+    except KeyboardInterrupt:
+        return 0
+    log.info("starting", mode="playground" if playground else settings.mode,
+             captioner=settings.captioner, device=settings.device)
     try:
         asyncio.run(run_playground(settings) if playground else run(settings))
     except (SettingsError, StartupError) as error:
@@ -79,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("crashed")
         return 1
     return 0
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
 import pytest
@@ -47,3 +48,17 @@ async def test_updates_after_the_signal_are_left_for_the_next_run(tmp_path):
         assert await bot.wait_exit(timeout=60) == 0
         emu.user_sends_text(4100, "/help")
         assert len(emu.pending_updates) == 1  # not consumed by the stopped bot
+
+
+async def test_sigterm_while_the_model_is_still_loading_exits_cleanly(tmp_path):
+    async with BotAPIEmulator(bot_token=TOKEN) as emu:
+        from bot_helpers import BotProcess, bot_env
+
+        bot = BotProcess(bot_env(emu.base_url, tmp_path), cwd=tmp_path)
+        await bot.start()
+        await bot.wait_for_event("starting", timeout=30)
+        await asyncio.sleep(0.2)  # importing torch and loading the model take seconds
+        assert not bot.events("bot_started")
+        bot.signal(signal.SIGTERM)
+        assert await bot.wait_exit(timeout=60) == 0
+        assert not [name for name, _ in emu.calls if name == "getUpdates"]
