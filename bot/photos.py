@@ -94,7 +94,8 @@ class PhotoBook:
         self.capacity = capacity
         self._by_message: OrderedDict[tuple[int, int], PhotoRef] = OrderedDict()
         self._latest: OrderedDict[int, PhotoRef] = OrderedDict()
-        self._by_key: OrderedDict[str, PhotoRef] = OrderedDict()
+        # Per chat, so a button can only ever refer to a photo sent in its own chat.
+        self._by_key: OrderedDict[tuple[int, str], PhotoRef] = OrderedDict()
 
     @staticmethod
     def _put(table: OrderedDict, key: object, value: PhotoRef, capacity: int) -> None:
@@ -105,7 +106,7 @@ class PhotoBook:
 
     def remember(self, chat_id: int, message_id: int, photo: PhotoRef, *, latest: bool = True) -> None:
         self._put(self._by_message, (chat_id, message_id), photo, self.capacity)
-        self._put(self._by_key, photo.key, photo, self.capacity)
+        self._put(self._by_key, (chat_id, photo.key), photo, self.capacity)
         if latest:
             self._put(self._latest, chat_id, photo, self.capacity)
 
@@ -116,8 +117,8 @@ class PhotoBook:
     def by_message(self, chat_id: int, message_id: int) -> PhotoRef | None:
         return self._by_message.get((chat_id, message_id))
 
-    def by_key(self, key: str) -> PhotoRef | None:
-        return self._by_key.get(key)
+    def by_key(self, chat_id: int, key: str) -> PhotoRef | None:
+        return self._by_key.get((chat_id, key))
 
     def latest(self, chat_id: int) -> PhotoRef | None:
         return self._latest.get(chat_id)

@@ -62,3 +62,25 @@ async def test_sigterm_while_the_model_is_still_loading_exits_cleanly(tmp_path):
         bot.signal(signal.SIGTERM)
         assert await bot.wait_exit(timeout=60) == 0
         assert not [name for name, _ in emu.calls if name == "getUpdates"]
+
+
+async def test_buttons_keep_working_after_a_restart(tmp_path):
+    """The new process knows nothing of the photo: the button's message (a reply to the
+    photo) is enough to find, download and encode it again."""
+    async with BotAPIEmulator(bot_token=TOKEN) as emu:
+        chat = 4200
+        first = await start_bot(emu, tmp_path)
+        emu.user_sends_photo(chat, image_bytes())
+        caption_reply = await emu.next_bot_message(chat, timeout=30)
+        assert await first.stop() == 0
+
+        second = await start_bot(emu, tmp_path)
+        try:
+            more = caption_reply["reply_markup"]["inline_keyboard"][0][0]["callback_data"]
+            downloads = len([1 for name, _ in emu.calls if name == "getFile"])
+            emu.user_presses_button(chat, caption_reply["message_id"], more)
+            samples = await emu.next_bot_message(chat, timeout=30)
+            assert samples["text"].count("\n1. ") == 1 and "\n3. " in samples["text"]
+            assert len([1 for name, _ in emu.calls if name == "getFile"]) == downloads + 1
+        finally:
+            assert await second.stop() == 0

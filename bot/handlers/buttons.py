@@ -16,8 +16,11 @@ router = Router(name="buttons")
 @router.callback_query(PhotoAction.filter(), flags={INFERENCE_FLAG: True})
 async def photo_button(query: CallbackQuery, callback_data: PhotoAction, service: CaptionService) -> None:
     message = query.message if isinstance(query.message, Message) else None
-    photo = service.photos.by_key(callback_data.key)
-    if photo is None and message is not None:
+    if message is None:  # too old: Telegram no longer says which message it was
+        await _ack(query, texts.PHOTO_GONE, alert=True)
+        return
+    photo = service.photos.by_key(message.chat.id, callback_data.key)
+    if photo is None:
         # The bot restarted since: the button's message replies to the photo itself.
         try:
             candidate = photo_of(message.reply_to_message)
@@ -25,7 +28,7 @@ async def photo_button(query: CallbackQuery, callback_data: PhotoAction, service
             candidate = None
         if candidate is not None and candidate.key == callback_data.key:
             photo = candidate
-    if photo is None or message is None:
+    if photo is None:
         await _ack(query, texts.PHOTO_GONE, alert=True)
         return
     # Answer at once so the client stops its spinner; the result comes as a message.

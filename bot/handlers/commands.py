@@ -4,7 +4,7 @@ from aiogram.types import Message
 
 from bot import texts
 from bot.middlewares import INFERENCE_FLAG
-from bot.photos import NotAnImage
+from bot.photos import NotAnImage, PhotoRef
 from bot.service import CaptionService, parse_sample_args
 
 router = Router(name="commands")
@@ -14,7 +14,8 @@ router = Router(name="commands")
 async def sample(message: Message, command: CommandObject, service: CaptionService) -> None:
     parsed = parse_sample_args(command.args, service.settings.max_samples)
     if parsed is None:
-        await service.tell(message.chat.id, message.message_id, texts.sample_usage(service.settings.max_samples))
+        usage = texts.sample_usage(service.settings.max_samples)
+        await service.tell(message.chat.id, message.message_id, usage)
         return
     photo = await _photo_for(message, service)
     if photo is not None:
@@ -28,7 +29,7 @@ async def attention(message: Message, service: CaptionService) -> None:
         await service.attention(message.chat.id, message.message_id, photo)
 
 
-async def _photo_for(message: Message, service: CaptionService):
+async def _photo_for(message: Message, service: CaptionService) -> PhotoRef | None:
     """The photo the command means, replying with the reason when there is none."""
     try:
         photo = service.photos.resolve(message)
