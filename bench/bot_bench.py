@@ -176,7 +176,7 @@ def report(r: dict, args: argparse.Namespace) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    weights = (REPO / "weights" / "attention.pt").exists()
+    weights = all((REPO / "weights" / name).exists() for name in ("attention.pt", "baseline.pt"))
     parser.add_argument("--captioner", choices=("bundled", "untrained"),
                         default="bundled" if weights else "untrained")
     parser.add_argument("--single", type=int, default=40, help="photos for the latency run")

@@ -26,7 +26,8 @@ TOKEN = "123456789:AAH-bot_token_SECRET_part_0123456789"
 
 # End-to-end tests only check structure (numbering, counts, reply ids, PNG sizes), so
 # they hold for any captioner; the trained weights are used once they exist.
-HAVE_WEIGHTS = all((WEIGHTS / name).exists() for name in ("vocab.json", "encoder.json", "attention.pt"))
+HAVE_WEIGHTS = all((WEIGHTS / name).exists()
+                   for name in ("vocab.json", "encoder.json", "attention.pt", "baseline.pt"))
 
 
 def bot_env(base_url: str, tmp: Path, **overrides: Any) -> dict[str, str]:
