@@ -71,10 +71,12 @@ class Bot:
         while line := await self.proc.stdout.readline():
             self.output.append(line.decode(errors="replace").rstrip())
 
-    def peak_rss_mb(self) -> float:
+    def memory_mb(self, field: str = "VmHWM") -> float:
+        """A /proc status field: VmHWM is the peak RSS; RssAnon / RssFile split the
+        current RSS into heap and mapped files (shared libraries: torch's are large)."""
         assert self.proc
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
 
@@ -141,7 +143,9 @@ async def run(args: argparse.Namespace) -> dict:
                 row["p95_ms"] = percentile(latencies, 95)
             await all_at_once(emu, args.chats, min(20, args.photos), seed0=50_000)  # warm-up
             row["photos_per_s"] = await all_at_once(emu, args.chats, args.photos, seed0=60_000)
-            row["peak_rss_mb"] = bot.peak_rss_mb()
+            row["peak_rss_mb"] = bot.memory_mb("VmHWM")
+            row["rss_anon_mb"] = bot.memory_mb("RssAnon")
+            row["rss_file_mb"] = bot.memory_mb("RssFile")
             results[label] = row
         finally:
             await bot.stop()
@@ -171,6 +175,8 @@ def report(r: dict, args: argparse.Namespace) -> bool:
     print(f"{'measure':<{width}}  {'result':>16}  {'target':>10}  ok")
     for name, value, target, ok in checks:
         print(f"{name:<{width}}  {value:>16}  {target:>10}  {'yes' if ok else 'NO'}")
+    print(f"\n(after the batching-on run: {on['rss_anon_mb']:.0f} MB heap + "
+          f"{on['rss_file_mb']:.0f} MB mapped files, i.e. mostly torch's shared libraries)")
     return all(c[3] for c in checks)
 
 
