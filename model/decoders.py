@@ -70,7 +70,12 @@ class FeatureNorm(nn.Module):
 
 
 class ShowTellDecoder(nn.Module):
-    """Baseline: image -> initial (h, c) of an LSTM; then words only."""
+    """Baseline: one vector for the whole image, no attention.
+
+    The vector sets the LSTM's initial (h, c), as in Show and Tell, and is also fed beside every
+    word (as in LRCN): measured here, with the initial state alone the decoder learned to use the
+    image about ten times more slowly (validation loss 1.07 against 0.58 after four epochs).
+    """
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -79,26 +84,32 @@ class ShowTellDecoder(nn.Module):
         # The "pooled vector" is a learned pooling that keeps the layout: each cell is reduced to
         # a few numbers and the cells are concatenated in raster order. A plain mean over cells
         # would erase where things are, and with it every left/right/above/below.
-        self.cell_reduce = nn.Linear(c.feature_dim, c.layout_dim)
-        self.image_vector = nn.Sequential(nn.Linear(c.num_cells * c.layout_dim, c.hidden_dim), nn.ReLU(),
+        # tanh rather than ReLU: a ReLU layer here died early in training (the language model's
+        # large first gradients), after which every image gave the same initial state.
+        self.cell_reduce = nn.Sequential(nn.Linear(c.feature_dim, c.layout_dim), nn.Tanh())
+        self.image_vector = nn.Sequential(nn.Linear(c.num_cells * c.layout_dim, c.hidden_dim), nn.Tanh(),
                                           nn.Dropout(c.dropout))
         self.init_h = nn.Linear(c.hidden_dim, c.hidden_dim)
         self.init_c = nn.Linear(c.hidden_dim, c.hidden_dim)
         self.embedding = nn.Embedding(c.vocab_size, c.embed_dim)
-        self.lstm = nn.LSTM(c.embed_dim, c.hidden_dim, batch_first=True)
+        self.lstm = nn.LSTM(c.embed_dim + c.hidden_dim, c.hidden_dim, batch_first=True)
         self.dropout = nn.Dropout(c.dropout)
         self.fc = nn.Linear(c.hidden_dim, c.vocab_size)
 
     def start(self, grid: torch.Tensor) -> State:
-        cells = F.relu(self.cell_reduce(self.norm(grid)))           # (B, N, layout_dim)
+        cells = self.cell_reduce(self.norm(grid))                    # (B, N, layout_dim)
         v = self.image_vector(cells.flatten(1))                      # (B, H)
-        return {"h": torch.tanh(self.init_h(v)), "c": torch.tanh(self.init_c(v))}
+        return {"v": v, "h": torch.tanh(self.init_h(v)), "c": torch.tanh(self.init_c(v))}
+
+    def _inputs(self, words, v):
+        e = self.embedding(words)
+        return torch.cat([e, v.unsqueeze(1).expand(-1, e.shape[1], -1)], dim=2)
 
     def step(self, words: torch.Tensor, state: State):
-        x = self.embedding(words).unsqueeze(1)                       # (B, 1, E)
+        x = self._inputs(words.unsqueeze(1), state["v"])              # (B, 1, E+H)
         out, (h, c) = self.lstm(x, (state["h"].unsqueeze(0), state["c"].unsqueeze(0)))
         logits = self.fc(self.dropout(out.squeeze(1)))               # (B, V)
-        return logits, {"h": h.squeeze(0), "c": c.squeeze(0)}, None
+        return logits, {"v": state["v"], "h": h.squeeze(0), "c": c.squeeze(0)}, None
 
     def forward(self, grid: torch.Tensor, inputs: torch.Tensor):
         """Teacher forcing. inputs (B, T) starting with <bos> -> logits (B, T, V), alphas None.
@@ -107,7 +118,7 @@ class ShowTellDecoder(nn.Module):
         at a time, and a test checks the two agree.
         """
         state = self.start(grid)
-        out, _ = self.lstm(self.embedding(inputs), (state["h"].unsqueeze(0), state["c"].unsqueeze(0)))
+        out, _ = self.lstm(self._inputs(inputs, state["v"]), (state["h"].unsqueeze(0), state["c"].unsqueeze(0)))
         return self.fc(self.dropout(out)), None
 
 

@@ -51,14 +51,14 @@ class TrainConfig:
     max_val_images: int = 1000
     min_word_count: int = 5               # scenes use every word
     # optimisation
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 96
     lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_steps: int = 200
     grad_clip: float = 5.0
     max_len: int = 18                     # words per caption in training (longer ones are cut)
-    patience: int = 8                     # epochs without a better validation score
+    patience: int = 6                     # epochs without a better validation score
     seed: int = 0
     device: str = "auto"
     encode_batch: int = 32
