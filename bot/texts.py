@@ -12,7 +12,7 @@ COMMANDS = {
     "attention": "Where the model looked, word by word",
 }
 
-COCO_SECTION = "README, section \"Training on COCO\""
+COCO_SECTION = "README, section \"Training on real photos (COCO, Flickr8k)\""
 
 
 def help_text(*, default_samples: int, max_samples: int, readme_url: str | None) -> str:

@@ -156,6 +156,11 @@ class ShowAttendTellDecoder(nn.Module):
         self.gate = nn.Linear(c.hidden_dim, 1)   # beta: a learned scalar gate on the context
         self.embedding = nn.Embedding(c.vocab_size, c.embed_dim)
         self.lstm = nn.LSTMCell(c.embed_dim + c.cell_dim, c.hidden_dim)
+        # The paper's "deep output": the word is read from the new state, the attended context
+        # and the previous word together, so a shape word comes straight from the cells being
+        # looked at (without it, colours and shapes of neighbouring objects got swapped).
+        self.context_out = nn.Linear(c.cell_dim, c.hidden_dim)
+        self.word_out = nn.Linear(c.embed_dim, c.hidden_dim)
         self.dropout = nn.Dropout(c.dropout)
         self.fc = nn.Linear(c.hidden_dim, c.vocab_size)
 
@@ -168,8 +173,10 @@ class ShowAttendTellDecoder(nn.Module):
     def _advance(self, embedded: torch.Tensor, state: State):
         context, alpha = self.attention(state["cells"], state["keys"], state["h"])   # (B, C), (B, N)
         beta = torch.sigmoid(self.gate(state["h"]))                                   # (B, 1)
-        h, c = self.lstm(torch.cat([embedded, beta * context], dim=1), (state["h"], state["c"]))
-        return self.fc(self.dropout(h)), {**state, "h": h, "c": c}, alpha
+        context = beta * context
+        h, c = self.lstm(torch.cat([embedded, context], dim=1), (state["h"], state["c"]))
+        deep = h + self.context_out(context) + self.word_out(embedded)                 # (B, H)
+        return self.fc(self.dropout(deep)), {**state, "h": h, "c": c}, alpha
 
     def step(self, words: torch.Tensor, state: State):
         return self._advance(self.embedding(words), state)

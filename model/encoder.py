@@ -10,9 +10,10 @@ weights were trained with); `lite0_timm_state_dict` maps the checkpoint's key na
 
 What the decoders see in each grid cell, and why:
 - the last block's output (320 ch, 7x7): object identity and shape;
-- block 4 (112 ch, 14x14 averaged to 7x7) and block 2 (40 ch, 28x28 averaged to 7x7): mid- and
-  low-level detail at the same cells, since the deepest ImageNet features are nearly
-  colour-blind (a probe confused colours in a third of the objects);
+- block 4 (112 ch, 14x14) and block 2 (40 ch, 28x28), averaged onto the 7x7 cells (or, with
+  `subcells`, keeping each cell's 2x2 sub-cells side by side): mid- and low-level detail, since
+  the deepest ImageNet features are nearly colour-blind (a probe confused colours in a third of
+  the objects) and their large receptive fields mix neighbouring objects;
 - colour statistics of the cell's pixels (a chroma-weighted hue histogram, mean RGB, mean
   chroma): cheap, exact colour evidence beside the CNN's.
 The 1x1 "head" convolution (320 -> 1280) is skipped: it only re-mixes the 320 channels, and
@@ -37,6 +38,10 @@ class EncoderConfig:
     backbone: str = "efficientnet_lite0"  # or one of TORCHVISION_BACKBONES
     colour_stats: bool = True
     hue_bins: int = 12
+    # Keep the 2x2 sub-cells of the finer maps (space-to-depth) instead of averaging them, so
+    # that neighbouring objects blur less into one cell (992 features a cell instead of 488).
+    # Off for the bundled weights: on 5,000 scenes it gained 2 points of exact match, within noise.
+    subcells: bool = False
 
     @property
     def image_size(self) -> int:
@@ -164,15 +169,16 @@ class Encoder(nn.Module):
     def __init__(self, config: EncoderConfig | None = None):
         super().__init__()
         self.config = config = config or EncoderConfig()
+        split = 4 if config.subcells else 1           # values per channel of the finer maps
         if config.backbone == "efficientnet_lite0":
             self.network = load_efficientnet_lite0()
-            self.cnn_dim = 40 + 112 + 320
+            self.cnn_dim = (40 + 112) * split + 320
             self.grid = (config.image_size // 32, config.image_size // 32)
         else:
             self.network = load_torchvision_backbone(config.backbone)
             self.cnn_dim = 2048
             self.grid = (8, 8) if config.backbone == "inception_v3" else (7, 7)
-        self.feature_dim = self.cnn_dim + (config.hue_bins + 4 if config.colour_stats else 0)
+        self.feature_dim = self.cnn_dim + ((config.hue_bins + 4) * split if config.colour_stats else 0)
         mean, std = config.normalisation
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -195,8 +201,10 @@ class Encoder(nn.Module):
             taps = []
             for stage, blocks in enumerate(net.blocks):
                 x = blocks(x)
-                if stage in (2, 4, 6):   # 28x28x40, 14x14x112, 7x7x320 at 224 px
-                    taps.append(F.adaptive_avg_pool2d(x, self.grid) if x.shape[-2:] != self.grid else x)
+                if stage in (2, 4):      # 28x28x40, 14x14x112 at 224 px
+                    taps.append(self._fine(x))
+                elif stage == 6:         # 7x7x320
+                    taps.append(x)
             return torch.cat(taps, dim=1)
         net = self.network
         if self.config.backbone == "inception_v3":
@@ -205,13 +213,26 @@ class Encoder(nn.Module):
             trunk = nn.Sequential(*list(net.children())[:-2])
         return F.adaptive_avg_pool2d(trunk(x), self.grid)
 
+    def _fine(self, x: torch.Tensor) -> torch.Tensor:
+        """A finer map onto the grid: (B, C, h, w) -> (B, C*4, rows, cols) with sub-cells kept,
+        or (B, C, rows, cols) averaged when `subcells` is off."""
+        rows, cols = self.grid
+        if not self.config.subcells:
+            return F.adaptive_avg_pool2d(x, self.grid)
+        return F.pixel_unshuffle(F.adaptive_avg_pool2d(x, (2 * rows, 2 * cols)), 2)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         images = images.contiguous(memory_format=torch.channels_last)
         grid = self._cnn_grid(images).float()                             # (B, C, rows, cols)
         grid = grid.flatten(2).transpose(1, 2)                            # (B, rows*cols, C)
         if self.config.colour_stats:
             pixels = (images * self.pixel_std + self.pixel_mean).clamp(0, 1)
-            grid = torch.cat([grid, colour_statistics(pixels, self.grid, self.config.hue_bins)], dim=2)
+            rows, cols = self.grid
+            k = 2 if self.config.subcells else 1
+            stats = colour_statistics(pixels, (k * rows, k * cols), self.config.hue_bins)   # (B, k*k*N, S)
+            stats = stats.transpose(1, 2).reshape(stats.shape[0], -1, k * rows, k * cols)
+            stats = F.pixel_unshuffle(stats, k) if k > 1 else stats                          # (B, S*k*k, rows, cols)
+            grid = torch.cat([grid, stats.flatten(2).transpose(1, 2)], dim=2)
         return grid.contiguous()
 
     @torch.inference_mode()

@@ -39,6 +39,7 @@ class TrainConfig:
     out_dir: str = "weights"              # vocab, encoder config, decoder checkpoints
     work_dir: str = "runs/scenes"         # feature caches, logs
     backbone: str = "efficientnet_lite0"
+    subcells: bool = False                # see EncoderConfig.subcells
     # scenes
     train_scenes: int = 16_000
     val_scenes: int = 500
@@ -51,14 +52,15 @@ class TrainConfig:
     max_val_images: int = 1000
     min_word_count: int = 5               # scenes use every word
     # optimisation
-    epochs: int = 20
+    epochs: int = 30
     batch_size: int = 96
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 200
     grad_clip: float = 5.0
     max_len: int = 18                     # words per caption in training (longer ones are cut)
-    patience: int = 6                     # epochs without a better validation score
+    patience: int = 30                    # epochs without a better validation score (the schedule ends
+                                          # at a low rate, where the best epochs are: stop late)
     seed: int = 0
     device: str = "auto"
     encode_batch: int = 32
@@ -258,7 +260,7 @@ def train_decoder(kind: str, config: TrainConfig, train, val, vocab: Vocabulary,
 
 def prepare(config: TrainConfig, device: torch.device, log=print):
     """Build (or resume) the caches and the vocabulary; return (train, val, vocab)."""
-    encoder = Encoder(EncoderConfig(backbone=config.backbone))
+    encoder = Encoder(EncoderConfig(backbone=config.backbone, subcells=config.subcells))
     train_examples, val_examples = dataset_examples(config)
     work = Path(config.work_dir)
     log(f"encoding {len(train_examples)} training and {len(val_examples)} validation images -> {work}")

@@ -1,0 +1,75 @@
+"""python -m model caption: the offline face of the product, run as a user would."""
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from model.data.scenes import render_scene
+from model.figure import TILE
+
+pytestmark = pytest.mark.slow
+
+
+def caption(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "model", "caption", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pictures")
+    paths = []
+    for seed in (30_000_001, 30_000_002):
+        _, image = render_scene(seed, 256)
+        image.save(folder / f"scene{seed}.png")
+        paths.append(folder / f"scene{seed}.png")
+    (folder / "notes.txt").write_text("not a picture")
+    (folder / "broken.jpg").write_bytes(paths[0].read_bytes()[:300])
+    return folder, paths
+
+
+def test_json_output_matches_the_schema_and_bad_files_fail_alone(pictures, tmp_path):
+    folder, (first, second) = pictures
+    result = caption(first, folder / "notes.txt", second, folder / "broken.jpg", "--json", "--samples", "2",
+                     "--heatmap-dir", tmp_path / "maps")
+    assert result.returncode == 1
+    errors = result.stderr.strip().splitlines()
+    assert any("notes.txt" in line and "not an image" in line for line in errors)
+    assert any("broken.jpg" in line and "corrupt or truncated" in line for line in errors)
+    documents = json.loads(result.stdout)
+    assert [d["image"] for d in documents] == [str(first), str(second)]
+    for document in documents:
+        baseline, attention = document["baseline"], document["attention"]
+        assert isinstance(baseline["greedy"], str) and baseline["greedy"]
+        assert len(baseline["samples"]) == 2 and all(isinstance(s, str) for s in baseline["samples"])
+        assert attention["tokens"] == attention["greedy"].split()
+        assert len(attention["alphas"]) == len(attention["tokens"])
+        for grid in attention["alphas"]:
+            assert len(grid) == 7 and all(len(row) == 7 for row in grid)
+            assert sum(map(sum, grid)) == pytest.approx(1.0, abs=1e-4)
+        assert len(attention["samples"]) == 2
+        figure = Image.open(document["heatmap"])
+        assert figure.width == (1 + len(attention["tokens"])) * TILE
+
+
+def test_plain_output_numbers_the_samples_and_beam_replaces_greedy(pictures):
+    _, (first, _) = pictures
+    result = caption(first, "--samples", "3", "--beam", "3", "--decoder", "attention")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == str(first)
+    assert lines[1].strip().startswith("attention beam:")
+    assert [line.split(".")[0].strip() for line in lines[2:5]] == ["1", "2", "3"]
+
+
+def test_bad_arguments_are_refused_by_the_parser(pictures):
+    _, (first, _) = pictures
+    result = caption(first, "--beam", "0")
+    assert result.returncode == 2 and "must be >= 1" in result.stderr
+
+
+def test_missing_file_is_named(tmp_path):
+    result = caption(tmp_path / "nope.png")
+    assert result.returncode == 1 and "nope.png" in result.stderr and "cannot read" in result.stderr

@@ -1,0 +1,46 @@
+"""The bundled weights describe fresh scenes correctly (a reduced form of the model card's bar)."""
+import pytest
+
+from model.captioner import Captioner
+from model.evaluate import evaluate
+from model.train import scene_examples
+
+pytestmark = pytest.mark.slow
+FRESH_SEEDS = 40_000_000   # never used in training (0..), validation (10M..) or the model card (20M..)
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    return Captioner.load()
+
+
+def test_bundled_weights_caption_fresh_scenes(captioner):
+    report = evaluate(captioner, scene_examples(FRESH_SEEDS, 100))
+    attention, baseline = report["attention"], report["baseline"]
+    assert attention["exact_match"] >= 0.80, report
+    assert attention["hallucination_rate"] <= 0.06, report
+    assert attention["localisation"] >= 0.70, report
+    assert baseline["exact_match"] >= 0.55, report
+    assert attention["bleu4"] > 0.3 and attention["cider"] > 1.0, report
+
+
+def test_small_jpeg_renders_still_caption(captioner):
+    report = evaluate(captioner, scene_examples(FRESH_SEEDS + 1000, 60, side=96, jpeg_quality=70),
+                      decoders=["attention"])
+    assert report["attention"]["exact_match"] >= 0.75, report
+
+
+def test_samples_and_beam_stay_on_topic(captioner):
+    from model.data.scenes import make_scene
+    from model.data.semantics import judge
+    from model.train import load_image
+
+    examples = scene_examples(FRESH_SEEDS + 2000, 10)
+    encoded = captioner.encode([load_image(e.key) for e in examples])
+    scenes = [make_scene(int(e.key.split("/")[1])) for e in examples]
+    beams = captioner.beam(encoded, 3)
+    samples = captioner.sample(encoded, 5, temperature=0.7, seed=0)
+    beam_exact = sum(judge(s, b.text).exact for s, b in zip(scenes, beams))
+    sample_recall = [judge(s, text) for s, texts in zip(scenes, samples) for text in texts]
+    assert beam_exact >= 7
+    assert sum(j.groups_recalled for j in sample_recall) / sum(j.groups_true for j in sample_recall) >= 0.7
