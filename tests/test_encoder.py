@@ -74,3 +74,17 @@ def test_torchvision_backbone_offline_fails_with_clear_message(tmp_path, monkeyp
         Encoder(EncoderConfig(backbone="resnet50"))
     with pytest.raises(ValueError, match="unknown backbone"):
         Encoder(EncoderConfig(backbone="vgg99"))
+
+
+def test_cpu_chunking_gives_the_same_grid_as_one_pass(encoder):
+    images = torch.stack([preprocess(Image.new("RGB", (224, 224), colour))
+                          for colour in ((200, 30, 30), (30, 200, 30), (30, 30, 200))])
+    saved = encoder.cpu_chunk
+    try:
+        encoder.cpu_chunk = 1
+        one_at_a_time = encoder(images)
+        encoder.cpu_chunk = 3
+        together = encoder(images)
+    finally:
+        encoder.cpu_chunk = saved
+    torch.testing.assert_close(one_at_a_time, together, rtol=1e-4, atol=1e-4)
