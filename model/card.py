@@ -59,7 +59,7 @@ def write_card(weights_dir: Path, training: dict, scores: dict, eval_count: int)
     for kind, report in decoders.items():
         c = report["config"]
         params = sum(t.numel() for t in torch.load(weights_dir / f"{kind}.pt", weights_only=True)["state_dict"].values())
-        lines.append(f"- `{kind}.pt`: {'Show-Attend-Tell LSTM, additive attention, gated context' if kind == 'attention' else 'Show-and-Tell LSTM, image in the initial state'}; "
+        lines.append(f"- `{kind}.pt`: {'Show-Attend-Tell LSTM, additive attention, gated context, deep output' if kind == 'attention' else 'Show-and-Tell LSTM, the image vector in the initial state and beside every word'}; "
                      f"{params / 1e6:.2f} M parameters; embed {c['embed_dim']}, hidden {c['hidden_dim']}"
                      + (f", attention {c['attention_dim']}, doubly stochastic weight {c['alpha_c']}" if kind == "attention" else "")
                      + f", dropout {c['dropout']}.")

@@ -79,7 +79,8 @@ METRIC_ORDER = ("exact_match", "group_recall", "hallucination_rate", "relation_a
 
 def format_table(results: dict) -> str:
     """Markdown: one row per (variant, decoder), one column per metric."""
-    metrics = [m for m in METRIC_ORDER if any(m in r.get(k, {}) for r in results.values() for k in r)]
+    reports = [value for r in results.values() for value in r.values() if isinstance(value, dict)]
+    metrics = [m for m in METRIC_ORDER if any(m in report for report in reports)]
     lines = ["| set | decoder | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for name, report in results.items():
         for kind in ("attention", "baseline"):

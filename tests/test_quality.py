@@ -1,4 +1,9 @@
-"""The bundled weights describe fresh scenes correctly (a reduced form of the model card's bar)."""
+"""The bundled weights describe fresh scenes correctly.
+
+The thresholds sit about ten points under what the model card measured on 1,000 scenes (100
+scenes give a standard error of about four points), so that a broken encoder, vocabulary or
+decoding step fails here while the sampling noise of a correct model does not.
+"""
 import pytest
 
 from model.captioner import Captioner
@@ -17,17 +22,17 @@ def captioner():
 def test_bundled_weights_caption_fresh_scenes(captioner):
     report = evaluate(captioner, scene_examples(FRESH_SEEDS, 100))
     attention, baseline = report["attention"], report["baseline"]
-    assert attention["exact_match"] >= 0.80, report
-    assert attention["hallucination_rate"] <= 0.06, report
-    assert attention["localisation"] >= 0.70, report
-    assert baseline["exact_match"] >= 0.55, report
-    assert attention["bleu4"] > 0.3 and attention["cider"] > 1.0, report
+    assert attention["exact_match"] >= 0.70, report          # card: 0.80
+    assert attention["hallucination_rate"] <= 0.15, report   # card: 0.08
+    assert attention["localisation"] >= 0.72, report         # card: 0.83
+    assert baseline["exact_match"] >= 0.57, report           # card: 0.69
+    assert attention["bleu4"] > 0.6 and attention["cider"] > 3.5, report   # card: 0.73, 4.5
 
 
 def test_small_jpeg_renders_still_caption(captioner):
     report = evaluate(captioner, scene_examples(FRESH_SEEDS + 1000, 60, side=96, jpeg_quality=70),
                       decoders=["attention"])
-    assert report["attention"]["exact_match"] >= 0.75, report
+    assert report["attention"]["exact_match"] >= 0.60, report   # card: 0.71
 
 
 def test_samples_and_beam_stay_on_topic(captioner):
@@ -42,5 +47,5 @@ def test_samples_and_beam_stay_on_topic(captioner):
     samples = captioner.sample(encoded, 5, temperature=0.7, seed=0)
     beam_exact = sum(judge(s, b.text).exact for s, b in zip(scenes, beams))
     sample_recall = [judge(s, text) for s, texts in zip(scenes, samples) for text in texts]
-    assert beam_exact >= 7
+    assert beam_exact >= 6
     assert sum(j.groups_recalled for j in sample_recall) / sum(j.groups_true for j in sample_recall) >= 0.7
