@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from model.decoders import DecoderConfig, beam_search, build_decoder, sample
-from model.encoder import Encoder, EncoderConfig, grid_shape, preprocess
+from model.encoder import Encoder, EncoderConfig, preprocess
 from model.vocab import Vocabulary
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -153,4 +153,4 @@ class Captioner:
         return [texts[i * n:(i + 1) * n] for i in range(len(encoded))]
 
 
-__all__ = ["Captioner", "Caption", "Encoded", "DEFAULT_WEIGHTS_DIR", "DECODERS", "grid_shape"]
+__all__ = ["Captioner", "Caption", "Encoded", "DEFAULT_WEIGHTS_DIR", "DECODERS"]

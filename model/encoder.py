@@ -23,7 +23,6 @@ the decoders learn their own projection.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -228,12 +227,3 @@ class Encoder(nn.Module):
         """ImageNet logits (B, 1000): proves the weights and the preprocessing are right."""
         return self.network(images.contiguous(memory_format=torch.channels_last))
 
-
-def pooled(grid: torch.Tensor) -> torch.Tensor:
-    """The image's single vector: the mean over its cells. (B, N, D) -> (B, D)"""
-    return grid.mean(dim=1)
-
-
-def grid_shape(num_cells: int) -> tuple[int, int]:
-    side = int(math.isqrt(num_cells))
-    return (side, side) if side * side == num_cells else (1, num_cells)
