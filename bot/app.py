@@ -38,23 +38,14 @@ class StartupError(RuntimeError):
     """The bot cannot start; str() says why and what to do."""
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_captioner(settings: Settings) -> Any:
     from model.captioner import Captioner
 
     if settings.captioner == "untrained":
         log.warning("untrained_captioner", note="random decoders: captions are nonsense")
         return Captioner.untrained(seed=0)
-    device = resolve_device(settings.device)
-    try:
-        captioner = Captioner.load(weights_dir=str(settings.weights_dir), device=device)
+    try:   # Captioner.load resolves DEVICE=auto itself
+        captioner = Captioner.load(weights_dir=str(settings.weights_dir), device=settings.device)
     except Exception as error:  # missing, partial or corrupt files: all mean "no usable weights"
         raise StartupError(
             f"cannot load the captioning weights from WEIGHTS_DIR={settings.weights_dir}: "

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest_asyncio
 from PIL import Image
 
 from bot.emulator import BotAPIEmulator
@@ -197,3 +198,12 @@ def numbered_lines(text: str) -> list[str]:
         assert line.startswith(f"{index}. "), text
         assert line[len(f"{index}. "):].strip(), text
     return lines
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def emu():
+    """One emulator per test module (import it into the module to use it)."""
+    emulator = BotAPIEmulator(bot_token=TOKEN)
+    await emulator.start(host="127.0.0.1", port=0)
+    yield emulator
+    await emulator.stop()

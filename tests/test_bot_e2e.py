@@ -20,7 +20,7 @@ from PIL import Image
 from bot.emulator import BotAPIEmulator
 from bot.texts import COMMANDS, EMPTY_CAPTION
 from model.figure import TILE
-from bot_helpers import TOKEN, dump_output, image_bytes, numbered_lines, start_bot
+from bot_helpers import TOKEN, dump_output, emu, image_bytes, numbered_lines, start_bot  # noqa: F401 (emu: fixture)
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
 
@@ -31,14 +31,6 @@ _chats = itertools.count(2001)
 
 def new_chat() -> int:
     return next(_chats)
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def emu():
-    emulator = BotAPIEmulator(bot_token=TOKEN)
-    await emulator.start(host="127.0.0.1", port=0)
-    yield emulator
-    await emulator.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -9,8 +9,7 @@ import pytest
 import pytest_asyncio
 from PIL import Image
 
-from bot.emulator import BotAPIEmulator
-from bot_helpers import TOKEN, dump_output, image_bytes, start_bot
+from bot_helpers import dump_output, emu, image_bytes, start_bot  # noqa: F401 (emu: fixture)
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
 
@@ -18,14 +17,6 @@ ALLOWED = list(range(3001, 3041))
 STRANGER = 6666
 RATE = 3
 MAX_BYTES = 300_000
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def emu():
-    emulator = BotAPIEmulator(bot_token=TOKEN)
-    await emulator.start(host="127.0.0.1", port=0)
-    yield emulator
-    await emulator.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
