@@ -40,7 +40,7 @@ def examples():
 def test_round_trip_matches_direct_encoding(tmp_path, encoder):
     path = build_cache(tmp_path / "c.h5", examples(), encoder, load_colour, batch_size=2, workers=0)
     split = load_cache(path)
-    assert split.grid.dtype == torch.float16 and split.grid.shape == (5, 49, encoder.feature_dim)
+    assert split.grid.dtype == torch.float16 and split.grid.shape == (5, encoder.num_cells, encoder.feature_dim)
     assert split.keys == [str(i) for i in range(5)]
     assert split.captions[3] == ["caption 3 one", "caption 3 two"]
     from model.encoder import preprocess

