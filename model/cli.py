@@ -133,6 +133,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", dest="out_dir", help="where the weights go (default weights/)")
     parser.add_argument("--work-dir", dest="work_dir", help="feature caches and logs (default runs/scenes)")
     parser.add_argument("--backbone", choices=["efficientnet_lite0", "resnet50", "resnet101", "inception_v3"])
+    parser.add_argument("--cell-px", dest="cell_px", type=int, choices=[16, 32],
+                        help="EfficientNet-Lite0 grid cells: 16 px (14x14, default) or 32 px (7x7, a 4x smaller cache)")
     parser.add_argument("--train-scenes", dest="train_scenes", type=int)
     parser.add_argument("--val-scenes", dest="val_scenes", type=int)
     parser.add_argument("--captions-json", dest="captions_json", help="COCO captions_train2017.json")
@@ -143,7 +145,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-word-count", dest="min_word_count", type=int)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", dest="batch_size", type=int)
-    parser.add_argument("--lr", type=float)
+    parser.add_argument("--lr", type=float, help="learning rate of the attention decoder")
+    parser.add_argument("--lr-baseline", dest="lr_baseline", type=float)
     parser.add_argument("--patience", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--workers", type=int)
