@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from typing import Any
@@ -43,7 +44,7 @@ def load_captioner(settings: Settings) -> Any:
 
     if settings.captioner == "untrained":
         log.warning("untrained_captioner", note="random decoders: captions are nonsense")
-        return Captioner.untrained(seed=0)
+        return _use_cpu_threads(Captioner.untrained(seed=0), settings)
     try:   # Captioner.load resolves DEVICE=auto itself
         captioner = Captioner.load(weights_dir=str(settings.weights_dir), device=settings.device)
     except Exception as error:  # missing, partial or corrupt files: all mean "no usable weights"
@@ -58,6 +59,14 @@ def load_captioner(settings: Settings) -> Any:
             f"WEIGHTS_DIR={settings.weights_dir} has no {' or '.join(missing)} decoder "
             f"({', '.join(f'{name}.pt' for name in missing)}); the bot needs both."
         )
+    return _use_cpu_threads(captioner, settings)
+
+
+def _use_cpu_threads(captioner: Any, settings: Settings) -> Any:
+    if captioner.device.type == "cpu":
+        threads = settings.inference_threads or len(os.sched_getaffinity(0))
+        captioner.set_cpu_threads(threads)
+        log.info("inference_threads", threads=threads)
     return captioner
 
 

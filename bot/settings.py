@@ -76,6 +76,7 @@ class Settings:
     queue_max: int = 100
     batch_max: int = 8
     batch_wait_ms: int = 10
+    inference_threads: int = 0  # 0: every CPU core this process may use
     encoded_cache_size: int = 128
     rate_limit_per_min: int = 20
     allowed_user_ids: frozenset[int] = field(default_factory=frozenset)
@@ -261,6 +262,7 @@ def _parse(values: Mapping[str, str]) -> Settings:
         queue_max=r.integer("QUEUE_MAX", 100, 1),
         batch_max=r.integer("BATCH_MAX", 8, 1, 256),
         batch_wait_ms=r.integer("BATCH_WAIT_MS", 10, 0, 10_000),
+        inference_threads=r.integer("INFERENCE_THREADS", 0, 0, 256),
         encoded_cache_size=r.integer("ENCODED_CACHE_SIZE", 128, 0),
         rate_limit_per_min=r.integer("RATE_LIMIT_PER_MIN", 20, 0),
         allowed_user_ids=frozenset(allowed),

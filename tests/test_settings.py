@@ -18,7 +18,7 @@ def test_defaults_match_the_documented_limits():
     assert settings.mode == "polling" and settings.device == "auto"
     assert settings.default_samples == 3 and settings.max_samples == 10
     assert settings.max_image_bytes == 20 * 1024 * 1024
-    assert settings.batch_max == 8 and settings.batch_wait_ms == 10
+    assert settings.batch_max == 8 and settings.batch_wait_ms == 10 and settings.inference_threads == 0
     assert settings.rate_limit_per_min == 20 and settings.allowed_user_ids == frozenset()
     assert settings.shutdown_timeout_s == 30 and settings.playground_port == 8080
     assert settings.telegram_api_base is None and settings.weights_dir == Path("weights")
@@ -37,16 +37,16 @@ def test_every_bad_value_is_reported_at_once_with_what_is_accepted():
             "TELEGRAM_BOT_TOKEN": TOKEN, "QUEUE_MAX": "many", "BATCH_MAX": "0",
             "DEVICE": "tpu", "LOG_FORMAT": "xml", "SHUTDOWN_TIMEOUT_S": "-1",
             "TELEGRAM_API_BASE": "127.0.0.1:8081", "ALLOWED_USER_IDS": "12,abc",
-            "DEFAULT_SAMPLES": "12", "MODE": "push",
+            "DEFAULT_SAMPLES": "12", "MODE": "push", "INFERENCE_THREADS": "-2",
         }, dotenv_path=None)
     message = str(caught.value)
     for expected in ("QUEUE_MAX='many': must be a whole number", "BATCH_MAX=0: must be between 1 and 256",
                      "DEVICE='tpu': must be one of auto, cpu, cuda", "LOG_FORMAT", "SHUTDOWN_TIMEOUT_S",
                      "TELEGRAM_API_BASE='127.0.0.1:8081': must be an http:// or https:// URL",
                      "'abc' is not a numeric Telegram user id", "DEFAULT_SAMPLES=12: must not exceed MAX_SAMPLES=10",
-                     "MODE='push'"):
+                     "MODE='push'", "INFERENCE_THREADS=-2: must be between 0 and 256"):
         assert expected in message
-    assert len(caught.value.problems) == 9  # one line per bad variable
+    assert len(caught.value.problems) == 10  # one line per bad variable
 
 
 def test_a_malformed_token_is_rejected_without_echoing_it():
