@@ -30,7 +30,11 @@ MAX_LEN = 20
 
 @dataclass
 class Encoded:
-    """One image's encoder output: (num_cells, feature_dim) on the CPU; safe to cache."""
+    """One image's encoder output: (num_cells, feature_dim) float16 on the CPU; safe to cache.
+
+    float16 halves what a cache of them holds, and is what the decoders were trained on (the
+    HDF5 feature cache stores float16 too).
+    """
     grid: torch.Tensor
 
 
@@ -112,11 +116,11 @@ class Captioner:
         if not images:
             return []
         batch = torch.stack([preprocess(image, self.encoder.config) for image in images]).to(self.device)
-        grid = self.encoder(batch).cpu()
+        grid = self.encoder(batch).cpu().half()
         return [Encoded(g) for g in grid]
 
     def _stack(self, encoded: Sequence[Encoded], repeat: int = 1) -> torch.Tensor:
-        grid = torch.stack([e.grid for e in encoded]).to(self.device)
+        grid = torch.stack([e.grid for e in encoded]).to(self.device, torch.float32)
         return grid.repeat_interleave(repeat, dim=0) if repeat > 1 else grid
 
     def _decoder(self, name: str):

@@ -4,7 +4,7 @@
 
 The first tile is the photo; every other tile is the photo dimmed where the word's attention was
 low and warmed (a heat colour) where it was high, with the word written underneath. The map of
-a 7x7 grid is upsampled to the tile with bicubic interpolation and smoothed with a Gaussian so it
+the 14x14 grid is upsampled to the tile with bicubic interpolation and smoothed with a Gaussian so it
 reads as a region rather than as blocks. The CLI writes it to disk; the bot sends the same bytes.
 """
 from __future__ import annotations

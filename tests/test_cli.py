@@ -47,7 +47,7 @@ def test_json_output_matches_the_schema_and_bad_files_fail_alone(pictures, tmp_p
         assert attention["tokens"] == attention["greedy"].split()
         assert len(attention["alphas"]) == len(attention["tokens"])
         for grid in attention["alphas"]:
-            assert len(grid) == 7 and all(len(row) == 7 for row in grid)
+            assert len(grid) == 14 and all(len(row) == 14 for row in grid)   # 16 px cells of 224
             assert sum(map(sum, grid)) == pytest.approx(1.0, abs=1e-4)
         assert len(attention["samples"]) == 2
         figure = Image.open(document["heatmap"])
