@@ -59,7 +59,6 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 200
     grad_clip: float = 5.0
-    ema_decay: float = 0.998              # validate and keep an exponential moving average of the weights
     max_len: int = 18                     # words per caption in training (longer ones are cut)
     patience: int = 30                    # epochs without a better validation score (the schedule ends
                                           # at a low rate, where the best epochs are: stop late)
@@ -235,11 +234,6 @@ def train_decoder(kind: str, config: TrainConfig, train, val, vocab: Vocabulary,
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_at)
-    # The average of the last few hundred steps' weights is what gets validated and saved: the
-    # greedy exact match of the raw weights swung by up to 14 points from one epoch to the next.
-    averaged = (torch.optim.swa_utils.AveragedModel(
-        decoder, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay))
-        if config.ema_decay else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     out_path = Path(config.out_dir) / f"{kind}.pt"
     best = {"score": -1.0, "epoch": 0}
@@ -256,11 +250,8 @@ def train_decoder(kind: str, config: TrainConfig, train, val, vocab: Vocabulary,
             torch.nn.utils.clip_grad_norm_(decoder.parameters(), config.grad_clip)
             optimiser.step()
             scheduler.step()
-            if averaged is not None:
-                averaged.update_parameters(decoder)
             total, count = total + loss.item() * len(ids), count + len(ids)
-        kept = averaged.module if averaged is not None else decoder
-        texts = greedy_texts(kept, val.grid, vocab, device)
+        texts = greedy_texts(decoder, val.grid, vocab, device)
         metric, score = validation_score(texts, val.keys, val.captions)
         history.append({"epoch": epoch, "loss": round(total / count, 4), metric: round(score, 4),
                         "seconds": round(time.time() - started, 1)})
@@ -268,8 +259,8 @@ def train_decoder(kind: str, config: TrainConfig, train, val, vocab: Vocabulary,
             f"({time.time() - started:.0f}s)  e.g. {texts[0]!r}")
         if score > best["score"]:
             best = {"score": score, "epoch": epoch}
-            save_decoder(kept.cpu(), out_path)
-            kept.to(device)
+            save_decoder(decoder.cpu(), out_path)
+            decoder.to(device)
         elif epoch - best["epoch"] >= config.patience:
             log(f"[{kind}] no better validation score for {config.patience} epochs: stopping")
             break

@@ -7,7 +7,7 @@ from PIL import Image, ImageDraw
 from model.captioner import Captioner
 from model.train import TrainConfig, run
 
-TINY = dict(epochs=5, batch_size=8, lr=5e-3, lr_baseline=5e-3, ema_decay=0.9, warmup_steps=4, workers=0, encode_batch=16,
+TINY = dict(epochs=5, batch_size=8, lr=5e-3, lr_baseline=5e-3, warmup_steps=4, workers=0, encode_batch=16,
             decoder_overrides={"hidden_dim": 64, "embed_dim": 32, "attention_dim": 32, "cell_dim": 64})
 
 
