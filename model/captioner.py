@@ -108,7 +108,7 @@ class Captioner:
         photos/s and lowered single-photo latency. torch's thread count is process-wide.
         """
         torch.set_num_threads(1)
-        self.encoder.cpu_workers = max(1, threads)
+        self.encoder.use_cpu_workers(threads)
 
     # -- encoding ----------------------------------------------------------------------------
     @torch.inference_mode()

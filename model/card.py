@@ -28,8 +28,8 @@ def build_weights(config: TrainConfig, eval_count: int = 1000) -> None:
     print(format_table(scores))
 
 
-# (measure, bar text, passes?, value) rows; the losses are in points of exact match.
 def quality_bar(scores: dict) -> list[str]:
+    """The card's table against the project's bar; losses are points of exact match."""
     base = scores["224px PNG"]
     rows = [
         ("attention exact match", ">= 0.90", base["attention"]["exact_match"], lambda v: v >= 0.90),
@@ -124,13 +124,15 @@ def write_card(weights_dir: Path, training: dict, scores: dict, eval_count: int)
         (metric, value), = ((k[len("best_val_"):], v) for k, v in report.items() if k.startswith("best_val_"))
         lines.append(f"- {kind}: best epoch {report['best_epoch']} (validation {metric.replace('_', ' ')} "
                      f"{value:.3f}), {report['seconds']:.0f} s.")
+    machine = (f"- Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+               f"torch {torch.__version__}.")
+    if "total_train_seconds" in training:
+        minutes = f"{training['total_train_seconds'] / 60:.0f} min"
+        # With a reused feature cache the whole run was not timed at once: its parts add up.
+        machine += (f" Whole `make weights` run: about {minutes} (the parts above and the scoring added up)."
+                    if training.get("encode_note") else f" Whole `make weights` run: {minutes}.")
     lines += [
-        f"- Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}."
-        + (f" Whole `make weights` run: {'about ' if training.get('encode_note') else ''}"
-           f"{training['total_train_seconds'] / 60:.0f} min"
-           f"{' (the parts above and the scoring added up)' if training.get('encode_note') else ''}."
-           if "total_train_seconds" in training else ""),
+        machine,
         "",
         "## Scores on the held-out scenes (greedy decoding)",
         "",

@@ -106,17 +106,19 @@ def test_torchvision_backbone_offline_fails_with_clear_message(tmp_path, monkeyp
 def test_cpu_chunking_gives_the_same_grid_as_one_pass(encoder):
     images = torch.stack([preprocess(Image.new("RGB", (224, 224), colour))
                           for colour in ((200, 30, 30), (30, 200, 30), (30, 30, 200))])
-    saved = encoder.cpu_chunk, encoder.cpu_workers
+    saved = encoder.cpu_chunk
     try:
         encoder.cpu_chunk = 1
         one_at_a_time = encoder(images)
-        encoder.cpu_workers = 2
+        encoder.use_cpu_workers(2)
         with torch.inference_mode():
             side_by_side = encoder(images)
-        encoder.cpu_chunk, encoder.cpu_workers = 3, 1
+        encoder.use_cpu_workers(1)
+        encoder.cpu_chunk = 3
         together = encoder(images)
     finally:
-        encoder.cpu_chunk, encoder.cpu_workers = saved
+        encoder.cpu_chunk = saved
+        encoder.use_cpu_workers(1)
     torch.testing.assert_close(one_at_a_time, together, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(side_by_side, one_at_a_time, rtol=0, atol=0)
     assert side_by_side.is_inference()           # the pool's threads ran in the caller's mode
