@@ -44,6 +44,7 @@ class DecoderConfig:
     layout_side: int = 7         # baseline: the grid is first averaged down to at most 7x7 cells
     dropout: float = 0.3
     alpha_c: float = 0.1         # weight of the doubly stochastic attention regulariser
+    location_filters: int = 8    # attention: channels of the convolution over past attention maps
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,21 +134,41 @@ class ShowTellDecoder(nn.Module):
 
 
 class AdditiveAttention(nn.Module):
-    """Bahdanau attention: score_i = w . tanh(W_c cell_i + W_h h), alpha = softmax(score)."""
+    """Bahdanau attention, location-aware (Chorowski et al. 2015):
 
-    def __init__(self, cell_dim: int, hidden_dim: int, attention_dim: int):
+        score_i = w . tanh(W_c cell_i + W_q query + W_l where_i),   alpha = softmax(score)
+
+    query: the LSTM's state and the word just written. Without the word, the step that writes
+    "circle" after "red" chose where to look before it saw "red", and the colours and shapes of
+    neighbouring objects got swapped.
+    where_i: a small convolution over two maps around cell i, the previous step's attention and
+    the attention summed so far. The first keeps a colour word and its shape word on one object;
+    the second marks objects already described, which were otherwise described twice ("two
+    green crosses" for a green cross and a green triangle) while the third went missing.
+    """
+
+    LOCATION_KERNEL = 5   # cells: wide enough to cover a small object on the 14x14 grid
+
+    def __init__(self, cell_dim: int, query_dim: int, attention_dim: int, location_filters: int):
         super().__init__()
         self.cell_proj = nn.Linear(cell_dim, attention_dim)
-        self.hidden_proj = nn.Linear(hidden_dim, attention_dim)
+        self.query_proj = nn.Linear(query_dim, attention_dim)
+        self.location_conv = nn.Conv2d(2, location_filters, self.LOCATION_KERNEL,
+                                       padding=self.LOCATION_KERNEL // 2, bias=False)
+        self.location_proj = nn.Linear(location_filters, attention_dim, bias=False)
         self.score = nn.Linear(attention_dim, 1)
 
     def keys(self, cells: torch.Tensor) -> torch.Tensor:
         """The cells' half of the score, computed once per image. (B, N, C) -> (B, N, A)"""
         return self.cell_proj(cells)
 
-    def forward(self, cells: torch.Tensor, keys: torch.Tensor, h: torch.Tensor):
-        scores = self.score(torch.tanh(keys + self.hidden_proj(h).unsqueeze(1))).squeeze(2)  # (B, N)
-        alpha = scores.softmax(dim=1)                                                         # (B, N)
+    def forward(self, cells: torch.Tensor, keys: torch.Tensor, query: torch.Tensor,
+                previous: torch.Tensor, coverage: torch.Tensor):
+        side = math.isqrt(cells.shape[1])
+        maps = torch.stack([previous, coverage], dim=1).unflatten(2, (side, side))          # (B, 2, S, S)
+        where = self.location_conv(maps).flatten(2).transpose(1, 2)                          # (B, N, F)
+        energy = keys + self.query_proj(query).unsqueeze(1) + self.location_proj(where)       # (B, N, A)
+        alpha = self.score(torch.tanh(energy)).squeeze(2).softmax(dim=1)                     # (B, N)
         context = torch.bmm(alpha.unsqueeze(1), cells).squeeze(1)                             # (B, C)
         return context, alpha
 
@@ -163,7 +184,8 @@ class ShowAttendTellDecoder(nn.Module):
         # Where each cell is. CNN features hardly say it, and without it the decoder cannot tell
         # "left of" from "right of" nor keep apart two objects it has already looked at.
         self.position = nn.Parameter(torch.randn(c.num_cells, c.cell_dim) * 0.02)
-        self.attention = AdditiveAttention(c.cell_dim, c.hidden_dim, c.attention_dim)
+        self.attention = AdditiveAttention(c.cell_dim, c.hidden_dim + c.embed_dim, c.attention_dim,
+                                           c.location_filters)
         self.init_h = nn.Linear(c.cell_dim, c.hidden_dim)
         self.init_c = nn.Linear(c.cell_dim, c.hidden_dim)
         self.gate = nn.Linear(c.hidden_dim, 1)   # beta: a learned scalar gate on the context
@@ -180,16 +202,21 @@ class ShowAttendTellDecoder(nn.Module):
     def start(self, grid: torch.Tensor) -> State:
         cells = self.cell_proj(self.norm(grid)) + self.position      # (B, N, C)
         mean_cell = cells.mean(dim=1)                                # (B, C)
+        no_attention = cells.new_zeros(cells.shape[:2])              # (B, N)
         return {"cells": cells, "keys": self.attention.keys(cells),
-                "h": torch.tanh(self.init_h(mean_cell)), "c": torch.tanh(self.init_c(mean_cell))}
+                "h": torch.tanh(self.init_h(mean_cell)), "c": torch.tanh(self.init_c(mean_cell)),
+                "alpha": no_attention, "coverage": no_attention}
 
     def _advance(self, embedded: torch.Tensor, state: State):
-        context, alpha = self.attention(state["cells"], state["keys"], state["h"])   # (B, C), (B, N)
+        query = torch.cat([state["h"], embedded], dim=1)                              # (B, H+E)
+        context, alpha = self.attention(state["cells"], state["keys"], query,
+                                        state["alpha"], state["coverage"])             # (B, C), (B, N)
         beta = torch.sigmoid(self.gate(state["h"]))                                   # (B, 1)
         context = beta * context
         h, c = self.lstm(torch.cat([embedded, context], dim=1), (state["h"], state["c"]))
         deep = h + self.context_out(context) + self.word_out(embedded)                 # (B, H)
-        return self.fc(self.dropout(deep)), {**state, "h": h, "c": c}, alpha
+        state = {**state, "h": h, "c": c, "alpha": alpha, "coverage": state["coverage"] + alpha}
+        return self.fc(self.dropout(deep)), state, alpha
 
     def step(self, words: torch.Tensor, state: State):
         return self._advance(self.embedding(words), state)

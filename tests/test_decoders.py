@@ -111,8 +111,9 @@ def test_doubly_stochastic_regulariser_prefers_attention_spread_over_cells():
 
 
 def test_attention_knows_where_each_cell_is():
-    # The same two cells, swapped: without position the decoder would see one and the same
-    # set of cells, and could not say which object is on the left.
+    # The same two cells, swapped. A decoder blind to position sees one and the same set of
+    # cells: its attention map would simply follow the swap, and it could not say which object
+    # is on the left.
     decoder = make("attention")
     grid = torch.zeros(1, 49, 40)
     grid[0, 3], grid[0, 45] = 1.0, -1.0
@@ -120,9 +121,12 @@ def test_attention_knows_where_each_cell_is():
     swapped[0, 3], swapped[0, 45] = grid[0, 45], grid[0, 3]
     words = torch.tensor([BOS])
     with torch.no_grad():
-        logits, _, _ = decoder.step(words, decoder.start(grid))
-        logits_swapped, _, _ = decoder.step(words, decoder.start(swapped))
-    assert not torch.allclose(logits, logits_swapped, atol=1e-4)
+        logits, _, alpha = decoder.step(words, decoder.start(grid))
+        logits_swapped, _, alpha_swapped = decoder.step(words, decoder.start(swapped))
+    followed = alpha.clone()
+    followed[0, 3], followed[0, 45] = alpha[0, 45], alpha[0, 3]
+    assert not torch.allclose(alpha_swapped, followed, atol=1e-4)
+    assert not torch.allclose(logits, logits_swapped, atol=1e-6)
 
 
 def test_baseline_reads_a_fine_grid_averaged_to_seven_by_seven():
@@ -138,3 +142,25 @@ def test_baseline_reads_a_fine_grid_averaged_to_seven_by_seven():
         fine_logits, _, _ = fine.step(words, fine.start(grid))
         coarse_logits, _, _ = coarse.step(words, coarse.start(pooled))
     torch.testing.assert_close(fine_logits, coarse_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_remembers_where_it_has_looked():
+    # The state carries the last attention map and their running sum; the next map depends on
+    # them, so that a colour word and its shape word stay on one object and a described object
+    # is not described again.
+    decoder, grid = make("attention"), grids(batch=1)
+    words = torch.tensor([BOS])
+    with torch.no_grad():
+        state = decoder.start(grid)
+        maps = []
+        for word in (BOS, 5, 7):
+            _, state, alpha = decoder.step(torch.tensor([word]), state)
+            maps.append(alpha)
+        assert torch.allclose(state["coverage"], sum(maps))
+        assert torch.equal(state["alpha"], maps[-1])
+
+        fresh = decoder.start(grid)
+        _, _, alpha_fresh = decoder.step(words, fresh)
+        looked = {**fresh, "alpha": maps[0], "coverage": maps[0]}
+        _, _, alpha_looked = decoder.step(words, looked)
+    assert not torch.allclose(alpha_fresh, alpha_looked, atol=1e-5)
