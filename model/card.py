@@ -82,14 +82,16 @@ WHAT_WAS_TRIED = [
     "  0.843 to 0.873 at 96 px JPEG q70. The errors left at 96 px are mostly the shapes of small",
     "  objects (14..27 px wide there) and objects described twice.",
     "- Baseline on that mix: hidden width 512 (validation 0.676 by epoch 17, under the 0.680 of",
-    "  width 384, at a lower training loss) and dropout 0.5 (0.660 at best): neither kept. The mix",
-    "  cost the baseline about 2 points at 224 px (0.695 -> 0.677 held out) and gained it 4 at",
-    "  96 px.",
+    "  width 384, at a lower training loss), dropout 0.5 (0.660 at best) and a layout vector of 48",
+    "  numbers per cell instead of 24 (0.682 at best, against 0.702), 36 epochs instead of 24",
+    "  (0.698): none kept. The mix cost the baseline about 2 points at 224 px (0.695 -> 0.677",
+    "  held out) and gained it 4 at 96 px.",
     "- Where it stands: the attention decoder meets the bar at 224 px and at 1024 px, and loses",
     "  6.4 points at 96 px JPEG q70 (bar 5). The baseline, which sees the image only as one",
     "  vector, names the right groups in about two scenes of three. Likely next steps: fine-tuning",
-    "  the encoder's last blocks on small renders, more scenes (a GPU's work), and for the",
-    "  baseline a wider layout vector with stronger regularisation.",
+    "  the encoder's last blocks on small renders and more scenes (a GPU's work); for the",
+    "  baseline, an image vector that keeps objects apart (one slot per object rather than per",
+    "  cell) with stronger regularisation.",
 ]
 
 
