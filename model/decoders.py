@@ -2,8 +2,8 @@
 
 Both read the encoder's grid of cell features, (B, N, D), and emit one word per step:
 
-- ShowTellDecoder ("baseline", Vinyals et al. 2015): the image enters once, as the LSTM's
-  initial state; after that the LSTM only sees its own words.
+- ShowTellDecoder ("baseline", Vinyals et al. 2015): the whole image becomes one vector, which
+  sets the LSTM's initial state and is fed again beside every word; there is no attention.
 - ShowAttendTellDecoder ("attention", Xu et al. 2015): at every step additive (Bahdanau)
   attention weighs the N cells by their relevance to the LSTM's state; the weighted context,
   scaled by a learned gate, is fed in beside the previous word. The weights are the
@@ -41,6 +41,7 @@ class DecoderConfig:
     attention_dim: int = 128     # 256 trained no better here and 35 % slower over 196 cells
     cell_dim: int = 384          # cell features are projected to this width before use
     layout_dim: int = 24         # baseline: per-cell width of the layout-keeping pooled vector
+    layout_hidden: int = 256     # baseline: hidden width of the small network that reduces each cell
     layout_side: int = 7         # baseline: the grid is first averaged down to at most 7x7 cells
     dropout: float = 0.3
     alpha_c: float = 0.1         # weight of the doubly stochastic attention regulariser
@@ -87,13 +88,17 @@ class ShowTellDecoder(nn.Module):
         # The "pooled vector" is a learned pooling that keeps the layout: each cell is reduced to
         # a few numbers and the cells are concatenated in raster order. A plain mean over cells
         # would erase where things are, and with it every left/right/above/below.
+        # The reduction is a small two-layer network, not one linear map: 24 numbers must say which
+        # colour goes with which shape in the cell. With a single layer the baseline reached 0.70
+        # validation exact match; with a hidden layer of 128, 0.74; of 256, 0.76.
         # tanh rather than ReLU: a ReLU layer here died early in training (the language model's
         # large first gradients), after which every image gave the same initial state.
         # Measured: on the 14x14 grid this vector (4,704 numbers) overfitted, 8 points below the same
         # decoder on the grid averaged to 7x7; attention is what needs the fine grid.
         self.grid_side = math.isqrt(c.num_cells)
         self.layout_side = min(self.grid_side, c.layout_side)
-        self.cell_reduce = nn.Sequential(nn.Linear(c.feature_dim, c.layout_dim), nn.Tanh())
+        self.cell_reduce = nn.Sequential(nn.Linear(c.feature_dim, c.layout_hidden), nn.Tanh(),
+                                         nn.Linear(c.layout_hidden, c.layout_dim), nn.Tanh())
         self.image_vector = nn.Sequential(nn.Linear(self.layout_side ** 2 * c.layout_dim, c.hidden_dim), nn.Tanh(),
                                           nn.Dropout(c.dropout))
         self.init_h = nn.Linear(c.hidden_dim, c.hidden_dim)
