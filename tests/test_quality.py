@@ -25,7 +25,7 @@ def test_bundled_weights_caption_fresh_scenes(captioner):
     assert attention["exact_match"] >= 0.82, report          # card: 0.92
     assert attention["hallucination_rate"] <= 0.05, report   # card: 0.002
     assert attention["localisation"] >= 0.88, report         # card: 0.98
-    assert baseline["exact_match"] >= 0.58, report           # card: 0.68
+    assert baseline["exact_match"] >= 0.62, report           # card: 0.73
     assert attention["bleu4"] > 0.65 and attention["cider"] > 4.0, report   # card: 0.77, 4.7
 
 
