@@ -12,7 +12,8 @@ import torch
 from model.captioner import Captioner
 from model.encoder import EncoderConfig
 from model.evaluate import evaluate_scenes, format_table
-from model.train import TEST_SEED_BASE, TrainConfig, run
+from model.train import (TEST_SEED_BASE, TRAINING_JPEG_QUALITY, TRAINING_JPEG_SHARE, TRAINING_SIZES, TrainConfig,
+                         run)
 
 
 def sha256(path: Path) -> str:
@@ -53,8 +54,8 @@ def quality_bar(scores: dict) -> list[str]:
 DECODER_DESCRIPTIONS = {
     "attention": "Show-Attend-Tell LSTM, location-aware additive attention queried by the state and the last word, "
                  "gated context, deep output",
-    "baseline": "Show-and-Tell LSTM, one layout-keeping image vector (7x7 cells, each reduced to 24 numbers by a "
-                "two-layer network) in the initial state and beside every word",
+    "baseline": "Show-and-Tell LSTM, one layout-keeping image vector ({layout_side}x{layout_side} cells, each reduced "
+                "to {layout_dim} numbers by a two-layer network) in the initial state and beside every word",
 }
 
 WHAT_WAS_TRIED = [
@@ -117,6 +118,16 @@ WHAT_WAS_TRIED = [
 ]
 
 
+def percent(share: float) -> str:
+    return f"{share * 100:.0f} %"
+
+
+def training_sizes() -> str:
+    parts = [f"{lo} px ({percent(share)})" if lo == hi else f"{lo}..{hi} px ({percent(share)})"
+             for share, lo, hi in TRAINING_SIZES]
+    return ", ".join(parts[:-1]) + " or " + parts[-1]
+
+
 def write_card(weights_dir: Path, training: dict, scores: dict, eval_count: int) -> Path:
     (weights_dir / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
     files = sorted(p for p in weights_dir.iterdir() if p.suffix in (".pt", ".json") and p.name != "scores.json")
@@ -134,9 +145,9 @@ def write_card(weights_dir: Path, training: dict, scores: dict, eval_count: int)
         "COCO or Flickr8k (README, \"Training on real photos\").",
         "",
         "## Data",
-        f"- Training: {training['train_images']} scenes (seeds 0..{training['train_images'] - 1}), five reference",
-        "  captions each; rendered at 224 px (20 %), 96..128 px (35 %), 129..223 px (15 %) or",
-        "  225..1024 px (30 %), half saved as JPEG of quality 60..95, and squashed to 224x224 for the",
+        f"- Training: {training['train_images']} scenes (seeds 0..{training['train_images'] - 1}), five reference captions each,",
+        f"  rendered at {training_sizes()};",
+        f"  {percent(TRAINING_JPEG_SHARE)} saved as JPEG of quality {TRAINING_JPEG_QUALITY[0]}..{TRAINING_JPEG_QUALITY[1]}, and all squashed to 224x224 for the",
         "  encoder, as every input is.",
         f"- Validation (best epoch chosen by greedy exact match): {training['val_images']} scenes, seeds from 10,000,000.",
         f"- Held-out test (below): {eval_count} scenes with seeds from {TEST_SEED_BASE:,}, never used in training.",
@@ -151,9 +162,9 @@ def write_card(weights_dir: Path, training: dict, scores: dict, eval_count: int)
     for kind, report in decoders.items():
         c = report["config"]
         params = sum(t.numel() for t in torch.load(weights_dir / f"{kind}.pt", weights_only=True)["state_dict"].values())
-        lines.append(f"- `{kind}.pt`: {DECODER_DESCRIPTIONS[kind]}; "
+        lines.append(f"- `{kind}.pt`: {DECODER_DESCRIPTIONS[kind].format(**c)}; "
                      f"{params / 1e6:.2f} M parameters; embed {c['embed_dim']}, hidden {c['hidden_dim']}"
-                     + (f", attention {c['attention_dim']}, {c.get('location_filters', 0)} location filters, doubly stochastic weight {c['alpha_c']}" if kind == "attention" else "")
+                     + (f", attention {c['attention_dim']}, {c['location_filters']} location filters, doubly stochastic weight {c['alpha_c']}" if kind == "attention" else "")
                      + f", dropout {c['dropout']}.")
     lines += [
         "",
