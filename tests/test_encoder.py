@@ -4,7 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model.encoder import Encoder, EncoderConfig, colour_statistics, load_efficientnet_lite0, preprocess
+from model.encoder import (LITE0_TAP_CHANNELS, Encoder, EncoderConfig, EncoderTop, colour_statistics,
+                           load_efficientnet_lite0, preprocess)
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +123,45 @@ def test_cpu_chunking_gives_the_same_grid_as_one_pass(encoder):
     torch.testing.assert_close(one_at_a_time, together, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(side_by_side, one_at_a_time, rtol=0, atol=0)
     assert side_by_side.is_inference()           # the pool's threads ran in the caller's mode
+
+
+def scene_batch(count: int = 2) -> torch.Tensor:
+    from model.data.scenes import render_scene
+
+    return torch.stack([preprocess(render_scene(seed, 224)[1]) for seed in range(count)])
+
+
+def test_pretrained_top_rebuilds_the_cached_grid(encoder):
+    """Fine-tuning trains the top from cached grids alone: with the pretrained blocks, the grid it
+    rebuilds from the cached block-4 share is the encoder's own."""
+    with torch.inference_mode():
+        grid = encoder(scene_batch())
+        rebuilt = EncoderTop.pretrained().eval().regrid(grid)
+    torch.testing.assert_close(rebuilt, grid, rtol=1e-4, atol=1e-4)
+
+
+def test_top_changes_only_the_last_blocks_share_of_each_cell(encoder):
+    top = EncoderTop.pretrained().eval()
+    with torch.no_grad():
+        grid = encoder(scene_batch())
+        top.blocks[-1]._project_conv.weight.mul_(1.5)
+        rebuilt = top.regrid(grid)
+    changed = (rebuilt - grid).abs().amax(dim=(0, 1)) > 1e-3           # per feature
+    low, mid, high = LITE0_TAP_CHANNELS
+    assert changed[low + mid:low + mid + high].float().mean() > 0.5
+    assert not changed[:low + mid].any() and not changed[low + mid + high:].any()
+
+
+def test_tuned_top_loads_into_the_encoder(tmp_path):
+    top = EncoderTop.pretrained().eval()
+    with torch.no_grad():
+        top.blocks[0]._depthwise_conv.weight.mul_(0.5)
+    torch.save(top.state_dict(), tmp_path / "encoder_top.pt")
+    tuned, pretrained = Encoder(), Encoder()
+    tuned.load_tuned_top(tmp_path / "encoder_top.pt")
+    images = scene_batch()
+    with torch.inference_mode():
+        expected = top.regrid(pretrained(images))
+        got = tuned(images)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, pretrained(images), atol=1e-2)

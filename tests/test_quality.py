@@ -22,17 +22,17 @@ def captioner():
 def test_bundled_weights_caption_fresh_scenes(captioner):
     report = evaluate(captioner, scene_examples(FRESH_SEEDS, 100))
     attention, baseline = report["attention"], report["baseline"]
-    assert attention["exact_match"] >= 0.82, report          # card: 0.92
+    assert attention["exact_match"] >= 0.84, report          # card: 0.935
     assert attention["hallucination_rate"] <= 0.05, report   # card: 0.002
     assert attention["localisation"] >= 0.88, report         # card: 0.98
-    assert baseline["exact_match"] >= 0.62, report           # card: 0.73
-    assert attention["bleu4"] > 0.65 and attention["cider"] > 4.0, report   # card: 0.77, 4.7
+    assert baseline["exact_match"] >= 0.70, report           # card: 0.81
+    assert attention["bleu4"] > 0.72 and attention["cider"] > 4.4, report   # card: 0.83, 5.1
 
 
 def test_small_jpeg_renders_still_caption(captioner):
     report = evaluate(captioner, scene_examples(FRESH_SEEDS + 1000, 60, side=96, jpeg_quality=70),
                       decoders=["attention"])
-    assert report["attention"]["exact_match"] >= 0.75, report   # card: 0.86
+    assert report["attention"]["exact_match"] >= 0.77, report   # card: 0.87
 
 
 def test_samples_and_beam_stay_on_topic(captioner):

@@ -4,10 +4,14 @@ import json
 import pytest
 from PIL import Image, ImageDraw
 
+import torch
+
+from model.cache import load_cache
 from model.captioner import Captioner
+from model.encoder import TUNED_TOP_FILE, EncoderTop
 from model.train import TrainConfig, run
 
-TINY = dict(epochs=5, batch_size=8, lr=5e-3, lr_baseline=5e-3, warmup_steps=4, workers=0, encode_batch=16,
+TINY = dict(epochs=5, attention_epochs=5, batch_size=8, lr=5e-3, lr_baseline=5e-3, warmup_steps=4, workers=0, encode_batch=16,
             decoder_overrides={"hidden_dim": 64, "embed_dim": 32, "attention_dim": 32, "cell_dim": 64})
 
 
@@ -21,6 +25,32 @@ def test_tiny_scene_training_lowers_the_loss_and_writes_loadable_weights(tmp_pat
     captioner = Captioner.load(tmp_path / "w")
     assert set(captioner.decoders) == {"baseline", "attention"}
     assert (tmp_path / "run" / "train.h5").exists() and (tmp_path / "run" / "training.json").exists()
+
+    # The attention decoder fine-tuned the encoder's top, and the baseline then read the tuned features.
+    assert results["decoders"]["attention"]["tuned_encoder_top"]
+    tuned = torch.load(tmp_path / "w" / TUNED_TOP_FILE, weights_only=True)
+    pretrained = EncoderTop.pretrained().state_dict()
+    assert tuned.keys() == pretrained.keys()
+    assert not all(torch.equal(tuned[k], pretrained[k]) for k in tuned)
+    top = EncoderTop.pretrained()
+    top.load_state_dict(tuned)
+    frozen = load_cache(tmp_path / "run" / "train.h5").grid
+    with torch.no_grad():
+        expected = top.eval().regrid(frozen.float()).reshape(-1, frozen.shape[2]).mean(0)
+    baseline_norm = torch.load(tmp_path / "w" / "baseline.pt", weights_only=True)["state_dict"]["norm.mean"]
+    torch.testing.assert_close(baseline_norm, expected, rtol=1e-2, atol=1e-2)
+    assert not torch.allclose(baseline_norm, frozen.float().reshape(-1, frozen.shape[2]).mean(0), atol=1e-2)
+
+
+def test_frozen_encoder_option_leaves_no_tuned_top(tmp_path):
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / TUNED_TOP_FILE).write_bytes(b"stale")
+    config = TrainConfig(data="scenes", decoder="attention", train_scenes=16, val_scenes=4, lr_encoder_top=0,
+                         out_dir=str(tmp_path / "w"), work_dir=str(tmp_path / "run"), **{**TINY, "attention_epochs": 1})
+    results = run(config, log=lambda line: None)
+    assert not results["decoders"]["attention"]["tuned_encoder_top"]
+    assert not (tmp_path / "w" / TUNED_TOP_FILE).exists()
+    Captioner.load(tmp_path / "w")
 
 
 def test_training_is_reproducible(tmp_path):
