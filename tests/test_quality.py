@@ -22,17 +22,17 @@ def captioner():
 def test_bundled_weights_caption_fresh_scenes(captioner):
     report = evaluate(captioner, scene_examples(FRESH_SEEDS, 100))
     attention, baseline = report["attention"], report["baseline"]
-    assert attention["exact_match"] >= 0.84, report          # card: 0.935
+    assert attention["exact_match"] >= 0.85, report          # card: 0.95
     assert attention["hallucination_rate"] <= 0.05, report   # card: 0.002
     assert attention["localisation"] >= 0.88, report         # card: 0.98
-    assert baseline["exact_match"] >= 0.70, report           # card: 0.81
-    assert attention["bleu4"] > 0.72 and attention["cider"] > 4.4, report   # card: 0.83, 5.1
+    assert baseline["exact_match"] >= 0.72, report           # card: 0.82
+    assert attention["bleu4"] > 0.74 and attention["cider"] > 4.5, report   # card: 0.85, 5.2
 
 
 def test_small_jpeg_renders_still_caption(captioner):
     report = evaluate(captioner, scene_examples(FRESH_SEEDS + 1000, 60, side=96, jpeg_quality=70),
                       decoders=["attention"])
-    assert report["attention"]["exact_match"] >= 0.77, report   # card: 0.87
+    assert report["attention"]["exact_match"] >= 0.80, report   # card: 0.91
 
 
 def test_samples_and_beam_stay_on_topic(captioner):

@@ -2,14 +2,13 @@
 import json
 
 import pytest
-from PIL import Image, ImageDraw
-
 import torch
+from PIL import Image, ImageDraw
 
 from model.cache import load_cache
 from model.captioner import Captioner
 from model.encoder import TUNED_TOP_FILE, EncoderTop
-from model.train import TrainConfig, run
+from model.train import VAL_SEED_BASE, TrainConfig, dataset_examples, load_image, run
 
 TINY = dict(epochs=5, attention_epochs=5, batch_size=8, lr=5e-3, lr_baseline=5e-3, warmup_steps=4, workers=0, encode_batch=16,
             decoder_overrides={"hidden_dim": 64, "embed_dim": 32, "attention_dim": 32, "cell_dim": 64})
@@ -40,6 +39,15 @@ def test_tiny_scene_training_lowers_the_loss_and_writes_loadable_weights(tmp_pat
     baseline_norm = torch.load(tmp_path / "w" / "baseline.pt", weights_only=True)["state_dict"]["norm.mean"]
     torch.testing.assert_close(baseline_norm, expected, rtol=1e-2, atol=1e-2)
     assert not torch.allclose(baseline_norm, frozen.float().reshape(-1, frozen.shape[2]).mean(0), atol=1e-2)
+
+
+def test_validation_scenes_come_at_every_validation_render():
+    train, val = dataset_examples(TrainConfig(train_scenes=4, val_scenes=3, val_renders=((224, 0), (96, 70))))
+    assert len(train) == 4
+    assert [e.key for e in val] == [f"scene/{VAL_SEED_BASE + i}/224/0" for i in range(3)] + \
+                                   [f"scene/{VAL_SEED_BASE + i}/96/70" for i in range(3)]
+    assert val[0].captions == val[3].captions
+    assert load_image(val[3].key).size == (96, 96)
 
 
 def test_frozen_encoder_option_leaves_no_tuned_top(tmp_path):
