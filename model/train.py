@@ -1,10 +1,13 @@
 """Training the decoders: python -m model train --data scenes|coco|karpathy --decoder both
 
-The encoder is frozen, so training runs in two phases:
+Training runs in two phases:
 1. encode every training and validation image once into an HDF5 cache (model/cache.py);
 2. train each decoder on the cached grids with teacher forcing: Adam, gradient clipping, a
    warm-up + cosine learning-rate schedule, validation after every epoch, best checkpoint kept.
-On CUDA the decoder steps run under bfloat16 autocast; on a CPU in float32.
+   The attention decoder goes first and fine-tunes the encoder's last blocks as it trains: their
+   input, the block-4 map, is part of the cached grid (EncoderTop.regrid). The baseline then
+   trains on the tuned encoder's features, the ones it will see at inference.
+On CUDA the steps run under bfloat16 autocast; on a CPU in float32.
 """
 from __future__ import annotations
 
