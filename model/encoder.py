@@ -253,8 +253,8 @@ class Encoder(nn.Module):
 
     def load_tuned_top(self, path) -> None:
         """Put fine-tuned top blocks (a saved EncoderTop state dict) in place of the pretrained ones."""
-        self.top().load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        self.to(memory_format=torch.channels_last)
+        self.top().load_state_dict(torch.load(path, map_location="cpu", weights_only=True))   # copies in place:
+        # the parameters keep their channels_last layout
 
     @property
     def num_cells(self) -> int:
