@@ -15,7 +15,7 @@ import asyncio
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -113,7 +113,18 @@ class _Job:
     encoded: Any = None
     thumbnail: Any = None
     from_cache: bool = False
-    headline: Any = None
+    greedy: dict[str, Any] = field(default_factory=dict)  # decoder name -> its caption
+    samples: list[str] | None = None
+    error: WorkerError | None = None  # set by the first stage that fails; later ones skip it
+
+
+# The greedy decoders a batch runs, in order, and the job kinds each runs for: the attention
+# decoder's caption is the headline of a caption and the subject of an /attention figure.
+GREEDY_KINDS = {"attention": ("caption", "attention"), "baseline": ("caption",)}
+
+
+def _alive(jobs: Iterable[_Job]) -> list[_Job]:
+    return [job for job in jobs if job.error is None]
 
 
 @dataclass
@@ -304,43 +315,59 @@ class InferenceWorker:
     # ---- the batching loop (event loop side) -----------------------------------------
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
-            deadline = loop.time() + self.batch_wait_s
-            while len(batch) < self.batch_max:
-                try:
-                    batch.append(self._queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
-                    break
+            batch = await self._next_batch()
             # A handler that gave up (cancelled) no longer needs its job run.
             live = [job for job in batch if not job.future.done()]
-            self._in_flight = live
             started = time.perf_counter()
-            outcomes: list[Any] = []
-            try:
-                if live:
-                    outcomes = await loop.run_in_executor(self._executor, self._run_batch, live)
-            except asyncio.CancelledError:
-                raise  # stop() gave up waiting: it fails the jobs still in self._in_flight
-            except Exception as error:  # the batch machinery itself broke: fail the batch
-                log.exception("batch_failed", batch_size=len(live))
-                outcomes = [InferenceFailed(str(error)) for _ in live]
-            inference_ms = (time.perf_counter() - started) * 1000
-            self._in_flight = []
-            for _ in batch:
-                self._queue.task_done()
-            self.batches_run += 1
-            for job, outcome in zip(live, outcomes):
-                self._settle(job, outcome, inference_ms, len(live), None)
+            outcomes = await self._infer(live)
+            self._finish(batch, live, outcomes, (time.perf_counter() - started) * 1000)
+
+    async def _next_batch(self) -> list[_Job]:
+        """The next job, plus those that arrive within `batch_wait_s`, up to `batch_max`."""
+        batch = [await self._queue.get()]
+        deadline = asyncio.get_running_loop().time() + self.batch_wait_s
+        while len(batch) < self.batch_max and (job := await self._next_job(deadline)):
+            batch.append(job)
+        return batch
+
+    async def _next_job(self, deadline: float) -> _Job | None:
+        """A queued job, waiting for one until the loop time `deadline`; None if none came."""
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            pass
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(self._queue.get(), remaining)
+        except TimeoutError:
+            return None
+
+    async def _infer(self, live: list[_Job]) -> list[Any]:
+        """Run the batch in the inference thread: a result or an exception per job."""
+        self._in_flight = live
+        if not live:
+            return []
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._run_batch, live)
+        except asyncio.CancelledError:
+            raise  # stop() gave up waiting: it fails the jobs still in self._in_flight
+        except Exception as error:  # the batch machinery itself broke: fail the batch
+            log.exception("batch_failed", batch_size=len(live))
+            return [InferenceFailed(str(error)) for _ in live]
+
+    def _finish(
+        self, batch: list[_Job], live: list[_Job], outcomes: list[Any], inference_ms: float
+    ) -> None:
+        self._in_flight = []
+        for _ in batch:
+            self._queue.task_done()
+        self.batches_run += 1
+        for job, outcome in zip(live, outcomes):
+            self._settle(job, outcome, inference_ms, len(live), None)
 
     def _settle(
         self, job: _Job, outcome: Any, inference_ms: float, batch_size: int,
@@ -372,102 +399,96 @@ class InferenceWorker:
 
     def _run_batch(self, jobs: list[_Job]) -> list[Any]:
         """Run one batch; returns a result or an exception per job, in order."""
-        errors: dict[int, BaseException] = {}
+        self._encode(self._open_photos(jobs))
+        for decoder in GREEDY_KINDS:
+            self._greedy(jobs, decoder)
+        self._sample(jobs)
+        return [self._result(job) if job.error is None else job.error for job in jobs]
 
-        def alive(selected: Sequence[_Job]) -> list[_Job]:
-            return [job for job in selected if id(job) not in errors]
-
-        # 1. Photos: cached encodings, or decode the downloaded bytes.
+    def _open_photos(self, jobs: list[_Job]) -> list[_Job]:
+        """Cached encodings, or the downloaded bytes decoded; returns the jobs to encode."""
         to_encode: list[_Job] = []
         for job in jobs:
             entry = self.cache.get(job.photo.key)
             if entry is not None:
                 job.encoded, job.thumbnail, job.from_cache = entry.encoded, entry.thumbnail, True
-                continue
-            if job.photo.data is None:
-                errors[id(job)] = NotCached(job.photo.key)
-                continue
-            try:
-                image = self._open_image(job.photo.data, self._max_image_pixels)
-            except Exception as error:
-                errors[id(job)] = self._as_worker_error(error, job, "decode")
-                continue
-            job.image = image
-            to_encode.append(job)
-
-        # 2. One encoder forward for every image that wasn't cached.
-        if to_encode:
-            encodings = self._batched(
-                to_encode, errors, "encode",
-                lambda group: self._captioner.encode([job.image for job in group]),
-            )
-            for job, encoded in zip(to_encode, encodings):
-                if encoded is None:
+            elif job.photo.data is None:
+                job.error = NotCached(job.photo.key)
+            else:
+                try:
+                    job.image = self._open_image(job.photo.data, self._max_image_pixels)
+                except Exception as error:
+                    job.error = self._as_worker_error(error, job, "decode")
                     continue
+                to_encode.append(job)
+        return to_encode
+
+    def _encode(self, jobs: list[_Job]) -> None:
+        """One encoder forward for every image that wasn't cached."""
+        encodings = self._batched(
+            jobs, "encode", lambda group: self._captioner.encode([job.image for job in group])
+        )
+        for job, encoded in zip(jobs, encodings):
+            if encoded is not None:
                 job.encoded = encoded
-                job.thumbnail = _thumbnail(job.image)
-                job.image = None  # the full-size decode is no longer needed
-                self.cache.put(job.photo.key, _CacheEntry(encoded, job.thumbnail))
+                self._cache(job)
 
-        # 3. Greedy attention captions (headline and figure), one call.
-        needs_headline = alive([j for j in jobs if j.kind in ("caption", "attention")])
-        for job, caption in zip(needs_headline, self._batched(
-            needs_headline, errors, "greedy_attention",
-            lambda group: self._captioner.greedy([j.encoded for j in group], "attention"),
-        )):
-            job.headline = caption
+    def _cache(self, job: _Job) -> None:
+        job.thumbnail = _thumbnail(job.image)
+        job.image = None  # the full-size decode is no longer needed
+        self.cache.put(job.photo.key, _CacheEntry(job.encoded, job.thumbnail))
 
-        # 4. Baseline captions for caption jobs, one call.
-        baselines: dict[int, Any] = {}
-        wants_baseline = alive([j for j in jobs if j.kind == "caption"])
-        for job, caption in zip(wants_baseline, self._batched(
-            wants_baseline, errors, "greedy_baseline",
-            lambda group: self._captioner.greedy([j.encoded for j in group], "baseline"),
-        )):
-            baselines[id(job)] = caption
+    def _greedy(self, jobs: list[_Job], decoder: str) -> None:
+        """`decoder`'s greedy captions, one call for the jobs of the kinds that need it."""
+        group = _alive(job for job in jobs if job.kind in GREEDY_KINDS[decoder])
+        captions = self._batched(
+            group, f"greedy_{decoder}",
+            lambda g: self._captioner.greedy([job.encoded for job in g], decoder),
+        )
+        for job, caption in zip(group, captions):
+            job.greedy[decoder] = caption
 
-        # 5. Sampling: one call per distinct (n, temperature) in the batch.
-        samples: dict[int, list[str]] = {}
+    def _sample(self, jobs: list[_Job]) -> None:
+        """Sampled captions: one call per distinct (n, temperature) in the batch."""
         groups: dict[tuple[int, float], list[_Job]] = {}
-        for job in alive(jobs):
+        for job in _alive(jobs):
             if job.kind in ("caption", "samples") and job.n > 0:
                 groups.setdefault((job.n, job.temperature), []).append(job)
         for (n, temperature), group in groups.items():
-            group = alive(group)
-            for job, texts in zip(group, self._batched(
-                group, errors, "sample",
+            group = _alive(group)
+            texts = self._batched(
+                group, "sample",
                 lambda g, n=n, t=temperature: self._captioner.sample(
-                    [j.encoded for j in g], n, decoder="attention", temperature=t
+                    [job.encoded for job in g], n, decoder="attention", temperature=t
                 ),
-            )):
-                samples[id(job)] = texts
+            )
+            for job, samples in zip(group, texts):
+                job.samples = samples
 
-        # 6. Results (attention figures are drawn per job).
-        outcomes: list[Any] = []
-        for job in jobs:
-            if id(job) in errors:
-                outcomes.append(errors[id(job)])
-                continue
-            try:
-                if job.kind == "caption":
-                    outcomes.append(CaptionResult(
-                        headline=job.headline.text,
-                        baseline=baselines[id(job)].text,
-                        samples=list(samples.get(id(job), [])),
-                    ))
-                elif job.kind == "samples":
-                    outcomes.append(list(samples[id(job)]))
-                else:
-                    tokens = list(job.headline.tokens)
-                    png = self._attention_figure(job.thumbnail, tokens, job.headline.alphas)
-                    outcomes.append(AttentionResult(job.headline.text, len(tokens), png))
-            except Exception as error:
-                outcomes.append(self._as_worker_error(error, job, "result"))
-        return outcomes
+    def _result(self, job: _Job) -> Any:
+        """What the handler gets for a job that got through every stage."""
+        try:
+            if job.kind == "caption":
+                return CaptionResult(
+                    headline=job.greedy["attention"].text,
+                    baseline=job.greedy["baseline"].text,
+                    samples=list(job.samples or []),
+                )
+            if job.kind == "samples":
+                return list(job.samples)  # type: ignore[arg-type]  # None (n=0): fails the job
+            return self._figure(job)
+        except Exception as error:
+            return self._as_worker_error(error, job, "result")
+
+    def _figure(self, job: _Job) -> AttentionResult:
+        """The /attention figure, drawn from the thumbnail and the headline's weights."""
+        headline = job.greedy["attention"]
+        tokens = list(headline.tokens)
+        png = self._attention_figure(job.thumbnail, tokens, headline.alphas)
+        return AttentionResult(headline.text, len(tokens), png)
 
     def _batched(
-        self, group: list[_Job], errors: dict[int, BaseException], stage: str,
-        call: Callable[[list[_Job]], Sequence[Any]],
+        self, group: list[_Job], stage: str, call: Callable[[list[_Job]], Sequence[Any]],
     ) -> list[Any]:
         """`call(group)`, or job by job if that fails; failed jobs get None + an error."""
         if not group:
@@ -479,14 +500,14 @@ class InferenceWorker:
             return results
         except Exception as error:
             if len(group) == 1:
-                errors[id(group[0])] = self._as_worker_error(error, group[0], stage)
+                group[0].error = self._as_worker_error(error, group[0], stage)
                 return [None]
         out: list[Any] = []
         for job in group:
             try:
                 out.append(list(call([job]))[0])
             except Exception as error:
-                errors[id(job)] = self._as_worker_error(error, job, stage)
+                job.error = self._as_worker_error(error, job, stage)
                 out.append(None)
         return out
 
