@@ -1,14 +1,11 @@
-"""Wiring: the model, the worker, the Bot and the Dispatcher, and how they start and stop."""
+"""Wiring: the worker (which owns the model), the Bot and the Dispatcher, and how they start and stop."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import time
-from typing import Any
-
 from aiogram import Bot, Dispatcher
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
@@ -26,48 +23,13 @@ from bot.photos import PhotoBook
 from bot.retry import RetryMiddleware
 from bot.service import CaptionService
 from bot.settings import Settings
-from bot.worker import InferenceWorker
+from bot.worker import InferenceWorker, StartupError
 
 log = get_logger("bot")
 
 # After the shutdown deadline, jobs that didn't run are failed; give their handlers
 # this long to tell the users to resend before the HTTP session closes.
 LAST_WORDS_S = 5.0
-
-
-class StartupError(RuntimeError):
-    """The bot cannot start; str() says why and what to do."""
-
-
-def load_captioner(settings: Settings) -> Any:
-    from model.captioner import Captioner
-
-    if settings.captioner == "untrained":
-        log.warning("untrained_captioner", note="random decoders: captions are nonsense")
-        return _use_cpu_threads(Captioner.untrained(seed=0), settings)
-    try:   # Captioner.load resolves DEVICE=auto itself
-        captioner = Captioner.load(weights_dir=str(settings.weights_dir), device=settings.device)
-    except Exception as error:  # missing, partial or corrupt files: all mean "no usable weights"
-        raise StartupError(
-            f"cannot load the captioning weights from WEIGHTS_DIR={settings.weights_dir}: "
-            f"{type(error).__name__}: {error}. Train or copy them there (see README), or set "
-            "CAPTIONER=untrained to try the bot with random decoders."
-        ) from None
-    missing = [name for name in ("attention", "baseline") if name not in captioner.decoders]
-    if missing:
-        raise StartupError(
-            f"WEIGHTS_DIR={settings.weights_dir} has no {' or '.join(missing)} decoder "
-            f"({', '.join(f'{name}.pt' for name in missing)}); the bot needs both."
-        )
-    return _use_cpu_threads(captioner, settings)
-
-
-def _use_cpu_threads(captioner: Any, settings: Settings) -> Any:
-    if captioner.device.type == "cpu":
-        threads = settings.inference_threads or len(os.sched_getaffinity(0))
-        captioner.set_cpu_threads(threads)
-        log.info("inference_threads", threads=threads)
-    return captioner
 
 
 def build_bot(settings: Settings) -> Bot:
@@ -81,17 +43,10 @@ def build_bot(settings: Settings) -> Bot:
 
 
 class BotApp:
-    def __init__(self, settings: Settings, captioner: Any) -> None:
+    def __init__(self, settings: Settings, worker: InferenceWorker) -> None:
         self.settings = settings
         self.bot = build_bot(settings)
-        self.worker = InferenceWorker(
-            captioner,
-            queue_max=settings.queue_max,
-            batch_max=settings.batch_max,
-            batch_wait_ms=settings.batch_wait_ms,
-            cache_size=settings.encoded_cache_size,
-            max_image_pixels=settings.max_image_pixels,
-        )
+        self.worker = worker
         self.service = CaptionService(self.bot, self.worker, PhotoBook(), settings)
         self.updates = UpdateContextMiddleware()
         self.dispatcher = self._build_dispatcher()
@@ -201,10 +156,10 @@ class BotApp:
         return web.json_response({"ok": ok, "queued": self.worker.queued}, status=200 if ok else 503)
 
 
-async def run(settings: Settings, captioner: Any | None = None) -> None:
-    if captioner is None:
-        captioner = await asyncio.to_thread(load_captioner, settings)
-    app = BotApp(settings, captioner)
+async def run(settings: Settings, worker: InferenceWorker | None = None) -> None:
+    if worker is None:
+        worker = await InferenceWorker.load(settings)
+    app = BotApp(settings, worker)
     if settings.mode == "webhook":
         await app.run_webhook()
     else:

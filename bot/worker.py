@@ -18,9 +18,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.log import get_logger
+from bot.model_host import StartupError as StartupError  # raised by load; the app reports it
+from bot.model_host import load_captioner
+
+if TYPE_CHECKING:
+    from bot.settings import Settings
 
 log = get_logger("bot.worker")
 
@@ -219,6 +224,24 @@ class InferenceWorker:
         self._in_flight: list[_Job] = []
         self.batches_run = 0
         self.jobs_done = 0
+
+    @classmethod
+    async def load(cls, settings: Settings) -> InferenceWorker:
+        """The bot's worker: loads the captioner `settings` name (CAPTIONER, WEIGHTS_DIR,
+        DEVICE, INFERENCE_THREADS) off the event loop. Raises StartupError if it can't."""
+        return cls.from_settings(settings, await asyncio.to_thread(load_captioner, settings))
+
+    @classmethod
+    def from_settings(cls, settings: Settings, captioner: CaptionerLike) -> InferenceWorker:
+        """A worker that owns `captioner`, sized by the queue, batch and cache settings."""
+        return cls(
+            captioner,
+            queue_max=settings.queue_max,
+            batch_max=settings.batch_max,
+            batch_wait_ms=settings.batch_wait_ms,
+            cache_size=settings.encoded_cache_size,
+            max_image_pixels=settings.max_image_pixels,
+        )
 
     # ---- lifecycle -------------------------------------------------------------------
 
