@@ -80,13 +80,19 @@ def fake_figure(image, tokens, alphas) -> bytes:
     return f"PNG {image} {' '.join(tokens)}".encode()
 
 
-def make_worker(captioner: FakeCaptioner, **kwargs) -> InferenceWorker:
-    options = dict(queue_max=100, batch_max=8, batch_wait_ms=5, cache_size=16)
-    options.update(kwargs)
-    return InferenceWorker(
-        captioner, open_image=fake_open, attention_figure=fake_figure,
-        image_errors=(FakeImageError,), **options,
-    )
+@pytest.fixture
+def make_worker(stop_at_end):
+    """Builds a worker on the fakes; each one is stopped when the test ends."""
+
+    def make(captioner: FakeCaptioner, **kwargs) -> InferenceWorker:
+        options = dict(queue_max=100, batch_max=8, batch_wait_ms=5, cache_size=16)
+        options.update(kwargs)
+        return stop_at_end(InferenceWorker(
+            captioner, open_image=fake_open, attention_figure=fake_figure,
+            image_errors=(FakeImageError,), **options,
+        ))
+
+    return make
 
 
 def photo(name: str, data: bool = True) -> PhotoInput:
@@ -102,7 +108,7 @@ async def hold_first_batch(worker: InferenceWorker, captioner: FakeCaptioner) ->
     return first
 
 
-async def test_jobs_waiting_together_share_one_encoder_call():
+async def test_jobs_waiting_together_share_one_encoder_call(make_worker):
     captioner = FakeCaptioner()
     worker = make_worker(captioner, batch_max=8)
     await worker.start()
@@ -121,10 +127,9 @@ async def test_jobs_waiting_together_share_one_encoder_call():
         assert result.headline == f"attention enc(img{i})"
         assert result.baseline == f"baseline enc(img{i})"
         assert result.samples == [f"sample{k} enc(img{i}) t=1.0" for k in range(2)]
-    await worker.stop(timeout=5)
 
 
-async def test_jobs_run_in_submission_order_and_each_gets_its_own_result():
+async def test_jobs_run_in_submission_order_and_each_gets_its_own_result(make_worker):
     captioner = FakeCaptioner()
     worker = make_worker(captioner, batch_max=3)
     await worker.start()
@@ -157,10 +162,9 @@ async def test_jobs_run_in_submission_order_and_each_gets_its_own_result():
             assert isinstance(result, AttentionResult)
             assert result.words == 2
             assert result.png == f"PNG {name} attention enc({name})".encode()
-    await worker.stop(timeout=5)
 
 
-async def test_a_failing_job_fails_alone_and_the_worker_keeps_going():
+async def test_a_failing_job_fails_alone_and_the_worker_keeps_going(make_worker):
     captioner = FakeCaptioner()
     worker = make_worker(captioner)
     await worker.start()
@@ -185,10 +189,9 @@ async def test_a_failing_job_fails_alone_and_the_worker_keeps_going():
     # Still serving afterwards.
     after = await worker.caption(photo("later"), n_samples=1)
     assert after.headline == "attention enc(later)"
-    await worker.stop(timeout=5)
 
 
-async def test_a_decoder_failure_in_a_batch_only_fails_that_job():
+async def test_a_decoder_failure_in_a_batch_only_fails_that_job(make_worker):
     captioner = FakeCaptioner()
     original = captioner.sample
 
@@ -209,10 +212,9 @@ async def test_a_decoder_failure_in_a_batch_only_fails_that_job():
     assert a == ["sample0 enc(a) t=1.0", "sample1 enc(a) t=1.0"]
     assert isinstance(bad, InferenceFailed)
     assert b == ["sample0 enc(b) t=1.0", "sample1 enc(b) t=1.0"]
-    await worker.stop(timeout=5)
 
 
-async def test_samples_with_different_settings_in_one_batch_are_grouped():
+async def test_samples_with_different_settings_in_one_batch_are_grouped(make_worker):
     captioner = FakeCaptioner()
     worker = make_worker(captioner)
     await worker.start()
@@ -227,10 +229,9 @@ async def test_samples_with_different_settings_in_one_batch_are_grouped():
     await first
     await asyncio.gather(*tasks)
     assert sorted(captioner.sample_calls[1:]) == [(3, 0.7, 2), (5, 1.5, 1)]
-    await worker.stop(timeout=5)
 
 
-async def test_jobs_arriving_within_the_batch_window_are_batched():
+async def test_jobs_arriving_within_the_batch_window_are_batched(make_worker):
     captioner = FakeCaptioner()
     worker = make_worker(captioner, batch_wait_ms=400)
     await worker.start()
@@ -239,10 +240,9 @@ async def test_jobs_arriving_within_the_batch_window_are_batched():
     two = asyncio.create_task(worker.caption(photo("two"), n_samples=1))
     await asyncio.gather(one, two)
     assert captioner.encode_batches == [["one", "two"]]
-    await worker.stop(timeout=5)
 
 
-async def test_batching_off_runs_one_job_per_batch():
+async def test_batching_off_runs_one_job_per_batch(make_worker):
     captioner = FakeCaptioner()
     worker = make_worker(captioner, batch_max=1)
     await worker.start()
@@ -252,10 +252,9 @@ async def test_batching_off_runs_one_job_per_batch():
     captioner.gate.set()
     await asyncio.gather(first, *tasks)
     assert [len(batch) for batch in captioner.encode_batches] == [1, 1, 1, 1]
-    await worker.stop(timeout=5)
 
 
-async def test_encoded_photos_are_cached_by_key_and_reused_without_bytes():
+async def test_encoded_photos_are_cached_by_key_and_reused_without_bytes(make_worker):
     captioner = FakeCaptioner()
     worker = make_worker(captioner, cache_size=2)
     await worker.start()
@@ -274,10 +273,9 @@ async def test_encoded_photos_are_cached_by_key_and_reused_without_bytes():
     await worker.samples(photo("a", data=False), n=1)
     await worker.caption(photo("c"), n_samples=0)
     assert worker.is_cached("a") and worker.is_cached("c") and not worker.is_cached("b")
-    await worker.stop(timeout=5)
 
 
-async def test_a_full_queue_is_refused_at_once():
+async def test_a_full_queue_is_refused_at_once(make_worker):
     captioner = FakeCaptioner()
     worker = make_worker(captioner, queue_max=2)
     await worker.start()
@@ -288,10 +286,9 @@ async def test_a_full_queue_is_refused_at_once():
         await worker.caption(photo("one-too-many"), n_samples=1)
     captioner.gate.set()
     await asyncio.gather(first, *queued)
-    await worker.stop(timeout=5)
 
 
-async def test_the_event_loop_keeps_running_while_the_model_works():
+async def test_the_event_loop_keeps_running_while_the_model_works(make_worker):
     captioner = FakeCaptioner()
     worker = make_worker(captioner)
     await worker.start()
@@ -301,10 +298,9 @@ async def test_the_event_loop_keeps_running_while_the_model_works():
     assert time.perf_counter() - started < 0.5  # the blocked model thread doesn't block us
     captioner.gate.set()
     await first
-    await worker.stop(timeout=5)
 
 
-async def test_stop_finishes_accepted_jobs_then_refuses_new_ones():
+async def test_stop_finishes_accepted_jobs_then_refuses_new_ones(make_worker):
     captioner = FakeCaptioner()
     worker = make_worker(captioner, batch_max=2)
     await worker.start()
@@ -322,7 +318,7 @@ async def test_stop_finishes_accepted_jobs_then_refuses_new_ones():
     assert not worker.running
 
 
-async def test_stop_past_its_timeout_fails_leftover_jobs_instead_of_hanging():
+async def test_stop_past_its_timeout_fails_leftover_jobs_instead_of_hanging(make_worker):
     captioner = FakeCaptioner()
     worker = make_worker(captioner)
     await worker.start()
