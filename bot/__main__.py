@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import signal
 import sys
 
+from pydantic import SecretStr
+
 from bot.log import get_logger, register_secret, setup_logging
-from bot.settings import Secret, Settings, SettingsError
+from bot.settings import Settings, SettingsError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,12 +36,11 @@ async def run_playground(settings: Settings) -> None:
               "(Ctrl+C to stop)", flush=True)
         from bot.app import run
 
-        await run(dataclasses.replace(
-            settings,
-            mode="polling",
-            telegram_api_base=emulator.base_url,
-            telegram_bot_token=Secret(emulator.bot_token),
-        ))
+        await run(settings.model_copy(update={
+            "mode": "polling",
+            "telegram_api_base": emulator.base_url,
+            "telegram_bot_token": SecretStr(emulator.bot_token),
+        }))
     finally:
         await emulator.stop()
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Before anything can log: the token must never reach a log line.
     register_secret(settings.token)
-    register_secret(settings.webhook_secret.get() if settings.webhook_secret else None)
+    register_secret(settings.webhook_secret_value)
     setup_logging(settings.log_format, settings.log_level)
     log = get_logger("bot")
 

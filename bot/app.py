@@ -120,7 +120,7 @@ class BotApp:
         SimpleRequestHandler(
             dispatcher=self.dispatcher,
             bot=self.bot,
-            secret_token=settings.webhook_secret.get() if settings.webhook_secret else None,
+            secret_token=settings.webhook_secret_value,
         ).register(app, path=settings.webhook_path)
         app.router.add_get("/healthz", self._healthz)
         runner = web.AppRunner(app, handle_signals=False)
@@ -136,7 +136,7 @@ class BotApp:
             await site.start()
             await self.bot.set_webhook(
                 settings.webhook_url,
-                secret_token=settings.webhook_secret.get() if settings.webhook_secret else None,
+                secret_token=settings.webhook_secret_value,
                 allowed_updates=self.dispatcher.resolve_used_update_types(),
             )
             log.info("webhook_listening", host=settings.webhook_host, port=settings.webhook_port,

@@ -1,20 +1,40 @@
-"""Typed settings read from the environment and an optional `.env` file.
+"""Typed settings read from the environment and an optional `.env` file (pydantic-settings).
 
-Every setting has a default except `TELEGRAM_BOT_TOKEN`, which is only required when
-the bot talks to a real Bot API server (see `Settings.require_token`). Bad values are
-collected and reported together, each naming the variable and what it accepts.
+Each setting is one field of `Settings`: the variable is the field's name in capitals
+(`queue_max` is QUEUE_MAX), unset or empty means the default, the constraints say what it
+accepts and the description what it means. To add a setting, add a field (and a line in
+`.env.example`). Every setting has a default except `TELEGRAM_BOT_TOKEN`, which is only
+required when the bot talks to a real Bot API server (see `Settings.require_token`). Bad
+values are collected and reported together by `Settings.from_env`, one line per variable,
+each naming it and what it accepts; the token's value is never shown.
 """
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
-from dotenv import dotenv_values
+from pydantic import (
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 
 class SettingsError(ValueError):
@@ -23,29 +43,6 @@ class SettingsError(ValueError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("invalid settings:\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-class Secret:
-    """A string that never shows itself in repr/str (so settings can be logged safely)."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def get(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
 
 
 # Bot API tokens look like "123456789:AA...". Checked loosely: the exact alphabet is
@@ -57,42 +54,191 @@ _WEBHOOK_SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 BOT_API_DOWNLOAD_LIMIT = 20 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class Settings:
-    telegram_bot_token: Secret | None = None
-    telegram_api_base: str | None = None
-    mode: str = "polling"
-    webhook_url: str | None = None
-    webhook_secret: Secret | None = None
-    webhook_host: str = "0.0.0.0"
-    webhook_port: int = 8080
-    weights_dir: Path = Path("weights")
-    device: str = "auto"
-    captioner: str = "bundled"
-    default_samples: int = 3
-    max_samples: int = 10
-    max_image_bytes: int = BOT_API_DOWNLOAD_LIMIT
-    max_image_pixels: int = 40_000_000
-    queue_max: int = 100
-    batch_max: int = 8
-    batch_wait_ms: int = 10
-    inference_threads: int = 0  # 0: every CPU core this process may use
-    encoded_cache_size: int = 128
-    rate_limit_per_min: int = 20
-    allowed_user_ids: frozenset[int] = field(default_factory=frozenset)
-    allowlist_ignore_s: int = 600
-    shutdown_timeout_s: float = 30.0
-    send_retry_timeout_s: float = 60.0
-    log_format: str = "console"
-    log_level: str = "INFO"
-    health_file: Path | None = Path("/tmp/captionbot.health")
-    playground_port: int = 8080
-    playground: str = "auto"
-    readme_url: str | None = None
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+def _upper(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
+
+
+# Choices are matched case-insensitively.
+Mode = Annotated[Literal["polling", "webhook"], BeforeValidator(_lower)]
+Device = Annotated[Literal["auto", "cpu", "cuda"], BeforeValidator(_lower)]
+CaptionerKind = Annotated[Literal["bundled", "untrained"], BeforeValidator(_lower)]
+LogFormat = Annotated[Literal["console", "json"], BeforeValidator(_lower)]
+LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_upper)]
+OnOff = Annotated[Literal["auto", "off"], BeforeValidator(_lower)]
+Seconds = Annotated[float, Field(gt=0, le=3600)]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_ignore_empty=True, extra="ignore", frozen=True
+    )
+
+    # --- Telegram
+    telegram_bot_token: SecretStr | None = Field(None, description="From @BotFather")
+    telegram_api_base: str | None = Field(None, description="A self-hosted Bot API server")
+    mode: Mode = Field("polling", description="polling, or webhook (needs URL and secret)")
+    webhook_url: str | None = Field(None, description="The public https URL; its path is served")
+    webhook_secret: SecretStr | None = Field(None, description="Telegram echoes it per update")
+    webhook_host: str = Field("0.0.0.0", description="Where the webhook server listens")
+    webhook_port: int = Field(8080, ge=1, le=65535, description="The webhook server's port")
+    # --- Model
+    weights_dir: Path = Field(Path("weights"), description="The trained decoders")
+    device: Device = Field("auto", description="Where the model runs")
+    captioner: CaptionerKind = Field("bundled", description="untrained: random decoders")
+    # --- Replies
+    default_samples: int = Field(3, ge=0, le=50, description="Sampled captions per reply")
+    max_samples: int = Field(10, ge=1, le=50, description="Largest N for /sample N")
+    readme_url: str | None = Field(None, description="Where /help points for retraining")
+    # --- Limits
+    max_image_bytes: int = Field(BOT_API_DOWNLOAD_LIMIT, ge=1024, description="Largest file")
+    max_image_pixels: int = Field(40_000_000, ge=1024, description="Largest image, in pixels")
+    queue_max: int = Field(100, ge=1, description="Jobs waiting for the model at most")
+    batch_max: int = Field(8, ge=1, le=256, description="Jobs per model run (1: no batching)")
+    batch_wait_ms: int = Field(10, ge=0, le=10_000, description="Wait for a batch to fill")
+    inference_threads: int = Field(0, ge=0, le=256, description="CPU threads; 0: every core")
+    encoded_cache_size: int = Field(128, ge=0, description="Encoded photos kept")
+    rate_limit_per_min: int = Field(20, ge=0, description="Requests per user a minute; 0: off")
+    allowed_user_ids: Annotated[frozenset[int], NoDecode] = Field(
+        frozenset(), description="Comma-separated user ids; empty: everyone"
+    )
+    allowlist_ignore_s: int = Field(600, ge=0, description="How long a refused user is ignored")
+    # --- Operations
+    shutdown_timeout_s: Seconds = Field(30.0, description="To answer accepted photos on exit")
+    send_retry_timeout_s: Seconds = Field(60.0, description="Retrying one Telegram call")
+    log_format: LogFormat = Field("console", description="json: one object per line")
+    log_level: LogLevel = Field("INFO", description="debug, info, warning or error")
+    health_file: Path | None = Field(
+        Path("/tmp/captionbot.health"), description="Heartbeat file; off disables it"
+    )
+    playground_port: int = Field(8080, ge=0, le=65535, description="The playground page's port")
+    playground: OnOff = Field("auto", description="off: a missing token is an error")
+
+    # ---- reading ---------------------------------------------------------------------
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        dotenv_path: str | Path | None = ".env",
+    ) -> Settings:
+        """Read settings; the environment (`environ`, else the process's) wins over the
+        `.env` file. Raises SettingsError listing every bad or missing value."""
+        previous = _ENVIRON.set(environ)
+        try:
+            return cls(_env_file=dotenv_path)
+        finally:
+            _ENVIRON.reset(previous)
+
+    def __init__(self, **values: Any) -> None:
+        """`Settings()` reads the process environment and `.env`; keyword arguments win
+        over both. Raises SettingsError, one line per bad variable."""
+        try:
+            super().__init__(**values)
+            return
+        except ValidationError as error:
+            problems, bad = _problems(error), _fields(error)
+        # A bad value stops the cross-checks (DEFAULT_SAMPLES <= MAX_SAMPLES, what
+        # MODE=webhook needs): run them again with the bad settings at their defaults.
+        if bad:
+            defaults = {name: type(self).model_fields[name].get_default() for name in bad}
+            problems += _more_problems(type(self), {**values, **defaults}, problems)
+        raise SettingsError(problems) from None  # the error's inputs may hold the token
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        env_file = getattr(dotenv_settings, "env_file", None)
+        return init_settings, _Environment(settings_cls), _DotEnv(settings_cls, env_file=env_file)
+
+    # ---- what a value must look like -------------------------------------------------
+
+    @field_validator("telegram_bot_token", mode="before")
+    @classmethod
+    def _token_shape(cls, value: Any) -> Any:
+        if isinstance(value, str) and not _TOKEN_RE.match(value):
+            # Never echo the value: it may be a real token with a stray character.
+            raise SettingsError([
+                "TELEGRAM_BOT_TOKEN: does not look like a Bot API token (digits, a colon, "
+                "then letters, digits, '_' or '-'); copy it again from @BotFather"
+            ])
+        return value
+
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _webhook_secret_shape(cls, value: Any) -> Any:
+        if isinstance(value, str) and not _WEBHOOK_SECRET_RE.match(value):
+            raise SettingsError(
+                ["WEBHOOK_SECRET: must be 1-256 characters of A-Z, a-z, 0-9, '_' and '-'"]
+            )
+        return value
+
+    @field_validator("telegram_api_base", "webhook_url", "readme_url", mode="before")
+    @classmethod
+    def _http_url(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, str):
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            name = str(info.field_name).upper()
+            raise SettingsError([f"{name}={value!r}: must be an http:// or https:// URL"])
+        return value.rstrip("/")
+
+    @field_validator("allowed_user_ids", mode="before")
+    @classmethod
+    def _user_ids(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        items = [item.strip() for item in value.replace(";", ",").split(",")]
+        bad = [item for item in items if item and not _is_int(item)]
+        if bad:
+            raise SettingsError([
+                f"ALLOWED_USER_IDS: {item!r} is not a numeric Telegram user id "
+                "(comma-separated ids; empty allows everyone)" for item in bad
+            ])
+        return frozenset(int(item) for item in items if item)
+
+    @field_validator("health_file", mode="before")
+    @classmethod
+    def _off_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.lower() in ("off", "none") else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        problems = []
+        if self.default_samples > self.max_samples:
+            problems.append(f"DEFAULT_SAMPLES={self.default_samples}: must not exceed "
+                            f"MAX_SAMPLES={self.max_samples}")
+        if self.mode == "webhook":
+            problems += self._webhook_problems()
+        if problems:
+            raise SettingsError(problems)
+        return self
+
+    def _webhook_problems(self) -> Iterator[str]:
+        if self.webhook_url is None:
+            yield "WEBHOOK_URL: required when MODE=webhook (the public https URL)"
+        if self.webhook_secret is None:
+            yield ("WEBHOOK_SECRET: required when MODE=webhook (Telegram sends it back with "
+                   "every update so the bot can reject forged ones)")
+        if self.telegram_bot_token is None:
+            yield ("TELEGRAM_BOT_TOKEN: required when MODE=webhook; create a bot with "
+                   "@BotFather and put TELEGRAM_BOT_TOKEN=<token> in .env")
+
+    # ---- use -------------------------------------------------------------------------
 
     @property
     def token(self) -> str | None:
-        return self.telegram_bot_token.get() if self.telegram_bot_token else None
+        return self.telegram_bot_token.get_secret_value() if self.telegram_bot_token else None
 
     def require_token(self) -> str:
         if self.telegram_bot_token is None:
@@ -102,184 +248,97 @@ class Settings:
                     "TELEGRAM_BOT_TOKEN=<token> in .env (see .env.example) or the environment"
                 ]
             )
-        return self.telegram_bot_token.get()
+        return self.telegram_bot_token.get_secret_value()
+
+    @property
+    def webhook_secret_value(self) -> str | None:
+        return self.webhook_secret.get_secret_value() if self.webhook_secret else None
 
     @property
     def webhook_path(self) -> str:
         return urlsplit(self.webhook_url or "").path or "/webhook"
 
-    @classmethod
-    def from_env(
-        cls,
-        environ: Mapping[str, str] | None = None,
-        dotenv_path: str | Path | None = ".env",
-    ) -> Settings:
-        """Read settings; the process environment wins over the `.env` file."""
-        values: dict[str, str] = {}
-        if dotenv_path is not None and Path(dotenv_path).is_file():
-            values.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
-        values.update(os.environ if environ is None else environ)
-        return _parse(values)
+
+# ---- the environment `from_env` reads ----------------------------------------------------
+
+# The mapping `Settings.from_env` was given, in place of the process environment.
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("settings_environ", default=None)
 
 
-class _Reader:
-    """Parses one variable at a time, remembering every problem instead of stopping."""
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' environment source, reading `from_env`'s mapping when given one."""
 
-    def __init__(self, values: Mapping[str, str]) -> None:
-        self.values = values
-        self.problems: list[str] = []
-
-    def raw(self, name: str) -> str | None:
-        value = self.values.get(name)
-        if value is None:
-            return None
-        value = value.strip()
-        return value or None
-
-    def string(self, name: str, default: str | None, choices: tuple[str, ...] | None = None):
-        value = self.raw(name)
-        if value is None:
-            return default
-        if choices is not None:
-            value = value.lower()
-            if value not in choices:
-                self.problems.append(f"{name}={value!r}: must be one of {', '.join(choices)}")
-                return default
-        return value
-
-    def integer(self, name: str, default: int, low: int, high: int | None = None) -> int:
-        value = self.raw(name)
-        if value is None:
-            return default
-        try:
-            number = int(value.replace("_", ""))
-        except ValueError:
-            self.problems.append(f"{name}={value!r}: must be a whole number")
-            return default
-        if number < low or (high is not None and number > high):
-            bounds = f">= {low}" if high is None else f"between {low} and {high}"
-            self.problems.append(f"{name}={number}: must be {bounds}")
-            return default
-        return number
-
-    def number(self, name: str, default: float, low: float, high: float) -> float:
-        value = self.raw(name)
-        if value is None:
-            return default
-        try:
-            number = float(value)
-        except ValueError:
-            self.problems.append(f"{name}={value!r}: must be a number")
-            return default
-        if not low < number <= high:
-            self.problems.append(f"{name}={number:g}: must be > {low:g} and <= {high:g}")
-            return default
-        return number
-
-    def url(self, name: str) -> str | None:
-        value = self.raw(name)
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            self.problems.append(f"{name}={value!r}: must be an http:// or https:// URL")
-            return None
-        return value.rstrip("/")
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        environ = _ENVIRON.get()
+        if environ is None:
+            return _cleaned(super()._load_env_vars())
+        return _cleaned({name.lower(): value for name, value in environ.items()})
 
 
-def _parse(values: Mapping[str, str]) -> Settings:
-    r = _Reader(values)
+class _DotEnv(DotEnvSettingsSource):
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return _cleaned(super()._load_env_vars())
 
-    token = r.raw("TELEGRAM_BOT_TOKEN")
-    if token is not None and not _TOKEN_RE.match(token):
-        # Never echo the value: it may be a real token with a stray character.
-        r.problems.append(
-            "TELEGRAM_BOT_TOKEN: does not look like a Bot API token (digits, a colon, "
-            "then letters, digits, '_' or '-'); copy it again from @BotFather"
-        )
-        token = None
 
-    mode = r.string("MODE", "polling", ("polling", "webhook"))
-    webhook_url = r.url("WEBHOOK_URL")
-    webhook_secret = r.raw("WEBHOOK_SECRET")
-    if webhook_secret is not None and not _WEBHOOK_SECRET_RE.match(webhook_secret):
-        r.problems.append(
-            "WEBHOOK_SECRET: must be 1-256 characters of A-Z, a-z, 0-9, '_' and '-'"
-        )
-        webhook_secret = None
-    if mode == "webhook":
-        # Only report what is missing; a present-but-bad value was reported above.
-        if r.raw("WEBHOOK_URL") is None:
-            r.problems.append("WEBHOOK_URL: required when MODE=webhook (the public https URL)")
-        if r.raw("WEBHOOK_SECRET") is None:
-            r.problems.append(
-                "WEBHOOK_SECRET: required when MODE=webhook (Telegram sends it back with "
-                "every update so the bot can reject forged ones)"
-            )
-        if r.raw("TELEGRAM_BOT_TOKEN") is None:
-            r.problems.append(
-                "TELEGRAM_BOT_TOKEN: required when MODE=webhook; create a bot with @BotFather "
-                "and put TELEGRAM_BOT_TOKEN=<token> in .env"
-            )
+def _cleaned(variables: Mapping[str, str | None]) -> dict[str, str]:
+    """Values without surrounding blanks; a blank value counts as unset."""
+    return {name: value.strip() for name, value in variables.items() if value and value.strip()}
 
-    max_samples = r.integer("MAX_SAMPLES", 10, 1, 50)
-    default_samples = r.integer("DEFAULT_SAMPLES", 3, 0, 50)
-    if default_samples > max_samples:
-        r.problems.append(
-            f"DEFAULT_SAMPLES={default_samples}: must not exceed MAX_SAMPLES={max_samples}"
-        )
-        default_samples = min(3, max_samples)
 
-    allowed: set[int] = set()
-    for item in (r.raw("ALLOWED_USER_IDS") or "").replace(";", ",").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            allowed.add(int(item))
-        except ValueError:
-            r.problems.append(
-                f"ALLOWED_USER_IDS: {item!r} is not a numeric Telegram user id "
-                "(comma-separated ids; empty allows everyone)"
-            )
+# ---- one line per problem -----------------------------------------------------------------
 
-    health = r.raw("HEALTH_FILE")
-    settings = Settings(
-        telegram_bot_token=Secret(token) if token else None,
-        telegram_api_base=r.url("TELEGRAM_API_BASE"),
-        mode=mode,
-        webhook_url=webhook_url,
-        webhook_secret=Secret(webhook_secret) if webhook_secret else None,
-        webhook_host=r.string("WEBHOOK_HOST", "0.0.0.0"),
-        webhook_port=r.integer("WEBHOOK_PORT", 8080, 1, 65535),
-        weights_dir=Path(r.string("WEIGHTS_DIR", "weights")),
-        device=r.string("DEVICE", "auto", ("auto", "cpu", "cuda")),
-        captioner=r.string("CAPTIONER", "bundled", ("bundled", "untrained")),
-        default_samples=default_samples,
-        max_samples=max_samples,
-        max_image_bytes=r.integer("MAX_IMAGE_BYTES", BOT_API_DOWNLOAD_LIMIT, 1024),
-        max_image_pixels=r.integer("MAX_IMAGE_PIXELS", 40_000_000, 1024),
-        queue_max=r.integer("QUEUE_MAX", 100, 1),
-        batch_max=r.integer("BATCH_MAX", 8, 1, 256),
-        batch_wait_ms=r.integer("BATCH_WAIT_MS", 10, 0, 10_000),
-        inference_threads=r.integer("INFERENCE_THREADS", 0, 0, 256),
-        encoded_cache_size=r.integer("ENCODED_CACHE_SIZE", 128, 0),
-        rate_limit_per_min=r.integer("RATE_LIMIT_PER_MIN", 20, 0),
-        allowed_user_ids=frozenset(allowed),
-        allowlist_ignore_s=r.integer("ALLOWLIST_IGNORE_S", 600, 0),
-        shutdown_timeout_s=r.number("SHUTDOWN_TIMEOUT_S", 30.0, 0, 3600),
-        send_retry_timeout_s=r.number("SEND_RETRY_TIMEOUT_S", 60.0, 0, 3600),
-        log_format=r.string("LOG_FORMAT", "console", ("console", "json")),
-        log_level=r.string(
-            "LOG_LEVEL", "INFO", ("debug", "info", "warning", "error")
-        ).upper(),
-        health_file=None if (health or "").lower() in ("off", "none") else Path(
-            health or "/tmp/captionbot.health"
-        ),
-        playground_port=r.integer("PLAYGROUND_PORT", 8080, 0, 65535),
-        playground=r.string("PLAYGROUND", "auto", ("auto", "off")),
-        readme_url=r.url("README_URL"),
-    )
-    if r.problems:
-        raise SettingsError(r.problems)
-    return settings
+
+def _problems(error: ValidationError) -> list[str]:
+    """Each validation error as the line the bot prints, naming the variable."""
+    problems: list[str] = []
+    for item in error.errors():
+        cause = item.get("ctx", {}).get("error")
+        if isinstance(cause, SettingsError):
+            problems += cause.problems
+        else:
+            problems.append(_problem(str(item["loc"][0]), item["type"], item["input"]))
+    return problems
+
+
+def _fields(error: ValidationError) -> set[str]:
+    return {str(item["loc"][0]) for item in error.errors() if item["loc"]}
+
+
+def _more_problems(cls: type[Settings], values: dict[str, Any], reported: list[str]) -> list[str]:
+    """The cross-checks' problems with `values`, less those about variables already
+    reported (one line per bad variable)."""
+    try:
+        cls(**values)
+    except SettingsError as error:
+        named = {_variable(problem) for problem in reported}
+        return [problem for problem in error.problems if _variable(problem) not in named]
+    return []
+
+
+def _variable(problem: str) -> str:
+    return re.match(r"[A-Z_]*", problem).group()  # type: ignore[union-attr]
+
+
+def _problem(field: str, kind: str, value: Any) -> str:
+    name = field.upper()
+    info = Settings.model_fields[field]
+    if kind == "literal_error":
+        choices = ", ".join(str(choice).lower() for choice in get_args(info.annotation))
+        return f"{name}={_lower(value)!r}: must be one of {choices}"
+    if kind.endswith("_parsing") or kind == "int_from_float":
+        what = "a whole number" if info.annotation is int else "a number"
+        return f"{name}={value!r}: must be {what}"
+    bounds = {type(rule).__name__: getattr(rule, type(rule).__name__.lower()) for rule in info.metadata}
+    if info.annotation is float:
+        return f"{name}={float(value):g}: must be > {bounds['Gt']:g} and <= {bounds['Le']:g}"
+    if "Le" in bounds:
+        return f"{name}={int(value)}: must be between {bounds['Ge']} and {bounds['Le']}"
+    return f"{name}={int(value)}: must be >= {bounds['Ge']}"
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True

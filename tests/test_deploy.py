@@ -112,7 +112,7 @@ def test_compose_file_parses_and_sets_the_operational_limits():
 
 def test_env_example_documents_every_setting_and_is_a_working_env_file(tmp_path):
     values = dotenv_values(REPO / ".env.example")
-    settings_fields = {name.upper() for name in Settings.__dataclass_fields__}
+    settings_fields = {name.upper() for name in Settings.model_fields}
     assert settings_fields <= set(values), settings_fields - set(values)
     # A real .env made from it (plus a token) is accepted as is, with the defaults.
     shutil.copy(REPO / ".env.example", tmp_path / ".env")
