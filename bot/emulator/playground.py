@@ -29,7 +29,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from .files import image_info
-from .server import MAX_PHOTO_UPLOAD_BYTES, BotAPIEmulator
+from .methods import MAX_PHOTO_UPLOAD_BYTES
+from .server import BotAPIEmulator
 
 # Uploads a little larger than the bot's 20 MB download limit are accepted, so a
 # person can see how the bot answers a file that is too big.
