@@ -3,12 +3,16 @@
 Everything that logs (our code, aiogram, aiohttp, asyncio, uncaught exceptions in any
 thread) goes through one stdlib handler whose formatter renders with structlog and then
 scrubs registered secrets from the final text, so a token can't leak through an
-exception message or a traceback that quotes a request URL.
+exception message or a traceback that quotes a request URL. Tracebacks are rendered plain
+(no local variables, whatever pretty-printer is installed): a renderer that shows locals
+crops long values with "…", and a cropped token no longer matches it whole; so any
+8-character slice of a secret is scrubbed too.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 from typing import Any
@@ -16,7 +20,10 @@ from typing import Any
 import structlog
 
 _secrets: set[str] = set()
+# Secrets whose every slice of SLICE characters is scrubbed too, each as one regex.
+_slices: dict[str, re.Pattern[str]] = {}
 REDACTED = "[redacted]"
+SLICE = 8
 
 
 def register_secret(value: str | None) -> None:
@@ -28,9 +35,13 @@ def register_secret(value: str | None) -> None:
     if not value:
         return
     _secrets.add(value)
+    key = value.split(":", 1)[1] if ":" in value else value
     if ":" in value:
-        _secrets.add(value.split(":", 1)[1])
+        _secrets.add(key)
         _secrets.add(value.replace(":", "%3A"))
+    if len(key) >= SLICE:
+        pieces = {key[i:i + SLICE] for i in range(len(key) - SLICE + 1)}
+        _slices[key] = re.compile("|".join(map(re.escape, sorted(pieces))))
 
 
 def redact(text: str) -> str:
@@ -38,7 +49,21 @@ def redact(text: str) -> str:
     for secret in sorted(_secrets, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, REDACTED)
+    for key, pattern in _slices.items():
+        text = _redact_slices(text, key, pattern)
     return text
+
+
+def _redact_slices(text: str, key: str, pattern: re.Pattern[str]) -> str:
+    """Replace every run of `text` that is a piece of `key` at least SLICE long."""
+    out, pos = [], 0
+    while match := pattern.search(text, pos):
+        start, end = match.span()
+        while end < len(text) and text[start:end + 1] in key:
+            end += 1  # the longest piece of the key starting here
+        out += [text[pos:start], REDACTED]
+        pos = end
+    return "".join(out) + text[pos:] if out else text
 
 
 def _redact_rendered(_logger: Any, _method: str, rendered: Any) -> Any:
@@ -57,7 +82,10 @@ def setup_logging(log_format: str = "console", level: str = "INFO") -> None:
         # JSON cannot carry a live exception: render the traceback to a string field.
         shared_tail: list[Any] = [structlog.processors.format_exc_info]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        # Plain: rich/better-exceptions would print local variables (a request URL), cropped.
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=False, exception_formatter=structlog.dev.plain_traceback
+        )
         shared_tail = []
 
     structlog.configure(
@@ -108,8 +136,24 @@ def setup_logging(log_format: str = "console", level: str = "INFO") -> None:
             exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
         )
 
+    def log_unraisable(args: Any) -> None:  # an exception in __del__, a finaliser, a callback
+        log.error(
+            "unraisable_exception",
+            message=args.err_msg or "Exception ignored in",
+            object=_describe(args.object),
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        )
+
     sys.excepthook = log_uncaught
     threading.excepthook = log_uncaught_in_thread
+    sys.unraisablehook = log_unraisable
+
+
+def _describe(thing: object) -> str | None:
+    try:
+        return None if thing is None else repr(thing)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the error itself
+        return object.__repr__(thing)
 
 
 def get_logger(name: str = "bot") -> structlog.stdlib.BoundLogger:
