@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
+import threading
 
 import aiohttp
 import pytest
@@ -13,6 +15,7 @@ from aiogram.client.telegram import TelegramAPIServer
 from aiogram.types import BufferedInputFile, InlineKeyboardButton, InlineKeyboardMarkup
 from PIL import Image
 
+from bot.emulator import files as emulator_files
 from bot.emulator.playground import start_playground
 
 pytestmark = pytest.mark.timeout(60)
@@ -32,10 +35,20 @@ async def emu():
     await emulator.stop()
 
 
+def page_token(page: str) -> str:
+    """The per-page token the chat page is served with (its script sends it on every call)."""
+    return re.search(r'<meta name="playground-token" content="([^"]+)">', page).group(1)
+
+
 @pytest.fixture
 async def http(emu):
+    """A client that behaves like the page: it read the page's token first."""
+    async with aiohttp.ClientSession(base_url=emu.base_url) as first:
+        async with first.get("/") as resp:
+            token = page_token(await resp.text())
     async with aiohttp.ClientSession(
-        base_url=emu.base_url, timeout=aiohttp.ClientTimeout(total=20)
+        base_url=emu.base_url, timeout=aiohttp.ClientTimeout(total=20),
+        headers={"X-Playground-Token": token},
     ) as session:
         yield session
 
@@ -173,3 +186,76 @@ async def test_events_long_poll_is_bounded_and_released_on_stop():
         await emulator.stop()
         resp = await asyncio.wait_for(poll, 5)
         assert (await resp.json())["events"] == []
+
+
+async def test_forged_cross_site_requests_are_refused(emu, http):
+    """What another web site open in the same browser can send: each is refused, and no
+    message, upload or button press reaches a chat."""
+    token = http.headers["X-Playground-Token"]
+    sent = emu.user_sends_text(CHAT, "hello")
+    forgeries = {
+        # A sandboxed iframe (or a file:// page) sends `Origin: null`, even with the token.
+        "null origin": dict(json={"text": "/start"}, headers={"Origin": "null"}),
+        "other origin": dict(json={"text": "/start"}, headers={"Origin": "http://evil.example"}),
+        # A text/plain body needs no CORS preflight; aiohttp would parse it as JSON all the same.
+        "text/plain body": dict(data='{"text": "/start"}', headers={"Content-Type": "text/plain"}),
+        # A simple cross-site request carries no custom header: no page token.
+        "no token": dict(json={"text": "/start"}, headers={"X-Playground-Token": ""}),
+        "wrong token": dict(json={"text": "/start"}, headers={"X-Playground-Token": token[:-1] + "x"}),
+    }
+    async with aiohttp.ClientSession(base_url=emu.base_url) as stranger:  # no token by default
+        for label, request in forgeries.items():
+            client = http if label in ("null origin", "text/plain body") else stranger
+            async with client.post(f"/api/chats/{CHAT}/messages", **request) as resp:
+                assert resp.status in (403, 415), (label, resp.status)
+        async with stranger.post(f"/api/chats/{CHAT}/buttons",
+                                 json={"message_id": sent["message_id"], "callback_data": "go"}) as resp:
+            assert resp.status == 403
+        form = aiohttp.FormData()
+        form.add_field("file", png_bytes(), filename="x.png", content_type="image/png")
+        async with stranger.post(f"/api/chats/{CHAT}/uploads", data=form) as resp:
+            assert resp.status == 403
+    assert [update["message"]["text"] for update in emu.pending_updates] == ["hello"]
+    # The page itself, with its token and a JSON body, still gets through.
+    async with http.post(f"/api/chats/{CHAT}/messages", json={"text": "/start"}) as resp:
+        assert resp.status == 200
+    # Every page load gets a token; the same playground keeps one for its life.
+    async with http.get("/") as resp:
+        assert page_token(await resp.text()) == token
+
+
+def png_claiming_many_pixels(side: int = 7000) -> bytes:
+    """A genuine 1-bit PNG (a few kB) of side x side pixels: 49 MP, 147 MB once in RGB."""
+    buffer = io.BytesIO()
+    Image.new("1", (side, side)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def test_uploads_are_checked_from_the_header_and_decoded_off_the_event_loop(emu, http, monkeypatch):
+    decoded_in: list[str] = []
+    thumbnail = emulator_files._thumbnail
+
+    def spy(data, side):
+        decoded_in.append(threading.current_thread().name)
+        return thumbnail(data, side)
+
+    monkeypatch.setattr("bot.emulator.files._thumbnail", spy)
+    form = aiohttp.FormData()
+    form.add_field("file", png_bytes((400, 300)), filename="scene.png", content_type="image/png")
+    async with http.post(f"/api/chats/{CHAT}/uploads", data=form) as resp:
+        assert "photo" in (await resp.json())["message"]
+    assert decoded_in and threading.main_thread().name not in decoded_in
+
+    # Over the bot's MAX_IMAGE_PIXELS default: refused from its header, never decoded, so
+    # it arrives as a document (which the bot then refuses as too large).
+    decoded_in.clear()
+    bomb = png_claiming_many_pixels()
+    assert len(bomb) < 100_000
+    form = aiohttp.FormData()
+    form.add_field("file", bomb, filename="bomb.png", content_type="image/png")
+    async with http.post(f"/api/chats/{CHAT}/uploads", data=form) as resp:
+        message = (await resp.json())["message"]
+    assert "document" in message and "photo" not in message
+    assert decoded_in == []
+    with pytest.raises(ValueError, match="megapixels"):
+        emu.user_sends_photo(CHAT, bomb)

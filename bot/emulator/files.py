@@ -8,6 +8,7 @@ an expired one.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import secrets
@@ -22,6 +23,8 @@ from PIL import Image, UnidentifiedImageError
 GETFILE_MAX_BYTES = 20 * 1024 * 1024
 # Thumbnail sides Telegram generates for photos (the "s" and "m" sizes).
 THUMBNAIL_SIDES = (90, 320)
+# The bot's own MAX_IMAGE_PIXELS default: bigger images are refused from their header.
+MAX_PHOTO_PIXELS = 40_000_000
 
 
 @dataclass
@@ -41,6 +44,9 @@ class FileStore:
     def __init__(self, max_files: int = 500, max_bytes: int = 256 * 1024 * 1024):
         self.max_files = max_files
         self.max_bytes = max_bytes
+        # Telegram gives the same file (a photo forwarded or sent again) the same
+        # file_unique_id under a new file_id. Off by default: each upload is a new file.
+        self.unique_ids_by_content = False
         self._files: OrderedDict[str, StoredFile] = OrderedDict()
         self._by_path: dict[str, str] = {}
         self._bytes = 0
@@ -66,7 +72,10 @@ class FileStore:
         stored = StoredFile(
             # Real ids are long opaque base64 strings; a recognisable prefix helps debugging.
             file_id=f"AgAC{kind[:3]}{number:06d}{secrets.token_urlsafe(12)}",
-            file_unique_id=f"AQAD{number:06d}{secrets.token_hex(3)}",
+            file_unique_id=(
+                f"AQAD{hashlib.sha256(data).hexdigest()[:16]}" if self.unique_ids_by_content
+                else f"AQAD{number:06d}{secrets.token_hex(3)}"
+            ),
             file_path=f"{kind}/file_{number}.{extension}",
             data=data,
             mime_type=mime_type,
@@ -97,9 +106,16 @@ class FileStore:
 
 
 def image_info(data: bytes) -> tuple[int, int, str] | None:
-    """(width, height, PIL format) of an image, or None if it is not one we can decode."""
+    """(width, height, PIL format) of an image, or None if it is not one we can decode.
+
+    The size is checked from the header first, as the bot does: an image over
+    MAX_PHOTO_PIXELS (a decompression bomb: a small file claiming a huge size) is not
+    a photo, and is never decoded.
+    """
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_PHOTO_PIXELS:
+                return None
             image.verify()
         with Image.open(io.BytesIO(data)) as image:
             return image.width, image.height, image.format or ""
@@ -109,6 +125,7 @@ def image_info(data: bytes) -> tuple[int, int, str] | None:
 
 def _thumbnail(data: bytes, side: int) -> tuple[bytes, int, int]:
     with Image.open(io.BytesIO(data)) as image:
+        image.draft("RGB", (side, side))  # JPEGs: decode at a reduced scale
         image = image.convert("RGB")
         image.thumbnail((side, side))
         buffer = io.BytesIO()
@@ -116,27 +133,46 @@ def _thumbnail(data: bytes, side: int) -> tuple[bytes, int, int]:
         return buffer.getvalue(), image.width, image.height
 
 
-def store_photo(store: FileStore, data: bytes) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class PreparedPhoto:
+    """What storing a photo needs from decoding it: its size, format and thumbnails."""
+
+    width: int
+    height: int
+    image_format: str
+    thumbnails: tuple[tuple[bytes, int, int], ...]
+
+
+def prepare_photo(data: bytes) -> PreparedPhoto | None:
+    """Decode a photo for storing (slow: callers on an event loop run it in a thread);
+    None if it is not an image the emulator takes as a photo."""
+    info = image_info(data)
+    if info is None:
+        return None
+    width, height, image_format = info
+    thumbnails = tuple(_thumbnail(data, side) for side in THUMBNAIL_SIDES if max(width, height) > side)
+    return PreparedPhoto(width, height, image_format, thumbnails)
+
+
+def store_photo(store: FileStore, data: bytes, prepared: PreparedPhoto | None = None) -> list[dict[str, Any]]:
     """Store a photo and return its PhotoSize list, smallest first, the original last.
 
     Telegram re-encodes photos; the emulator keeps the original bytes as the largest size
     so tests can compare exactly what the bot downloaded with what the user sent.
+    `prepared` is `prepare_photo(data)` when the caller already ran it.
     Raises ValueError if `data` is not a decodable image.
     """
-    info = image_info(data)
-    if info is None:
-        raise ValueError("not an image")
-    width, height, image_format = info
+    prepared = prepared or prepare_photo(data)
+    if prepared is None:
+        raise ValueError(f"not an image (or more than {MAX_PHOTO_PIXELS // 1_000_000} megapixels)")
     sizes = []
-    for side in THUMBNAIL_SIDES:
-        if max(width, height) > side:
-            thumb, thumb_width, thumb_height = _thumbnail(data, side)
-            stored = store.add(thumb, "photos", "jpg", "image/jpeg")
-            sizes.append(photo_size(stored, thumb_width, thumb_height))
-    extension = {"PNG": "png", "GIF": "gif", "WEBP": "webp"}.get(image_format, "jpg")
+    for thumb, thumb_width, thumb_height in prepared.thumbnails:
+        stored = store.add(thumb, "photos", "jpg", "image/jpeg")
+        sizes.append(photo_size(stored, thumb_width, thumb_height))
+    extension = {"PNG": "png", "GIF": "gif", "WEBP": "webp"}.get(prepared.image_format, "jpg")
     mime_type = "image/jpeg" if extension == "jpg" else f"image/{extension}"
     original = store.add(data, "photos", extension, mime_type)
-    sizes.append(photo_size(original, width, height))
+    sizes.append(photo_size(original, prepared.width, prepared.height))
     return sizes
 
 

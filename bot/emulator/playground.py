@@ -16,10 +16,16 @@ The page's own API (JSON over HTTP, events by long polling):
     GET  /api/files/{file_id}                    a photo (inline) or a document (download)
 
 Errors are {"error": "..."} with a 4xx status.
+
+Only the page itself may change a chat: every POST must carry the page's token (served in
+the page's HTML, header `X-Playground-Token`), JSON bodies must say `application/json`, and
+requests from another origin (including the `null` origin of sandboxed frames and local
+files) or to another host name (DNS rebinding) are refused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from importlib import resources
 from pathlib import Path
@@ -28,7 +34,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .files import image_info
+from .files import prepare_photo
 from .methods import MAX_PHOTO_UPLOAD_BYTES
 from .server import BotAPIEmulator
 
@@ -50,6 +56,8 @@ PAGE_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+TOKEN_HEADER = "X-Playground-Token"
+TOKEN_META = '<meta name="playground-token" content="">'
 
 
 def static_dir() -> Path:
@@ -95,6 +103,9 @@ class Playground:
 
     def __init__(self, emu: BotAPIEmulator):
         self.emu = emu
+        # Given to the page in its HTML; another site can neither read that page nor send
+        # a custom header without a CORS preflight, which this server never grants.
+        self.page_token = secrets.token_urlsafe(24)
 
     def attach(self) -> None:
         router = self.emu.app.router
@@ -106,11 +117,13 @@ class Playground:
         router.add_post("/api/chats/{chat_id}/uploads", self.upload)
         router.add_post("/api/chats/{chat_id}/buttons", self.press_button)
         router.add_get("/api/files/{file_id}", self.file)
-        self.emu.app.middlewares.append(_local_only)
+        self.emu.app.middlewares.append(self._local_only)
 
     async def index(self, request: web.Request) -> web.StreamResponse:
-        return web.FileResponse(
-            static_dir() / "index.html",
+        page = (static_dir() / "index.html").read_text(encoding="utf-8")
+        return web.Response(
+            text=page.replace(TOKEN_META, f'<meta name="playground-token" content="{self.page_token}">'),
+            content_type="text/html",
             headers={
                 **SECURITY_HEADERS,
                 "Content-Security-Policy": PAGE_CSP,
@@ -170,12 +183,16 @@ class Playground:
         file_name, content_type, data = upload
         caption = fields.get("caption") or None
         reply_to = _optional_int(fields.get("reply_to_message_id") or None)
+        # Like Telegram clients: pictures go as photos, anything else (or a picture too big
+        # to be a photo) as a document, which the bot must cope with too. Decoding (checked
+        # from the header first) runs off the event loop.
+        photo = None
+        if len(data) <= MAX_PHOTO_UPLOAD_BYTES:
+            photo = await asyncio.to_thread(prepare_photo, data)
         try:
-            # Like Telegram clients: pictures go as photos, anything else (or a picture
-            # too big to be a photo) as a document, which the bot must cope with too.
-            if len(data) <= MAX_PHOTO_UPLOAD_BYTES and image_info(data) is not None:
+            if photo is not None:
                 message = self.emu.user_sends_photo(
-                    chat_id, data, caption=caption, reply_to_message_id=reply_to
+                    chat_id, data, caption=caption, reply_to_message_id=reply_to, prepared=photo
                 )
             else:
                 message = self.emu.user_sends_document(
@@ -215,26 +232,32 @@ class Playground:
         return web.Response(body=stored.data, content_type="application/octet-stream", headers=headers)
 
 
-@web.middleware
-async def _local_only(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Refuse page-API requests made on behalf of other web sites.
+    @web.middleware
+    async def _local_only(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Refuse page-API requests made on behalf of other web sites.
 
-    The playground listens on loopback, but any page open in the same browser could
-    still post to it; checking Host (against DNS rebinding) and Origin stops that.
-    """
-    if request.path.startswith("/api/"):
-        host = (request.host or "").rsplit(":", 1)[0].strip("[]")
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            return _json_error(403, "the playground only answers requests to localhost")
-        origin = request.headers.get("Origin")
-        if origin and origin != "null" and urlsplit(origin).netloc != request.host:
-            return _json_error(403, "cross-origin requests are not allowed")
-    try:
-        return await handler(request)
-    except web.HTTPException as problem:
-        if request.path.startswith("/api/") and problem.status >= 400:
-            return _json_error(problem.status, problem.text or problem.reason)
-        raise
+        The playground listens on loopback, but any page open in the same browser could
+        still send requests to it: Host stops DNS rebinding, Origin stops cross-site
+        requests whose browser says where they come from (a sandboxed frame says `null`),
+        and the page token stops every other change, such as a `text/plain` form post.
+        """
+        if request.path.startswith("/api/"):
+            host = (request.host or "").rsplit(":", 1)[0].strip("[]")
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                return _json_error(403, "the playground only answers requests to localhost")
+            origin = request.headers.get("Origin")
+            if origin is not None and urlsplit(origin).netloc != request.host:
+                return _json_error(403, "cross-origin requests are not allowed")
+            if request.method not in ("GET", "HEAD") and not secrets.compare_digest(
+                request.headers.get(TOKEN_HEADER, "").encode(), self.page_token.encode()
+            ):
+                return _json_error(403, "missing or wrong page token: reload the page")
+        try:
+            return await handler(request)
+        except web.HTTPException as problem:
+            if request.path.startswith("/api/") and problem.status >= 400:
+                return _json_error(problem.status, problem.text or problem.reason)
+            raise
 
 
 def _ok(body: dict[str, Any]) -> web.Response:
@@ -250,6 +273,8 @@ def _error(status: int, message: str) -> web.HTTPException:
         return web.HTTPRequestEntityTooLarge(MAX_PAGE_UPLOAD_BYTES, MAX_PAGE_UPLOAD_BYTES + 1, text=message)
     if status == 404:
         return web.HTTPNotFound(text=message)
+    if status == 415:
+        return web.HTTPUnsupportedMediaType(text=message)
     return web.HTTPBadRequest(text=message)
 
 
@@ -280,6 +305,9 @@ def _optional_int(value: Any) -> int | None:
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
+    # aiohttp parses any body as JSON; a text/plain one would have skipped CORS's preflight.
+    if request.content_type != "application/json":
+        raise _error(415, "expected Content-Type: application/json")
     try:
         body = await request.json()
     except ValueError:

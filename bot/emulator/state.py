@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .files import FileStore, StoredFile, store_photo
+from .files import FileStore, PreparedPhoto, StoredFile, store_photo
 from .formatting import with_detected_entities
 
 Params = dict[str, Any]
@@ -124,13 +124,15 @@ class EmulatorState:
         caption: str | None = None,
         user_id: int | None = None,
         reply_to_message_id: int | None = None,
+        prepared: PreparedPhoto | None = None,
     ) -> dict[str, Any]:
         """A user sends a photo; the Message's `photo` lists thumbnails, then the original.
 
         Raises ValueError if `image_bytes` is not an image (a Telegram client would send
-        such a file as a document instead).
+        such a file as a document instead). `prepared`: `prepare_photo(image_bytes)`,
+        decoded already (off the event loop).
         """
-        content: dict[str, Any] = {"photo": self._store_photo_set(image_bytes)}
+        content: dict[str, Any] = {"photo": self._store_photo_set(image_bytes, prepared)}
         content.update(self._user_caption(caption))
         return self._user_message(chat_id, user_id, reply_to_message_id, content)
 
@@ -408,8 +410,8 @@ class EmulatorState:
         del self._updates[: -self._max_pending_updates]
         self._notify()
 
-    def _store_photo_set(self, data: bytes) -> list[dict[str, Any]]:
-        sizes = store_photo(self.files, data)
+    def _store_photo_set(self, data: bytes, prepared: PreparedPhoto | None = None) -> list[dict[str, Any]]:
+        sizes = store_photo(self.files, data, prepared)
         for size in sizes:  # any size's file_id can be used to send the photo again
             self._photo_sets[size["file_id"]] = sizes
         _trim(self._photo_sets, 3 * self.files.max_files)

@@ -72,8 +72,13 @@
 
   const api = (path) => `/api/chats/${state.chatId}${path}`;
 
+  // The page's token (served in its HTML): the API refuses changes without it, so other
+  // web sites open in the same browser cannot post into these chats.
+  const PAGE_TOKEN = document.querySelector('meta[name="playground-token"]').content;
+
   async function request(url, options = {}) {
-    const response = await fetch(url, options);
+    const headers = { ...(options.headers || {}), "X-Playground-Token": PAGE_TOKEN };
+    const response = await fetch(url, { ...options, headers });
     let body = null;
     try {
       body = await response.json();
