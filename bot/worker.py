@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+import structlog
+
 from bot.log import get_logger
 from bot.model_host import StartupError as StartupError  # raised by load; the app reports it
 from bot.model_host import load_captioner
@@ -113,6 +115,9 @@ class _Job:
     message_id: int | None = None
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued_at: float = field(default_factory=time.perf_counter)
+    # The submitting update's log context (update_id, user_id, ...): the worker's lines
+    # are logged outside it, from its own task and thread.
+    context: dict[str, Any] = field(default_factory=structlog.contextvars.get_contextvars)
     # Filled in the worker thread:
     image: Any = None
     encoded: Any = None
@@ -121,6 +126,10 @@ class _Job:
     greedy: dict[str, Any] = field(default_factory=dict)  # decoder name -> its caption
     samples: list[str] | None = None
     error: WorkerError | None = None  # set by the first stage that fails; later ones skip it
+
+    def where(self) -> dict[str, Any]:
+        """What its log lines carry: its update's context, the chat and message it answers."""
+        return {**self.context, "chat_id": self.chat_id, "message_id": self.message_id}
 
 
 # The greedy decoders a batch runs, in order, and the job kinds each runs for: the attention
@@ -379,7 +388,7 @@ class InferenceWorker:
         except asyncio.CancelledError:
             raise  # stop() gave up waiting: it fails the jobs still in self._in_flight
         except Exception as error:  # the batch machinery itself broke: fail the batch
-            log.exception("batch_failed", batch_size=len(live))
+            log.exception("batch_failed", batch_size=len(live), **_batch_context(live))
             return [InferenceFailed(str(error)) for _ in live]
 
     def _finish(
@@ -401,9 +410,8 @@ class InferenceWorker:
             label = "ok" if not failed else type(outcome).__name__
         log.info(
             "job",
+            **job.where(),
             kind=job.kind,
-            chat_id=job.chat_id,
-            message_id=job.message_id,
             queue_wait_ms=round((time.perf_counter() - job.enqueued_at) * 1000 - inference_ms, 1),
             inference_ms=round(inference_ms, 1),
             batch_size=batch_size,
@@ -540,10 +548,17 @@ class InferenceWorker:
         if self._image_errors and isinstance(error, self._image_errors):
             return BadImage(str(error))
         log.error(
-            "job_failed", stage=stage, kind=job.kind, chat_id=job.chat_id,
-            message_id=job.message_id, exc_info=error,
+            "job_failed", **job.where(), stage=stage, kind=job.kind, exc_info=error,
         )
         return InferenceFailed(f"{stage} failed")
+
+
+def _batch_context(jobs: list[_Job]) -> dict[str, Any]:
+    """A batch's log context: its one update's, or each update's in lists."""
+    if len(jobs) == 1:
+        return jobs[0].where()
+    keys = sorted({key for job in jobs for key in job.where()})
+    return {f"{key}s": [job.where().get(key) for job in jobs] for key in keys}
 
 
 def _thumbnail(image: Any) -> Any:

@@ -331,3 +331,30 @@ async def test_stop_past_its_timeout_fails_leftover_jobs_instead_of_hanging(make
     with pytest.raises(WorkerStopped):
         await first  # in flight in the thread when time ran out
     captioner.gate.set()
+
+
+async def test_worker_log_lines_carry_the_submitting_updates_context(make_worker, monkeypatch):
+    """`job`, `job_failed` and `batch_failed` are logged from the worker's task and thread,
+    outside the update's context; the job carries it there."""
+    import structlog.testing
+
+    worker = make_worker(FakeCaptioner(), batch_max=1)
+    await worker.start()
+
+    async def submit(update_id: int, name: str):
+        with structlog.contextvars.bound_contextvars(update_id=update_id, user_id=update_id + 1000,
+                                                     chat_id=update_id + 2000):
+            return await worker.caption(photo(name), n_samples=0, chat_id=update_id + 2000)
+
+    with structlog.testing.capture_logs() as logs:
+        await submit(1, "ok")
+        with pytest.raises(InferenceFailed):
+            await submit(2, "poison")
+        monkeypatch.setattr(worker, "_run_batch", lambda jobs: 1 / 0)
+        with pytest.raises(InferenceFailed):
+            await submit(3, "ok")
+    lines = {(line["event"], line.get("update_id")): line for line in logs}
+    for event, update_id in (("job", 1), ("job_failed", 2), ("job", 2), ("batch_failed", 3), ("job", 3)):
+        line = lines.get((event, update_id))
+        assert line is not None, (event, update_id, logs)
+        assert line["user_id"] == update_id + 1000 and line["chat_id"] == update_id + 2000, line
