@@ -32,20 +32,21 @@ log = get_logger("bot")
 LAST_WORDS_S = 5.0
 
 
-def build_bot(settings: Settings) -> Bot:
+def build_bot(settings: Settings, retry: RetryMiddleware | None = None) -> Bot:
     token = settings.require_token()
     if settings.telegram_api_base:
         session = AiohttpSession(api=TelegramAPIServer.from_base(settings.telegram_api_base))
     else:
         session = AiohttpSession()
-    session.middleware(RetryMiddleware(budget_s=settings.send_retry_timeout_s))
+    session.middleware(retry or RetryMiddleware(budget_s=settings.send_retry_timeout_s))
     return Bot(token=token, session=session)
 
 
 class BotApp:
     def __init__(self, settings: Settings, worker: InferenceWorker) -> None:
         self.settings = settings
-        self.bot = build_bot(settings)
+        self.retry = RetryMiddleware(budget_s=settings.send_retry_timeout_s)
+        self.bot = build_bot(settings, self.retry)
         self.worker = worker
         self.service = CaptionService(self.bot, self.worker, PhotoBook(), settings)
         self.updates = UpdateContextMiddleware()
@@ -93,6 +94,7 @@ class BotApp:
     async def _on_shutdown(self) -> None:
         """No new updates arrive any more: finish what was accepted, then stop."""
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        self.retry.finish_by(deadline)  # a reply retried during an outage must not outlast it
         log.info("shutting_down", updates_in_flight=self.updates.in_flight,
                  jobs_queued=self.worker.queued)
         finished = await self.updates.wait_idle(self.settings.shutdown_timeout_s)

@@ -3,13 +3,15 @@
 `RetryMiddleware` wraps every request the bot makes: a 429 is retried after the
 `retry_after` Telegram asks for, 5xx / network / undecodable answers are retried with
 exponential backoff, and after `budget_s` seconds in total the call gives up with one
-log line and the original error. getUpdates is left to aiogram's polling loop, which
-has its own backoff.
+log line and the original error. Once shutdown has begun, no retry reaches past its
+deadline (`finish_by`). getUpdates is left to aiogram's polling loop, which has its own
+backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -52,8 +54,10 @@ async def with_retries(
     what: str,
     budget_s: float,
     transient: tuple[type[BaseException], ...] = TRANSIENT_TELEGRAM_ERRORS,
+    deadline: Callable[[], float] = lambda: math.inf,
 ) -> T:
-    """`await call()`, retrying transient errors until `budget_s` seconds have passed."""
+    """`await call()`, retrying transient errors until `budget_s` seconds have passed,
+    and never past `deadline()` (a time.monotonic() value, read before every wait)."""
     started = time.monotonic()
     attempt = 0
     while True:
@@ -68,8 +72,9 @@ async def with_retries(
             delay = backoff_delay(attempt)
             reason = f"{type(error).__name__}: {error}"
             last = error
-        elapsed = time.monotonic() - started
-        if elapsed + delay > budget_s:
+        now = time.monotonic()
+        elapsed = now - started
+        if elapsed + delay > budget_s or now + delay > deadline():
             log.error(
                 "telegram_gave_up", method=what, attempts=attempt,
                 elapsed_s=round(elapsed, 2), error=reason,
@@ -83,6 +88,11 @@ async def with_retries(
 class RetryMiddleware(BaseRequestMiddleware):
     def __init__(self, budget_s: float = 60.0) -> None:
         self.budget_s = budget_s
+        self.deadline = math.inf
+
+    def finish_by(self, deadline: float) -> None:
+        """From now on, retry nothing past `deadline` (time.monotonic()): shutdown has begun."""
+        self.deadline = deadline
 
     async def __call__(
         self,
@@ -99,4 +109,5 @@ class RetryMiddleware(BaseRequestMiddleware):
             budget = min(budget, CALLBACK_ANSWER_BUDGET_S)
         return await with_retries(
             lambda: make_request(bot, method), what=method.__api_method__, budget_s=budget,
+            deadline=lambda: self.deadline,
         )

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 import pytest
 
+from bot import texts
 from bot.emulator import BotAPIEmulator
 from bot_helpers import TOKEN, dump_output, image_bytes, start_bot
 
@@ -40,14 +42,60 @@ async def test_a_signal_finishes_the_accepted_jobs_and_replies_before_exit(tmp_p
         assert not [line for line in bot.lines if "Traceback" in line]
 
 
-async def test_updates_after_the_signal_are_left_for_the_next_run(tmp_path):
-    """Stopping means no new updates are taken: Telegram keeps them for the next start."""
+async def test_updates_sent_during_the_drain_are_left_for_the_next_run(tmp_path):
+    """Stopping means no new updates are taken, even while accepted photos are still being
+    answered: Telegram keeps them for the next start."""
     async with BotAPIEmulator(bot_token=TOKEN) as emu:
-        bot = await start_bot(emu, tmp_path)
+        bot = await start_bot(emu, tmp_path, BATCH_MAX=1, SHUTDOWN_TIMEOUT_S=60)
+        chats = range(4101, 4109)
+        photo = image_bytes("JPEG", (900, 900), quality=95)
+        for chat in chats:
+            emu.user_sends_photo(chat, photo)
+        for _ in chats:
+            await emu.wait_for_call("getFile", timeout=30)
         bot.signal(signal.SIGTERM)
-        assert await bot.wait_exit(timeout=60) == 0
+        await bot.wait_for_event("shutting_down", timeout=30)
         emu.user_sends_text(4100, "/help")
-        assert len(emu.pending_updates) == 1  # not consumed by the stopped bot
+        sent_before = len(emu.calls)
+        assert await bot.wait_exit(timeout=60) == 0
+        replies_after = [p["chat_id"] for name, p in emu.calls[sent_before:] if name == "sendMessage"]
+        assert replies_after, "the drain was over before /help arrived: the test proved nothing"
+        assert 4100 not in replies_after
+        assert [u["message"]["text"] for u in emu.pending_updates] == ["/help"]
+
+
+async def test_replies_retried_during_an_outage_do_not_outlast_the_shutdown_timeout(tmp_path):
+    async with BotAPIEmulator(bot_token=TOKEN) as emu:
+        bot = await start_bot(emu, tmp_path, SHUTDOWN_TIMEOUT_S=4, SEND_RETRY_TIMEOUT_S=60)
+        emu.inject_fault("sendMessage", status=502, times=100_000)  # Telegram is down
+        emu.user_sends_photo(4150, image_bytes())
+        await bot.wait_for_event("telegram_retry", timeout=60)
+        started = time.monotonic()
+        bot.signal(signal.SIGTERM)
+        code = await bot.wait_exit(timeout=90)
+        took = time.monotonic() - started
+        dump_output(bot)
+        assert code == 0, bot.output[-3000:]
+        assert [e["method"] for e in bot.events("telegram_gave_up")] == ["sendMessage"]
+        assert took < 4 + 3, f"exited {took:.1f} s after SIGTERM with SHUTDOWN_TIMEOUT_S=4"
+
+
+async def test_photos_not_captioned_by_the_shutdown_timeout_are_told_to_resend(tmp_path):
+    async with BotAPIEmulator(bot_token=TOKEN) as emu:
+        bot = await start_bot(emu, tmp_path, BATCH_MAX=1, QUEUE_MAX=50, SHUTDOWN_TIMEOUT_S=0.3)
+        chats = list(range(4161, 4181))
+        photo = image_bytes("JPEG", (900, 900), quality=95)
+        for chat in chats:
+            emu.user_sends_photo(chat, photo)
+        for _ in chats:
+            await emu.wait_for_call("getFile", timeout=30)
+        bot.signal(signal.SIGTERM)
+        assert await bot.wait_exit(timeout=60) == 0, bot.output[-3000:]
+        replies = [await emu.next_bot_message(chat, timeout=1) for chat in chats]
+        restarting = [r for r in replies if r["text"] == texts.RESTARTING]
+        assert restarting, [r["text"][:40] for r in replies]
+        assert all(r["text"] == texts.RESTARTING or "Baseline decoder:" in r["text"] for r in replies)
+        assert any(e["outcome"] == "stopped" for e in bot.events("job"))
 
 
 async def test_sigterm_while_the_model_is_still_loading_exits_cleanly(tmp_path):
