@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
+import os
 import struct
+import subprocess
+import sys
 import time
 import zlib
 
@@ -19,8 +23,12 @@ from PIL import Image
 
 from bot.emulator import BotAPIEmulator
 from bot.texts import COMMANDS, EMPTY_CAPTION
+from model.data.scenes import render_scene
+from model.data.semantics import parse, words
 from model.figure import TILE
-from bot_helpers import TOKEN, dump_output, emu, image_bytes, numbered_lines, start_bot  # noqa: F401 (emu: fixture)
+from bot_helpers import (  # noqa: F401 (emu: fixture)
+    HAVE_WEIGHTS, REPO, TOKEN, WEIGHTS, dump_output, emu, image_bytes, numbered_lines, start_bot,
+)
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
 
@@ -207,15 +215,37 @@ async def test_sample_as_the_photos_own_caption(emu, bot):
     await assert_silent(emu, chat)  # the command replaces the usual caption reply
 
 
+def scene_png(colours_to_avoid: set[str], first_seed: int) -> tuple[set[str], bytes]:
+    """A one-colour scene (easy to caption) whose colour is none of `colours_to_avoid`."""
+    for seed in itertools.count(first_seed):
+        scene, image = render_scene(seed, 224)
+        colours = {o.colour for o in scene.objects}
+        if len(colours) == 1 and not colours & colours_to_avoid:
+            return colours, _encoded(image, "PNG")
+    raise AssertionError("unreachable")
+
+
+def colours_named(text: str) -> set[str]:
+    return {mention.colour for mention in parse(words(text))[0] if mention.colour}
+
+
+@pytest.mark.skipif(not HAVE_WEIGHTS, reason="needs the trained weights to tell colours apart")
 async def test_sample_without_a_reply_uses_the_chats_latest_photo(emu, bot):
     chat = new_chat()
-    await send_photo_and_caption(emu, chat, image_bytes(color=(10, 10, 10)))
-    await send_photo_and_caption(emu, chat, image_bytes(color=(90, 90, 90)))
+    first_colours, first = scene_png(set(), 50_000_000)
+    latest_colours, latest = scene_png(first_colours, 50_000_100)
+    await send_photo_and_caption(emu, chat, first)
+    await send_photo_and_caption(emu, chat, latest)
     keys_before = len(calls(emu, "getFile"))
-    emu.user_sends_text(chat, "/sample 5")
+    emu.user_sends_text(chat, "/sample 5 0.5")
     reply = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
-    assert len(numbered_lines(reply["text"])) == 5
+    samples = numbered_lines(reply["text"])
+    assert len(samples) == 5
     assert len(calls(emu, "getFile")) == keys_before
+    named = [colours_named(line) for line in samples]
+    # The latest photo's colour in (nearly) every sample; the earlier photo's in (nearly) none.
+    assert sum(bool(colours & latest_colours) for colours in named) >= 4, (latest_colours, samples)
+    assert sum(bool(colours & first_colours) for colours in named) <= 1, (first_colours, samples)
 
 
 async def test_sample_replying_to_the_bots_caption_message(emu, bot):
@@ -276,12 +306,24 @@ async def test_attention_sends_a_png_with_one_tile_per_word(emu, bot):
                             timeout=5)
 
 
-async def test_attention_as_a_photo_caption(emu, bot):
+@pytest.mark.skipif(not HAVE_WEIGHTS, reason="the command line needs the trained weights")
+async def test_attention_as_a_photo_caption(emu, bot, tmp_path):
     chat = new_chat()
-    sent = emu.user_sends_photo(chat, image_bytes(), caption="/attention")
+    _, image = render_scene(50_000_200, 224)
+    data = _encoded(image, "PNG")
+    sent = emu.user_sends_photo(chat, data, caption="/attention")
     figure = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
     assert reply_id(figure) == sent["message_id"]
-    assert_attention_png(figure, figure.get("caption", ""))
+    # The expectation comes from elsewhere: the command line's caption of the same file.
+    (tmp_path / "scene.png").write_bytes(data)
+    cli = subprocess.run([sys.executable, "-m", "model", "caption", str(tmp_path / "scene.png"), "--json",
+                          "--samples", "0", "--decoder", "attention", "--weights", str(WEIGHTS)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert cli.returncode == 0, cli.stderr
+    expected = json.loads(cli.stdout)[0]["attention"]["greedy"]
+    assert expected
+    assert_attention_png(figure, expected)
 
 
 async def test_both_inline_buttons_do_what_the_commands_do(emu, bot):
@@ -422,3 +464,42 @@ async def test_the_bot_gives_up_on_a_dead_send_after_a_bounded_time_and_carries_
     assert 2 <= len(attempts) < 20
     emu.user_sends_text(chat, "/help")
     assert "/sample" in (await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT))["text"]
+
+
+async def test_the_encoding_cache_is_keyed_by_file_unique_id(emu, bot):
+    """Telegram gives the same file the same file_unique_id under a new file_id each time
+    it is sent: the second photo is not downloaded, and /sample on either uses the cache."""
+    chat = new_chat()
+    emu.files.unique_ids_by_content = True
+    try:
+        first, _ = await send_photo_and_caption(emu, chat, image_bytes(color=(10, 120, 30)))
+        downloads = len(calls(emu, "getFile"))
+        again, _ = await send_photo_and_caption(emu, chat, image_bytes(color=(10, 120, 30)))
+        other, _ = await send_photo_and_caption(emu, chat, image_bytes(color=(120, 10, 30)))
+    finally:
+        emu.files.unique_ids_by_content = False
+    assert again["photo"][-1]["file_id"] != first["photo"][-1]["file_id"]
+    assert again["photo"][-1]["file_unique_id"] == first["photo"][-1]["file_unique_id"]
+    assert len(calls(emu, "getFile")) == downloads + 1  # only the other picture
+    jobs = {e["message_id"]: e for e in await bot.wait_for_event("job", 10) if e.get("chat_id") == chat}
+    assert not jobs[first["message_id"]]["cached"]
+    assert jobs[again["message_id"]]["cached"] and not jobs[other["message_id"]]["cached"]
+
+
+async def test_every_line_logged_while_handling_an_update_names_it(emu, bot):
+    chat = new_chat()
+    _, caption_reply = await send_photo_and_caption(emu, chat)
+    more = caption_reply["reply_markup"]["inline_keyboard"][0][0]["callback_data"]
+    emu.user_presses_button(chat, caption_reply["message_id"], more)
+    await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
+    emu.inject_fault("sendMessage", status=500)  # a telegram_retry line, too
+    emu.user_sends_text(chat, "/sample 2")
+    await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
+    emu.user_sends_document(chat, b"not an image at all", "x.png", "image/png")
+    await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
+    await bot.wait_for_event("job", 10)
+    lines = [json.loads(line) for line in bot.lines if line.startswith("{") and f'"chat_id": {chat}' in line]
+    assert {"job", "telegram_retry"} <= {line["event"] for line in lines}, lines
+    assert len([line for line in lines if line["event"] == "job"]) >= 3
+    for line in lines:
+        assert line.get("update_id") is not None and line.get("user_id") == chat, line

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from bot.emulator import BotAPIEmulator
-from bot_helpers import TOKEN, BotProcess, bot_env, dump_output
+from bot_helpers import TOKEN, BotProcess, bot_env, dump_output, image_bytes
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -78,6 +78,36 @@ async def test_webhook_mode_checks_the_secret_and_answers_updates(tmp_path):
         assert after.returncode == 1
 
 
+async def test_sigterm_in_webhook_mode_answers_the_accepted_photos_before_exit(tmp_path):
+    async with BotAPIEmulator(bot_token=TOKEN) as emu:
+        port = free_port()
+        env = bot_env(emu.base_url, tmp_path, MODE="webhook", WEBHOOK_URL="https://bot.example.org/hook",
+                      WEBHOOK_SECRET="s3cret", WEBHOOK_HOST="127.0.0.1", WEBHOOK_PORT=port,
+                      BATCH_MAX=1, SHUTDOWN_TIMEOUT_S=60)
+        bot = BotProcess(env, cwd=tmp_path)
+        await bot.start()
+        chats = list(range(5101, 5107))
+        try:
+            await bot.wait_for_event("webhook_listening", timeout=120)
+            photo = image_bytes("JPEG", (900, 900), quality=95)
+            async with aiohttp.ClientSession(headers={"X-Telegram-Bot-Api-Secret-Token": "s3cret"}) as http:
+                for update_id, chat in enumerate(chats, 1):
+                    message = emu.user_sends_photo(chat, photo)
+                    async with http.post(f"http://127.0.0.1:{port}/hook",
+                                         json={"update_id": update_id, "message": message}) as posted:
+                        assert posted.status == 200
+            for _ in chats:  # all fetched: accepted
+                await emu.wait_for_call("getFile", timeout=30)
+        finally:
+            code = await bot.stop(timeout=90)
+            dump_output(bot)
+        assert code == 0, bot.output[-3000:]
+        assert bot.events("shutting_down")[0]["updates_in_flight"] >= 2, bot.output[-2000:]
+        for chat in chats:
+            assert "Baseline decoder:" in (await emu.next_bot_message(chat, timeout=1))["text"]
+        assert bot.events("stopped")
+
+
 @pytest.mark.parametrize("with_token", [False, True])
 async def test_playground_runs_the_bot_against_the_built_in_emulator(tmp_path, with_token):
     env = bot_env("http://127.0.0.1:9", tmp_path, PLAYGROUND_PORT=0, LOG_FORMAT="console")
@@ -94,7 +124,9 @@ async def test_playground_runs_the_bot_against_the_built_in_emulator(tmp_path, w
         async with aiohttp.ClientSession() as http:
             async with http.get(page) as index:
                 assert index.status == 200
-            async with http.post(f"{page}api/chats/{chat}/messages", json={"text": "/help"}) as posted:
+                token = re.search(r'name="playground-token" content="([^"]+)"', await index.text()).group(1)
+            async with http.post(f"{page}api/chats/{chat}/messages", json={"text": "/help"},
+                                 headers={"X-Playground-Token": token}) as posted:
                 assert posted.status == 200
             bot_texts: list[str] = []
             after = 0

@@ -127,3 +127,12 @@ def test_big_jpeg_is_decoded_at_reduced_scale_but_keeps_its_content():
 def test_missing_path():
     with pytest.raises(ImageError, match="cannot read"):
         open_image("/nonexistent/picture.png")
+
+
+def test_a_bomb_below_pillows_own_limit_is_refused_by_ours():
+    """49 MP: over MAX_IMAGE_PIXELS (40 MP) but under Pillow's ~179 MP refusal, so only the
+    project's header check stands between it and a decode (which would call it corrupt)."""
+    with pytest.raises(ImageError, match="too large"):
+        open_image(png_claiming(7000, 7000))
+    with pytest.raises(ImageError, match="corrupt or truncated"):  # the same junk, when allowed
+        open_image(png_claiming(7000, 7000), max_pixels=50_000_000)

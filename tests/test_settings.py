@@ -24,6 +24,49 @@ def test_defaults_match_the_documented_limits():
     assert settings.telegram_api_base is None and settings.weights_dir == Path("weights")
 
 
+def readme_settings_table() -> dict[str, str]:
+    """README's Settings table: {NAME: its Default cell}, a row naming two settings split."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme.split("### Settings", 1)[1].split("\n\n### ", 1)[0]
+    defaults = {}
+    for row in table.splitlines():
+        cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            names = [name.strip(" `") for name in cells[0].split(",")]
+            values = [value.strip(" `") for value in cells[1].split(",")] if len(names) > 1 else [cells[1].strip("`")]
+            defaults.update(zip(names, values * len(names) if len(values) == 1 else values))
+    return defaults
+
+
+def as_documented(value) -> str:
+    """A setting's value as the README's table writes a default."""
+    if value is None:
+        return "(none)"
+    if isinstance(value, frozenset):
+        return "(everyone)" if not value else ",".join(map(str, sorted(value)))
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def test_every_default_is_the_one_the_readme_documents():
+    documented = readme_settings_table()
+    settings = Settings.from_env({}, dotenv_path=None)
+    fields = {name.upper() for name in Settings.model_fields}
+    assert set(documented) == fields, set(documented) ^ fields
+    shown = {
+        "TELEGRAM_API_BASE": lambda value: "api.telegram.org" if value is None else value,
+        "LOG_LEVEL": str.lower,
+    }
+    for name, default in documented.items():
+        value = getattr(settings, name.lower())
+        assert shown.get(name, as_documented)(value if name != "HEALTH_FILE" else str(value)) == default, name
+    # The limits spelled out, so a change to either side is a deliberate one.
+    assert settings.max_image_pixels == 40_000_000 and settings.queue_max == 100
+    assert settings.encoded_cache_size == 128 and settings.allowlist_ignore_s == 600
+    assert settings.send_retry_timeout_s == 60 and settings.shutdown_timeout_s == 30
+
+
 def test_no_token_is_fine_until_one_is_required():
     settings = Settings.from_env({}, dotenv_path=None)
     assert settings.token is None
