@@ -7,9 +7,12 @@ File layout (one file per split):
     keys     (N,)          str     where each image came from (a path, or a scene recipe)
     captions (N,)          str     the image's reference captions, joined by newlines
     attrs["encoder"]       the encoder config as JSON: a cache built by another encoder is rebuilt
+    attrs["encoder_weights"] sha256 of the encoder's weights: so is one built by other weights
+                             (another ImageNet download, a changed layer) under the same config
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +56,8 @@ def build_cache(path: str | Path, examples: Sequence[Example], encoder: Encoder,
     keys = [e.key for e in examples]
     captions = ["\n".join(e.captions) for e in examples]
     encoder_json = json.dumps(encoder.config.to_dict(), sort_keys=True)
-    if path.exists() and not _matches(path, keys, captions, encoder_json):
+    weights = weights_digest(encoder)
+    if path.exists() and not _matches(path, keys, captions, encoder_json, weights):
         path.unlink()   # other images, other captions or another encoder: start again
     if not path.exists():
         with h5py.File(path, "w") as f:
@@ -65,6 +69,7 @@ def build_cache(path: str | Path, examples: Sequence[Example], encoder: Encoder,
             f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=strings)
             f.create_dataset("captions", data=np.array(captions, dtype=object), dtype=strings)
             f.attrs["encoder"] = encoder_json
+            f.attrs["encoder_weights"] = weights
 
     with h5py.File(path, "r+") as f:
         todo = np.flatnonzero(~f["done"][:]).tolist()
@@ -91,11 +96,21 @@ def _strings(dataset) -> list[str]:
     return [s.decode() if isinstance(s, bytes) else s for s in dataset[:]]
 
 
-def _matches(path: Path, keys: list[str], captions: list[str], encoder_json: str) -> bool:
+def weights_digest(encoder: torch.nn.Module) -> str:
+    """sha256 of every parameter and buffer of `encoder`, in order (values, not names)."""
+    digest = hashlib.sha256()
+    for tensor in encoder.state_dict().values():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{tuple(tensor.shape)} {tensor.dtype};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _matches(path: Path, keys: list[str], captions: list[str], encoder_json: str, weights: str) -> bool:
     try:
         with h5py.File(path, "r") as f:
-            return (f.attrs.get("encoder") == encoder_json and _strings(f["keys"]) == keys
-                    and _strings(f["captions"]) == captions)
+            return (f.attrs.get("encoder") == encoder_json and f.attrs.get("encoder_weights") == weights
+                    and _strings(f["keys"]) == keys and _strings(f["captions"]) == captions)
     except (OSError, KeyError):
         return False
 

@@ -79,3 +79,19 @@ def test_changed_captions_rebuild_the_cache(tmp_path, encoder):
     counting = CountingEncoder(encoder)
     build_cache(path, changed, counting, load_colour, batch_size=5, workers=0)
     assert counting.seen == 5 and load_cache(path).captions[0] == ["a different caption"]
+
+
+def test_other_encoder_weights_under_the_same_config_rebuild_the_cache(tmp_path):
+    path = build_cache(tmp_path / "c.h5", examples(), Encoder(), load_colour, batch_size=5, workers=0)
+    before = load_cache(path).grid.clone()
+    changed = Encoder()  # the same config, and (say) another download of the ImageNet weights
+    with torch.no_grad():
+        next(p for p in changed.parameters() if p.dim() == 4).mul_(1.5)
+    counting = CountingEncoder(changed)
+    build_cache(path, examples(), counting, load_colour, batch_size=5, workers=0)
+    assert counting.seen == 5
+    assert not torch.equal(load_cache(path).grid, before)
+    # The same weights again: nothing to encode.
+    counting = CountingEncoder(changed)
+    build_cache(path, examples(), counting, load_colour, batch_size=5, workers=0)
+    assert counting.seen == 0
