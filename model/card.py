@@ -153,6 +153,15 @@ def validation(cfg: dict, images: int) -> str:
             + ", ".join(names[:-1]) + " and at " + names[-1] + f" ({images} images)")
 
 
+def reproducibility(threads: int) -> str:
+    """When `make weights` writes these very files again (the test suite checks it on a tiny run)."""
+    return (f"- Bit-identical weights: `make weights` on a CPU, with the same torch version and {threads} training"
+            " threads (`TrainConfig.threads`), writes files with exactly the sha256 below: training is seeded, runs"
+            " torch's deterministic algorithms on a fixed thread count, and rebuilds its feature cache whenever"
+            " the encoder's config or weights differ. Another torch version, another thread count, a CPU with"
+            " other vector instructions or a GPU (bfloat16 autocast) changes the last bits of the weights.")
+
+
 def write_card(weights_dir: Path, training: dict, scores: dict, eval_count: int) -> Path:
     (weights_dir / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
     files = sorted(p for p in weights_dir.iterdir() if p.suffix in (".pt", ".json") and p.name != "scores.json")
@@ -210,7 +219,8 @@ def write_card(weights_dir: Path, training: dict, scores: dict, eval_count: int)
         (metric, value), = ((k[len("best_val_"):], v) for k, v in report.items() if k.startswith("best_val_"))
         lines.append(f"- {kind}: best epoch {report['best_epoch']} (validation {metric.replace('_', ' ')} "
                      f"{value:.3f}), {report['seconds']:.0f} s.")
-    machine = (f"- Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+    threads = cfg.get("threads", torch.get_num_threads())
+    machine = (f"- Machine: {platform.processor() or platform.machine()}, {threads} threads, "
                f"torch {torch.__version__}.")
     if "total_train_seconds" in training:
         minutes = f"{training['total_train_seconds'] / 60:.0f} min"
@@ -219,6 +229,7 @@ def write_card(weights_dir: Path, training: dict, scores: dict, eval_count: int)
                     if training.get("encode_note") else f" Whole `make weights` run: {minutes}.")
     lines += [
         machine,
+        reproducibility(threads),
         "",
         "## Scores on the held-out scenes (greedy decoding)",
         "",

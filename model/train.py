@@ -8,12 +8,18 @@ Training runs in two phases:
    input, the block-4 map, is part of the cached grid (EncoderTop.regrid). The baseline then
    trains on the tuned encoder's features, the ones it will see at inference.
 On CUDA the steps run under bfloat16 autocast; on a CPU in float32.
+
+A run is deterministic where torch allows it: seeded, torch.use_deterministic_algorithms(True) and
+a fixed number of CPU threads (`threads`: how a sum is split over threads changes its last bits).
+On a CPU, the same data, config, torch build and thread count give bit-identical weight files.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -74,6 +80,7 @@ class TrainConfig:
     device: str = "auto"
     encode_batch: int = 32
     workers: int = 1
+    threads: int = 2                      # torch CPU threads while training: fixed, for bit-identical weights
     decoder_overrides: dict = field(default_factory=dict)   # e.g. {"hidden_dim": 512}
 
 
@@ -331,10 +338,33 @@ def prepare(config: TrainConfig, device: torch.device, log=print):
     return train, val, vocab, time.time() - started
 
 
+@contextlib.contextmanager
+def deterministic(device: torch.device, threads: int):
+    """Deterministic kernels and a fixed CPU thread count for the run; restored afterwards."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.get_num_threads())
+    if device.type == "cuda":
+        # cuBLAS is deterministic only with a fixed workspace; it must be set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # On CUDA a few kernels have no deterministic version: warn there instead of failing the run.
+    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.set_num_threads(before[2])
+
+
 def run(config: TrainConfig, log=print) -> dict:
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     device = resolve_device(config.device)
+    with deterministic(device, config.threads):
+        return _run(config, device, log)
+
+
+def _run(config: TrainConfig, device: torch.device, log) -> dict:
     train, val, vocab, encode_seconds = prepare(config, device, log)
     # Attention first: when it fine-tunes the encoder's top, the baseline then trains on the tuned
     # encoder's features, since one encoder serves both decoders at inference.

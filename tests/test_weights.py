@@ -25,3 +25,11 @@ def test_card_lists_every_weights_file_with_its_size_and_sha256():
 def test_weights_stay_under_forty_megabytes():
     total = sum(p.stat().st_size for p in WEIGHTS.iterdir() if p.is_file())
     assert total < 40 * 2**20, f"weights/ holds {total / 2**20:.1f} MiB"
+
+
+def test_card_says_when_the_weights_are_bit_identical():
+    from model.card import reproducibility
+
+    card = (WEIGHTS / "MODEL_CARD.md").read_text()
+    threads = int(re.search(r"^- Machine: .*?, (\d+) threads", card, flags=re.MULTILINE).group(1))
+    assert reproducibility(threads) in card.splitlines()
