@@ -15,16 +15,22 @@ from bot_helpers import TOKEN, dump_output, image_bytes, start_bot
 pytestmark = [pytest.mark.timeout(120)]
 
 
+async def accepted_photos(emu: BotAPIEmulator, chats) -> dict[int, dict]:
+    """A 900 px photo from each chat, once the bot has fetched them all (accepted them)."""
+    photo = image_bytes("JPEG", (900, 900), quality=95)
+    sent = {chat: emu.user_sends_photo(chat, photo) for chat in chats}
+    for _ in sent:
+        await emu.wait_for_call("getFile", timeout=30)
+    return sent
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_a_signal_finishes_the_accepted_jobs_and_replies_before_exit(tmp_path, sig):
     async with BotAPIEmulator(bot_token=TOKEN) as emu:
         # One job per batch, so the queue is still full of work when the signal comes.
         bot = await start_bot(emu, tmp_path, BATCH_MAX=1, QUEUE_MAX=50, SHUTDOWN_TIMEOUT_S=60)
         chats = list(range(4001, 4011))
-        photo = image_bytes("JPEG", (900, 900), quality=95)
-        sent = {chat: emu.user_sends_photo(chat, photo) for chat in chats}
-        for _ in chats:  # every photo has been fetched: the bot has accepted them all
-            await emu.wait_for_call("getFile", timeout=30)
+        sent = await accepted_photos(emu, chats)
         bot.signal(sig)
         code = await bot.wait_exit(timeout=90)
         dump_output(bot)
@@ -47,12 +53,7 @@ async def test_updates_sent_during_the_drain_are_left_for_the_next_run(tmp_path)
     answered: Telegram keeps them for the next start."""
     async with BotAPIEmulator(bot_token=TOKEN) as emu:
         bot = await start_bot(emu, tmp_path, BATCH_MAX=1, SHUTDOWN_TIMEOUT_S=60)
-        chats = range(4101, 4109)
-        photo = image_bytes("JPEG", (900, 900), quality=95)
-        for chat in chats:
-            emu.user_sends_photo(chat, photo)
-        for _ in chats:
-            await emu.wait_for_call("getFile", timeout=30)
+        await accepted_photos(emu, range(4101, 4109))
         bot.signal(signal.SIGTERM)
         await bot.wait_for_event("shutting_down", timeout=30)
         emu.user_sends_text(4100, "/help")
@@ -84,11 +85,7 @@ async def test_photos_not_captioned_by_the_shutdown_timeout_are_told_to_resend(t
     async with BotAPIEmulator(bot_token=TOKEN) as emu:
         bot = await start_bot(emu, tmp_path, BATCH_MAX=1, QUEUE_MAX=50, SHUTDOWN_TIMEOUT_S=0.3)
         chats = list(range(4161, 4181))
-        photo = image_bytes("JPEG", (900, 900), quality=95)
-        for chat in chats:
-            emu.user_sends_photo(chat, photo)
-        for _ in chats:
-            await emu.wait_for_call("getFile", timeout=30)
+        await accepted_photos(emu, chats)
         bot.signal(signal.SIGTERM)
         assert await bot.wait_exit(timeout=60) == 0, bot.output[-3000:]
         replies = [await emu.next_bot_message(chat, timeout=1) for chat in chats]
