@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -46,7 +47,10 @@ def caption_command(args) -> int:
             failed = True
             continue
         encoded = captioner.encode([image])
-        entry = {"image": path}
+        verdict, = captioner.domain(encoded)
+        entry = {"image": path, "domain": domain_json(verdict),
+                 "imagenet": [{"label": label.label, "p": round(label.p, 4)}
+                              for label in captioner.imagenet_labels(encoded, 5)[0]]}
         for kind in decoders:
             greedy = captioner.greedy(encoded, kind)[0]
             part = {"greedy": greedy.text}
@@ -70,8 +74,26 @@ def caption_command(args) -> int:
     return 1 if failed else 0
 
 
+def domain_json(verdict) -> dict:
+    """A DomainVerdict as JSON; without a domain check (threshold infinite) score and threshold are null."""
+    finite = math.isfinite(verdict.threshold)
+    return {"in_domain": verdict.in_domain, "score": round(verdict.score, 4) if finite else None,
+            "threshold": round(verdict.threshold, 4) if finite else None}
+
+
+def _domain_line(domain: dict) -> str:
+    if domain["threshold"] is None:
+        return "no domain check in these weights"
+    if domain["in_domain"]:
+        return f"like the training pictures (score {domain['score']:.2f} <= {domain['threshold']:.2f})"
+    return (f"OUTSIDE the training domain (score {domain['score']:.2f} > {domain['threshold']:.2f}): "
+            "the captions below are likely made up")
+
+
 def _plain(entry: dict, decoders: list[str], beam: bool) -> str:
-    lines = [entry["image"]]
+    lines = [entry["image"], f"  {'domain':9s} {_domain_line(entry['domain'])}",
+             f"  {'imagenet':9s} " + (", ".join(f"{label['label']} {label['p']:.0%}" for label in entry["imagenet"])
+                                     or "no ImageNet labels with this encoder")]
     for kind in decoders:
         part = entry[kind]
         lines.append(f"  {kind:9s} {'beam' if beam else 'greedy'}: {part['beam'] if beam else part['greedy']}")
