@@ -39,7 +39,8 @@ def help_text(*, default_samples: int, max_samples: int, readme_url: str | None)
         "",
         "Honest note: the bundled model was trained on synthetic scenes of coloured "
         "shapes (circles, squares, stars... on plain backgrounds), so that is what it "
-        f"describes well. To caption real photos, retrain it on COCO: see {where}.",
+        "describes well. Send it anything else and I say so, with what my ImageNet-trained "
+        f"encoder sees instead. To caption real photos, retrain it on COCO: see {where}.",
     ])
 
 

@@ -200,6 +200,32 @@ def numbered_lines(text: str) -> list[str]:
     return lines
 
 
+# ---- replies -----------------------------------------------------------------------
+
+
+def reply_id(message: dict) -> int | None:
+    return (message.get("reply_to_message") or {}).get("message_id")
+
+
+def buttons(message: dict) -> list[dict]:
+    """The inline buttons of a bot message, checked to fit Telegram's 64-byte payload."""
+    found = [b for row in message["reply_markup"]["inline_keyboard"] for b in row]
+    assert all(len(b["callback_data"].encode()) <= 64 for b in found)
+    return found
+
+
+def assert_caption_reply(reply: dict, samples: int = 3) -> str:
+    """The photo reply: headline, baseline caption, numbered samples, two buttons."""
+    text = reply["text"]
+    lines = text.splitlines()
+    headline = lines[0]
+    assert headline.strip() and not headline.startswith(("Baseline", "1. "))
+    assert any(line.startswith("Baseline decoder: ") for line in lines)
+    assert len(numbered_lines(text)) == samples
+    assert [b["text"] for b in buttons(reply)] == ["More samples", "Attention map"]
+    return headline
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def emu():
     """One emulator per test module (import it into the module to use it)."""

@@ -19,8 +19,17 @@ from PIL import Image
 
 from bot.emulator import BotAPIEmulator
 from bot.texts import COMMANDS, EMPTY_CAPTION
-from model.figure import TILE
-from bot_helpers import TOKEN, dump_output, emu, image_bytes, numbered_lines, start_bot  # noqa: F401 (emu: fixture)
+from model.figure import figure_size
+from bot_helpers import (  # noqa: F401 (emu: fixture)
+    TOKEN,
+    assert_caption_reply,
+    dump_output,
+    emu,
+    image_bytes,
+    numbered_lines,
+    reply_id,
+    start_bot,
+)
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
 
@@ -51,24 +60,6 @@ async def bot(emu, tmp_path_factory):
 def calls(emu: BotAPIEmulator, method: str, chat_id: int | None = None) -> list[dict]:
     return [p for name, p in emu.calls
             if name == method and (chat_id is None or p.get("chat_id") == chat_id)]
-
-
-def reply_id(message: dict) -> int | None:
-    return (message.get("reply_to_message") or {}).get("message_id")
-
-
-def assert_caption_reply(reply: dict, samples: int = 3) -> str:
-    """The photo reply: headline, baseline caption, numbered samples, two buttons."""
-    text = reply["text"]
-    lines = text.splitlines()
-    headline = lines[0]
-    assert headline.strip() and not headline.startswith(("Baseline", "1. "))
-    assert any(line.startswith("Baseline decoder: ") for line in lines)
-    assert len(numbered_lines(text)) == samples
-    buttons = [b for row in reply["reply_markup"]["inline_keyboard"] for b in row]
-    assert [b["text"] for b in buttons] == ["More samples", "Attention map"]
-    assert all(len(b["callback_data"].encode()) <= 64 for b in buttons)
-    return headline
 
 
 async def send_photo_and_caption(emu, chat: int, data: bytes | None = None) -> tuple[dict, dict]:
@@ -258,9 +249,9 @@ def assert_attention_png(message: dict, headline: str) -> None:
     assert message.get("caption", "") == headline
     figure = Image.open(io.BytesIO(message["photo_bytes"]))
     assert figure.format == "PNG"
-    words = len(headline.split())
-    assert figure.width == (1 + words) * TILE
-    assert figure.height >= TILE
+    # A grid of the photo and one tile per word, readable on a phone.
+    assert figure.size == figure_size(len(headline.split()))
+    assert 0.5 <= figure.width / figure.height <= 2
 
 
 async def test_attention_sends_a_png_with_one_tile_per_word(emu, bot):
