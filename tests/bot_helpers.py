@@ -226,6 +226,24 @@ def assert_caption_reply(reply: dict, samples: int = 3) -> str:
     return headline
 
 
+def assert_honest_reply(reply: dict) -> str:
+    """The reply to an image unlike the training scenes: no captions, what the captioner
+    knows, the Caption anyway and Attention map buttons. Returns what the encoder sees."""
+    text = reply["text"]
+    assert "coloured-shape scenes" in text and "made up" in text
+    assert "Baseline decoder" not in text and not numbered_lines(text)
+    assert [b["text"] for b in buttons(reply)] == ["Caption anyway", "Attention map"]
+    return text.split("My ImageNet-trained encoder sees: ", 1)[1].split("\n", 1)[0]
+
+
+def assert_image_answered(reply: dict) -> None:
+    """An image read and answered: captioned, or (a plain colour, say) the honest reply."""
+    if "Baseline decoder: " in reply["text"]:
+        assert_caption_reply(reply)
+    else:
+        assert_honest_reply(reply)
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def emu():
     """One emulator per test module (import it into the module to use it)."""

@@ -23,6 +23,7 @@ from model.figure import figure_size
 from bot_helpers import (  # noqa: F401 (emu: fixture)
     TOKEN,
     assert_caption_reply,
+    assert_image_answered,
     dump_output,
     emu,
     image_bytes,
@@ -129,7 +130,7 @@ async def test_an_image_sent_as_a_document_is_captioned(emu, bot, fmt, name, mim
     sent = emu.user_sends_document(chat, image_bytes(fmt, **extra), name, mime)
     reply = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
     assert reply_id(reply) == sent["message_id"]
-    assert_caption_reply(reply)
+    assert_image_answered(reply)
 
 
 async def test_an_animated_gif_is_captioned_from_its_first_frame(emu, bot):
@@ -140,7 +141,7 @@ async def test_an_animated_gif_is_captioned_from_its_first_frame(emu, bot):
     sent = emu.user_sends_document(chat, buffer.getvalue(), "anim.gif", "image/gif")
     reply = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
     assert reply_id(reply) == sent["message_id"]
-    assert_caption_reply(reply)
+    assert_image_answered(reply)
 
 
 def _exif_rotated_jpeg() -> bytes:
@@ -171,7 +172,7 @@ async def test_odd_image_modes_are_normalised_and_captioned(emu, bot, label, mak
     sent = emu.user_sends_document(chat, make(), f"{label}.bin", "image/png" if "png" in label else "image/jpeg")
     reply = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
     assert reply_id(reply) == sent["message_id"]
-    assert_caption_reply(reply)
+    assert_image_answered(reply)
 
 
 # ---- /sample -----------------------------------------------------------------------------
