@@ -238,10 +238,13 @@ def converse(page, expect, url: str) -> None:
     expect(honest.locator(".text")).to_contain_text("coloured-shape scenes")
     expect(honest.locator(".text")).to_contain_text(re.compile(r"(cat|tabby) \(\d+%\)"))
     expect(honest.locator(".keyboard button")).to_have_text(["Caption anyway", "Attention map"])
-    # The scene's caption and the photo's honest reply are what the README shows.
+    # The scene, its caption, the photo and its honest reply are what the README shows:
+    # a taller window for the picture, so both photos fit whole.
+    page.set_viewport_size({"width": 860, "height": 1160})
     page.mouse.move(0, 0)
     page.wait_for_timeout(300)  # let the last scroll settle
     page.screenshot(path=str(ARTIFACTS / "playground.png"))
+    page.set_viewport_size({"width": 860, "height": 1000})
 
     # 3. /sample 3 on the photo: a numbered list of three captions, marked as made up.
     send_text(page, "/sample 3")
