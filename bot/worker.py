@@ -7,8 +7,8 @@ keeps polling and replying while the model works. Per batch the encoder runs onc
 every image that is not cached yet, the domain check once on every job's encoding, then
 each decoder runs once on the jobs that need it. A photo unlike the scenes the decoders
 were trained on (with the domain check on) is not captioned unless asked (`anyway`): it
-gets the ImageNet labels of what the encoder sees instead. When a batched call fails, the same call is repeated job by job so that only the
-job that caused the failure fails.
+gets the ImageNet labels of what the encoder sees instead. When a batched call fails, the
+same call is repeated job by job so that only the job that caused the failure fails.
 """
 
 from __future__ import annotations
