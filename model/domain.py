@@ -145,3 +145,45 @@ def render_features(captioner, keys: Sequence[str], batch: int = 32) -> torch.Te
 
 def rejected_share(check: DomainCheck, features: torch.Tensor) -> float:
     return float((check.score_features(features) > check.threshold).float().mean())
+
+
+def calibrate(check: DomainCheck, held_out: dict[str, torch.Tensor], max_rejected: float = MAX_REJECTED) -> float:
+    """The threshold: the largest, over the render conditions, of the score that rejects
+    max_rejected / 2 of that condition's held-out renders (half the allowed share: a margin for
+    renders the calibration never saw)."""
+    return max(float(torch.quantile(check.score_features(features), 1 - max_rejected / 2))
+               for features in held_out.values())
+
+
+def fit_domain(captioner, fit_scenes: int = 3000, calibration_scenes: int = 100, report_scenes: int = 300,
+               log: Callable[[str], None] = print) -> DomainCheck:
+    """Fit on training renders, calibrate on held-out renders, measure on the model card's held-out
+    scenes and on non-scenes; the result's info holds every measured rate."""
+    from model.nonscenes import nonscenes
+    from model.train import TEST_SEED_BASE, TRAIN_SEED_BASE, scene_key, training_variant
+
+    started = time.time()
+    seeds = range(TRAIN_SEED_BASE, TRAIN_SEED_BASE + fit_scenes)
+    check = fit(render_features(captioner, [scene_key(s, *training_variant(s)) for s in seeds]))
+    log(f"domain check: fitted on {fit_scenes} training renders ({time.time() - started:.0f}s)")
+    seeds = range(CALIBRATION_SEED_BASE, CALIBRATION_SEED_BASE + calibration_scenes)
+    held_out = {render_name(side, quality): render_features(captioner, [scene_key(s, side, quality) for s in seeds])
+                for side, quality in CALIBRATION_RENDERS}
+    check.threshold = calibrate(check, held_out)
+    log(f"domain check: threshold {check.threshold:.3f} from {len(held_out)} x {calibration_scenes} held-out renders")
+    seeds = range(TEST_SEED_BASE, TEST_SEED_BASE + report_scenes)
+    rejected = {render_name(side, quality): round(rejected_share(
+        check, render_features(captioner, [scene_key(s, side, quality) for s in seeds])), 4)
+        for side, quality in REPORTED_RENDERS}
+    others = nonscenes()
+    verdicts = check.score_features(encode_features(captioner, list(others.values()))) > check.threshold
+    check.info.update({
+        "threshold_quantile": 1 - MAX_REJECTED / 2, "calibration_scenes": calibration_scenes,
+        "calibration_renders": [render_name(*r) for r in CALIBRATION_RENDERS],
+        "test_scenes": report_scenes, "test_rejected": rejected,
+        "nonscenes": len(others), "nonscenes_rejected": round(float(verdicts.float().mean()), 4) if others else None,
+        "nonscenes_accepted": [name for name, out in zip(others, verdicts.tolist()) if not out],
+        "seconds": round(time.time() - started, 1),
+    })
+    log(f"domain check: rejected {rejected} of held-out scenes; {int(verdicts.sum())} of {len(others)} non-scenes")
+    return check
