@@ -176,16 +176,22 @@ def dump_output(process: BotProcess) -> None:
 # ---- images ------------------------------------------------------------------------
 
 
+# Where image_bytes' scenes start (the model's training and held-out renders use other seeds).
+SCENE_SEED = 70_000_000
+
+
 def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (224, 224), mode: str = "RGB",
                 color: Any = (200, 40, 40), **save: Any) -> bytes:
-    image = Image.new(mode, size, color)
+    """An image file. RGB ones are a rendered scene of the kind the bundled decoders know (the
+    domain check passes it; a shape drawn by hand need not), one scene per `color`, stretched
+    to `size` (the encoder squashes it back to a square); other modes are plain `color`."""
     if mode == "RGB":
-        # A shape on a plain background, so it looks like the scenes the model knows.
-        from PIL import ImageDraw
+        from model.data.scenes import render_scene
 
-        draw = ImageDraw.Draw(image)
-        w, h = size
-        draw.ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=(40, 80, 220))
+        seed = SCENE_SEED + sum(int(c) << (8 * i) for i, c in enumerate(color))
+        image = render_scene(seed)[1].resize(size, Image.BICUBIC)
+    else:
+        image = Image.new(mode, size, color)
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **save)
     return buffer.getvalue()
