@@ -19,7 +19,7 @@ from PIL import Image
 
 from bot.emulator import BotAPIEmulator
 from bot.texts import COMMANDS, EMPTY_CAPTION
-from model.figure import TILE
+from model.figure import figure_size
 from bot_helpers import TOKEN, dump_output, emu, image_bytes, numbered_lines, start_bot  # noqa: F401 (emu: fixture)
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
@@ -259,8 +259,7 @@ def assert_attention_png(message: dict, headline: str) -> None:
     figure = Image.open(io.BytesIO(message["photo_bytes"]))
     assert figure.format == "PNG"
     words = len(headline.split())
-    assert figure.width == (1 + words) * TILE
-    assert figure.height >= TILE
+    assert figure.size == figure_size(words)
 
 
 async def test_attention_sends_a_png_with_one_tile_per_word(emu, bot):
