@@ -1,4 +1,4 @@
-"""`make weights`: train both decoders from nothing, score them, and write the model card."""
+"""`make weights`: train both decoders from nothing, fit the domain check, score them, and write the model card."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from model.captioner import Captioner
-from model.domain import CALIBRATION_SEED_BASE, DOMAIN_FILE, DomainCheck
+from model.domain import CALIBRATION_SEED_BASE, DOMAIN_FILE, DomainCheck, fit_domain
 from model.encoder import TOP_FIRST_BLOCK, TUNED_TOP_FILE, EncoderConfig
 from model.evaluate import evaluate_scenes, format_table
 from model.train import (TEST_SEED_BASE, TRAINING_JPEG_QUALITY, TRAINING_JPEG_SHARE, TRAINING_SIZES, VAL_SEED_BASE,
@@ -24,6 +24,9 @@ def sha256(path: Path) -> str:
 def build_weights(config: TrainConfig, eval_count: int = 1000) -> None:
     started = time.time()
     training = run(config)
+    out = Path(config.out_dir)
+    if config.data == "scenes":   # weights trained on photos declare no domain
+        fit_domain(Captioner.load(out)).save(out / DOMAIN_FILE)
     training["total_train_seconds"] = round(time.time() - started, 1)
     captioner = Captioner.load(config.out_dir)
     scores = evaluate_scenes(captioner, count=eval_count)

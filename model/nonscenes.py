@@ -50,7 +50,9 @@ def skimage_photos() -> dict[str, Image.Image]:
     for name in sorted(set(data.__all__) - _NOT_PICTURES):
         try:
             loaded = getattr(data, name)()
-        except Exception:    # needs a download (pooch), absent offline
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:   # needs a download, absent offline (under pytest skimage raises pytest's Skipped)
             continue
         arrays = loaded[:2] if isinstance(loaded, tuple) else (loaded,)   # stereo_motorcycle: left, right
         for index, array in enumerate(arrays):
