@@ -13,7 +13,7 @@ from typing import TypeVar
 from aiogram import Bot
 from aiogram.enums import ChatAction
 from aiogram.exceptions import TelegramAPIError, TelegramBadRequest
-from aiogram.types import BufferedInputFile, Message, ReplyParameters
+from aiogram.types import BufferedInputFile, InlineKeyboardMarkup, Message, ReplyParameters
 from aiogram.utils.chat_action import ChatActionSender
 
 from bot import texts
@@ -44,16 +44,20 @@ class CaptionService:
 
     # ---- the three things the bot does ---------------------------------------------
 
-    async def caption(self, chat_id: int, reply_to: int, photo: PhotoRef) -> None:
+    async def caption(
+        self, chat_id: int, reply_to: int, photo: PhotoRef, *, anyway: bool = False
+    ) -> None:
+        """The photo's captions; for a photo outside the decoders' domain, what the encoder
+        sees instead, unless `anyway` (the "Caption anyway" button)."""
         async with self._action(chat_id, ChatAction.TYPING):
             result = await self._run(chat_id, reply_to, photo, lambda source: self.worker.caption(
-                source, n_samples=self.settings.default_samples, chat_id=chat_id,
-                message_id=reply_to,
+                source, n_samples=self.settings.default_samples, anyway=anyway,
+                chat_id=chat_id, message_id=reply_to,
             ))
         if result is None:
             return
-        text = texts.caption_reply(result.headline, result.baseline, result.samples)
-        await self._send_text(chat_id, reply_to, text, photo, keyboard=True)
+        text, keyboard = texts.photo_reply(result, photo.key)
+        await self._send_text(chat_id, reply_to, text, photo, keyboard)
 
     async def samples(
         self, chat_id: int, reply_to: int, photo: PhotoRef, n: int, temperature: float
@@ -64,7 +68,8 @@ class CaptionService:
             ))
         if result is None:
             return
-        await self._send_text(chat_id, reply_to, texts.samples_reply(result, temperature), photo)
+        text = texts.samples_reply(result.samples, temperature, outside=result.out_of_domain)
+        await self._send_text(chat_id, reply_to, text, photo)
 
     async def attention(self, chat_id: int, reply_to: int, photo: PhotoRef) -> None:
         async with self._action(chat_id, ChatAction.UPLOAD_PHOTO):
@@ -75,16 +80,17 @@ class CaptionService:
                 return
             png = BufferedInputFile(result.png, filename="attention.png")
             reply = self._reply_to(reply_to)
+            caption = texts.attention_caption(result)
             try:
                 sent = await self.bot.send_photo(
-                    chat_id, png, caption=result.caption, reply_parameters=reply,
+                    chat_id, png, caption=caption, reply_parameters=reply,
                 )
             except TelegramBadRequest as error:
                 # Telegram rejects photos whose sides are very unequal (a long caption makes
                 # a wide strip); the same PNG as a file always goes through.
                 log.warning("attention_as_document", error=str(error))
                 sent = await self._deliver(self.bot.send_document(
-                    chat_id, png, caption=result.caption, reply_parameters=reply,
+                    chat_id, png, caption=caption, reply_parameters=reply,
                 ))
             except TelegramAPIError as error:
                 log.error("reply_not_sent", error=f"{type(error).__name__}: {error}")
@@ -151,11 +157,11 @@ class CaptionService:
         return None
 
     async def _send_text(
-        self, chat_id: int, reply_to: int, text: str, photo: PhotoRef, keyboard: bool = False
+        self, chat_id: int, reply_to: int, text: str, photo: PhotoRef,
+        keyboard: InlineKeyboardMarkup | None = None,
     ) -> None:
         sent = await self._deliver(self.bot.send_message(
-            chat_id, text, reply_parameters=self._reply_to(reply_to),
-            reply_markup=texts.photo_keyboard(photo.key) if keyboard else None,
+            chat_id, text, reply_parameters=self._reply_to(reply_to), reply_markup=keyboard,
         ))
         if sent is not None:
             self.photos.link_reply(chat_id, sent.message_id, photo)

@@ -69,6 +69,7 @@ CaptionerKind = Annotated[Literal["bundled", "untrained"], BeforeValidator(_lowe
 LogFormat = Annotated[Literal["console", "json"], BeforeValidator(_lower)]
 LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_upper)]
 OnOff = Annotated[Literal["auto", "off"], BeforeValidator(_lower)]
+Switch = Annotated[Literal["on", "off"], BeforeValidator(_lower)]
 Seconds = Annotated[float, Field(gt=0, le=3600)]
 
 
@@ -89,6 +90,7 @@ class Settings(BaseSettings):
     weights_dir: Path = Field(Path("weights"), description="The trained decoders")
     device: Device = Field("auto", description="Where the model runs")
     captioner: CaptionerKind = Field("bundled", description="untrained: random decoders")
+    domain_check: Switch = Field("on", description="on: photos unlike the scenes get labels")
     # --- Replies
     default_samples: int = Field(3, ge=0, le=50, description="Sampled captions per reply")
     max_samples: int = Field(10, ge=1, le=50, description="Largest N for /sample N")

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiogram.filters.callback_data import CallbackData
 from aiogram.types import InlineKeyboardButton, InlineKeyboardMarkup
+
+if TYPE_CHECKING:
+    from bot.worker import AttentionResult, CaptionResult
+    from model.captioner import Label
 
 COMMANDS = {
     "start": "What this bot does",
@@ -33,7 +39,8 @@ def help_text(*, default_samples: int, max_samples: int, readme_url: str | None)
         "",
         "Honest note: the bundled model was trained on synthetic scenes of coloured "
         "shapes (circles, squares, stars... on plain backgrounds), so that is what it "
-        f"describes well. To caption real photos, retrain it on COCO: see {where}.",
+        "describes well. Send it anything else and I say so, with what my ImageNet-trained "
+        f"encoder sees instead. To caption real photos, retrain it on COCO: see {where}.",
     ])
 
 
@@ -102,8 +109,45 @@ def caption_reply(headline: str, baseline: str, samples: list[str]) -> str:
     return "\n".join(lines)
 
 
-def samples_reply(samples: list[str], temperature: float) -> str:
-    return f"{len(samples)} sampled captions (temperature {temperature:g}):\n{numbered(samples)}"
+def samples_reply(samples: list[str], temperature: float, *, outside: bool = False) -> str:
+    text = f"{len(samples)} sampled captions (temperature {temperature:g}):\n{numbered(samples)}"
+    return marked(text, outside)
+
+
+# ---- photos outside the domain the decoders were trained on ---------------------------
+
+OUTSIDE_DOMAIN = (
+    "This image is outside my training domain (coloured-shape scenes), so what I write "
+    "about it is probably made up."
+)
+
+
+def marked(text: str, outside: bool) -> str:
+    """`text`, led by the out-of-domain line when `outside`."""
+    return "\n\n".join(part for part in (OUTSIDE_DOMAIN if outside else "", text) if part)
+
+
+def _percent(p: float) -> str:
+    return f"{p:.0%}" if p >= 0.01 else "<1%"
+
+
+def what_the_encoder_sees(labels: list[Label]) -> str:
+    # The first label always; the others only when they are worth naming.
+    named = [labels[0], *(label for label in labels[1:] if label.p >= 0.01)] if labels else []
+    if not named:
+        return "My ImageNet-trained encoder can't name it either."
+    return "My ImageNet-trained encoder sees: " + ", ".join(
+        f"{label.label} ({_percent(label.p)})" for label in named
+    ) + "."
+
+
+def out_of_domain_reply(labels: list[Label]) -> str:
+    return "\n\n".join([
+        "This doesn't look like the coloured-shape scenes my captioner was trained on, so "
+        "its caption would be made up.",
+        what_the_encoder_sees(labels),
+        "Press Caption anyway to see what it writes.",
+    ])
 
 
 class PhotoAction(CallbackData, prefix="p"):
@@ -115,12 +159,35 @@ class PhotoAction(CallbackData, prefix="p"):
 
 MORE_SAMPLES = "more"
 ATTENTION_MAP = "attn"
+CAPTION_ANYWAY = "any"
+BUTTONS = {MORE_SAMPLES: "More samples", ATTENTION_MAP: "Attention map",
+           CAPTION_ANYWAY: "Caption anyway"}
+
+
+def _keyboard(key: str, *actions: str) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup(inline_keyboard=[[
+        InlineKeyboardButton(text=BUTTONS[action],
+                             callback_data=PhotoAction(action=action, key=key).pack())
+        for action in actions
+    ]])
 
 
 def photo_keyboard(key: str) -> InlineKeyboardMarkup:
-    return InlineKeyboardMarkup(inline_keyboard=[[
-        InlineKeyboardButton(text="More samples",
-                             callback_data=PhotoAction(action=MORE_SAMPLES, key=key).pack()),
-        InlineKeyboardButton(text="Attention map",
-                             callback_data=PhotoAction(action=ATTENTION_MAP, key=key).pack()),
-    ]])
+    return _keyboard(key, MORE_SAMPLES, ATTENTION_MAP)
+
+
+def out_of_domain_keyboard(key: str) -> InlineKeyboardMarkup:
+    return _keyboard(key, CAPTION_ANYWAY, ATTENTION_MAP)
+
+
+def photo_reply(result: CaptionResult, key: str) -> tuple[str, InlineKeyboardMarkup]:
+    """The reply to a photo and its buttons: the captions (marked when the photo is
+    outside the domain), or, when it wasn't captioned, what the encoder sees."""
+    if not result.captioned:
+        return out_of_domain_reply(result.labels or []), out_of_domain_keyboard(key)
+    text = caption_reply(result.headline, result.baseline, result.samples)
+    return marked(text, result.out_of_domain), photo_keyboard(key)
+
+
+def attention_caption(result: AttentionResult) -> str:
+    return marked(result.caption, result.out_of_domain)

@@ -4,9 +4,11 @@ Handlers submit jobs and await their results; one background task takes jobs off
 bounded queue in micro-batches (up to `batch_max`, waiting at most `batch_wait_ms` for
 the batch to fill) and runs each batch in a single dedicated thread, so the event loop
 keeps polling and replying while the model works. Per batch the encoder runs once on
-every image that is not cached yet, then each decoder runs once on the jobs that need
-it. When a batched call fails, the same call is repeated job by job so that only the
-job that caused the failure fails.
+every image that is not cached yet, the domain check once on every job's encoding, then
+each decoder runs once on the jobs that need it. A photo unlike the scenes the decoders
+were trained on (with the domain check on) is not captioned unless asked (`anyway`): it
+gets the ImageNet labels of what the encoder sees instead. When a batched call fails, the
+same call is repeated job by job so that only the job that caused the failure fails.
 """
 
 from __future__ import annotations
@@ -78,11 +80,35 @@ class PhotoInput:
     data: bytes | None = None
 
 
+def _outside(verdict: Any) -> bool:
+    return verdict is not None and not verdict.in_domain
+
+
 @dataclass(frozen=True)
 class CaptionResult:
-    headline: str  # attention decoder, greedy
+    headline: str  # attention decoder, greedy ("" when not captioned)
     baseline: str  # baseline decoder, greedy
     samples: list[str]
+    verdict: Any = None  # the captioner's DomainVerdict; None with the domain check off
+    labels: list[Any] | None = None  # ImageNet Labels, instead of captions (out of domain)
+
+    @property
+    def captioned(self) -> bool:
+        return self.labels is None
+
+    @property
+    def out_of_domain(self) -> bool:
+        return _outside(self.verdict)
+
+
+@dataclass(frozen=True)
+class SamplesResult:
+    samples: list[str]
+    verdict: Any = None
+
+    @property
+    def out_of_domain(self) -> bool:
+        return _outside(self.verdict)
 
 
 @dataclass(frozen=True)
@@ -90,6 +116,11 @@ class AttentionResult:
     caption: str
     words: int  # tiles in the figure besides the photo itself
     png: bytes
+    verdict: Any = None
+
+    @property
+    def out_of_domain(self) -> bool:
+        return _outside(self.verdict)
 
 
 class CaptionerLike(Protocol):
@@ -100,6 +131,8 @@ class CaptionerLike(Protocol):
     def sample(
         self, encoded: Sequence[Any], n: int, *, decoder: str = ..., temperature: float = ...
     ) -> list[list[str]]: ...
+    def domain(self, encoded: Sequence[Any]) -> list[Any]: ...  # DomainVerdict per encoding
+    def imagenet_labels(self, encoded: Sequence[Any], k: int = ...) -> list[list[Any]]: ...
 
 
 # ---- internals -----------------------------------------------------------------------
@@ -113,6 +146,7 @@ class _Job:
     temperature: float = 1.0
     chat_id: int | None = None
     message_id: int | None = None
+    anyway: bool = False  # caption even if the photo is outside the decoders' domain
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued_at: float = field(default_factory=time.perf_counter)
     # The submitting update's log context (update_id, user_id, ...): the worker's lines
@@ -125,6 +159,8 @@ class _Job:
     from_cache: bool = False
     greedy: dict[str, Any] = field(default_factory=dict)  # decoder name -> its caption
     samples: list[str] | None = None
+    verdict: Any = None  # the domain check's DomainVerdict (None when it is off)
+    labels: list[Any] | None = None  # ImageNet labels, for a caption job not captioned
     error: WorkerError | None = None  # set by the first stage that fails; later ones skip it
 
     def where(self) -> dict[str, Any]:
@@ -135,10 +171,18 @@ class _Job:
 # The greedy decoders a batch runs, in order, and the job kinds each runs for: the attention
 # decoder's caption is the headline of a caption and the subject of an /attention figure.
 GREEDY_KINDS = {"attention": ("caption", "attention"), "baseline": ("caption",)}
+# ImageNet labels an out-of-domain photo's reply gives.
+LABELS_K = 3
 
 
 def _alive(jobs: Iterable[_Job]) -> list[_Job]:
     return [job for job in jobs if job.error is None]
+
+
+def _labels_only(job: _Job) -> bool:
+    """A caption job for a photo outside the domain, not asked to caption anyway: it gets
+    ImageNet labels instead of captions."""
+    return job.kind == "caption" and not job.anyway and _outside(job.verdict)
 
 
 @dataclass
@@ -216,6 +260,7 @@ class InferenceWorker:
         open_image: Callable[[bytes, int], Any] = _default_open_image,
         attention_figure: Callable[[Any, list[str], Any], bytes] = _default_figure,
         image_errors: tuple[type[BaseException], ...] | None = None,
+        domain_check: bool = True,
     ) -> None:
         self._captioner = captioner
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_max)
@@ -226,6 +271,7 @@ class InferenceWorker:
         self._open_image = open_image
         self._attention_figure = attention_figure
         self._image_errors = _image_error_types() if image_errors is None else image_errors
+        self.domain_check = domain_check
         # One thread: the model is not re-entrant, and torch parallelises inside a call.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task[None] | None = None
@@ -250,6 +296,7 @@ class InferenceWorker:
             batch_wait_ms=settings.batch_wait_ms,
             cache_size=settings.encoded_cache_size,
             max_image_pixels=settings.max_image_pixels,
+            domain_check=settings.domain_check == "on",
         )
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -268,6 +315,9 @@ class InferenceWorker:
             self._captioner.greedy(encoded, "baseline")
             self._captioner.sample(encoded, 2, decoder="attention", temperature=1.0)
             self._attention_figure(image, list(headline.tokens), headline.alphas)
+            if self.domain_check:  # labels load their own layers on first use
+                self._captioner.domain(encoded)
+                self._captioner.imagenet_labels(encoded, k=LABELS_K)
 
         started = time.perf_counter()
         await asyncio.get_running_loop().run_in_executor(self._executor, run)
@@ -311,18 +361,19 @@ class InferenceWorker:
         return key in self.cache
 
     async def caption(
-        self, photo: PhotoInput, *, n_samples: int, chat_id: int | None = None,
-        message_id: int | None = None,
+        self, photo: PhotoInput, *, n_samples: int, anyway: bool = False,
+        chat_id: int | None = None, message_id: int | None = None,
     ) -> CaptionResult:
-        """Both greedy captions plus `n_samples` sampled ones (temperature 1)."""
-        return await self._submit(
-            _Job("caption", photo, n=n_samples, chat_id=chat_id, message_id=message_id)
-        )
+        """Both greedy captions plus `n_samples` sampled ones (temperature 1); for a photo
+        outside the domain, its ImageNet labels instead, unless `anyway`."""
+        return await self._submit(_Job(
+            "caption", photo, n=n_samples, anyway=anyway, chat_id=chat_id, message_id=message_id,
+        ))
 
     async def samples(
         self, photo: PhotoInput, *, n: int, temperature: float = 1.0,
         chat_id: int | None = None, message_id: int | None = None,
-    ) -> list[str]:
+    ) -> SamplesResult:
         return await self._submit(
             _Job("samples", photo, n=n, temperature=temperature, chat_id=chat_id,
                  message_id=message_id)
@@ -431,6 +482,8 @@ class InferenceWorker:
     def _run_batch(self, jobs: list[_Job]) -> list[Any]:
         """Run one batch; returns a result or an exception per job, in order."""
         self._encode(self._open_photos(jobs))
+        self._check_domain(jobs)
+        self._label(jobs)
         for decoder in GREEDY_KINDS:
             self._greedy(jobs, decoder)
         self._sample(jobs)
@@ -469,9 +522,32 @@ class InferenceWorker:
         job.image = None  # the full-size decode is no longer needed
         self.cache.put(job.photo.key, _CacheEntry(job.encoded, job.thumbnail))
 
+    def _check_domain(self, jobs: list[_Job]) -> None:
+        """The domain check's verdict on every encoding, in one call (when it is on)."""
+        if not self.domain_check:
+            return
+        group = _alive(jobs)
+        verdicts = self._batched(
+            group, "domain", lambda g: self._captioner.domain([job.encoded for job in g])
+        )
+        for job, verdict in zip(group, verdicts):
+            job.verdict = verdict
+
+    def _label(self, jobs: list[_Job]) -> None:
+        """ImageNet labels for the photos outside the domain that aren't captioned."""
+        group = _alive(job for job in jobs if _labels_only(job))
+        labels = self._batched(
+            group, "labels",
+            lambda g: self._captioner.imagenet_labels([job.encoded for job in g], k=LABELS_K),
+        )
+        for job, found in zip(group, labels):
+            job.labels = list(found)
+
     def _greedy(self, jobs: list[_Job], decoder: str) -> None:
         """`decoder`'s greedy captions, one call for the jobs of the kinds that need it."""
-        group = _alive(job for job in jobs if job.kind in GREEDY_KINDS[decoder])
+        group = _alive(
+            job for job in jobs if job.kind in GREEDY_KINDS[decoder] and not _labels_only(job)
+        )
         captions = self._batched(
             group, f"greedy_{decoder}",
             lambda g: self._captioner.greedy([job.encoded for job in g], decoder),
@@ -483,7 +559,7 @@ class InferenceWorker:
         """Sampled captions: one call per distinct (n, temperature) in the batch."""
         groups: dict[tuple[int, float], list[_Job]] = {}
         for job in _alive(jobs):
-            if job.kind in ("caption", "samples") and job.n > 0:
+            if job.kind in ("caption", "samples") and job.n > 0 and not _labels_only(job):
                 groups.setdefault((job.n, job.temperature), []).append(job)
         for (n, temperature), group in groups.items():
             group = _alive(group)
@@ -499,14 +575,17 @@ class InferenceWorker:
     def _result(self, job: _Job) -> Any:
         """What the handler gets for a job that got through every stage."""
         try:
+            if _labels_only(job):
+                return CaptionResult("", "", [], job.verdict, job.labels)
             if job.kind == "caption":
                 return CaptionResult(
                     headline=job.greedy["attention"].text,
                     baseline=job.greedy["baseline"].text,
                     samples=list(job.samples or []),
+                    verdict=job.verdict,
                 )
-            if job.kind == "samples":
-                return list(job.samples)  # type: ignore[arg-type]  # None (n=0): fails the job
+            if job.kind == "samples":  # None (n=0) fails the job
+                return SamplesResult(list(job.samples), job.verdict)  # type: ignore[arg-type]
             return self._figure(job)
         except Exception as error:
             return self._as_worker_error(error, job, "result")
@@ -516,7 +595,7 @@ class InferenceWorker:
         headline = job.greedy["attention"]
         tokens = list(headline.tokens)
         png = self._attention_figure(job.thumbnail, tokens, headline.alphas)
-        return AttentionResult(headline.text, len(tokens), png)
+        return AttentionResult(headline.text, len(tokens), png, job.verdict)
 
     def _batched(
         self, group: list[_Job], stage: str, call: Callable[[list[_Job]], Sequence[Any]],

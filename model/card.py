@@ -1,4 +1,4 @@
-"""`make weights`: train both decoders from nothing, score them, and write the model card."""
+"""`make weights`: train both decoders from nothing, fit the domain check, score them, and write the model card."""
 from __future__ import annotations
 
 import hashlib
@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from model.captioner import Captioner
+from model.domain import CALIBRATION_SEED_BASE, DOMAIN_FILE, DomainCheck, fit_domain
 from model.encoder import TOP_FIRST_BLOCK, TUNED_TOP_FILE, EncoderConfig
 from model.evaluate import evaluate_scenes, format_table
 from model.train import (TEST_SEED_BASE, TRAINING_JPEG_QUALITY, TRAINING_JPEG_SHARE, TRAINING_SIZES, VAL_SEED_BASE,
@@ -23,6 +24,9 @@ def sha256(path: Path) -> str:
 def build_weights(config: TrainConfig, eval_count: int = 1000) -> None:
     started = time.time()
     training = run(config)
+    out = Path(config.out_dir)
+    if config.data == "scenes":   # weights trained on photos declare no domain
+        fit_domain(Captioner.load(out)).save(out / DOMAIN_FILE)
     training["total_train_seconds"] = round(time.time() - started, 1)
     captioner = Captioner.load(config.out_dir)
     scores = evaluate_scenes(captioner, count=eval_count)
@@ -164,7 +168,6 @@ def reproducibility(threads: int) -> str:
 
 def write_card(weights_dir: Path, training: dict, scores: dict, eval_count: int) -> Path:
     (weights_dir / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
-    files = sorted(p for p in weights_dir.iterdir() if p.suffix in (".pt", ".json") and p.name != "scores.json")
     cfg = training["train_config"]
     encoder = EncoderConfig(**json.loads((weights_dir / "encoder.json").read_text()))
     side = encoder.image_size // encoder.cell_px
@@ -245,12 +248,64 @@ def write_card(weights_dir: Path, training: dict, scores: dict, eval_count: int)
         "",
         *WHAT_WAS_TRIED,
         "",
-        "## Files",
-        "",
-        "| file | bytes | sha256 |",
-        "|---|---|---|",
+        *domain_section(weights_dir),
+        *files_section(weights_dir),
     ]
-    lines += [f"| {p.name} | {p.stat().st_size} | `{sha256(p)}` |" for p in files]
     card = weights_dir / "MODEL_CARD.md"
     card.write_text("\n".join(lines) + "\n")
+    return card
+
+
+def files_section(weights_dir: Path) -> list[str]:
+    files = sorted(p for p in weights_dir.iterdir() if p.suffix in (".pt", ".json") and p.name != "scores.json")
+    return ["## Files", "", "| file | bytes | sha256 |", "|---|---|---|",
+            *(f"| {p.name} | {p.stat().st_size} | `{sha256(p)}` |" for p in files)]
+
+
+def domain_section(weights_dir: Path) -> list[str]:
+    """The domain check's card section (empty without domain.pt), from the rates domain-fit measured."""
+    if not (weights_dir / DOMAIN_FILE).exists():
+        return []
+    check = DomainCheck.load(weights_dir / DOMAIN_FILE)
+    info = check.info
+    lines = [
+        "## Domain check (`domain.pt`)",
+        "",
+        "Says when a picture is unlike the training scenes, so that the bot can say so instead of",
+        "captioning a photo with made-up shapes (model/domain.py). Score: the Mahalanobis distance",
+        f"of the grid's per-feature mean and spread over the cells ({info.get('features')} numbers) from those of",
+        f"{info.get('fit_images')} training renders (seeds 0.., at the training sizes and JPEG qualities), their covariance",
+        f"shrunk towards the identity by Ledoit-Wolf ({info.get('shrinkage')}) and kept to {info.get('components')} principal axes plus one",
+        "variance for the rest. No photo is used to fit it.",
+    ]
+    if "calibration_renders" in info:
+        lines += [
+            f"- Threshold {check.threshold:.3f}: the highest, over {len(info['calibration_renders'])} render conditions"
+            f" ({', '.join(info['calibration_renders'])}),",
+            f"  of the score that rejects {100 * (1 - info['threshold_quantile']):.1f} % of {info['calibration_scenes']}"
+            f" held-out scenes (seeds from {CALIBRATION_SEED_BASE:,}) rendered that way.",
+            f"- Rejected, of the {info['test_scenes']} held-out test scenes (seeds from {TEST_SEED_BASE:,}): "
+            + ", ".join(f"{name} {100 * share:.1f} %" for name, share in info["test_rejected"].items()) + " (bar: at most 1 %).",
+            f"- Rejected, of {info['nonscenes']} pictures that are not scenes (every photo scikit-image bundles, the colour"
+            f" ones also in greyscale, a page of text, a bar chart, a pie chart, colour and grey noise; model/nonscenes.py):"
+            f" {100 * info['nonscenes_rejected']:.1f} % (bar: at least 95 %)"
+            + (f"; let through: {', '.join(info['nonscenes_accepted'])}." if info["nonscenes_accepted"] else "."),
+            f"- Fitting, calibrating and measuring all this (`python -m model domain-fit`): {info['seconds'] / 60:.0f} min.",
+        ]
+    else:
+        lines.append(f"- Threshold {check.threshold:.3f}. {info.get('provisional', '')}")
+    return lines + [""]
+
+
+def update_card(weights_dir: Path) -> Path:
+    """After `python -m model domain-fit`: rewrite the card's domain-check section and file table,
+    keep the rest (the decoders' training and scores are unchanged)."""
+    card = weights_dir / "MODEL_CARD.md"
+    text = card.read_text()
+    for heading in ("## Domain check", "## Files"):
+        if heading in text:
+            start = text.index(heading)
+            following = text.find("\n## ", start + 1)
+            text = text[:start] + (text[following + 1:] if following >= 0 else "")
+    card.write_text(text.rstrip("\n") + "\n\n" + "\n".join(domain_section(weights_dir) + files_section(weights_dir)) + "\n")
     return card

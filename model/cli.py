@@ -1,8 +1,9 @@
-"""Command line: python -m model {caption,train,eval,weights,bench}."""
+"""Command line: python -m model {caption,train,eval,weights,domain-fit,bench}."""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -46,7 +47,10 @@ def caption_command(args) -> int:
             failed = True
             continue
         encoded = captioner.encode([image])
-        entry = {"image": path}
+        verdict, = captioner.domain(encoded)
+        entry = {"image": path, "domain": domain_json(verdict),
+                 "imagenet": [{"label": label.label, "p": round(label.p, 4)}
+                              for label in captioner.imagenet_labels(encoded, 5)[0]]}
         for kind in decoders:
             greedy = captioner.greedy(encoded, kind)[0]
             part = {"greedy": greedy.text}
@@ -70,8 +74,26 @@ def caption_command(args) -> int:
     return 1 if failed else 0
 
 
+def domain_json(verdict) -> dict:
+    """A DomainVerdict as JSON; without a domain check (threshold infinite) score and threshold are null."""
+    finite = math.isfinite(verdict.threshold)
+    return {"in_domain": verdict.in_domain, "score": round(verdict.score, 4) if finite else None,
+            "threshold": round(verdict.threshold, 4) if finite else None}
+
+
+def _domain_line(domain: dict) -> str:
+    if domain["threshold"] is None:
+        return "no domain check in these weights"
+    if domain["in_domain"]:
+        return f"like the training pictures (score {domain['score']:.2f} <= {domain['threshold']:.2f})"
+    return (f"OUTSIDE the training domain (score {domain['score']:.2f} > {domain['threshold']:.2f}): "
+            "the captions below are likely made up")
+
+
 def _plain(entry: dict, decoders: list[str], beam: bool) -> str:
-    lines = [entry["image"]]
+    lines = [entry["image"], f"  {'domain':9s} {_domain_line(entry['domain'])}",
+             f"  {'imagenet':9s} " + (", ".join(f"{label['label']} {label['p']:.0%}" for label in entry["imagenet"])
+                                     or "no ImageNet labels with this encoder")]
     for kind in decoders:
         part = entry[kind]
         lines.append(f"  {kind:9s} {'beam' if beam else 'greedy'}: {part['beam'] if beam else part['greedy']}")
@@ -97,10 +119,14 @@ def _train_config(args):
 def train_command(args) -> int:
     from model.train import run
 
-    results = run(_train_config(args))
+    config = _train_config(args)
+    results = run(config)
     for kind, report in results["decoders"].items():
         best = {k: v for k, v in report.items() if k.startswith("best")}
-        print(f"{kind}: {best} in {report['seconds']:.0f}s -> {Path(args.out_dir or 'weights') / (kind + '.pt')}")
+        print(f"{kind}: {best} in {report['seconds']:.0f}s -> {Path(config.out_dir) / (kind + '.pt')}")
+    if config.data == "scenes":
+        print(f"no domain check yet: python -m model domain-fit --weights {config.out_dir} adds one "
+              "(make weights does both)")
     return 0
 
 
@@ -118,6 +144,24 @@ def weights_command(args) -> int:
     from model.card import build_weights
 
     build_weights(_train_config(args), eval_count=args.count)
+    return 0
+
+
+def domain_fit_command(args) -> int:
+    """(Re)fit weights/domain.pt from the weights as they are: the decoders are not touched."""
+    from model.captioner import Captioner
+    from model.card import update_card
+    from model.domain import DOMAIN_FILE, fit_domain
+
+    weights = Path(args.weights)
+    captioner = Captioner.load(weights, device=args.device)
+    check = fit_domain(captioner, fit_scenes=args.fit_scenes, calibration_scenes=args.calibration_scenes,
+                       report_scenes=args.report_scenes, log=lambda line: print(line, file=sys.stderr))
+    check.save(weights / DOMAIN_FILE)
+    if (weights / "MODEL_CARD.md").exists():
+        update_card(weights)
+    print(f"{weights / DOMAIN_FILE}: threshold {check.threshold:.3f}; rejected {check.info['test_rejected']} "
+          f"of held-out scenes, {check.info['nonscenes_rejected']} of non-scenes")
     return 0
 
 
@@ -192,6 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(p)
     p.add_argument("--count", type=int, default=1000, help="held-out scenes for the card")
     p.set_defaults(run=weights_command)
+
+    p = commands.add_parser("domain-fit", help="(re)fit the domain check (domain.pt) of existing scene weights, "
+                            "without retraining: render, encode, fit, calibrate, update the card")
+    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS_DIR))
+    p.add_argument("--fit-scenes", dest="fit_scenes", type=_positive_int, default=3000,
+                   help="training renders the check is fitted on")
+    p.add_argument("--calibration-scenes", dest="calibration_scenes", type=_positive_int, default=100,
+                   help="held-out scenes per render condition for the threshold")
+    p.add_argument("--report-scenes", dest="report_scenes", type=_positive_int, default=300,
+                   help="held-out test scenes per reported condition for the card's rates")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(run=domain_fit_command)
 
     p = commands.add_parser("bench", help="latency, throughput and memory of the bundled model")
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS_DIR))

@@ -14,7 +14,7 @@ from model.cache import Example
 from model.captioner import Captioner
 from model.metrics import bleu, cider
 from model.train import TEST_SEED_BASE, load_image, scene_examples
-from model.vocab import tokenize
+from model.vocab import fold_articles, tokenize
 
 # The held-out sets of the model card: the same 1,000 scenes three ways.
 SCENE_VARIANTS = {"224px PNG": (224, 0), "96px JPEG q70": (96, 70), "1024px JPEG q70": (1024, 70)}
@@ -32,7 +32,9 @@ def evaluate(captioner: Captioner, examples: Sequence[Example], batch_size: int 
         for kind in decoders:
             captions[kind] += captioner.greedy(encoded, kind)
     seconds = time.perf_counter() - started
-    references = [[tokenize(r) for r in e.captions] for e in examples]
+    # BLEU and CIDEr compare words with "an" folded into "a": the renderer's references write "a"
+    # before every word, the captioner spells "an orange" (model/vocab.py, with_articles).
+    references = [[fold_articles(tokenize(r)) for r in e.captions] for e in examples]
     scenes = None
     if examples and all(e.key.startswith("scene/") for e in examples):
         from model.data.scenes import make_scene
@@ -40,7 +42,7 @@ def evaluate(captioner: Captioner, examples: Sequence[Example], batch_size: int 
         scenes = [make_scene(int(e.key.split("/")[1])) for e in examples]
     report = {"images": len(examples), "seconds": round(seconds, 1)}
     for kind in decoders:
-        candidates = [c.tokens for c in captions[kind]]
+        candidates = [fold_articles(c.tokens) for c in captions[kind]]
         scores = dict(zip(("bleu1", "bleu2", "bleu3", "bleu4"), bleu(candidates, references)))
         scores["cider"] = cider(candidates, references)
         if scenes is not None:

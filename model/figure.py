@@ -1,30 +1,68 @@
 """The attention figure: where the attention decoder looked while it wrote each word.
 
-    [ photo ][ "a" ][ "red" ][ "circle" ] ...
+    [ photo ][ "a"    ][ "red"   ][ "circle" ]
+    [ "to"  ][ "the"  ][ "left"  ][ "of"     ]
+    ...
 
-The first tile is the photo; every other tile is the photo dimmed where the word's attention was
-low and warmed (a heat colour) where it was high, with the word written underneath. The map of
-the 14x14 grid is upsampled to the tile with bicubic interpolation and smoothed with a Gaussian so it
-reads as a region rather than as blocks. The CLI writes it to disk; the bot sends the same bytes.
+A grid of at most `MAX_COLUMNS` columns, read like text: the first tile is the photo; every
+other tile is the photo dimmed where the word's attention was low and warmed (a heat colour)
+where it was high, with the word written underneath. The map of the 14x14 grid is upsampled to
+the tile with bicubic interpolation and smoothed with a Gaussian so it reads as a region rather
+than as blocks. The CLI writes it to disk; the bot sends the same bytes.
+
+Sized for a phone: tiles of `TILE` px (at least the encoder's 224) with words `FONT_SIZE` px
+high, and as many columns as keep the figure between 1:2 and 2:1 (a strip of 21 tiles was
+4704x188 px, which Telegram showed 40 px tall). The longest caption, MAX_LEN words, makes a
+4 x 6 grid of 984 x 1744 px, well inside sendPhoto's limits (width + height <= 10000, ratio <= 20).
 """
 from __future__ import annotations
 
 import io
+import math
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-TILE = 160          # width and height of every picture tile, px
-LABEL_HEIGHT = 28   # the strip under each tile that carries its word
+TILE = 240           # width and height of every picture tile, px
+LABEL_HEIGHT = 44    # the strip under each tile that carries its word
+FONT_SIZE = 32       # px; Pillow's bundled TrueType font (Aileron): lowercase words stand about 26 px high
+GAP = 8              # white space between tiles
+MAX_COLUMNS = 4
+MAX_ASPECT = 2.0     # the figure's longer side over its shorter one
 GAP_COLOUR = (255, 255, 255)
 
 
-def _font(size: int = 16) -> ImageFont.ImageFont:
+@lru_cache(maxsize=8)
+def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont:
+    """Pillow's bundled TrueType font at `size` px: present wherever Pillow >= 10.1 is (no system fonts needed)."""
     try:
         return ImageFont.load_default(size=size)
-    except TypeError:   # Pillow < 10.1 has only the bitmap font
+    except TypeError:   # Pillow < 10.1 has only the small bitmap font
         return ImageFont.load_default()
+
+
+def layout(tiles: int) -> tuple[int, int]:
+    """(columns, rows) for `tiles` tiles: of the column counts (up to MAX_COLUMNS) that keep the
+    figure within MAX_ASPECT either way, the fewest rows, then the fewest columns that give them
+    (4 tiles make 2x2, not 3+1); long captions grow downwards."""
+    cell_w, cell_h = TILE + GAP, TILE + LABEL_HEIGHT + GAP
+
+    def aspect(columns: int) -> float:
+        return columns * cell_w / (math.ceil(tiles / columns) * cell_h)
+
+    fitting = [c for c in range(1, min(MAX_COLUMNS, max(tiles, 1)) + 1)
+               if 1 / MAX_ASPECT <= aspect(c) <= MAX_ASPECT]
+    columns = (min(fitting, key=lambda c: (math.ceil(tiles / c), c)) if fitting
+               else min(MAX_COLUMNS, max(tiles, 1)))
+    return columns, math.ceil(tiles / columns)
+
+
+def figure_size(words: int) -> tuple[int, int]:
+    """(width, height) in px of the figure of a caption of `words` words."""
+    columns, rows = layout(1 + words)
+    return columns * (TILE + GAP) - GAP, rows * (TILE + LABEL_HEIGHT + GAP) - GAP
 
 
 def heat_overlay(tile: np.ndarray, attention: np.ndarray) -> np.ndarray:
@@ -46,23 +84,31 @@ def upsample_map(alpha: np.ndarray, size: int) -> np.ndarray:
     return values / max(float(values.max()), 1.0)
 
 
+def _label(draw: ImageDraw.ImageDraw, centre: tuple[float, float], word: str, colour) -> None:
+    font = _font()
+    if draw.textlength(word, font=font) > TILE - 8:      # a long word: smaller rather than clipped
+        font = _font(max(12, int(FONT_SIZE * (TILE - 8) / draw.textlength(word, font=font))))
+    draw.text(centre, word, fill=colour, font=font, anchor="mm")
+
+
 def attention_figure(image: Image.Image, tokens: Sequence[str], alphas) -> bytes:
-    """PNG bytes: the photo and one tile per token; width (1 + len(tokens)) * TILE."""
+    """PNG bytes: the photo and one tile per token, in a grid of figure_size(len(tokens)) px."""
     alphas = np.asarray(alphas, dtype=np.float32)
     if len(tokens) != len(alphas):
         raise ValueError(f"{len(tokens)} tokens but {len(alphas)} attention maps")
     photo = image.convert("RGB").resize((TILE, TILE), Image.BICUBIC, reducing_gap=2.0)
     base = np.asarray(photo, dtype=np.float32)
-    canvas = Image.new("RGB", ((1 + len(tokens)) * TILE, TILE + LABEL_HEIGHT), GAP_COLOUR)
-    canvas.paste(photo, (0, 0))
-    draw, font = ImageDraw.Draw(canvas), _font()
-    draw.text((TILE / 2, TILE + LABEL_HEIGHT / 2), "image", fill=(90, 90, 90), font=font, anchor="mm")
-    for i, (word, alpha) in enumerate(zip(tokens, alphas), start=1):
-        tile = heat_overlay(base, upsample_map(alpha, TILE))
-        canvas.paste(Image.fromarray(tile.clip(0, 255).astype(np.uint8)), (i * TILE, 0))
-        draw.text((i * TILE + TILE / 2, TILE + LABEL_HEIGHT / 2), word, fill=(0, 0, 0), font=font, anchor="mm")
-    for i in range(1, len(tokens) + 1):   # thin separators so neighbouring tiles do not merge
-        draw.line([(i * TILE, 0), (i * TILE, TILE + LABEL_HEIGHT)], fill=GAP_COLOUR, width=2)
+    columns, _ = layout(1 + len(tokens))
+    canvas = Image.new("RGB", figure_size(len(tokens)), GAP_COLOUR)
+    draw = ImageDraw.Draw(canvas)
+    tiles = [(photo, "image", (90, 90, 90))]
+    tiles += [(Image.fromarray(heat_overlay(base, upsample_map(alpha, TILE)).clip(0, 255).astype(np.uint8)),
+               word, (0, 0, 0)) for word, alpha in zip(tokens, alphas)]
+    for index, (tile, word, colour) in enumerate(tiles):
+        row, column = divmod(index, columns)
+        x, y = column * (TILE + GAP), row * (TILE + LABEL_HEIGHT + GAP)
+        canvas.paste(tile, (x, y))
+        _label(draw, (x + TILE / 2, y + TILE + LABEL_HEIGHT / 2), word, colour)
     buffer = io.BytesIO()
     canvas.save(buffer, "PNG", compress_level=1)   # speed over a few kB
     return buffer.getvalue()

@@ -32,6 +32,7 @@ from PIL import Image
 from model.cache import Example, build_cache, load_cache
 from model.captioner import MAX_LEN, resolve_device, save_decoder
 from model.decoders import DecoderConfig, build_decoder, sample
+from model.domain import DOMAIN_FILE
 from model.encoder import TUNED_TOP_FILE, Encoder, EncoderConfig, EncoderTop
 from model.images import open_image
 from model.vocab import Vocabulary, tokenize
@@ -374,6 +375,9 @@ def _run(config: TrainConfig, device: torch.device, log) -> dict:
     tuned_top = Path(config.out_dir) / TUNED_TOP_FILE
     if "attention" in kinds and tuned_top.exists():
         tuned_top.unlink()    # stale: this run's attention decoder reads its own encoder
+    # A domain check describes the data and the encoder it was fitted with: stale too (COCO weights
+    # declare none; for scenes, make weights and python -m model domain-fit fit a new one).
+    (Path(config.out_dir) / DOMAIN_FILE).unlink(missing_ok=True)
     for kind in kinds:
         if kind == "baseline" and tuned_top.exists():
             top = EncoderTop.pretrained().to(device)

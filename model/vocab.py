@@ -10,6 +10,31 @@ from model.data.datasets import tokenize
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 
+# Spelling: words that start with a vowel letter but a consonant sound, and the reverse.
+_CONSONANT_SOUND = ("one", "once", "uni", "use", "usu", "uti", "eu", "ewe", "ufo")
+_VOWEL_SOUND = ("hour", "honest", "honor", "honour", "heir")
+
+
+def article_for(word: str) -> str:
+    """ "an" before a vowel sound ("an orange"), else "a" ("a large", "a unicorn")."""
+    vowel = word[:1] in "aeiou" and not word.startswith(_CONSONANT_SOUND)
+    return "an" if vowel or word.startswith(_VOWEL_SOUND) else "a"
+
+
+def with_articles(tokens: list[str]) -> list[str]:
+    """The caption with every "a"/"an" agreeing with the word after it: "a orange circle" ->
+    "an orange circle". One word in, one word out, so attention maps stay aligned with the words.
+
+    The bundled scene vocabulary has no "an" (the renderer's reference captions write "a" before
+    every word), so the decoders' output is spelled here, where captions are assembled."""
+    return [article_for(tokens[i + 1]) if word in ("a", "an") and i + 1 < len(tokens) else word
+            for i, word in enumerate(tokens)]
+
+
+def fold_articles(tokens: list[str]) -> list[str]:
+    """ "an" -> "a": what BLEU and CIDEr compare, since the scene references never write "an"."""
+    return ["a" if word == "an" else word for word in tokens]
+
 
 class Vocabulary:
     def __init__(self, words: list[str]):

@@ -176,16 +176,22 @@ def dump_output(process: BotProcess) -> None:
 # ---- images ------------------------------------------------------------------------
 
 
+# Where image_bytes' scenes start (the model's training and held-out renders use other seeds).
+SCENE_SEED = 70_000_000
+
+
 def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (224, 224), mode: str = "RGB",
                 color: Any = (200, 40, 40), **save: Any) -> bytes:
-    image = Image.new(mode, size, color)
+    """An image file. RGB ones are a rendered scene of the kind the bundled decoders know (the
+    domain check passes it; a shape drawn by hand need not), one scene per `color`, stretched
+    to `size` (the encoder squashes it back to a square); other modes are plain `color`."""
     if mode == "RGB":
-        # A shape on a plain background, so it looks like the scenes the model knows.
-        from PIL import ImageDraw
+        from model.data.scenes import render_scene
 
-        draw = ImageDraw.Draw(image)
-        w, h = size
-        draw.ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=(40, 80, 220))
+        seed = SCENE_SEED + sum(int(c) << (8 * i) for i, c in enumerate(color))
+        image = render_scene(seed)[1].resize(size, Image.BICUBIC)
+    else:
+        image = Image.new(mode, size, color)
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **save)
     return buffer.getvalue()
@@ -198,6 +204,50 @@ def numbered_lines(text: str) -> list[str]:
         assert line.startswith(f"{index}. "), text
         assert line[len(f"{index}. "):].strip(), text
     return lines
+
+
+# ---- replies -----------------------------------------------------------------------
+
+
+def reply_id(message: dict) -> int | None:
+    return (message.get("reply_to_message") or {}).get("message_id")
+
+
+def buttons(message: dict) -> list[dict]:
+    """The inline buttons of a bot message, checked to fit Telegram's 64-byte payload."""
+    found = [b for row in message["reply_markup"]["inline_keyboard"] for b in row]
+    assert all(len(b["callback_data"].encode()) <= 64 for b in found)
+    return found
+
+
+def assert_caption_reply(reply: dict, samples: int = 3) -> str:
+    """The photo reply: headline, baseline caption, numbered samples, two buttons."""
+    text = reply["text"]
+    lines = text.splitlines()
+    headline = lines[0]
+    assert headline.strip() and not headline.startswith(("Baseline", "1. "))
+    assert any(line.startswith("Baseline decoder: ") for line in lines)
+    assert len(numbered_lines(text)) == samples
+    assert [b["text"] for b in buttons(reply)] == ["More samples", "Attention map"]
+    return headline
+
+
+def assert_honest_reply(reply: dict) -> str:
+    """The reply to an image unlike the training scenes: no captions, what the captioner
+    knows, the Caption anyway and Attention map buttons. Returns what the encoder sees."""
+    text = reply["text"]
+    assert "coloured-shape scenes" in text and "made up" in text
+    assert "Baseline decoder" not in text and not numbered_lines(text)
+    assert [b["text"] for b in buttons(reply)] == ["Caption anyway", "Attention map"]
+    return text.split("My ImageNet-trained encoder sees: ", 1)[1].split("\n", 1)[0]
+
+
+def assert_image_answered(reply: dict) -> None:
+    """An image read and answered: captioned, or (a plain colour, say) the honest reply."""
+    if "Baseline decoder: " in reply["text"]:
+        assert_caption_reply(reply)
+    else:
+        assert_honest_reply(reply)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

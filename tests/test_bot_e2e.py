@@ -25,9 +25,20 @@ from bot.emulator import BotAPIEmulator
 from bot.texts import COMMANDS, EMPTY_CAPTION
 from model.data.scenes import render_scene
 from model.data.semantics import parse, words
-from model.figure import TILE
+from model.figure import figure_size
 from bot_helpers import (  # noqa: F401 (emu: fixture)
-    HAVE_WEIGHTS, REPO, TOKEN, WEIGHTS, dump_output, emu, image_bytes, numbered_lines, start_bot,
+    HAVE_WEIGHTS,
+    REPO,
+    TOKEN,
+    WEIGHTS,
+    assert_caption_reply,
+    assert_image_answered,
+    dump_output,
+    emu,
+    image_bytes,
+    numbered_lines,
+    reply_id,
+    start_bot,
 )
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
@@ -59,24 +70,6 @@ async def bot(emu, tmp_path_factory):
 def calls(emu: BotAPIEmulator, method: str, chat_id: int | None = None) -> list[dict]:
     return [p for name, p in emu.calls
             if name == method and (chat_id is None or p.get("chat_id") == chat_id)]
-
-
-def reply_id(message: dict) -> int | None:
-    return (message.get("reply_to_message") or {}).get("message_id")
-
-
-def assert_caption_reply(reply: dict, samples: int = 3) -> str:
-    """The photo reply: headline, baseline caption, numbered samples, two buttons."""
-    text = reply["text"]
-    lines = text.splitlines()
-    headline = lines[0]
-    assert headline.strip() and not headline.startswith(("Baseline", "1. "))
-    assert any(line.startswith("Baseline decoder: ") for line in lines)
-    assert len(numbered_lines(text)) == samples
-    buttons = [b for row in reply["reply_markup"]["inline_keyboard"] for b in row]
-    assert [b["text"] for b in buttons] == ["More samples", "Attention map"]
-    assert all(len(b["callback_data"].encode()) <= 64 for b in buttons)
-    return headline
 
 
 async def send_photo_and_caption(emu, chat: int, data: bytes | None = None) -> tuple[dict, dict]:
@@ -146,7 +139,7 @@ async def test_an_image_sent_as_a_document_is_captioned(emu, bot, fmt, name, mim
     sent = emu.user_sends_document(chat, image_bytes(fmt, **extra), name, mime)
     reply = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
     assert reply_id(reply) == sent["message_id"]
-    assert_caption_reply(reply)
+    assert_image_answered(reply)
 
 
 async def test_an_animated_gif_is_captioned_from_its_first_frame(emu, bot):
@@ -157,7 +150,7 @@ async def test_an_animated_gif_is_captioned_from_its_first_frame(emu, bot):
     sent = emu.user_sends_document(chat, buffer.getvalue(), "anim.gif", "image/gif")
     reply = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
     assert reply_id(reply) == sent["message_id"]
-    assert_caption_reply(reply)
+    assert_image_answered(reply)
 
 
 def _exif_rotated_jpeg() -> bytes:
@@ -188,7 +181,7 @@ async def test_odd_image_modes_are_normalised_and_captioned(emu, bot, label, mak
     sent = emu.user_sends_document(chat, make(), f"{label}.bin", "image/png" if "png" in label else "image/jpeg")
     reply = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
     assert reply_id(reply) == sent["message_id"]
-    assert_caption_reply(reply)
+    assert_image_answered(reply)
 
 
 # ---- /sample -----------------------------------------------------------------------------
@@ -288,9 +281,9 @@ def assert_attention_png(message: dict, headline: str) -> None:
     assert message.get("caption", "") == headline
     figure = Image.open(io.BytesIO(message["photo_bytes"]))
     assert figure.format == "PNG"
-    words = len(headline.split())
-    assert figure.width == (1 + words) * TILE
-    assert figure.height >= TILE
+    # A grid of the photo and one tile per word, readable on a phone.
+    assert figure.size == figure_size(len(headline.split()))
+    assert 0.5 <= figure.width / figure.height <= 2
 
 
 async def test_attention_sends_a_png_with_one_tile_per_word(emu, bot):

@@ -8,7 +8,7 @@ from PIL import Image
 
 from model.data.scenes import make_scene, render_scene
 from model.data.semantics import judge
-from model.figure import TILE
+from model.figure import figure_size
 
 pytestmark = pytest.mark.slow
 SEEDS = (30_000_001, 30_000_002)
@@ -56,7 +56,13 @@ def test_json_output_matches_the_schema_and_bad_files_fail_alone(pictures, tmp_p
             assert sum(map(sum, grid)) == pytest.approx(1.0, abs=1e-4)
         assert len(attention["samples"]) == 2
         figure = Image.open(document["heatmap"])
-        assert figure.width == (1 + len(attention["tokens"])) * TILE
+        assert figure.size == figure_size(len(attention["tokens"]))   # the grid the bot sends
+        domain = document["domain"]
+        assert set(domain) == {"in_domain", "score", "threshold"} and domain["in_domain"] is True
+        assert isinstance(domain["score"], float) and domain["score"] <= domain["threshold"]
+        labels = document["imagenet"]
+        assert len(labels) == 5 and all(set(label) == {"label", "p"} for label in labels)
+        assert all(isinstance(label["label"], str) and 0 <= label["p"] <= 1 for label in labels)
 
 
 def test_plain_output_numbers_the_samples_and_beam_replaces_greedy(pictures):
@@ -65,9 +71,11 @@ def test_plain_output_numbers_the_samples_and_beam_replaces_greedy(pictures):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == str(first)
-    assert lines[1].strip().startswith("attention beam:")
-    assert judge(make_scene(SEEDS[0]), lines[1].split(":", 1)[1]).exact, lines[1]
-    assert [line.split(".")[0].strip() for line in lines[2:5]] == ["1", "2", "3"]
+    assert lines[1].split()[:4] == ["domain", "like", "the", "training"]
+    assert lines[2].split()[0] == "imagenet" and lines[2].count("%") == 5
+    assert lines[3].strip().startswith("attention beam:")
+    assert judge(make_scene(SEEDS[0]), lines[3].split(":", 1)[1]).exact, lines[3]
+    assert [line.split(".")[0].strip() for line in lines[4:7]] == ["1", "2", "3"]
 
 
 def test_bad_arguments_are_refused_by_the_parser(pictures):

@@ -164,3 +164,14 @@ def test_attention_remembers_where_it_has_looked():
         looked = {**fresh, "alpha": maps[0], "coverage": maps[0]}
         _, _, alpha_looked = decoder.step(words, looked)
     assert not torch.allclose(alpha_fresh, alpha_looked, atol=1e-5)
+
+
+def test_articles_agree_with_the_next_word_one_word_per_word():
+    from model.vocab import fold_articles, with_articles
+
+    assert with_articles("a orange circle and a large orange star".split()) == \
+        "an orange circle and a large orange star".split()
+    assert with_articles("an red square".split()) == ["a", "red", "square"]
+    assert with_articles(["a"]) == ["a"] and with_articles([]) == []
+    assert with_articles("a unicorn and an hour".split()) == "a unicorn and an hour".split()
+    assert fold_articles("an orange circle".split()) == "a orange circle".split()

@@ -2,9 +2,12 @@
 
 The first test chats with the real bot. It starts `python -m bot --playground` exactly
 as a newcomer would (no token, no network), opens the chat page, and uses it the way a
-person does: picks a scene image, waits for the caption, sends /sample 3 and /attention, presses an inline button, replies to a
-photo, drops a second image, and checks a second tab is a separate chat. Screenshots go
-to artifacts/ (playground.png is the one the README shows as docs/playground.png).
+person does: picks a scene image and waits for its caption, picks a real photo (a cat) and
+gets the honest reply with what the encoder sees, sends /sample 3 and /attention (a grid
+figure), presses the inline buttons (Caption anyway, More samples), replies to a photo,
+drops a second image, and checks a second tab is a separate chat. Screenshots go to
+artifacts/ (playground.png, the scene caption and the honest reply, is the one the README
+shows as docs/playground.png).
 
 The second test plays the bot itself against an in-process playground, to check the
 page renders every kind of formatting without interpreting markup, the typing
@@ -66,6 +69,16 @@ def scene_png(seed: int) -> bytes:
         ImageDraw.Draw(image).ellipse((60, 60, 164, 164), fill="red")
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def photo_jpeg() -> bytes:
+    """A real photo, not a scene: scikit-image's chelsea (a cat)."""
+    from skimage import data
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.chelsea()).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
 
 
@@ -215,30 +228,53 @@ def converse(page, expect, url: str) -> None:
     expect(page.locator("body")).to_have_attribute("data-last-chat-action", re.compile(r"typing|upload_photo"))
     assert photo_loaded(photo_message.locator("img.photo"))
 
-    # 2. /sample 3: a numbered list of three captions.
+    # 2. A real photo: not captioned, but said plainly, with what the ImageNet classifier
+    #    sees (a cat) and the buttons Caption anyway and Attention map.
+    page.set_input_files(
+        "#file-input", files=[{"name": "chelsea.jpg", "mimeType": "image/jpeg", "buffer": photo_jpeg()}]
+    )
+    honest = bot_messages.filter(has_text="My ImageNet-trained encoder sees")
+    expect(honest).to_have_count(1, timeout=REPLY_TIMEOUT_MS)
+    expect(honest.locator(".text")).to_contain_text("coloured-shape scenes")
+    expect(honest.locator(".text")).to_contain_text(re.compile(r"(cat|tabby) \(\d+%\)"))
+    expect(honest.locator(".keyboard button")).to_have_text(["Caption anyway", "Attention map"])
+    # The scene, its caption, the photo and its honest reply are what the README shows:
+    # a taller window for the picture, so both photos fit whole.
+    page.set_viewport_size({"width": 860, "height": 1160})
+    page.mouse.move(0, 0)
+    page.wait_for_timeout(300)  # let the last scroll settle
+    page.screenshot(path=str(ARTIFACTS / "playground.png"))
+    page.set_viewport_size({"width": 860, "height": 1000})
+
+    # 3. /sample 3 on the photo: a numbered list of three captions, marked as made up.
     send_text(page, "/sample 3")
     expect(bot_messages.filter(has_text="3 sampled captions")).to_have_count(1, timeout=REPLY_TIMEOUT_MS)
     samples = bot_messages.filter(has_text="3 sampled captions").locator(".text").inner_text()
     assert re.search(r"^1\. .+\n2\. .+\n3\. .+$", samples, re.MULTILINE), samples
+    assert samples.startswith("This image is outside my training domain"), samples
 
-    # 3. /attention: a photo replying to the command; a click opens it full size.
+    # 4. /attention: a grid figure replying to the command; a click opens it full size.
     send_text(page, "/attention")
     figure = bot_messages.filter(has=page.locator("img.photo")).last
     expect(figure).to_be_visible(timeout=REPLY_TIMEOUT_MS)
     assert photo_loaded(figure.locator("img.photo"))
     expect(figure.locator(".quote")).to_contain_text("/attention")
+    width, height = figure.locator("img.photo").evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    assert 0.5 <= width / height <= 2, (width, height)  # a grid of tiles, not a strip
     figure.locator("img.photo").click()
     expect(page.locator("#lightbox")).to_be_visible()
     assert photo_loaded(page.locator("#lightbox-image"))
     page.keyboard.press("Escape")
     expect(page.locator("#lightbox")).to_be_hidden()
-    # The conversation so far (photo, caption and buttons, samples, attention figure)
-    # is what the README shows.
-    page.mouse.move(0, 0)
-    page.wait_for_timeout(300)  # let the last scroll settle
-    page.screenshot(path=str(ARTIFACTS / "playground.png"))
 
-    # 4. The "More samples" button: the bot answers the callback (a toast) and replies.
+    # 5. Caption anyway: the captions after all, marked as outside the training domain.
+    honest.locator(".keyboard button", has_text="Caption anyway").click()
+    expect(page.locator("#toast")).to_contain_text("Captioning")
+    anyway = bot_messages.filter(has_text="outside my training domain").filter(has_text="Baseline decoder")
+    expect(anyway).to_have_count(1, timeout=REPLY_TIMEOUT_MS)
+    expect(anyway.locator(".keyboard button")).to_have_text(["More samples", "Attention map"])
+
+    # 6. The "More samples" button: the bot answers the callback (a toast) and replies.
     sampled_before = bot_messages.filter(has_text="sampled captions").count()
     caption_reply.locator(".keyboard button", has_text="More samples").click()
     expect(page.locator("#toast")).to_contain_text("Sampling")
@@ -246,7 +282,7 @@ def converse(page, expect, url: str) -> None:
         sampled_before + 1, timeout=REPLY_TIMEOUT_MS
     )
 
-    # 5. Reply to the photo with a command: the quote shows above both messages.
+    # 7. Reply to the scene with a command: the quote shows above both messages.
     photo_message.hover()
     photo_message.locator(".reply-action").click()
     expect(page.locator("#reply-bar")).to_be_visible()
@@ -257,7 +293,7 @@ def converse(page, expect, url: str) -> None:
     expect(two).to_have_count(1, timeout=REPLY_TIMEOUT_MS)
     expect(two.locator(".quote")).to_contain_text("/sample 2")
 
-    # 6. Drag and drop a second image onto the page.
+    # 8. Drag and drop a second image onto the page.
     photos_before = user_messages.filter(has=page.locator("img.photo")).count()
     captions_before = bot_messages.filter(has=page.locator(".keyboard")).count()
     drop_file(page, "dropped.png", scene_png(11))

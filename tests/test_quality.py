@@ -146,3 +146,18 @@ def test_samples_and_beam_stay_on_topic(captioner):
     sample_recall = [judge(s, text) for s, texts in zip(scenes, samples) for text in texts]
     assert beam_exact >= 6
     assert sum(j.groups_recalled for j in sample_recall) / sum(j.groups_true for j in sample_recall) >= 0.7
+
+
+def test_captions_say_an_before_a_vowel_with_one_map_per_word(captioner):
+    from model.train import load_image
+
+    examples = [e for e in scene_examples(FRESH_SEEDS + 3000, 60) if any(" a orange" in f" {c}" for c in e.captions)]
+    encoded = captioner.encode([load_image(e.key) for e in examples[:12]])
+    greedy = captioner.greedy(encoded, "attention") + captioner.greedy(encoded, "baseline")
+    texts = [c.text for c in greedy] + [c.text for c in captioner.beam(encoded, 3)]
+    texts += [t for samples in captioner.sample(encoded, 3, seed=0) for t in samples]
+    words = [text.split() for text in texts]
+    assert not [w for w in words if any(a == "a" and b[0] in "aeiou" for a, b in zip(w, w[1:]))], texts
+    assert sum("an orange" in text for text in texts) >= 6, texts
+    for caption in greedy[:len(encoded)]:
+        assert caption.tokens == caption.text.split() and len(caption.alphas) == len(caption.tokens)

@@ -8,8 +8,10 @@ from PIL import Image, ImageDraw
 
 from model.cache import load_cache
 from model.captioner import Captioner
+from model.domain import DOMAIN_FILE
 from model.encoder import TUNED_TOP_FILE, EncoderTop
 from model.train import VAL_SEED_BASE, TrainConfig, dataset_examples, load_image, run
+from model.vocab import fold_articles
 
 TINY = dict(epochs=5, attention_epochs=5, batch_size=8, lr=5e-3, lr_baseline=5e-3, warmup_steps=4, workers=0, encode_batch=16,
             decoder_overrides={"hidden_dim": 64, "embed_dim": 32, "attention_dim": 32, "cell_dim": 64})
@@ -99,6 +101,8 @@ def test_coco_layout_trains(tmp_path):
         coco["annotations"] += [{"id": 100 * i + k, "image_id": i, "caption": text} for k, text in enumerate(
             [f"A {name} ball on a table.", f"a round {name} object", f"The {name} circle."])]
     (tmp_path / "captions_train2017.json").write_text(json.dumps(coco))
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / DOMAIN_FILE).write_bytes(b"a scene-trained domain check, stale here")
     config = TrainConfig(data="coco", captions_json=str(tmp_path / "captions_train2017.json"),
                          images_dir=str(images), min_word_count=1, out_dir=str(tmp_path / "w"),
                          work_dir=str(tmp_path / "run"), **TINY)
@@ -107,8 +111,12 @@ def test_coco_layout_trains(tmp_path):
     assert "best_val_bleu4" in results["decoders"]["attention"]
     captioner = Captioner.load(tmp_path / "w")
     assert {"red", "ball", "table"} <= set(captioner.vocab.words)
-    caption = captioner.greedy(captioner.encode([Image.open(images / "000000000000.jpg")]), "attention")[0]
-    assert all(word in captioner.vocab.words for word in caption.tokens)
+    encoded = captioner.encode([Image.open(images / "000000000000.jpg")])
+    caption = captioner.greedy(encoded, "attention")[0]
+    assert all(word in captioner.vocab.words for word in fold_articles(caption.tokens))   # "an" is spelling
+    # Photos declare no training domain: the stale check is gone and every picture is in domain.
+    assert not (tmp_path / "w" / DOMAIN_FILE).exists() and not captioner.has_domain_check
+    assert captioner.domain(encoded)[0].in_domain
 
 
 def test_karpathy_split_trains(tmp_path):

@@ -39,13 +39,29 @@ class FakeCaption:
     alphas: list | None
 
 
+@dataclass(frozen=True)
+class FakeVerdict:
+    in_domain: bool
+    score: float
+    threshold: float = 1.0
+
+
+@dataclass(frozen=True)
+class FakeLabel:
+    label: str
+    p: float
+
+
 class FakeCaptioner:
-    """Images are strings; a caption names its image so mix-ups are visible."""
+    """Images are strings; a caption names its image so mix-ups are visible. Images whose
+    name starts with "photo" are outside the domain; their labels name them too."""
 
     def __init__(self) -> None:
         self.encode_batches: list[list[str]] = []
         self.greedy_calls: list[tuple[str, int]] = []
         self.sample_calls: list[tuple[int, float, int]] = []
+        self.domain_calls: list[int] = []
+        self.label_calls: list[list[str]] = []
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
@@ -68,6 +84,15 @@ class FakeCaptioner:
     def sample(self, encoded, n, *, decoder="attention", temperature=1.0):
         self.sample_calls.append((n, temperature, len(encoded)))
         return [[f"sample{i} {e} t={temperature}" for i in range(n)] for e in encoded]
+
+    def domain(self, encoded):
+        self.domain_calls.append(len(encoded))
+        return [FakeVerdict(not e.startswith("enc(photo"), 2.0 if e.startswith("enc(photo") else 0.5)
+                for e in encoded]
+
+    def imagenet_labels(self, encoded, k=5):
+        self.label_calls.append(list(encoded))
+        return [[FakeLabel(f"label{i} {e}", 0.5 / (i + 1)) for i in range(k)] for e in encoded]
 
 
 def fake_open(data: bytes, max_pixels: int) -> str:
@@ -155,7 +180,7 @@ async def test_jobs_run_in_submission_order_and_each_gets_its_own_result(make_wo
     for i, (name, result) in enumerate(zip(names, results)):
         kind = kinds[i % 3]
         if kind == "samples":
-            assert result == [f"sample{k} enc({name}) t=0.5" for k in range(i + 1)]
+            assert result.samples == [f"sample{k} enc({name}) t=0.5" for k in range(i + 1)]
         elif kind == "caption":
             assert result.headline == f"attention enc({name})" and result.samples == []
         else:
@@ -209,9 +234,9 @@ async def test_a_decoder_failure_in_a_batch_only_fails_that_job(make_worker):
     captioner.gate.set()
     await first
     a, bad, b = await asyncio.gather(*tasks, return_exceptions=True)
-    assert a == ["sample0 enc(a) t=1.0", "sample1 enc(a) t=1.0"]
+    assert a.samples == ["sample0 enc(a) t=1.0", "sample1 enc(a) t=1.0"]
     assert isinstance(bad, InferenceFailed)
-    assert b == ["sample0 enc(b) t=1.0", "sample1 enc(b) t=1.0"]
+    assert b.samples == ["sample0 enc(b) t=1.0", "sample1 enc(b) t=1.0"]
 
 
 async def test_samples_with_different_settings_in_one_batch_are_grouped(make_worker):
@@ -262,7 +287,7 @@ async def test_encoded_photos_are_cached_by_key_and_reused_without_bytes(make_wo
     assert worker.is_cached("a")
     samples = await worker.samples(photo("a", data=False), n=2)
     figure = await worker.attention(photo("a", data=False))
-    assert samples == ["sample0 enc(a) t=1.0", "sample1 enc(a) t=1.0"]
+    assert samples.samples == ["sample0 enc(a) t=1.0", "sample1 enc(a) t=1.0"]
     assert figure.png.startswith(b"PNG a")
     assert captioner.encode_batches == [["a"]]  # encoded once
 
@@ -358,3 +383,80 @@ async def test_worker_log_lines_carry_the_submitting_updates_context(make_worker
         line = lines.get((event, update_id))
         assert line is not None, (event, update_id, logs)
         assert line["user_id"] == update_id + 1000 and line["chat_id"] == update_id + 2000, line
+
+
+# ---- the domain check ------------------------------------------------------------------------
+
+
+async def test_a_photo_outside_the_domain_gets_labels_instead_of_captions(make_worker):
+    captioner = FakeCaptioner()
+    worker = make_worker(captioner)
+    await worker.start()
+    first = await hold_first_batch(worker, captioner)
+    tasks = [asyncio.create_task(worker.caption(photo(name), n_samples=2))
+             for name in ("scene", "photo-cat")]
+    await asyncio.sleep(0.05)
+    captioner.gate.set()
+    await first
+    scene, cat = await asyncio.gather(*tasks)
+
+    assert scene.captioned and not scene.out_of_domain and scene.labels is None
+    assert scene.headline == "attention enc(scene)" and len(scene.samples) == 2
+    assert not cat.captioned and cat.out_of_domain
+    assert cat.verdict.score == 2.0
+    assert [label.label for label in cat.labels] == [f"label{i} enc(photo-cat)" for i in range(3)]
+    # One domain call for the batch; labels only for the photo, decoders only for the scene.
+    assert captioner.domain_calls[1:] == [2]
+    assert captioner.label_calls == [["enc(photo-cat)"]]
+    assert captioner.greedy_calls[2:] == [("attention", 1), ("baseline", 1)]
+    assert captioner.sample_calls[1:] == [(2, 1.0, 1)]
+
+
+async def test_caption_anyway_samples_and_attention_run_the_decoders_and_carry_the_verdict(make_worker):
+    captioner = FakeCaptioner()
+    worker = make_worker(captioner)
+    await worker.start()
+    labelled = await worker.caption(photo("photo-cat"), n_samples=1)
+    anyway = await worker.caption(photo("photo-cat", data=False), n_samples=2, anyway=True)
+    samples = await worker.samples(photo("photo-cat", data=False), n=3)
+    figure = await worker.attention(photo("photo-cat", data=False))
+
+    assert not labelled.captioned
+    assert anyway.captioned and anyway.out_of_domain and anyway.labels is None
+    assert anyway.headline == "attention enc(photo-cat)" and len(anyway.samples) == 2
+    assert samples.out_of_domain and len(samples.samples) == 3
+    assert figure.out_of_domain and figure.caption == "attention enc(photo-cat)"
+    assert captioner.encode_batches == [["photo-cat"]]  # the rest came from the cache
+    assert len(captioner.label_calls) == 1
+
+
+async def test_with_the_domain_check_off_every_photo_is_captioned(make_worker):
+    captioner = FakeCaptioner()
+    worker = make_worker(captioner, domain_check=False)
+    await worker.start()
+    result = await worker.caption(photo("photo-cat"), n_samples=1)
+    assert result.captioned and result.verdict is None and not result.out_of_domain
+    assert result.headline == "attention enc(photo-cat)"
+    assert captioner.domain_calls == [] and captioner.label_calls == []
+
+
+async def test_a_failing_domain_check_fails_only_its_job(make_worker):
+    captioner = FakeCaptioner()
+    original = captioner.domain
+
+    def picky_domain(encoded):
+        if "enc(bad)" in encoded:
+            raise RuntimeError("domain check exploded")
+        return original(encoded)
+
+    captioner.domain = picky_domain
+    worker = make_worker(captioner)
+    await worker.start()
+    first = await hold_first_batch(worker, captioner)
+    tasks = [asyncio.create_task(worker.caption(photo(name), n_samples=1)) for name in ("a", "bad")]
+    await asyncio.sleep(0.05)
+    captioner.gate.set()
+    await first
+    a, bad = await asyncio.gather(*tasks, return_exceptions=True)
+    assert a.headline == "attention enc(a)"
+    assert isinstance(bad, InferenceFailed)

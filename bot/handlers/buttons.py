@@ -7,7 +7,7 @@ from bot.log import get_logger
 from bot.middlewares import INFERENCE_FLAG
 from bot.photos import NotAnImage, photo_of
 from bot.service import CaptionService
-from bot.texts import ATTENTION_MAP, MORE_SAMPLES, PhotoAction
+from bot.texts import ATTENTION_MAP, CAPTION_ANYWAY, MORE_SAMPLES, PhotoAction
 
 log = get_logger("bot.buttons")
 router = Router(name="buttons")
@@ -39,6 +39,11 @@ async def photo_button(query: CallbackQuery, callback_data: PhotoAction, service
     elif callback_data.action == ATTENTION_MAP:
         await _ack(query, "Drawing the attention map...")
         await service.attention(message.chat.id, message.message_id, photo)
+    elif callback_data.action == CAPTION_ANYWAY:
+        await _ack(query, "Captioning...")
+        # Answered like a photo: a reply to the photo itself, with the photo's buttons.
+        photo_message = message.reply_to_message or message
+        await service.caption(message.chat.id, photo_message.message_id, photo, anyway=True)
     else:
         await _ack(query, None)
 
