@@ -152,3 +152,17 @@ async def test_an_unreachable_redis_is_reported_after_a_bounded_wait():
     message = str(caught.value)
     assert "QUEUE_URL" in message and "hunter2" not in message and "\n" not in message
     await client.aclose()
+
+
+async def test_a_job_kept_by_its_live_consumer_is_not_reclaimed(client):
+    transport = await make(client, claim_idle_ms=200)
+    await transport.enqueue(job(1))
+    [delivery] = await transport.read("slow", count=8, block_ms=10)
+    for _ in range(4):
+        await asyncio.sleep(0.1)
+        await transport.keep("slow", [delivery.entry_id])
+    assert await transport.reclaim("other", count=8) == []
+    await asyncio.sleep(0.3)
+    [claimed] = await transport.reclaim("other", count=8)
+    await transport.keep("slow", [delivery.entry_id])  # too late: it is not taken back
+    assert (await transport.delivery_counts("other", [claimed.entry_id])) == {claimed.entry_id: 2}

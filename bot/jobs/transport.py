@@ -179,6 +179,20 @@ class RedisTransport:
         )
         return {_str(p["message_id"]): int(p["times_delivered"]) for p in pending}
 
+    async def keep(self, consumer: str, entry_ids: list[str]) -> None:
+        """Reset the idle time of the jobs this consumer still holds (not those another
+        consumer took over meanwhile), so they are not reclaimed while they run."""
+        if not entry_ids:
+            return
+        mine = await self.client.xpending_range(
+            self.stream, GROUP, min="-", max="+", count=len(entry_ids) * 4 + 100,
+            consumername=consumer,
+        )
+        held = {_str(p["message_id"]) for p in mine} & set(entry_ids)
+        if held:
+            await self.client.xclaim(self.stream, GROUP, consumer, 0, sorted(held, key=_id_key),
+                                     justid=True)
+
     async def answered(self, update_id: int) -> bool:
         return bool(await self.client.exists(self.key("reply", update_id)))
 
