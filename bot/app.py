@@ -84,12 +84,15 @@ class BotApp:
     async def _draining(self, deadline: float) -> None:
         """Hook: no updates are in flight any more (or the wait timed out)."""
 
+    def _limit_middlewares(self) -> tuple[AllowlistMiddleware, RateLimitMiddleware]:
+        return (AllowlistMiddleware(self.settings.allowed_user_ids, self.settings.allowlist_ignore_s),
+                RateLimitMiddleware(self.settings.rate_limit_per_min))
+
     def _build_dispatcher(self) -> Dispatcher:
         dp = Dispatcher()
         dp["service"] = self.service
         dp.update.outer_middleware(self.updates)
-        allowlist = AllowlistMiddleware(self.settings.allowed_user_ids, self.settings.allowlist_ignore_s)
-        rate_limit = RateLimitMiddleware(self.settings.rate_limit_per_min)
+        allowlist, rate_limit = self._limit_middlewares()
         for observer in (dp.message, dp.callback_query):
             observer.outer_middleware(allowlist)
             observer.middleware(rate_limit)

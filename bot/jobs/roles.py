@@ -16,8 +16,10 @@ from bot.app import BotApp, build_bot, start_worker
 from bot.health import heartbeat
 from bot.jobs.consumer import JobConsumer
 from bot.jobs.frontend import EnqueueingService, UpdateGate
+from bot.jobs.shared import SharedAllowlist, SharedRateLimit, shared_cache
 from bot.jobs.transport import RedisTransport, UnreachableError, connect_client, wait_for_redis
 from bot.log import get_logger
+from bot.middlewares import AllowlistMiddleware, RateLimitMiddleware
 from bot.photos import PhotoBook
 from bot.service import CaptionService
 from bot.settings import Settings, SettingsError
@@ -53,6 +55,8 @@ async def run_role(settings: Settings, role: str, worker: InferenceWorker | None
             return
         if role == "all" and worker is None:
             worker = await InferenceWorker.load(settings)
+        if worker is not None:
+            share_cache(worker, settings, transport)
         app = QueuedBotApp(settings, transport, worker if role == "all" else None)
         if settings.mode == "webhook":
             await app.run_webhook()
@@ -85,6 +89,12 @@ class QueuedBotApp(BotApp):
     def _make_service(self) -> CaptionService:
         return EnqueueingService(self.bot, self.photos, self.settings, self.transport)
 
+    def _limit_middlewares(self) -> tuple[AllowlistMiddleware, RateLimitMiddleware]:
+        settings, client, prefix = self.settings, self.transport.client, self.transport.prefix
+        return (SharedAllowlist(settings.allowed_user_ids, settings.allowlist_ignore_s, client,
+                                prefix),
+                SharedRateLimit(settings.rate_limit_per_min, client, prefix))
+
     def _alive(self) -> bool:
         if self._consuming is not None and self._consuming.done():
             return False
@@ -102,10 +112,16 @@ class QueuedBotApp(BotApp):
                                        max(1.0, deadline - time.monotonic()))
 
 
+def share_cache(worker: InferenceWorker, settings: Settings, transport: RedisTransport) -> None:
+    """The worker's encoded-photo cache, shared with every other worker through Redis."""
+    worker.cache = shared_cache(settings, transport.prefix)
+
+
 async def run_worker(settings: Settings, transport: RedisTransport,
                      worker: InferenceWorker | None = None) -> None:
     if worker is None:
         worker = await InferenceWorker.load(settings)
+    share_cache(worker, settings, transport)
     bot = build_bot(settings)
     consumer = JobConsumer(transport, CaptionService(bot, worker, PhotoBook(), settings), settings)
     stop = asyncio.Event()
