@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 
 from bot import texts
 from bot.jobs.record import JobRecord
-from bot.jobs.transport import GROUP, Delivery, RedisTransport
+from bot.jobs.transport import GROUP, Delivery, RedisTransport, retry_redis
 from bot.log import get_logger
 from bot.retry import backoff_delay
 from bot.service import CaptionService
@@ -175,17 +175,7 @@ class JobConsumer:
             lambda: self.transport.dead_letter(delivery, self.name, "max_deliveries"))
 
     async def _retrying(self, make_call: Callable[[], Awaitable[T]]) -> T:
-        """`await make_call()`, retried with backoff while Redis is unreachable."""
-        attempt = 0
-        while True:
-            try:
-                return await make_call()
-            except (RedisError, OSError) as error:
-                attempt += 1
-                delay = backoff_delay(attempt)
-                log.warning("redis_unavailable", role="worker", attempt=attempt,
-                            retry_in_s=round(delay, 2), error=f"{type(error).__name__}: {error}")
-                await asyncio.sleep(delay)
+        return await retry_redis(make_call, role="worker")
 
     # ---- stopping --------------------------------------------------------------------
 

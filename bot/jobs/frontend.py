@@ -23,14 +23,12 @@ from aiogram.client.session.middlewares.base import BaseRequestMiddleware, NextR
 from aiogram.methods import GetUpdates, TelegramMethod
 from aiogram.methods.base import Response, TelegramType
 from aiogram.types import TelegramObject, Update, User
-from redis.exceptions import RedisError
 
 from bot import texts
 from bot.jobs.record import JobRecord
-from bot.jobs.transport import QueueFullError, RedisTransport
+from bot.jobs.transport import QueueFullError, RedisTransport, retry_redis
 from bot.log import get_logger
 from bot.photos import PhotoBook, PhotoRef
-from bot.retry import backoff_delay
 from bot.service import CaptionService
 from bot.settings import Settings
 
@@ -70,21 +68,12 @@ class EnqueueingService(CaptionService):
         job = JobRecord(update_id=update_id, chat_id=chat_id, user_id=user_id,
                         message_id=reply_to, kind=kind, file_id=photo.file_id,
                         file_unique_id=photo.key, file_size=photo.file_size, **args)
-        attempt = 0
-        while True:  # until it is in the stream: the update must not be confirmed before
-            try:
-                entry_id = await self.transport.enqueue(job)
-                break
-            except QueueFullError:
-                log.warning("queue_full")
-                await self.tell(chat_id, reply_to, texts.QUEUE_FULL)
-                return
-            except (RedisError, OSError) as error:
-                attempt += 1
-                delay = backoff_delay(attempt)
-                log.warning("redis_unavailable", role="frontend", attempt=attempt,
-                            retry_in_s=round(delay, 2), error=f"{type(error).__name__}: {error}")
-                await asyncio.sleep(delay)
+        try:  # retried until it is in the stream: the update must not be confirmed before
+            entry_id = await retry_redis(lambda: self.transport.enqueue(job), role="frontend")
+        except QueueFullError:
+            log.warning("queue_full")
+            await self.tell(chat_id, reply_to, texts.QUEUE_FULL)
+            return
         log.info("job_enqueued" if entry_id else "job_duplicate", kind=kind, entry_id=entry_id)
 
 

@@ -16,14 +16,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from bot.jobs.record import JobRecord
 from bot.log import get_logger
+from bot.retry import backoff_delay
 
 log = get_logger("bot.jobs")
 
@@ -42,6 +44,23 @@ if limit > 0 and redis.call('XLEN', KEYS[2]) >= limit then return -1 end
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
 return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
 """
+
+
+T = TypeVar("T")
+
+
+async def retry_redis(make_call: Callable[[], Awaitable[T]], role: str) -> T:
+    """`await make_call()`, retried with backoff (and logged) while Redis is unreachable."""
+    attempt = 0
+    while True:
+        try:
+            return await make_call()
+        except (RedisError, OSError) as error:
+            attempt += 1
+            delay = backoff_delay(attempt)
+            log.warning("redis_unavailable", role=role, attempt=attempt,
+                        retry_in_s=round(delay, 2), error=f"{type(error).__name__}: {error}")
+            await asyncio.sleep(delay)
 
 
 class QueueFullError(Exception):
