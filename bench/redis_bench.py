@@ -34,6 +34,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from bot_bench import all_at_once, one_at_a_time, percentile, scene_jpeg  # noqa: E402
 from bot_helpers import BotProcess  # noqa: E402
 
+import redis.asyncio as aioredis  # noqa: E402
+
 from bot.emulator import BotAPIEmulator  # noqa: E402
 from redis_helpers import RedisServer  # noqa: E402
 
@@ -71,6 +73,7 @@ async def setup(args: argparse.Namespace, redis_url: str | None, workers: int,
                 **settings: object) -> tuple[BotAPIEmulator, list[BotProcess]]:
     emu = BotAPIEmulator(bot_token=TOKEN, max_files=6 * args.photos + 200)
     await emu.start("127.0.0.1", 0)
+    await flush(redis_url)  # each emulator numbers its updates from the same start
     if redis_url is None:
         return emu, [await launch(role(emu, "all", args.captioner, **settings), "bot_started")]
     workers_ = await asyncio.gather(*(
@@ -82,6 +85,13 @@ async def setup(args: argparse.Namespace, redis_url: str | None, workers: int,
     return emu, [frontend, *workers_]
 
 
+async def flush(redis_url: str | None) -> None:
+    if redis_url is not None:
+        client = aioredis.Redis.from_url(redis_url)
+        await client.flushall()
+        await client.aclose()
+
+
 async def teardown(emu: BotAPIEmulator, roles: list[BotProcess]) -> None:
     await asyncio.gather(*(process.stop(120) for process in roles))
     await emu.stop()
@@ -90,6 +100,7 @@ async def teardown(emu: BotAPIEmulator, roles: list[BotProcess]) -> None:
 async def recovery(args: argparse.Namespace, redis_url: str) -> dict:
     emu = BotAPIEmulator(bot_token=TOKEN, max_files=200)
     await emu.start("127.0.0.1", 0)
+    await flush(redis_url)
     held = await launch(role(emu, "worker", args.captioner, QUEUE_URL=redis_url,
                              JOB_CLAIM_IDLE_MS=CLAIM_IDLE_MS, CAPTIONBOT_TEST_HOLD_BATCH=1),
                         "worker_started")

@@ -23,12 +23,12 @@ import redis.asyncio as aioredis
 
 from bot.jobs.consumer import HOLD_BATCH_ENV
 from bot.jobs.frontend import HOLD_CONFIRM_ENV
-from bot_helpers import BotProcess, bot_env, dump_output, emu, image_bytes, numbered_lines  # noqa: F401
+from bot_helpers import TOKEN, BotProcess, bot_env, dump_output, emu, image_bytes, numbered_lines  # noqa: F401
 from redis_helpers import redis_server  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 
-PREFIX = "captionbot"
+PREFIX = "captionbot:" + TOKEN.split(":")[0]  # keys are per bot
 
 
 def queue_env(emu, redis_server, tmp: Path, **overrides) -> dict[str, str]:

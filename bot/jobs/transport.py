@@ -136,7 +136,10 @@ class RedisTransport:
 
     @classmethod
     def from_settings(cls, client: aioredis.Redis, settings: Any) -> RedisTransport:
-        return cls(client, claim_idle_ms=settings.job_claim_idle_ms,
+        # Keys per bot: update ids are only unique within one bot, and two bots may share
+        # a Redis server.
+        bot_id = settings.require_token().split(":", 1)[0]
+        return cls(client, prefix=f"{PREFIX}:{bot_id}", claim_idle_ms=settings.job_claim_idle_ms,
                    max_deliveries=settings.job_max_deliveries, queue_max=settings.queue_max)
 
     def key(self, *parts: object) -> str:
