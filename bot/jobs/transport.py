@@ -247,9 +247,6 @@ class RedisTransport:
         summary = await self.client.xpending(self.stream, GROUP)
         return int(summary["pending"])
 
-    async def heartbeat(self, role: str, name: str, ttl_s: int = 30) -> None:
-        await self.client.set(self.key("heartbeat", role, name), f"{time.time():.0f}", ex=ttl_s)
-
 
 def _delivery(entry_id: bytes | str, raw: dict[Any, Any], deliveries: int) -> Delivery:
     text = {_str(key): _str(value) for key, value in raw.items()}
