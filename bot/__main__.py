@@ -23,6 +23,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--playground", action="store_true",
                         help="chat with the bot in a local web page instead of Telegram")
+    parser.add_argument("--role", choices=("all", "frontend", "worker"), default="all",
+                        help="with QUEUE_URL: frontend (takes updates, enqueues jobs), worker "
+                             "(runs the model on jobs, replies) or all (both; the default)")
     return parser.parse_args(argv)
 
 
@@ -58,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_format, settings.log_level)
     log = get_logger("bot")
 
-    playground = args.playground or (
+    playground = args.role == "all" and (args.playground or (
         settings.token is None and settings.mode == "polling" and settings.playground == "auto"
-    )
+    ))
     if not playground:
         try:
             settings.require_token()
@@ -76,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     log.info("starting", mode="playground" if playground else settings.mode,
-             captioner=settings.captioner, device=settings.device)
+             captioner=settings.captioner, device=settings.device, role=args.role,
+             queue="redis" if settings.queue_url else "in-process")
     try:
-        asyncio.run(run_playground(settings) if playground else run(settings))
+        asyncio.run(run_playground(settings) if playground else run(settings, role=args.role))
     except (SettingsError, StartupError) as error:
         log.error("cannot_start", reason=str(error))
         return 2

@@ -42,23 +42,58 @@ def build_bot(settings: Settings, retry: RetryMiddleware | None = None) -> Bot:
     return Bot(token=token, session=session)
 
 
+async def start_worker(worker: InferenceWorker) -> None:
+    """Warm the model up, then start the worker; StartupError if the warm-up fails."""
+    from PIL import Image
+
+    try:
+        seconds = await worker.warm_up(Image.new("RGB", (224, 224), (128, 128, 128)))
+    except Exception as error:
+        # A model that fails here would fail every photo: better not to start at all.
+        raise StartupError(f"the captioning model failed its warm-up run: "
+                           f"{type(error).__name__}: {error}") from error
+    log.info("model_warmed_up", seconds=round(seconds, 2))
+    await worker.start()
+
+
 class BotApp:
-    def __init__(self, settings: Settings, worker: InferenceWorker) -> None:
+    """The dispatcher and its service; `worker` is None in a frontend (QUEUE_URL), whose
+    service enqueues jobs instead (bot/jobs/roles.py)."""
+
+    # Webhook: the in-process bot answers 200 at once; a frontend only after the enqueue.
+    handle_in_background = True
+
+    def __init__(self, settings: Settings, worker: InferenceWorker | None) -> None:
         self.settings = settings
         self.retry = RetryMiddleware(budget_s=settings.send_retry_timeout_s)
         self.bot = build_bot(settings, self.retry)
         self.worker = worker
-        self.service = CaptionService(self.bot, self.worker, PhotoBook(), settings)
+        self.service = self._make_service()
         self.updates = UpdateContextMiddleware()
         self.dispatcher = self._build_dispatcher()
         self._heartbeat: asyncio.Task[None] | None = None
+
+    def _make_service(self) -> CaptionService:
+        return CaptionService(self.bot, self.worker, PhotoBook(), self.settings)  # type: ignore[arg-type]
+
+    def _alive(self) -> bool:
+        return self.worker is None or self.worker.running
+
+    async def _started(self) -> None:
+        """Hook: after the worker started, before the first update."""
+
+    async def _draining(self, deadline: float) -> None:
+        """Hook: no updates are in flight any more (or the wait timed out)."""
+
+    def _limit_middlewares(self) -> tuple[AllowlistMiddleware, RateLimitMiddleware]:
+        return (AllowlistMiddleware(self.settings.allowed_user_ids, self.settings.allowlist_ignore_s),
+                RateLimitMiddleware(self.settings.rate_limit_per_min))
 
     def _build_dispatcher(self) -> Dispatcher:
         dp = Dispatcher()
         dp["service"] = self.service
         dp.update.outer_middleware(self.updates)
-        allowlist = AllowlistMiddleware(self.settings.allowed_user_ids, self.settings.allowlist_ignore_s)
-        rate_limit = RateLimitMiddleware(self.settings.rate_limit_per_min)
+        allowlist, rate_limit = self._limit_middlewares()
         for observer in (dp.message, dp.callback_query):
             observer.outer_middleware(allowlist)
             observer.middleware(rate_limit)
@@ -68,20 +103,11 @@ class BotApp:
         return dp
 
     async def _on_startup(self) -> None:
-        from PIL import Image
-
-        try:
-            seconds = await self.worker.warm_up(Image.new("RGB", (224, 224), (128, 128, 128)))
-        except Exception as error:
-            # A model that fails here would fail every photo: better not to start at all.
-            raise StartupError(f"the captioning model failed its warm-up run: "
-                               f"{type(error).__name__}: {error}") from error
-        log.info("model_warmed_up", seconds=round(seconds, 2))
-        await self.worker.start()
+        if self.worker is not None:
+            await start_worker(self.worker)
+        await self._started()
         if self.settings.health_file is not None:
-            self._heartbeat = asyncio.create_task(
-                heartbeat(self.settings.health_file, lambda: self.worker.running)
-            )
+            self._heartbeat = asyncio.create_task(heartbeat(self.settings.health_file, self._alive))
         try:
             await self.bot.set_my_commands(
                 [BotCommand(command=name, description=about) for name, about in texts.COMMANDS.items()]
@@ -96,9 +122,11 @@ class BotApp:
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
         self.retry.finish_by(deadline)  # a reply retried during an outage must not outlast it
         log.info("shutting_down", updates_in_flight=self.updates.in_flight,
-                 jobs_queued=self.worker.queued)
+                 jobs_queued=self.worker.queued if self.worker else 0)
         finished = await self.updates.wait_idle(self.settings.shutdown_timeout_s)
-        await self.worker.stop(timeout=max(0.0, deadline - time.monotonic()))
+        await self._draining(deadline)
+        if self.worker is not None:
+            await self.worker.stop(timeout=max(0.0, deadline - time.monotonic()))
         if not finished:
             await self.updates.wait_idle(LAST_WORDS_S)
         if self._heartbeat is not None:
@@ -107,7 +135,8 @@ class BotApp:
                 await self._heartbeat
             with contextlib.suppress(OSError):
                 self.settings.health_file.unlink()  # type: ignore[union-attr]
-        log.info("stopped", jobs_done=self.worker.jobs_done, batches=self.worker.batches_run)
+        log.info("stopped", jobs_done=self.worker.jobs_done if self.worker else 0,
+                 batches=self.worker.batches_run if self.worker else 0)
 
     # ---- run modes -------------------------------------------------------------------
 
@@ -123,6 +152,7 @@ class BotApp:
             dispatcher=self.dispatcher,
             bot=self.bot,
             secret_token=settings.webhook_secret_value,
+            handle_in_background=self.handle_in_background,
         ).register(app, path=settings.webhook_path)
         app.router.add_get("/healthz", self._healthz)
         runner = web.AppRunner(app, handle_signals=False)
@@ -154,11 +184,17 @@ class BotApp:
                 await self.bot.session.close()
 
     async def _healthz(self, _request: web.Request) -> web.Response:
-        ok = self.worker.running
-        return web.json_response({"ok": ok, "queued": self.worker.queued}, status=200 if ok else 503)
+        ok = self._alive()
+        queued = self.worker.queued if self.worker else 0
+        return web.json_response({"ok": ok, "queued": queued}, status=200 if ok else 503)
 
 
-async def run(settings: Settings, worker: InferenceWorker | None = None) -> None:
+async def run(settings: Settings, worker: InferenceWorker | None = None, role: str = "all") -> None:
+    if settings.queue_url is not None or role != "all":
+        from bot.jobs.roles import run_role
+
+        await run_role(settings, role, worker)
+        return
     if worker is None:
         worker = await InferenceWorker.load(settings)
     app = BotApp(settings, worker)

@@ -95,17 +95,22 @@ class AllowlistMiddleware(BaseMiddleware):
         user: User | None = data.get("event_from_user")
         if not self.allowed or (user is not None and user.id in self.allowed):
             return await handler(event, data)
-        user_id = user.id if user is not None else 0
-        now = time.monotonic()
-        last = self._refused_at.get(user_id)
-        if last is not None and now - last < self.ignore_s:
+        if not await self._first_refusal(user.id if user is not None else 0):
             log.info("ignored_not_allowed")
             return None
-        self._forget_old(now)
-        self._refused_at[user_id] = now
         log.info("refused_not_allowed")
         await _tell(event, texts.NOT_ALLOWED)
         return None
+
+    async def _first_refusal(self, user_id: int) -> bool:
+        """True if `user_id` was not refused in the last `ignore_s` (and is now)."""
+        now = time.monotonic()
+        last = self._refused_at.get(user_id)
+        if last is not None and now - last < self.ignore_s:
+            return False
+        self._forget_old(now)
+        self._refused_at[user_id] = now
+        return True
 
     def _forget_old(self, now: float) -> None:
         if len(self._refused_at) > 10_000:
@@ -126,26 +131,39 @@ class RateLimitMiddleware(BaseMiddleware):
         user: User | None = data.get("event_from_user")
         if self.per_minute <= 0 or user is None or not get_flag(data, INFERENCE_FLAG):
             return await handler(event, data)
+        retry_in = await self._admit(user.id)
+        if retry_in is None:
+            return await handler(event, data)
+        if not await self._first_notice(user.id, retry_in):
+            log.info("rate_limited_quietly")
+            if isinstance(event, CallbackQuery):
+                # A button press must always be answered, or the client shows a spinner.
+                await _tell(event, texts.rate_limited(self.per_minute, retry_in))
+            return None
+        log.info("rate_limited", retry_in_s=retry_in)
+        await _tell(event, texts.rate_limited(self.per_minute, retry_in))
+        return None
+
+    async def _admit(self, user_id: int) -> int | None:
+        """None if the user is under the limit (the request counts), else seconds to wait."""
         now = time.monotonic()
-        recent = self._recent.setdefault(user.id, deque())
+        recent = self._recent.setdefault(user_id, deque())
         while recent and now - recent[0] >= self.WINDOW_S:
             recent.popleft()
         if len(recent) < self.per_minute:
             recent.append(now)
             if len(self._recent) > 10_000:
                 self._forget_idle(now)
-            return await handler(event, data)
-        retry_in = max(1, round(self.WINDOW_S - (now - recent[0])))
-        if self._noticed_until.get(user.id, 0) > now:
-            log.info("rate_limited_quietly")
-            if isinstance(event, CallbackQuery):
-                # A button press must always be answered, or the client shows a spinner.
-                await _tell(event, texts.rate_limited(self.per_minute, retry_in))
             return None
-        self._noticed_until[user.id] = now + retry_in
-        log.info("rate_limited", retry_in_s=retry_in)
-        await _tell(event, texts.rate_limited(self.per_minute, retry_in))
-        return None
+        return max(1, round(self.WINDOW_S - (now - recent[0])))
+
+    async def _first_notice(self, user_id: int, retry_in: int) -> bool:
+        """True for the first refusal of a limited stretch (it gets a notice)."""
+        now = time.monotonic()
+        if self._noticed_until.get(user_id, 0) > now:
+            return False
+        self._noticed_until[user_id] = now + retry_in
+        return True
 
     def _forget_idle(self, now: float) -> None:
         for uid, stamps in list(self._recent.items()):

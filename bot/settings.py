@@ -118,6 +118,13 @@ class Settings(BaseSettings):
     )
     playground_port: int = Field(8080, ge=0, le=65535, description="The playground page's port")
     playground: OnOff = Field("auto", description="off: a missing token is an error")
+    # --- More than one process (bot/jobs/): unset QUEUE_URL keeps the in-process queue
+    queue_url: str | None = Field(None, description="redis://host:port/db: jobs on Redis Streams")
+    job_claim_idle_ms: int = Field(15_000, ge=100, le=3_600_000,
+                                   description="A dead worker's jobs are reclaimed after this")
+    job_max_deliveries: int = Field(3, ge=1, le=100, description="Tries per job, then dead letter")
+    redis_connect_timeout_s: Seconds = Field(10.0, description="Waiting for Redis at start")
+    encoded_cache_ttl_s: int = Field(3600, ge=1, description="Encoded photos kept in Redis")
 
     # ---- reading ---------------------------------------------------------------------
 
@@ -194,6 +201,14 @@ class Settings(BaseSettings):
             name = str(info.field_name).upper()
             raise SettingsError([f"{name}={value!r}: must be an http:// or https:// URL"])
         return value.rstrip("/")
+
+    @field_validator("queue_url", mode="before")
+    @classmethod
+    def _redis_url(cls, value: Any) -> Any:
+        if isinstance(value, str) and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise SettingsError([f"QUEUE_URL={value!r}: must be a redis://host:port/db, "
+                                 "rediss:// or unix:// URL (unset: the in-process queue)"])
+        return value
 
     @field_validator("allowed_user_ids", mode="before")
     @classmethod

@@ -52,6 +52,9 @@ RESTARTING = "I'm restarting right now and couldn't finish this one. Please send
 INFERENCE_FAILED = "Sorry, something went wrong while captioning this image. Please try another one."
 DOWNLOAD_FAILED = "I couldn't download that file from Telegram. Please send it again."
 PHOTO_GONE = "I no longer have that photo. Please send it again."
+JOB_GAVE_UP = (
+    "Sorry, I tried several times and couldn't finish this one. Please send it again later."
+)
 NOT_AN_IMAGE = (
     "That file isn't an image I can read. Send a photo, or an image file "
     "(JPEG, PNG, WebP, BMP or GIF)."

@@ -1,0 +1,210 @@
+"""The worker's side of the queue: read jobs in batches, answer each through the same
+`CaptionService` the one-process bot uses (getFile, the local InferenceWorker's
+micro-batching, the reply), then acknowledge it.
+
+- Up to 2 x BATCH_MAX jobs are in hand at once (one batch in the model while the next
+  downloads); reads ask for at most BATCH_MAX.
+- Every JOB_CLAIM_IDLE_MS / 3 it resets the idle time of the jobs it holds (XCLAIM
+  JUSTID), and reclaims (XAUTOCLAIM) what a dead consumer held. A job
+  delivered more than JOB_MAX_DELIVERIES times is not run again: the user gets an
+  apology and the job goes to the dead-letter stream.
+- One visible answer: a job is acknowledged together with its reply record, and a
+  redelivered job whose record exists is acknowledged without answering again.
+- Redis trouble: every call is retried with backoff and logged; the loop never exits
+  for it. On stop it finishes what it holds within the timeout and releases the rest
+  (marked idle, so another worker reclaims it at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import structlog
+from redis.exceptions import RedisError
+
+from bot import texts
+from bot.jobs.record import JobRecord
+from bot.jobs.transport import GROUP, Delivery, RedisTransport, retry_redis
+from bot.log import get_logger
+from bot.retry import backoff_delay
+from bot.service import CaptionService
+from bot.settings import Settings
+
+log = get_logger("bot.jobs")
+
+# Test hook (the crash test): a worker started with this set holds the first batch it
+# reads, logging `test_holding_batch`, until it is killed.
+HOLD_BATCH_ENV = "CAPTIONBOT_TEST_HOLD_BATCH"
+IDLE_BLOCK_MS = 1000  # how long a read waits when nothing is in hand
+
+T = TypeVar("T")
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class JobConsumer:
+    def __init__(self, transport: RedisTransport, service: CaptionService, settings: Settings,
+                 name: str | None = None) -> None:
+        self.transport = transport
+        self.service = service
+        self.name = name or consumer_name()
+        self.batch_max = settings.batch_max
+        self.capacity = 2 * settings.batch_max
+        self.batch_wait_ms = max(1, settings.batch_wait_ms)  # BLOCK 0 would wait forever
+        # Jobs in hand are re-claimed (their idle time reset) three times per idle period,
+        # so no live worker's job looks dead; dead workers' jobs are looked for twice.
+        self.claim_every_s = max(0.1, transport.claim_idle_ms / 3000)
+        self.shutdown_timeout_s = settings.shutdown_timeout_s
+        self._tasks: dict[asyncio.Task[None], Delivery] = {}
+        self._hold = bool(os.environ.get(HOLD_BATCH_ENV))
+        self._failures = 0
+        self.jobs_done = 0
+        self.last_contact = time.monotonic()
+
+    @property
+    def in_hand(self) -> int:
+        return len(self._tasks)
+
+    # ---- the loop --------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop` is set, then drain."""
+        log.info("consumer_started", consumer=self.name, capacity=self.capacity)
+        next_keep = next_reclaim = 0.0
+        while not stop.is_set():
+            try:
+                if time.monotonic() >= next_keep:
+                    next_keep = time.monotonic() + self.claim_every_s
+                    await self.transport.keep(self.name, [d.entry_id for d in self._tasks.values()])
+                if self.in_hand >= self.capacity:
+                    await asyncio.wait(list(self._tasks), timeout=self.claim_every_s,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                if time.monotonic() >= next_reclaim:
+                    next_reclaim = time.monotonic() + self.claim_every_s
+                    self._take(await self.transport.reclaim(self.name, self._room()))
+                    if self.in_hand >= self.capacity:
+                        continue
+                block = self.batch_wait_ms if self._tasks else min(
+                    IDLE_BLOCK_MS, int(self.claim_every_s * 1000))
+                batch = await self.transport.read(self.name, self._room(), block)
+                self._contact()
+                if batch and self._hold:
+                    await self._hold_for_test(batch)
+                self._take(batch)
+            except (RedisError, OSError) as error:
+                await self._lost_redis(error, stop)
+        await self._drain()
+
+    def _room(self) -> int:
+        return max(1, min(self.batch_max, self.capacity - self.in_hand))
+
+    def _take(self, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            task = asyncio.create_task(self._handle(delivery))
+            self._tasks[task] = delivery
+            task.add_done_callback(self._tasks.pop)
+
+    def _contact(self) -> None:
+        if self._failures:
+            log.info("redis_back", role="worker", after_attempts=self._failures)
+        self._failures = 0
+        self.last_contact = time.monotonic()
+
+    async def _lost_redis(self, error: BaseException, stop: asyncio.Event) -> None:
+        self._failures += 1
+        delay = backoff_delay(self._failures)
+        log.warning("redis_unavailable", role="worker", attempt=self._failures,
+                    retry_in_s=round(delay, 2), error=f"{type(error).__name__}: {error}")
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+        except TimeoutError:
+            pass
+
+    # ---- one job ---------------------------------------------------------------------
+
+    async def _handle(self, delivery: Delivery) -> None:
+        job = delivery.job
+        if job is None:
+            await self._retrying(
+                lambda: self.transport.dead_letter(delivery, self.name, "malformed"))
+            return
+        with structlog.contextvars.bound_contextvars(
+            update_id=job.update_id, chat_id=job.chat_id, user_id=job.user_id,
+            message_id=job.message_id,
+        ):
+            if delivery.deliveries > self.transport.max_deliveries:
+                await self._give_up(delivery, job)
+                return
+            if delivery.deliveries > 1 and await self._retrying(
+                    lambda: self.transport.answered(job.update_id)):
+                log.info("job_already_answered", deliveries=delivery.deliveries)
+            else:
+                try:
+                    await self._perform(job)
+                except Exception:  # a bug or an outage: leave it pending, it is retried
+                    log.exception("job_error", kind=job.kind, deliveries=delivery.deliveries)
+                    return
+            await self._retrying(lambda: self.transport.finish(delivery, self.name))
+            self.jobs_done += 1
+            log.info("job_done", kind=job.kind, deliveries=delivery.deliveries,
+                     consumer=self.name, entry_id=delivery.entry_id,
+                     total_ms=round((time.time() - job.enqueued_at) * 1000, 1))
+
+    async def _perform(self, job: JobRecord) -> None:
+        service = self.service
+        if job.kind == "caption":
+            await service.caption(job.chat_id, job.message_id, job.photo)
+        elif job.kind == "samples":
+            await service.samples(job.chat_id, job.message_id, job.photo, job.n, job.temperature)
+        else:
+            await service.attention(job.chat_id, job.message_id, job.photo)
+
+    async def _give_up(self, delivery: Delivery, job: JobRecord) -> None:
+        log.error("job_dead_lettered", kind=job.kind, deliveries=delivery.deliveries)
+        if not await self._retrying(lambda: self.transport.answered(job.update_id)):
+            await self.service.tell(job.chat_id, job.message_id, texts.JOB_GAVE_UP)
+        await self._retrying(
+            lambda: self.transport.dead_letter(delivery, self.name, "max_deliveries"))
+
+    async def _retrying(self, make_call: Callable[[], Awaitable[T]]) -> T:
+        return await retry_redis(make_call, role="worker")
+
+    # ---- stopping --------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        """Finish the jobs in hand within the shutdown timeout; release the rest."""
+        entries = {task: delivery.entry_id for task, delivery in self._tasks.items()}
+        tasks = list(entries)
+        if not tasks:
+            log.info("consumer_stopped", consumer=self.name, finished=0, released=0)
+            return
+        done, pending = await asyncio.wait(tasks, timeout=self.shutdown_timeout_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        released = [entries[task] for task in pending]
+        if released:
+            try:  # idle as long as a dead consumer's jobs: the next reclaim takes them
+                await self.transport.client.xclaim(
+                    self.transport.stream, GROUP, self.name, 0, released,
+                    idle=self.transport.claim_idle_ms, justid=True,
+                )
+            except (RedisError, OSError) as error:
+                log.warning("release_failed", error=f"{type(error).__name__}: {error}")
+        log.info("consumer_stopped", consumer=self.name, finished=len(done),
+                 released=len(released))
+
+    async def _hold_for_test(self, batch: list[Delivery]) -> None:
+        self._hold = False
+        log.warning("test_holding_batch", consumer=self.name,
+                    entry_ids=[d.entry_id for d in batch],
+                    update_ids=[d.job.update_id for d in batch if d.job is not None])
+        await asyncio.Event().wait()  # until SIGKILL

@@ -1,0 +1,142 @@
+"""The frontend's side of the queue: handlers stay as they are, but the service they call
+puts a job in the stream instead of running the model, and no update is confirmed to
+Telegram before its job is in the stream.
+
+- `EnqueueingService` is the `CaptionService` a frontend's handlers get: `caption`,
+  `samples` and `attention` enqueue a `JobRecord` keyed by the update's id; everything
+  else (help, usage, refusals) it answers itself, as before.
+- `UpdateGate` holds polling back: getUpdates confirms every update before its `offset`,
+  so the next getUpdates waits until each update the previous one returned was handled
+  (its job enqueued). In webhook mode the 200 waits for the handler instead
+  (`handle_in_background=False`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from contextvars import ContextVar
+from typing import Any
+
+from aiogram import BaseMiddleware, Bot
+from aiogram.client.session.middlewares.base import BaseRequestMiddleware, NextRequestMiddlewareType
+from aiogram.methods import GetUpdates, TelegramMethod
+from aiogram.methods.base import Response, TelegramType
+from aiogram.types import TelegramObject, Update, User
+
+from bot import texts
+from bot.jobs.record import JobRecord
+from bot.jobs.transport import QueueFullError, RedisTransport, retry_redis
+from bot.log import get_logger
+from bot.photos import PhotoBook, PhotoRef
+from bot.service import CaptionService
+from bot.settings import Settings
+
+log = get_logger("bot.jobs")
+
+# Test hook (the crash test): a frontend started with this set handles the first updates
+# it gets, then never confirms them (it holds the next getUpdates), until it is killed.
+HOLD_CONFIRM_ENV = "CAPTIONBOT_TEST_HOLD_CONFIRM"
+
+# (update_id, user_id) of the update being handled, set by UpdateGate's update middleware.
+_current_update: ContextVar[tuple[int, int] | None] = ContextVar("current_update", default=None)
+
+
+class EnqueueingService(CaptionService):
+    def __init__(self, bot: Bot, photos: PhotoBook, settings: Settings,
+                 transport: RedisTransport) -> None:
+        super().__init__(bot, None, photos, settings)  # type: ignore[arg-type]  # no model here
+        self.transport = transport
+
+    async def caption(self, chat_id: int, reply_to: int, photo: PhotoRef) -> None:
+        await self._enqueue("caption", chat_id, reply_to, photo)
+
+    async def samples(
+        self, chat_id: int, reply_to: int, photo: PhotoRef, n: int, temperature: float
+    ) -> None:
+        await self._enqueue("samples", chat_id, reply_to, photo, n=n, temperature=temperature)
+
+    async def attention(self, chat_id: int, reply_to: int, photo: PhotoRef) -> None:
+        await self._enqueue("attention", chat_id, reply_to, photo)
+
+    async def _enqueue(self, kind: str, chat_id: int, reply_to: int, photo: PhotoRef,
+                       **args: Any) -> None:
+        current = _current_update.get()
+        if current is None:
+            raise RuntimeError("a job can only be enqueued while an update is handled")
+        update_id, user_id = current
+        job = JobRecord(update_id=update_id, chat_id=chat_id, user_id=user_id,
+                        message_id=reply_to, kind=kind, file_id=photo.file_id,
+                        file_unique_id=photo.key, file_size=photo.file_size, **args)
+        try:  # retried until it is in the stream: the update must not be confirmed before
+            entry_id = await retry_redis(lambda: self.transport.enqueue(job), role="frontend")
+        except QueueFullError:
+            log.warning("queue_full")
+            await self.tell(chat_id, reply_to, texts.QUEUE_FULL)
+            return
+        log.info("job_enqueued" if entry_id else "job_duplicate", kind=kind, entry_id=entry_id)
+
+
+class UpdateGate:
+    """Counts the updates each getUpdates returned until their handlers finish; the next
+    getUpdates (which confirms them) waits for that."""
+
+    def __init__(self) -> None:
+        self._outstanding: set[int] = set()
+        self._changed = asyncio.Event()
+        self.request_middleware = _HoldGetUpdates(self)
+        self.update_middleware = _TrackUpdate(self)
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._outstanding)
+
+    async def wait_handled(self) -> None:
+        while self._outstanding:
+            self._changed.clear()
+            await self._changed.wait()
+
+    def received(self, updates: list[Update]) -> None:
+        self._outstanding.update(update.update_id for update in updates)
+
+    def handled(self, update_id: int) -> None:
+        self._outstanding.discard(update_id)
+        self._changed.set()
+
+
+class _HoldGetUpdates(BaseRequestMiddleware):
+    def __init__(self, gate: UpdateGate) -> None:
+        self.gate = gate
+        self.hold_confirm = bool(os.environ.get(HOLD_CONFIRM_ENV))
+
+    async def __call__(
+        self, make_request: NextRequestMiddlewareType[TelegramType], bot: Bot,
+        method: TelegramMethod[TelegramType],
+    ) -> Response[TelegramType]:
+        if not isinstance(method, GetUpdates):
+            return await make_request(bot, method)
+        await self.gate.wait_handled()
+        if self.hold_confirm and method.offset is not None:
+            log.warning("test_holding_confirm", offset=method.offset)
+            await asyncio.Event().wait()  # until SIGKILL
+        response = await make_request(bot, method)
+        # aiogram's session hands middlewares the method's result (a list of updates).
+        updates = getattr(response, "result", response)
+        if isinstance(updates, list):
+            self.gate.received(updates)
+        return response
+
+
+class _TrackUpdate(BaseMiddleware):
+    def __init__(self, gate: UpdateGate) -> None:
+        self.gate = gate
+
+    async def __call__(self, handler: Any, event: TelegramObject, data: dict[str, Any]) -> Any:
+        assert isinstance(event, Update)
+        user: User | None = data.get("event_from_user")
+        token = _current_update.set((event.update_id, user.id if user else 0))
+        try:
+            return await handler(event, data)
+        finally:
+            _current_update.reset(token)
+            self.gate.handled(event.update_id)

@@ -1,0 +1,194 @@
+"""State several processes share through Redis (QUEUE_URL).
+
+- `RedisEncodedCache`: the encoded-photo cache behind /sample, /attention and the buttons,
+  so any worker can answer a command about a photo another worker encoded. Each process
+  keeps its local LRU in front; Redis holds at most ENCODED_CACHE_SIZE entries (oldest
+  dropped first) for ENCODED_CACHE_TTL_S each. An entry is the float16 grid as raw bytes
+  plus the thumbnail as JPEG (about 190 KB + 20 KB with the bundled encoder). It is used
+  from the inference thread, so it talks to Redis with a blocking client.
+- `SharedRateLimit` and `SharedAllowlist`: the per-user limit and the "refused once, then
+  ignored" memory hold across every frontend.
+Redis trouble never fails a request here: the cache falls back to its local LRU, the
+limits to letting the request through (logged).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from bot.log import get_logger
+from bot.middlewares import AllowlistMiddleware, RateLimitMiddleware
+from bot.worker import EncodedCache, _CacheEntry
+
+log = get_logger("bot.jobs")
+
+_MAGIC = b"CBE1"
+
+# KEYS: the user's window (a sorted set of request times). ARGV: now (ms), window (ms),
+# limit. Returns 0 when the request is admitted (and counted), else ms until a slot frees.
+_ADMIT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('ZADD', KEYS[1], ARGV[1], ARGV[1] .. '-' .. redis.call('INCR', KEYS[1] .. ':n'))
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1] .. ':n', ARGV[2])
+  return 0
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return math.max(1, tonumber(oldest[2]) + tonumber(ARGV[2]) - tonumber(ARGV[1]))
+"""
+
+
+# ---- the encoded-photo cache ------------------------------------------------------------
+
+
+def dumps_entry(entry: _CacheEntry) -> bytes | None:
+    """Bytes for an entry whose encoding is a float16 `grid` tensor; None for others."""
+    grid = getattr(entry.encoded, "grid", None)
+    if grid is None or not hasattr(grid, "numpy"):
+        return None
+    array = grid.detach().cpu().numpy()
+    thumbnail = b""
+    if hasattr(entry.thumbnail, "save"):
+        buffer = io.BytesIO()
+        entry.thumbnail.convert("RGB").save(buffer, format="JPEG", quality=90)
+        thumbnail = buffer.getvalue()
+    header = json.dumps({"shape": list(array.shape), "dtype": str(array.dtype),
+                         "thumbnail": len(thumbnail)}).encode()
+    return b"".join((_MAGIC, len(header).to_bytes(4, "big"), header, array.tobytes(), thumbnail))
+
+
+def loads_entry(data: bytes) -> _CacheEntry:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from model.captioner import Encoded
+
+    if data[:4] != _MAGIC:
+        raise ValueError("not an encoded-photo cache entry")
+    size = int.from_bytes(data[4:8], "big")
+    header = json.loads(data[8:8 + size])
+    body = data[8 + size:]
+    split = len(body) - header["thumbnail"]
+    array = np.frombuffer(body[:split], dtype=header["dtype"]).reshape(header["shape"])
+    thumbnail = Image.open(io.BytesIO(body[split:])) if header["thumbnail"] else None
+    if thumbnail is not None:
+        thumbnail.load()
+    return _CacheEntry(Encoded(grid=torch.from_numpy(array.copy())), thumbnail)
+
+
+class RedisEncodedCache(EncodedCache):
+    def __init__(self, capacity: int, client: redis.Redis, *, prefix: str, ttl_s: int) -> None:
+        super().__init__(capacity)
+        self.client = client
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self.index = f"{prefix}:encoded"
+
+    def _key(self, key: str) -> str:
+        return f"{self.index}:{key}"
+
+    def __contains__(self, key: str) -> bool:
+        if super().__contains__(key):
+            return True
+        try:
+            return bool(self.client.exists(self._key(key)))
+        except RedisError as error:
+            log.warning("shared_cache_unavailable", error=f"{type(error).__name__}: {error}")
+            return False
+
+    def get(self, key: str) -> _CacheEntry | None:
+        entry = super().get(key)
+        if entry is not None:
+            return entry
+        try:
+            data = self.client.get(self._key(key))
+        except RedisError as error:
+            log.warning("shared_cache_unavailable", error=f"{type(error).__name__}: {error}")
+            return None
+        if data is None:
+            return None
+        try:
+            entry = loads_entry(data)
+        except Exception as error:  # noqa: BLE001 - a bad entry is a miss
+            log.warning("shared_cache_bad_entry", error=f"{type(error).__name__}: {error}")
+            return None
+        super().put(key, entry)
+        return entry
+
+    def put(self, key: str, entry: _CacheEntry) -> None:
+        super().put(key, entry)
+        if self.capacity <= 0 or (data := dumps_entry(entry)) is None:
+            return
+        now = time.time()
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(self._key(key), data, ex=self.ttl_s)
+                pipe.zadd(self.index, {key: now})
+                pipe.zremrangebyscore(self.index, "-inf", now - self.ttl_s)
+                pipe.zcard(self.index)
+                size = pipe.execute()[-1]
+            if size > self.capacity:
+                dropped = self.client.zpopmin(self.index, size - self.capacity)
+                if dropped:
+                    self.client.delete(*(self._key(name.decode()) for name, _ in dropped))
+        except RedisError as error:
+            log.warning("shared_cache_unavailable", error=f"{type(error).__name__}: {error}")
+
+
+def shared_cache(settings: Any, prefix: str) -> RedisEncodedCache:
+    client = redis.Redis.from_url(settings.queue_url, socket_timeout=5, socket_connect_timeout=5)
+    return RedisEncodedCache(settings.encoded_cache_size, client, prefix=prefix,
+                             ttl_s=settings.encoded_cache_ttl_s)
+
+
+# ---- limits across frontends ------------------------------------------------------------
+
+
+class SharedRateLimit(RateLimitMiddleware):
+    def __init__(self, per_minute: int, client: aioredis.Redis, prefix: str) -> None:
+        super().__init__(per_minute)
+        self.client = client
+        self.prefix = prefix
+        self._script = client.register_script(_ADMIT)
+
+    async def _admit(self, user_id: int) -> int | None:
+        try:
+            wait_ms = await self._script(
+                keys=[f"{self.prefix}:rate:{user_id}"],
+                args=[int(time.time() * 1000), int(self.WINDOW_S * 1000), self.per_minute],
+            )
+        except RedisError as error:
+            log.warning("shared_limits_unavailable", error=f"{type(error).__name__}: {error}")
+            return None
+        return None if int(wait_ms) == 0 else max(1, round(int(wait_ms) / 1000))
+
+    async def _first_notice(self, user_id: int, retry_in: int) -> bool:
+        return await _set_once(self.client, f"{self.prefix}:rate_noticed:{user_id}", retry_in)
+
+
+class SharedAllowlist(AllowlistMiddleware):
+    def __init__(self, allowed: Any, ignore_s: float, client: aioredis.Redis, prefix: str) -> None:
+        super().__init__(allowed, ignore_s)
+        self.client = client
+        self.prefix = prefix
+
+    async def _first_refusal(self, user_id: int) -> bool:
+        return await _set_once(self.client, f"{self.prefix}:refused:{user_id}", self.ignore_s)
+
+
+async def _set_once(client: aioredis.Redis, key: str, seconds: float) -> bool:
+    """True for the first caller across every process within `seconds`."""
+    try:
+        return bool(await client.set(key, "1", nx=True, px=max(1, int(seconds * 1000))))
+    except RedisError as error:
+        log.warning("shared_limits_unavailable", error=f"{type(error).__name__}: {error}")
+        return True

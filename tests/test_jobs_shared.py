@@ -1,0 +1,106 @@
+"""State shared through a real redis-server: the encoded-photo cache (any worker sees what
+another encoded; bounded; with a TTL), the rate limit and the allowlist's refusals across
+frontends."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import pytest_asyncio
+import redis
+import redis.asyncio as aioredis
+import torch
+from PIL import Image
+
+from bot.jobs.shared import (
+    RedisEncodedCache,
+    SharedAllowlist,
+    SharedRateLimit,
+    dumps_entry,
+    loads_entry,
+)
+from bot.worker import _CacheEntry
+from model.captioner import Encoded
+from redis_helpers import redis_server  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.timeout(30)
+_prefixes = itertools.count()
+
+
+def entry(seed: int) -> _CacheEntry:
+    grid = torch.randn(196, 488, generator=torch.Generator().manual_seed(seed)).half()
+    return _CacheEntry(Encoded(grid=grid), Image.new("RGB", (384, 288), (seed, 90, 200)))
+
+
+@pytest.fixture
+def sync_client(redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+@pytest_asyncio.fixture
+async def client(redis_server):
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+def test_an_entry_round_trips_compactly_and_exactly():
+    original = entry(3)
+    data = dumps_entry(original)
+    assert len(data) < 196 * 488 * 2 + 30_000  # float16 as is, plus a JPEG thumbnail
+    back = loads_entry(data)
+    assert back.encoded.grid.dtype == torch.float16
+    assert torch.equal(back.encoded.grid, original.encoded.grid)
+    assert back.thumbnail.size == (384, 288)
+    assert dumps_entry(_CacheEntry("not a tensor", None)) is None
+
+
+def test_a_photo_encoded_by_one_worker_is_cached_for_another(sync_client):
+    prefix = f"s{next(_prefixes)}"
+    first = RedisEncodedCache(4, sync_client, prefix=prefix, ttl_s=60)
+    second = RedisEncodedCache(4, sync_client, prefix=prefix, ttl_s=60)
+    assert "photo" not in second and second.get("photo") is None
+    first.put("photo", entry(1))
+    assert "photo" in second
+    got = second.get("photo")
+    assert torch.equal(got.encoded.grid, entry(1).encoded.grid)
+    assert 0 < sync_client.ttl(f"{prefix}:encoded:photo") <= 60
+
+
+def test_the_shared_cache_keeps_at_most_its_capacity(sync_client):
+    prefix = f"s{next(_prefixes)}"
+    cache = RedisEncodedCache(3, sync_client, prefix=prefix, ttl_s=60)
+    for index in range(5):
+        cache.put(f"p{index}", entry(index))
+    other = RedisEncodedCache(3, sync_client, prefix=prefix, ttl_s=60)
+    assert [f"p{i}" in other for i in range(5)] == [False, False, True, True, True]
+    assert sync_client.zcard(f"{prefix}:encoded") == 3
+
+
+def test_without_redis_the_cache_is_local_only():
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    cache = RedisEncodedCache(3, dead, prefix="x", ttl_s=60)
+    cache.put("p", entry(1))
+    assert "p" in cache and cache.get("p") is not None and "q" not in cache
+
+
+async def test_the_rate_limit_holds_across_frontends(client):
+    prefix = f"s{next(_prefixes)}"
+    one, two = (SharedRateLimit(3, client, prefix) for _ in range(2))
+    admitted = [await one._admit(7), await two._admit(7), await one._admit(7)]
+    assert admitted == [None, None, None]
+    wait = await two._admit(7)
+    assert wait is not None and 1 <= wait <= 60
+    assert await one._admit(8) is None  # another user
+    assert await one._first_notice(7, wait) and not await two._first_notice(7, wait)
+
+
+async def test_a_refused_user_is_refused_once_across_frontends(client):
+    prefix = f"s{next(_prefixes)}"
+    one, two = (SharedAllowlist({1}, 600, client, prefix) for _ in range(2))
+    assert await one._first_refusal(9)
+    assert not await two._first_refusal(9) and not await one._first_refusal(9)
+    assert await two._first_refusal(10)

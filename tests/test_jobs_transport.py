@@ -1,0 +1,168 @@
+"""The Redis Streams transport against a real redis-server: batched read, ack, reclaim
+after idle, dead letter after the last delivery, idempotent enqueue, queue limit."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+
+from bot.jobs.record import JobRecord
+from bot.jobs.transport import QueueFullError, RedisTransport, UnreachableError, wait_for_redis
+from redis_helpers import free_port, redis_server  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.timeout(30)
+_prefixes = itertools.count()
+
+
+@pytest_asyncio.fixture
+async def client(redis_server):
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+async def make(client, **kwargs) -> RedisTransport:
+    transport = RedisTransport(client, prefix=f"t{next(_prefixes)}", **kwargs)
+    await transport.ensure_group()
+    return transport
+
+
+def job(update_id: int, **kwargs) -> JobRecord:
+    values = dict(chat_id=10 + update_id % 3, user_id=7, message_id=100 + update_id,
+                  kind="caption", file_id=f"F{update_id}", file_unique_id=f"U{update_id}")
+    values.update(kwargs)
+    return JobRecord(update_id=update_id, **values)
+
+
+def test_a_job_record_survives_the_stream_fields():
+    record = job(5, kind="samples", n=4, temperature=0.7, file_size=1234)
+    assert JobRecord.from_fields({k.encode(): v.encode() for k, v in record.to_fields().items()}) == record
+    assert JobRecord.from_fields(job(6).to_fields()).file_size is None
+    with pytest.raises(ValueError):
+        JobRecord.from_fields({**job(7).to_fields(), "kind": "nope"})
+    with pytest.raises(ValueError):
+        JobRecord.from_fields({"update_id": "1"})
+
+
+async def test_reads_come_in_batches_of_at_most_count(client):
+    transport = await make(client)
+    for update_id in range(1, 12):
+        assert await transport.enqueue(job(update_id))
+    first = await transport.read("w1", count=8, block_ms=10)
+    second = await transport.read("w2", count=8, block_ms=10)
+    assert [d.job.update_id for d in first] == list(range(1, 9))
+    assert [d.job.update_id for d in second] == [9, 10, 11]
+    assert all(d.deliveries == 1 for d in first + second)
+    assert await transport.read("w1", count=8, block_ms=10) == []  # nothing new: waits, then []
+    assert await transport.pending() == 11
+
+
+async def test_a_blocked_read_returns_as_soon_as_a_job_arrives(client):
+    transport = await make(client)
+    reader = asyncio.create_task(transport.read("w1", count=8, block_ms=5000))
+    await asyncio.sleep(0.1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await transport.enqueue(job(1))
+    got = await reader
+    assert [d.job.update_id for d in got] == [1] and loop.time() - started < 1
+
+
+async def test_finish_acks_deletes_and_records_the_answer(client):
+    transport = await make(client)
+    await transport.enqueue(job(1))
+    await transport.enqueue(job(2))
+    batch = await transport.read("w1", count=8, block_ms=10)
+    assert not await transport.answered(1)
+    await transport.finish(batch[0], "w1")
+    assert await transport.pending() == 1
+    assert await transport.answered(1) and not await transport.answered(2)
+    record = json.loads(await client.get(transport.key("reply", 1)))
+    assert record == {"deliveries": 1, "by": "w1", "at": record["at"]}
+    assert await client.xlen(transport.stream) == 1  # acked entries are deleted too
+
+
+async def test_an_idle_job_is_reclaimed_by_another_consumer(client):
+    transport = await make(client, claim_idle_ms=200)
+    await transport.enqueue(job(1))
+    await transport.read("dead", count=8, block_ms=10)
+    assert await transport.reclaim("alive", count=8) == []  # not idle long enough yet
+    await asyncio.sleep(0.3)
+    claimed = await transport.reclaim("alive", count=8)
+    assert [(d.job.update_id, d.deliveries) for d in claimed] == [(1, 2)]
+    await transport.finish(claimed[0], "alive")
+    assert await transport.pending() == 0
+    assert json.loads(await client.get(transport.key("reply", 1)))["deliveries"] == 2
+
+
+async def test_after_the_last_delivery_a_job_goes_to_the_dead_letter_stream(client):
+    transport = await make(client, claim_idle_ms=50, max_deliveries=2)
+    await transport.enqueue(job(1))
+    deliveries = [d.deliveries for d in await transport.read("a", count=8, block_ms=10)]
+    for consumer in ("b", "c"):
+        await asyncio.sleep(0.1)
+        claimed = await transport.reclaim(consumer, count=8)
+        deliveries += [d.deliveries for d in claimed]
+    assert deliveries == [1, 2, 3]  # the third exceeds max_deliveries=2
+    await transport.dead_letter(claimed[0], "c", "max_deliveries")
+    assert await transport.pending() == 0 and await client.xlen(transport.stream) == 0
+    [(_, dead)] = await client.xrange(transport.dead_stream)
+    assert dead[b"update_id"] == b"1" and dead[b"deliveries"] == b"3"
+    assert dead[b"reason"] == b"max_deliveries"
+    assert await transport.answered(1)  # a later claim of a stale copy stays silent
+
+
+async def test_the_same_update_enqueued_twice_makes_one_job(client):
+    transport = await make(client)
+    first = await transport.enqueue(job(42))
+    again = await asyncio.gather(*(transport.enqueue(job(42)) for _ in range(5)))
+    assert first is not None and again == [None] * 5
+    assert await client.xlen(transport.stream) == 1
+    # Even after the job was answered and its entry deleted:
+    [delivery] = await transport.read("w", count=8, block_ms=10)
+    await transport.finish(delivery, "w")
+    assert await transport.enqueue(job(42)) is None
+
+
+async def test_a_full_queue_refuses_new_jobs(client):
+    transport = await make(client, queue_max=2)
+    await transport.enqueue(job(1))
+    await transport.enqueue(job(2))
+    with pytest.raises(QueueFullError):
+        await transport.enqueue(job(3))
+    assert await transport.enqueue(job(1)) is None  # a duplicate is still just a duplicate
+    [delivery, _] = await transport.read("w", count=8, block_ms=10)
+    await transport.finish(delivery, "w")
+    assert await transport.enqueue(job(3))  # room again
+
+
+async def test_an_unreachable_redis_is_reported_after_a_bounded_wait():
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=0.2)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(UnreachableError) as caught:
+        await wait_for_redis(client, url, wait_s=0.5)
+    assert 0.4 < loop.time() - started < 3
+    message = str(caught.value)
+    assert "QUEUE_URL" in message and "hunter2" not in message and "\n" not in message
+    await client.aclose()
+
+
+async def test_a_job_kept_by_its_live_consumer_is_not_reclaimed(client):
+    transport = await make(client, claim_idle_ms=200)
+    await transport.enqueue(job(1))
+    [delivery] = await transport.read("slow", count=8, block_ms=10)
+    for _ in range(4):
+        await asyncio.sleep(0.1)
+        await transport.keep("slow", [delivery.entry_id])
+    assert await transport.reclaim("other", count=8) == []
+    await asyncio.sleep(0.3)
+    [claimed] = await transport.reclaim("other", count=8)
+    await transport.keep("slow", [delivery.entry_id])  # too late: it is not taken back
+    assert (await transport.delivery_counts("other", [claimed.entry_id])) == {claimed.entry_id: 2}
