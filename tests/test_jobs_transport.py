@@ -43,6 +43,8 @@ def test_a_job_record_survives_the_stream_fields():
     record = job(5, kind="samples", n=4, temperature=0.7, file_size=1234)
     assert JobRecord.from_fields({k.encode(): v.encode() for k, v in record.to_fields().items()}) == record
     assert JobRecord.from_fields(job(6).to_fields()).file_size is None
+    for anyway in (True, False):  # the "Caption anyway" button's job keeps its flag
+        assert JobRecord.from_fields(job(8, anyway=anyway).to_fields()).anyway is anyway
     with pytest.raises(ValueError):
         JobRecord.from_fields({**job(7).to_fields(), "kind": "nope"})
     with pytest.raises(ValueError):

@@ -161,7 +161,7 @@ class JobConsumer:
     async def _perform(self, job: JobRecord) -> None:
         service = self.service
         if job.kind == "caption":
-            await service.caption(job.chat_id, job.message_id, job.photo)
+            await service.caption(job.chat_id, job.message_id, job.photo, anyway=job.anyway)
         elif job.kind == "samples":
             await service.samples(job.chat_id, job.message_id, job.photo, job.n, job.temperature)
         else:

@@ -48,8 +48,10 @@ class EnqueueingService(CaptionService):
         super().__init__(bot, None, photos, settings)  # type: ignore[arg-type]  # no model here
         self.transport = transport
 
-    async def caption(self, chat_id: int, reply_to: int, photo: PhotoRef) -> None:
-        await self._enqueue("caption", chat_id, reply_to, photo)
+    async def caption(
+        self, chat_id: int, reply_to: int, photo: PhotoRef, *, anyway: bool = False
+    ) -> None:
+        await self._enqueue("caption", chat_id, reply_to, photo, anyway=anyway)
 
     async def samples(
         self, chat_id: int, reply_to: int, photo: PhotoRef, n: int, temperature: float

@@ -24,6 +24,7 @@ class JobRecord:
     file_size: int | None = None
     n: int = 0  # samples: how many
     temperature: float = 1.0
+    anyway: bool = False  # caption: the "Caption anyway" button (a photo outside the domain)
     enqueued_at: float = field(default_factory=time.time)
 
     @property
@@ -44,7 +45,9 @@ class JobRecord:
                 continue
             value = text[spec.name]
             kind = spec.type if isinstance(spec.type, str) else spec.type.__name__
-            if kind.startswith("int"):
+            if kind.startswith("bool"):
+                values[spec.name] = value == "True"
+            elif kind.startswith("int"):
                 values[spec.name] = int(value)
             elif kind.startswith("float"):
                 values[spec.name] = float(value)
