@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def run_playground(settings: Settings) -> None:
     from bot.emulator.playground import start_playground
 
-    emulator = await start_playground(host="127.0.0.1", port=settings.playground_port)
+    emulator = await start_playground(host=settings.playground_host, port=settings.playground_port)
     register_secret(emulator.bot_token)
     try:
         print(f"Playground: open {emulator.page_url} to chat with the bot "

@@ -87,6 +87,7 @@ class Settings:
     log_level: str = "INFO"
     health_file: Path | None = Path("/tmp/captionbot.health")
     playground_port: int = 8080
+    playground_host: str = "127.0.0.1"  # 0.0.0.0 in a container with a published port
     playground: str = "auto"
     readme_url: str | None = None
 
@@ -277,6 +278,7 @@ def _parse(values: Mapping[str, str]) -> Settings:
             health or "/tmp/captionbot.health"
         ),
         playground_port=r.integer("PLAYGROUND_PORT", 8080, 0, 65535),
+        playground_host=r.string("PLAYGROUND_HOST", "127.0.0.1"),
         playground=r.string("PLAYGROUND", "auto", ("auto", "off")),
         readme_url=r.url("README_URL"),
     )
