@@ -22,6 +22,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--playground", action="store_true",
                         help="chat with the bot in a local web page instead of Telegram")
+    parser.add_argument("--check", action="store_true",
+                        help="only check the settings: exit 0 if the bot can start with them, "
+                             "2 (with every problem) if not")
     return parser.parse_args(argv)
 
 
@@ -67,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         except SettingsError as error:
             print(f"captionbot: {error}", file=sys.stderr)
             return 2
+    if args.check:
+        print("captionbot: settings OK", flush=True)
+        return 0
 
     # Until aiogram installs its own handlers (after the model has loaded), SIGTERM means
     # "stop now": nothing has been accepted yet, so exit cleanly like Ctrl+C does.
