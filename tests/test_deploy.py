@@ -153,7 +153,16 @@ def test_compose_file_parses_and_sets_the_operational_limits():
     assert service["build"] == "." and (REPO / "Dockerfile").exists()
     env_files = service["env_file"] if isinstance(service["env_file"], list) else [service["env_file"]]
     assert env_files == [".env"]
+    # The image's production settings win over whatever .env says.
+    assert service["environment"]["PLAYGROUND"] == "off"
+    assert service["environment"]["LOG_FORMAT"] == "json"
     assert service["restart"] == "unless-stopped"
+    # A settings mistake stops `up` once: a one-shot check, which the bot waits for.
+    check = compose["services"]["settings"]
+    assert check["image"] == service["image"] and check["env_file"] == service["env_file"]
+    assert check["environment"] == service["environment"]
+    assert check["command"] == ["python", "-m", "bot", "--check"] and check["restart"] == "no"
+    assert service["depends_on"] == {"settings": {"condition": "service_completed_successfully"}}
     assert service["read_only"] is True
     assert any(mount.split(":")[0] == "/tmp" for mount in service["tmpfs"])
     assert service["mem_limit"]
@@ -164,9 +173,15 @@ def test_compose_file_parses_and_sets_the_operational_limits():
 
 
 def test_env_example_documents_every_setting_and_is_a_working_env_file(tmp_path):
-    values = dotenv_values(REPO / ".env.example")
+    text = (REPO / ".env.example").read_text()
+    # Only what a user must set is set: anything else would override the image's own
+    # production settings under compose (env_file wins over the image's ENV).
+    assert set(dotenv_values(REPO / ".env.example")) == {"TELEGRAM_BOT_TOKEN"}
+    # Every other setting is documented, commented out, with its default.
+    documented = dict(re.findall(r"^# ([A-Z][A-Z0-9_]*)=(.*)$", text, re.M))
     settings_fields = {name.upper() for name in Settings.__dataclass_fields__}
-    assert settings_fields <= set(values), settings_fields - set(values)
+    assert settings_fields - {"TELEGRAM_BOT_TOKEN"} <= set(documented), settings_fields - set(documented)
+    assert Settings.from_env(documented, dotenv_path=None) == Settings()
     # A real .env made from it (plus a token) is accepted as is, with the defaults.
     shutil.copy(REPO / ".env.example", tmp_path / ".env")
     with open(tmp_path / ".env", "a") as handle:
@@ -215,3 +230,20 @@ def test_the_image_refuses_to_start_without_a_token(tmp_path):
     assert result.returncode == 2
     assert "TELEGRAM_BOT_TOKEN is not set" in result.stderr and "@BotFather" in result.stderr
     assert "Playground" not in result.stdout
+
+
+def test_playground_host_defaults_to_loopback_and_is_read_from_the_environment():
+    assert Settings.from_env({}, dotenv_path=None).playground_host == "127.0.0.1"
+    assert Settings.from_env({"PLAYGROUND_HOST": "0.0.0.0"}, dotenv_path=None).playground_host == "0.0.0.0"
+
+
+def test_check_reports_the_settings_without_starting_the_bot(tmp_path):
+    """`python -m bot --check`: what compose's `settings` service runs before the bot."""
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "HOME": str(tmp_path), "PLAYGROUND": "off"}
+    missing = subprocess.run([sys.executable, "-m", "bot", "--check"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "TELEGRAM_BOT_TOKEN is not set" in missing.stderr
+    env["TELEGRAM_BOT_TOKEN"] = TOKEN
+    ok = subprocess.run([sys.executable, "-m", "bot", "--check"], env=env, cwd=tmp_path,
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "settings OK" in ok.stdout, ok.stderr
