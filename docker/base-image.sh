@@ -3,6 +3,7 @@
 # here or can be pulled, else a local equivalent, made once from Debian bookworm with debootstrap
 # (as root, from the Debian mirror apt is configured with) and kept as captionbot-base:bookworm-py3.11
 # so that later builds start at once. Everything but the image name goes to stderr.
+# No python3-pip: the Dockerfile installs into a virtual environment, which has its own pip.
 #
 #   docker build --build-arg BASE_IMAGE="$(docker/base-image.sh)" -t captionbot .
 #
@@ -40,10 +41,15 @@ mirror() {
 root=$(mktemp -d /var/tmp/captionbot-base.XXXXXX)
 trap 'rm -rf "$root"' EXIT
 say "debootstrap from $(mirror) into $root"
-debootstrap --variant=minbase \
-    --include=python3,python3-venv,python3-pip,python-is-python3,ca-certificates \
-    bookworm "$root/rootfs" "$(mirror)" >"$root/debootstrap.log" 2>&1 || {
-    tail -20 "$root/debootstrap.log" >&2; say "debootstrap failed"; exit 1; }
+failed() { tail -20 "$root/debootstrap.log" >&2; say "debootstrap failed"; exit 1; }
+# Two stages, so that dpkg can skip its fsync calls in the second (a throw-away rootfs:
+# about a fifth faster here).
+debootstrap --foreign --variant=minbase \
+    --include=python3,python3-venv,python-is-python3,ca-certificates \
+    bookworm "$root/rootfs" "$(mirror)" >"$root/debootstrap.log" 2>&1 || failed
+echo force-unsafe-io >"$root/rootfs/etc/dpkg/dpkg.cfg.d/captionbot-unsafe-io"
+chroot "$root/rootfs" /debootstrap/debootstrap --second-stage >>"$root/debootstrap.log" 2>&1 || failed
+rm "$root/rootfs/etc/dpkg/dpkg.cfg.d/captionbot-unsafe-io"
 # What python:3.11-slim also leaves out: package lists and caches, documentation, locales.
 rm -rf "$root"/rootfs/var/lib/apt/lists/* "$root"/rootfs/var/cache/apt/* \
     "$root"/rootfs/usr/share/doc/* "$root"/rootfs/usr/share/man/* "$root"/rootfs/usr/share/info/* \
@@ -51,5 +57,5 @@ rm -rf "$root"/rootfs/var/lib/apt/lists/* "$root"/rootfs/var/cache/apt/* \
 tar -C "$root/rootfs" --numeric-owner -c . | docker import \
     -c 'ENV LANG=C.UTF-8' -c 'CMD ["python3"]' \
     -m "debootstrap bookworm minbase + python3 (stand-in for $UPSTREAM)" - "$LOCAL" >/dev/null
-say "made $LOCAL ($(docker run --rm "$LOCAL" python3 --version 2>&1))"
+say "made $LOCAL (Python $(chroot "$root/rootfs" python3 -c 'import platform; print(platform.python_version())'))"
 echo "$LOCAL"
