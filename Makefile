@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: test run bench eval weights browser redis clean
+.PHONY: test run bench eval weights browser redis docker-engine docker-clean clean
 
 # torch/torchvision are pinned to the builds this project's machines carry on disk; the project's
 # own dependency ranges then accept them instead of downloading others.
@@ -32,7 +32,30 @@ redis:
 	      || echo "make redis: could not install redis-server; the Redis tests will be skipped"; \
 	  else echo "make redis: redis-server missing and apt-get unusable; the Redis tests will be skipped"; fi; }
 
-test: $(STAMP) browser redis
+# A Docker engine for the image test (tests/test_docker.py): Debian's docker.io, docker-compose
+# (v1) and debootstrap (the base image where python:3.11-slim cannot be pulled), installed as
+# root where apt-get works, and dockerd started when no engine answers. Otherwise the test skips
+# itself and says why.
+docker-engine:
+	@command -v dockerd >/dev/null 2>&1 && command -v docker-compose >/dev/null 2>&1 \
+	  && command -v debootstrap >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose debootstrap >/dev/null) \
+	      || echo "make docker-engine: could not install docker.io; the Docker test will be skipped"; \
+	  else echo "make docker-engine: dockerd missing and apt-get unusable; the Docker test will be skipped"; fi; }
+	@docker info >/dev/null 2>&1 || { \
+	  if command -v dockerd >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    setsid dockerd >/tmp/dockerd.log 2>&1 < /dev/null & \
+	    for i in $$(seq 30); do docker info >/dev/null 2>&1 && break; sleep 1; done; \
+	    docker info >/dev/null 2>&1 || echo "make docker-engine: dockerd did not start (see /tmp/dockerd.log); the Docker test will be skipped"; \
+	  fi; }
+
+# What the Docker test keeps to make its reruns short: the local base image and the layer cache.
+docker-clean:
+	-docker image prune -f --filter label=org.opencontainers.image.title=captionbot
+	-docker rmi captionbot-base:bookworm-py3.11
+
+test: $(STAMP) browser redis docker-engine
 	$(PY) -m pytest
 
 run: $(STAMP)

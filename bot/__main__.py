@@ -26,13 +26,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--role", choices=("all", "frontend", "worker"), default="all",
                         help="with QUEUE_URL: frontend (takes updates, enqueues jobs), worker "
                              "(runs the model on jobs, replies) or all (both; the default)")
+    parser.add_argument("--check", action="store_true",
+                        help="only check the settings: exit 0 if the bot can start with them, "
+                             "2 (with every problem) if not")
     return parser.parse_args(argv)
 
 
 async def run_playground(settings: Settings) -> None:
     from bot.emulator.playground import start_playground
 
-    emulator = await start_playground(host="127.0.0.1", port=settings.playground_port)
+    emulator = await start_playground(host=settings.playground_host, port=settings.playground_port)
     register_secret(emulator.bot_token)
     try:
         print(f"Playground: open {emulator.page_url} to chat with the bot "
@@ -70,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         except SettingsError as error:
             print(f"captionbot: {error}", file=sys.stderr)
             return 2
+    if args.check:
+        print("captionbot: settings OK", flush=True)
+        return 0
 
     # Until aiogram installs its own handlers (after the model has loaded), SIGTERM means
     # "stop now": nothing has been accepted yet, so exit cleanly like Ctrl+C does.

@@ -117,6 +117,9 @@ class Settings(BaseSettings):
         Path("/tmp/captionbot.health"), description="Heartbeat file; off disables it"
     )
     playground_port: int = Field(8080, ge=0, le=65535, description="The playground page's port")
+    playground_host: str = Field(
+        "127.0.0.1", description="The playground's address; 0.0.0.0 in a container"
+    )
     playground: OnOff = Field("auto", description="off: a missing token is an error")
     # --- More than one process (bot/jobs/): unset QUEUE_URL keeps the in-process queue
     queue_url: str | None = Field(None, description="redis://host:port/db: jobs on Redis Streams")

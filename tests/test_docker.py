@@ -1,0 +1,524 @@
+"""The Docker image for real: built from this checkout, then run the ways people run it.
+
+Needs a Docker engine: `make docker-engine` (part of `make test`) installs one as root where
+apt-get works and starts dockerd; this module also starts dockerd itself if none answers (and
+stops it again). Without an engine every test here skips and says why.
+
+Where python:3.11-slim cannot be pulled, the base image is made locally (docker/base-image.sh,
+debootstrap); where a CPU torch wheel of the pinned version lies in pip's find-links, the build
+takes it and every other pinned wheel from a local folder in the build context and runs offline
+(build arguments TORCH_INDEX_URL= PYPI_INDEX_URL=); otherwise it is the default online build.
+
+Everything runs from a copy of the checkout in a temporary folder, so `cp .env.example .env`
+there never touches a real `.env`. The module removes its containers, compose projects and
+tagged image; it keeps the base image and Docker's layer cache (untagged intermediate images),
+which is what makes a rerun take seconds instead of minutes (`make docker-clean` drops both).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import pytest_asyncio
+import yaml
+from PIL import Image
+
+from bot.emulator import BotAPIEmulator
+from bot_helpers import HAVE_WEIGHTS, REPO, TOKEN, BotProcess, emu, image_bytes  # noqa: F401 (emu: fixture)
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(600)]
+module_loop = pytest.mark.asyncio(loop_scope="module")
+
+RUN = str(os.getpid())
+LABEL = f"captionbot.test={RUN}"
+TAG = f"captionbot-test:{RUN}"
+NO_TOKEN = "TELEGRAM_BOT_TOKEN is not set"
+COMPOSE = [pytest.param(("docker", "compose"), id="compose-v2"),
+           pytest.param(("docker-compose",), id="compose-v1")]
+# Files of the checkout that never go into the copy the image is built from.
+NOT_COPIED = shutil.ignore_patterns(".git", ".venv", "runs", "artifacts", ".pytest_cache",
+                                    "__pycache__", "*.h5", ".env", "*.whl", "node_modules")
+
+
+def docker(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+async def adocker(*args: str, timeout: float = 120, cwd: Path | None = None,
+                  env: dict[str, str] | None = None, program: tuple[str, ...] = ("docker",)
+                  ) -> subprocess.CompletedProcess:
+    """Like docker(), without blocking the event loop (the emulator runs on it)."""
+    proc = await asyncio.create_subprocess_exec(
+        *program, *args, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return subprocess.CompletedProcess([*program, *args], proc.returncode,
+                                       out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+def inspect(container: str) -> dict:
+    result = docker("inspect", container)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)[0]
+
+
+def say(request: pytest.FixtureRequest, line: str) -> None:
+    """A line on the terminal even when output is captured: the measured times."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"[docker] {line}")
+
+
+# ---- the engine, the base image, the build ---------------------------------------------
+
+
+def _engine_answers() -> tuple[bool, str]:
+    if shutil.which("docker") is None:
+        return False, "no docker command"
+    try:
+        result = docker("info", "--format", "{{.ServerVersion}}", timeout=30)
+    except subprocess.TimeoutExpired:
+        return False, "`docker info` did not answer in 30 s"
+    lines = (result.stderr or result.stdout).strip().splitlines()
+    return result.returncode == 0, lines[-1] if lines else f"exit {result.returncode}"
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    ok, why = _engine_answers()
+    started = None
+    if not ok and shutil.which("dockerd") and os.geteuid() == 0:
+        log_path = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
+        with open(log_path, "wb") as log:
+            started = subprocess.Popen(["dockerd"], stdin=subprocess.DEVNULL, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while not ok and time.monotonic() < deadline and started.poll() is None:
+            time.sleep(1)
+            ok, _ = _engine_answers()
+        if not ok:
+            started.terminate()
+            started.wait(30)
+            started = None
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            why = "dockerd did not start: " + " | ".join(tail)
+    if not ok:
+        reason = (f"no Docker engine can run here ({why}); `make docker-engine` installs and starts "
+                  "one as root where apt-get works")
+        print(reason)
+        pytest.skip(reason)
+    yield
+    if started is not None:  # stop only the engine this module started
+        started.terminate()
+        try:
+            started.wait(60)
+        except subprocess.TimeoutExpired:
+            started.kill()
+
+
+def dockerfile_arg(name: str) -> str:
+    match = re.search(rf"^ARG {name}=(\S*)$", (REPO / "Dockerfile").read_text(), re.M)
+    assert match, f"Dockerfile: no ARG {name}="
+    return match.group(1)
+
+
+def local_cpu_torch_wheel(version: str) -> Path | None:
+    """torch-<version>+cpu for CPython 3.11 in one of pip's find-links folders, if any."""
+    folders = os.environ.get("PIP_FIND_LINKS", "").split()
+    config = subprocess.run([sys.executable, "-m", "pip", "config", "list"],
+                            capture_output=True, text=True, timeout=60).stdout
+    for key, value in re.findall(r"^(\S+)='(.*)'$", config, re.M):
+        if key.endswith("find-links"):
+            folders += value.split()
+    for folder in folders:
+        folder = folder.removeprefix("file://")
+        if os.path.isdir(folder):
+            for wheel in sorted(Path(folder).glob(f"torch-{version}+cpu-cp311-cp311-*x86_64.whl")):
+                return wheel
+    return None
+
+
+def link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+@pytest.fixture(scope="module")
+def build(engine, tmp_path_factory, request):
+    """The image, built from a copy of the checkout: SimpleNamespace(tag, context, seconds)."""
+    started = time.monotonic()
+    context = tmp_path_factory.mktemp("context")
+    shutil.copytree(REPO, context, ignore=NOT_COPIED, copy_function=link_or_copy,
+                    dirs_exist_ok=True)
+    build_args = []
+    download = None
+    torch_wheel = local_cpu_torch_wheel(dockerfile_arg("TORCH_VERSION"))
+    if torch_wheel is not None:  # offline: every wheel in the context, fetched meanwhile
+        wheels = context / dockerfile_arg("WHEELS")
+        link_or_copy(str(torch_wheel), str(wheels / torch_wheel.name))
+        download_log = tmp_path_factory.mktemp("pip") / "download.log"
+        with open(download_log, "wb") as log:  # a file: a full pipe would stall pip meanwhile
+            download = subprocess.Popen(
+                [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
+                 "-d", str(wheels), "-r", str(REPO / "docker" / "requirements.txt")],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        build_args += ["--build-arg", "TORCH_INDEX_URL=", "--build-arg", "PYPI_INDEX_URL="]
+    try:
+        base = subprocess.run([str(REPO / "docker" / "base-image.sh")], capture_output=True,
+                              text=True, timeout=900)
+    finally:
+        if download is not None:
+            download.wait(timeout=600)
+    if base.returncode != 0:
+        pytest.skip(f"no base image: python:3.11-slim cannot be pulled and none could be made "
+                    f"locally: {base.stderr.strip()[-500:]}")
+    if download is not None and download.returncode != 0:
+        pytest.skip(f"the pinned wheels cannot be downloaded: {download_log.read_text()[-500:]}")
+    base_image = base.stdout.strip().splitlines()[-1]
+    build_args += ["--build-arg", f"BASE_IMAGE={base_image}"]
+    prepared_s = time.monotonic() - started
+
+    result = docker("build", *build_args, "-t", TAG, str(context), timeout=900)
+    build_s = time.monotonic() - started - prepared_s
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    size = inspect(TAG)["Size"]
+    say(request, f"{TAG} built in {build_s:.0f} s from {base_image} ({prepared_s:.0f} s for the "
+                 f"base image and the {'local wheels, offline build' if torch_wheel else 'context, online build'}); "
+                 f"{size / 1e9:.2f} GB")
+    yield SimpleNamespace(tag=TAG, context=context, size=size, base=base_image)
+
+    # Containers first (a used image cannot go), then the tag; --no-prune keeps the layers,
+    # which are the cache of the next run.
+    leftovers = docker("ps", "-aq", "--filter", f"label={LABEL}").stdout.split()
+    leftovers += docker("ps", "-aq", "--filter", f"ancestor={TAG}").stdout.split()
+    if leftovers:
+        docker("rm", "-f", *sorted(set(leftovers)))
+    docker("rmi", "--no-prune", TAG)
+    say(request, f"cleaned up; total {time.monotonic() - started:.0f} s")
+
+
+# ---- the image, and no token -------------------------------------------------------------
+
+
+def test_the_image_is_pinned_small_and_has_no_torchvision(build):
+    assert build.size <= 1.4e9, f"{build.size / 1e9:.2f} GB"
+    probe = docker("run", "--rm", "--label", LABEL, build.tag, "python", "-c",
+                   "import importlib.util, torch, aiogram; "
+                   "print(torch.__version__, aiogram.__version__, "
+                   "importlib.util.find_spec('torchvision') is None)")
+    assert probe.returncode == 0, probe.stderr
+    torch_version, aiogram_version, no_torchvision = probe.stdout.split()
+    assert torch_version.split("+")[0] == dockerfile_arg("TORCH_VERSION")
+    assert f"aiogram=={aiogram_version}" in (REPO / "docker" / "requirements.txt").read_text()
+    assert no_torchvision == "True"
+
+
+def test_without_a_token_it_exits_2_with_the_message(build):
+    result = docker("run", "--rm", "--label", LABEL, build.tag, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert NO_TOKEN in result.stderr and "@BotFather" in result.stderr
+    assert "Playground" not in result.stdout
+
+
+def compose_program(compose: tuple[str, ...]) -> tuple[str, ...]:
+    if compose == ("docker", "compose"):
+        if docker("compose", "version").returncode != 0:
+            pytest.skip("Compose v2 (`docker compose`) is not installed here; Debian bookworm "
+                        "ships only docker-compose v1")
+    elif shutil.which(compose[0]) is None:
+        pytest.skip(f"{compose[0]} is not installed (make docker-engine installs it)")
+    return compose
+
+
+def compose_env() -> dict[str, str]:
+    return {**os.environ, "CAPTIONBOT_IMAGE": TAG}
+
+
+def project_containers(project: str) -> list[dict]:
+    ids = docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={project}").stdout.split()
+    return [inspect(container) for container in ids]
+
+
+@pytest.mark.parametrize("compose", COMPOSE)
+def test_compose_without_a_token_fails_once_and_does_not_restart(build, compose):
+    program = compose_program(compose)
+    shutil.copy(build.context / ".env.example", build.context / ".env")
+    project = f"captionbottest{RUN}notoken{len(program)}"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*program, "-p", project, *args], cwd=build.context, env=compose_env(),
+                              capture_output=True, text=True, timeout=180)
+
+    try:
+        up = run("up", "-d", "--no-build")
+        assert up.returncode != 0, up.stdout + up.stderr   # `up` itself reports the failure
+        time.sleep(5)                                       # time enough for a restart loop to show
+        first = {c["Id"]: c for c in project_containers(project)}
+        time.sleep(2)
+        second = project_containers(project)
+        by_service = {c["Config"]["Labels"]["com.docker.compose.service"]: c for c in second}
+        check = by_service["settings"]
+        assert check["State"]["Status"] == "exited" and check["State"]["ExitCode"] == 2
+        assert check["RestartCount"] == 0 and first[check["Id"]]["State"]["FinishedAt"] == check["State"]["FinishedAt"]
+        logs = docker("logs", check["Id"])
+        assert (logs.stdout + logs.stderr).count(NO_TOKEN) == 1, logs.stdout + logs.stderr
+        # The bot itself never ran, so its restart policy had nothing to loop on.
+        bot = by_service.get("bot")
+        assert bot is None or (bot["State"]["Status"] == "created" and bot["RestartCount"] == 0), bot
+    finally:
+        down = run("down", "--remove-orphans")
+        assert down.returncode == 0, down.stderr
+    assert not project_containers(project)
+
+
+# ---- with a token, against the emulator on the host network ------------------------------
+
+
+class ContainerLogs(BotProcess):
+    """`docker logs --follow` of a container, read like the bot's own output in bot_helpers."""
+
+    def __init__(self, container: str) -> None:
+        super().__init__({}, REPO)
+        self.container = container
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            "docker", "logs", "--follow", self.container, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        self._readers = [asyncio.create_task(self._read(stream))
+                         for stream in (self.proc.stdout, self.proc.stderr)]
+
+    async def close(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            self.proc.kill()
+        if self.proc:
+            await self.proc.wait()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def bot_container(build, emu):
+    """The image as compose runs it (read-only root, tmpfs /tmp, no new privileges), on the
+    host network so that it reaches the emulator on 127.0.0.1. One job per batch, so that a
+    burst is still queued when SIGTERM comes."""
+    name = f"captionbot-test-{RUN}-bot"
+    started = await adocker(
+        "run", "-d", "--name", name, "--label", LABEL, "--network", "host",
+        "--read-only", "--tmpfs", "/tmp:size=64m,mode=1777", "--security-opt", "no-new-privileges:true",
+        "--health-interval", "2s",   # the image's HEALTHCHECK command, polled faster than 30 s
+        "-e", f"TELEGRAM_BOT_TOKEN={TOKEN}", "-e", f"TELEGRAM_API_BASE={emu.base_url}",
+        "-e", "BATCH_MAX=1", "-e", "QUEUE_MAX=50", "-e", "SHUTDOWN_TIMEOUT_S=60",
+        "-e", "SEND_RETRY_TIMEOUT_S=8", "-e", "RATE_LIMIT_PER_MIN=0", build.tag)
+    assert started.returncode == 0, started.stderr
+    logs = ContainerLogs(name)
+    await logs.start()
+    try:
+        await logs.wait_for_event("bot_started", timeout=150)
+        await emu.wait_for_call("getUpdates", timeout=30)
+        yield SimpleNamespace(name=name, logs=logs)
+    finally:
+        await adocker("rm", "-f", name)
+        await logs.close()
+    assert TOKEN.split(":", 1)[1] not in logs.output
+
+
+def scene_png(seed: int) -> tuple[object, bytes]:
+    from model.data.scenes import render_scene
+
+    scene, picture = render_scene(seed)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return scene, buffer.getvalue()
+
+
+@module_loop
+async def test_a_scene_photo_gets_its_caption_and_attention_its_figure(bot_container, emu):
+    from model.data.semantics import judge
+
+    exact = []
+    for chat, seed in zip(range(6001, 6004), (424242, 424243, 424244)):
+        scene, png = scene_png(seed)
+        sent = emu.user_sends_photo(chat, png)
+        reply = await emu.next_bot_message(chat, timeout=60)
+        assert reply["reply_to_message"]["message_id"] == sent["message_id"]
+        headline = reply["text"].splitlines()[0]
+        assert "Baseline decoder: " in reply["text"]
+        exact.append(judge(scene, headline).exact)
+    if HAVE_WEIGHTS:  # the bundled decoder gets 19 scenes in 20 exactly right
+        assert sum(exact) >= 2, exact
+
+    command = emu.user_sends_text(6001, "/attention")
+    figure = await emu.next_bot_message(6001, timeout=60)
+    assert figure["reply_to_message"]["message_id"] == command["message_id"]
+    picture = Image.open(io.BytesIO(figure["photo_bytes"]))
+    assert picture.format == "PNG" and picture.width > picture.height > 0
+    assert bot_container.logs.events("job")
+
+
+@module_loop
+async def test_the_healthcheck_turns_healthy(bot_container):
+    deadline = time.monotonic() + 60
+    while (health := inspect(bot_container.name)["State"]["Health"])["Status"] != "healthy":
+        assert time.monotonic() < deadline, health
+        await asyncio.sleep(1)
+    assert health["Log"][-1]["ExitCode"] == 0
+
+
+@module_loop
+async def test_the_root_filesystem_is_read_only_and_the_bot_is_not_root(bot_container):
+    state = inspect(bot_container.name)
+    assert state["HostConfig"]["ReadonlyRootfs"] is True
+    assert state["Config"]["User"] not in ("", "0", "root")
+    probe = await adocker("exec", bot_container.name, "python", "-c", """
+import errno, os
+status = open('/proc/1/status').read()
+print(next(line.split()[1] for line in status.splitlines() if line.startswith('Uid:')))
+for path in ('/app/probe', '/probe', '/opt/venv/probe'):
+    try:
+        open(path, 'w')
+        print('writable', path)
+    except OSError as error:
+        print('refused' if error.errno in (errno.EROFS, errno.EACCES) else error, path)
+open('/tmp/probe', 'w').write('tmpfs')
+print('tmp ok')
+""")
+    assert probe.returncode == 0, probe.stderr
+    lines = probe.stdout.splitlines()
+    assert lines[0] != "0", "the bot (PID 1) runs as root"
+    assert lines[1:4] == ["refused /app/probe", "refused /probe", "refused /opt/venv/probe"], lines
+    assert lines[4] == "tmp ok"
+    # Read-only even for root: the filesystem refuses, not just the permissions.
+    as_root = await adocker("exec", "--user", "0", bot_container.name, "touch", "/app/probe")
+    assert as_root.returncode != 0 and "Read-only file system" in as_root.stderr
+
+
+@module_loop
+async def test_sigterm_during_a_burst_answers_every_accepted_photo_then_exits_0(bot_container, emu):
+    chats = list(range(6101, 6111))
+    photo = image_bytes("JPEG", (900, 900), quality=95)
+    getfiles = len([1 for name, _ in emu.calls if name == "getFile"])
+    sent = {chat: emu.user_sends_photo(chat, photo) for chat in chats}
+    deadline = time.monotonic() + 60
+    while len([1 for name, _ in emu.calls if name == "getFile"]) < getfiles + len(chats):
+        assert time.monotonic() < deadline, "the bot did not accept the burst"
+        await asyncio.sleep(0.05)
+    stop = await adocker("stop", "--time", "90", bot_container.name, timeout=120)  # SIGTERM
+    assert stop.returncode == 0, stop.stderr
+    state = inspect(bot_container.name)["State"]
+    await bot_container.logs.wait_exit(timeout=30)
+    assert state["ExitCode"] == 0, bot_container.logs.output[-3000:]
+    shutting_down = bot_container.logs.events("shutting_down")
+    assert shutting_down and shutting_down[0]["updates_in_flight"] >= 2, shutting_down
+    for chat in chats:
+        reply = await emu.next_bot_message(chat, timeout=1)
+        assert "Baseline decoder:" in reply["text"]
+        assert reply["reply_to_message"]["message_id"] == sent[chat]["message_id"]
+    assert bot_container.logs.events("stopped")
+    assert "Traceback" not in bot_container.logs.output
+
+
+# ---- compose with a token ------------------------------------------------------------------
+
+
+@module_loop
+@pytest.mark.parametrize("compose", COMPOSE)
+async def test_compose_config_up_and_down_with_a_token(build, compose):
+    program = compose_program(compose)
+    async with BotAPIEmulator(bot_token=TOKEN) as emu:  # its own: no other bot polls it
+        await compose_up_and_down(build, program, emu)
+
+
+async def compose_up_and_down(build, program: tuple[str, ...], emu: BotAPIEmulator) -> None:
+    project = f"captionbottest{RUN}token{len(program)}"
+    env_file = build.context / ".env"
+    shutil.copy(build.context / ".env.example", env_file)
+    with open(env_file, "a") as handle:
+        handle.write(f"\nTELEGRAM_BOT_TOKEN={TOKEN}\nTELEGRAM_API_BASE={emu.base_url}\n")
+    # The only change to the real compose file: the host network, to reach the emulator.
+    override = build.context / f"compose.test-{RUN}.yml"
+    override.write_text(yaml.safe_dump({"services": {name: {"network_mode": "host"}
+                                                     for name in ("settings", "bot")}}))
+
+    async def run(*args: str, files: tuple[str, ...] = ("docker-compose.yml", override.name),
+                  timeout: float = 180) -> subprocess.CompletedProcess:
+        options = [part for name in files for part in ("-f", name)]
+        return await adocker(*options, "-p", project, *args, program=program, cwd=build.context,
+                             env=compose_env(), timeout=timeout)
+
+    config = await run("config", files=("docker-compose.yml",))
+    assert config.returncode == 0, config.stderr
+    services = yaml.safe_load(config.stdout)["services"]
+    bot = services["bot"]
+    assert bot["environment"]["PLAYGROUND"] == "off" and bot["environment"]["LOG_FORMAT"] == "json"
+    assert bot["environment"]["TELEGRAM_BOT_TOKEN"] == TOKEN
+    assert bot["restart"] == "unless-stopped" and bot["read_only"] is True
+    assert services["settings"]["restart"] in ("no", False)
+
+    logs = None
+    try:
+        up = await run("up", "-d", "--no-build")
+        assert up.returncode == 0, up.stdout + up.stderr
+        container = (await run("ps", "-q", "bot")).stdout.strip()
+        assert container
+        logs = ContainerLogs(container)
+        await logs.start()
+        await logs.wait_for_event("bot_started", timeout=150)
+        emu.user_sends_text(6201 + len(program), "/help")
+        assert "/sample" in (await emu.next_bot_message(6201 + len(program), timeout=30))["text"]
+    finally:
+        down = await run("down", "--remove-orphans")
+        if logs is not None:
+            await logs.wait_exit(timeout=60)
+            await logs.close()
+        override.unlink()
+    assert down.returncode == 0, down.stderr
+    assert logs.events("stopped") and "Traceback" not in logs.output  # SIGTERM: a clean stop
+    assert not project_containers(project)
+
+
+# ---- the playground through a published port ---------------------------------------------
+
+
+def test_the_playground_is_reachable_through_a_published_port(build):
+    name = f"captionbot-test-{RUN}-playground"
+    started = docker("run", "-d", "--name", name, "--label", LABEL, "-p", "127.0.0.1::8080",
+                     "--read-only", "--tmpfs", "/tmp", "-e", "PLAYGROUND=auto",
+                     "-e", "PLAYGROUND_HOST=0.0.0.0", build.tag)
+    assert started.returncode == 0, started.stderr
+    try:
+        address = docker("port", name, "8080/tcp").stdout.split()[0]
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{address}/", timeout=5) as response:
+                    page = response.read().decode(errors="replace")
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, docker("logs", name).stdout[-2000:]
+                time.sleep(0.5)
+        assert response.status == 200 and "<html" in page.lower()
+        stop = docker("stop", "--time", "60", name, timeout=90)
+        assert stop.returncode == 0 and inspect(name)["State"]["ExitCode"] == 0
+    finally:
+        docker("rm", "-f", name)
