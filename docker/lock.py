@@ -19,6 +19,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 LEFT_OUT = {"torch", "torchvision"}
+# Required only under some Pythons, and this script's 3.11 may be newer than the image's:
+# redis needs async-timeout below 3.11.3, and Debian bookworm's python3 is 3.11.2.
+MARKER_ONLY = ["async-timeout>=4.0.3"]
 
 
 def torch_version() -> str:
@@ -37,7 +40,7 @@ def main() -> int:
         report = Path(tmp) / "report.json"
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed",
                         "--only-binary", ":all:", "--report", str(report),
-                        f"torch=={torch_version()}", *wanted], check=True)
+                        f"torch=={torch_version()}", *wanted, *MARKER_ONLY], check=True)
         installs = json.loads(report.read_text())["install"]
     pins = sorted((i["metadata"]["name"], i["metadata"]["version"]) for i in installs
                   if i["metadata"]["name"].lower() not in LEFT_OUT)
