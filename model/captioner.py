@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from model import onnx_encoder
 from model.decoders import DecoderConfig, beam_search, build_decoder, sample
 from model.encoder import TUNED_TOP_FILE, Encoder, EncoderConfig, preprocess
 from model.vocab import Vocabulary
@@ -84,6 +85,8 @@ class Captioner:
         encoder = Encoder(EncoderConfig(**json.loads((weights_dir / "encoder.json").read_text())))
         if (weights_dir / TUNED_TOP_FILE).exists():
             encoder.load_tuned_top(weights_dir / TUNED_TOP_FILE)
+        if torch_device.type == "cpu":
+            onnx_encoder.attach(encoder)     # ONNX Runtime where it works, else torch (logged)
         decoders = {kind: load_decoder(weights_dir / f"{kind}.pt", torch_device)
                     for kind in DECODERS if (weights_dir / f"{kind}.pt").exists()}
         if not decoders:
