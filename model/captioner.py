@@ -4,6 +4,7 @@
     encoded = cap.encode([image1, image2])          # one encoder pass for the batch
     cap.greedy(encoded, "attention")                # -> [Caption(text, tokens, alphas), ...]
     cap.sample(encoded, n=5, temperature=0.8)       # -> [[str] * 5, [str] * 5]
+    cap.captions(encoded, n_samples=3)              # -> [Captions(attention, baseline, samples), ...]
 
 A weights directory holds `vocab.json`, `encoder.json` (the encoder's config) and one
 `<kind>.pt` per decoder ({"config": DecoderConfig as dict, "state_dict": ...}). The encoder's
@@ -45,6 +46,14 @@ class Caption:
     text: str
     tokens: list[str]
     alphas: list[list[list[float]]] | None = None   # one rows x cols map per token (attention only)
+
+
+@dataclass
+class Captions:
+    """A reply's worth for one image: both greedy captions and the attention decoder's samples."""
+    attention: Caption
+    baseline: Caption | None
+    samples: list[str]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -125,9 +134,8 @@ class Captioner:
         grid = self.encoder(batch).cpu().half()
         return [Encoded(g) for g in grid]
 
-    def _stack(self, encoded: Sequence[Encoded], repeat: int = 1) -> torch.Tensor:
-        grid = torch.stack([e.grid for e in encoded]).to(self.device, torch.float32)
-        return grid.repeat_interleave(repeat, dim=0) if repeat > 1 else grid
+    def _stack(self, encoded: Sequence[Encoded]) -> torch.Tensor:
+        return torch.stack([e.grid for e in encoded]).to(self.device, torch.float32)
 
     def _decoder(self, name: str):
         if name not in self.decoders:
@@ -167,11 +175,32 @@ class Captioner:
         if not encoded or n < 1:
             return [[] for _ in encoded]
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
-        ids, _ = sample(self._decoder(decoder), self._stack(encoded, n), self.vocab.bos, self.vocab.eos,
+        rows = torch.arange(len(encoded), device=self.device).repeat_interleave(n)   # the decoder starts once per image
+        ids, _ = sample(self._decoder(decoder), self._stack(encoded), self.vocab.bos, self.vocab.eos,
                         MAX_LEN, temperature=temperature, top_k=top_k, generator=generator,
-                        banned=self._banned)
+                        banned=self._banned, rows=rows)
         texts = [" ".join(self.vocab.decode(i)) for i in ids]
         return [texts[i * n:(i + 1) * n] for i in range(len(encoded))]
 
+    @torch.inference_mode()
+    def captions(self, encoded: Sequence[Encoded], n_samples: int = 0, *, temperature: float = 1.0,
+                 top_k: int | None = None, seed: int | None = None) -> list[Captions]:
+        """Per image, the attention decoder's greedy caption and n_samples samples, decoded as one
+        batch (the decoder starts once per image; the samples are those `sample` draws with the same
+        seed), and the baseline's greedy caption beside them."""
+        if not encoded:
+            return []
+        count, grid = len(encoded), self._stack(encoded)
+        images = torch.arange(count, device=self.device)
+        rows = torch.cat([images, images.repeat_interleave(max(0, n_samples))])
+        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        ids, alphas = sample(self._decoder("attention"), grid, self.vocab.bos, self.vocab.eos, MAX_LEN,
+                             temperature=temperature, top_k=top_k, greedy=torch.arange(len(rows), device=self.device) < count,
+                             generator=generator, banned=self._banned, rows=rows)
+        headlines = self._captions(ids[:count], alphas[:count])
+        texts = [" ".join(self.vocab.decode(i)) for i in ids[count:]]
+        baselines = self.greedy(encoded, "baseline") if "baseline" in self.decoders else [None] * count
+        return [Captions(headlines[i], baselines[i], texts[i * n_samples:(i + 1) * n_samples]) for i in range(count)]
 
-__all__ = ["Captioner", "Caption", "Encoded", "DEFAULT_WEIGHTS_DIR", "DECODERS"]
+
+__all__ = ["Captioner", "Caption", "Captions", "Encoded", "DEFAULT_WEIGHTS_DIR", "DECODERS"]
