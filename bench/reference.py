@@ -10,7 +10,9 @@ The reference is the original bot's path with random weights, for timing only:
   * a 3-layer LSTM (embedding 300, hidden 500) over a vocabulary of 10,000;
   * 4 sampled captions of 12 steps each, one after the other, where every step re-runs the LSTM
     over the whole prefix (image vector + the words so far) from a zero state, as the original did.
-It runs with torch's threads on every core this process may use, as the original bot did.
+Each photo is timed twice, on torch threads over every core this process may use (as the original
+bot ran) and on one thread, and the faster counts: on a shared machine the two-thread run suffers
+most, and the ratios would flatter us.
 
     python -m bench.reference            # its time per photo and peak RSS on this machine
 """
@@ -72,15 +74,21 @@ class ReferenceCaptioner(nn.Module):
         return captions
 
     def time_photo(self, image) -> float:
-        """Milliseconds for one photo, on torch threads over every core this process may use."""
+        """Milliseconds for one photo: the faster of a run on torch threads over every core this
+        process may use (as the original bot ran) and a run on one thread. On an idle machine the
+        first is the faster; on a busy one its threads wait for each other and it can take ten
+        times as long, which would flatter every ratio against it."""
         threads = torch.get_num_threads()
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        best = float("inf")
         try:
-            started = time.perf_counter()
-            self.caption(image)
-            return (time.perf_counter() - started) * 1000
+            for count in sorted({len(os.sched_getaffinity(0)), 1}, reverse=True):
+                torch.set_num_threads(count)
+                started = time.perf_counter()
+                self.caption(image)
+                best = min(best, (time.perf_counter() - started) * 1000)
         finally:
             torch.set_num_threads(threads)
+        return best
 
 
 @dataclass
@@ -166,11 +174,12 @@ class Row:
             return (self.value / ref.peak_rss_mb,) * 2
         return None
 
-    def ok(self, ref: Reference) -> bool | None:
-        """A ratio target is judged against the reference's *fastest* photo: on a busy machine
-        the reference's multi-threaded run suffers most, and its median would flatter us."""
+    def ok(self, ref: Reference, against: int = 1) -> bool | None:
+        """A ratio target is met when it holds against the reference's *fastest* photo (against=1):
+        on a busy machine the reference's two-threaded run suffers most, and its median flatters us.
+        against=0 judges it against the reference's median photo instead."""
         if self.need is not None:
-            return self.ratios(ref)[1] >= self.need
+            return self.ratios(ref)[against] >= self.need
         if self.limit is not None:
             return self.value <= self.limit
         if self.least is not None:
@@ -190,6 +199,8 @@ class Row:
                   else f"<= {self.limit:g}{unit}" if self.limit is not None
                   else f">= {self.least:g}{unit}" if self.least is not None else "")
         verdict = {True: "ok", False: "MISSED", None: ""}[self.ok(ref)]
+        if verdict == "MISSED" and self.ok(ref, against=0):
+            verdict = "MISSED (ok vs its median)"
         return [self.name, f"{self.value:.{2 if self.unit == 'x' else 1}f}{unit}", *compared, target, verdict]
 
 
@@ -197,6 +208,9 @@ def print_report(title: str, ref: Reference, rows: list[Row], notes: list[str] =
     """A markdown table: every figure, its ratios to the reference, its target, ok or MISSED."""
     print(f"\n{title}")
     print(f"machine: {cpu_description()}")
+    if os.getloadavg()[0] > len(os.sched_getaffinity(0)) + 0.5:
+        print("warning: other work shares these cores (load average above the core count): "
+              "the times are inflated and noisy; compare the ratios, and repeat")
     print(f"reference (the original bot's path, random weights): {ref.describe()}")
     for note in notes:
         print(note)
