@@ -64,6 +64,9 @@ COPY weights/ weights/
 # Bytecode compiled now: the container's root filesystem is read-only at run time.
 RUN python -m compileall -q bot model \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin captionbot
+# The encoder's ONNX Runtime graph, built now (model/onnx_encoder.py) rather than at every start.
+ENV CAPTION_CACHE_DIR=/app/.cache
+RUN python -m model.onnx_encoder --weights weights
 USER 10001
 
 # PLAYGROUND=off: in a container a missing token is an error, not a local chat page.

@@ -6,6 +6,7 @@
     cap.sample(encoded, n=5, temperature=0.8)       # -> [[str] * 5, [str] * 5]
     cap.domain(encoded)                             # -> [DomainVerdict(in_domain, score, threshold), ...]
     cap.imagenet_labels(encoded, k=5)               # -> [[Label(label, p)] * 5, ...]
+    cap.captions(encoded, n_samples=3)              # -> [Captions(attention, baseline, samples), ...]
 
 `domain` says whether each picture looks like what the decoders were trained on (model/domain.py;
 `weights/domain.pt`; weights without it, e.g. COCO-trained ones, call every picture in domain).
@@ -30,6 +31,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from model import onnx_encoder
 from model.decoders import DecoderConfig, beam_search, build_decoder, sample
 from model.domain import DOMAIN_FILE, DomainCheck, DomainVerdict
 from model.encoder import TUNED_TOP_FILE, Encoder, EncoderConfig, preprocess
@@ -56,6 +58,14 @@ class Caption:
     text: str
     tokens: list[str]
     alphas: list[list[list[float]]] | None = None   # one rows x cols map per token (attention only)
+
+
+@dataclass
+class Captions:
+    """A reply's worth for one image: both greedy captions and the attention decoder's samples."""
+    attention: Caption
+    baseline: Caption | None
+    samples: list[str]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -100,6 +110,8 @@ class Captioner:
         encoder = Encoder(EncoderConfig(**json.loads((weights_dir / "encoder.json").read_text())))
         if (weights_dir / TUNED_TOP_FILE).exists():
             encoder.load_tuned_top(weights_dir / TUNED_TOP_FILE)
+        if torch_device.type == "cpu":
+            onnx_encoder.attach(encoder)     # ONNX Runtime where it works, else torch (logged)
         decoders = {kind: load_decoder(weights_dir / f"{kind}.pt", torch_device)
                     for kind in DECODERS if (weights_dir / f"{kind}.pt").exists()}
         if not decoders:
@@ -173,14 +185,16 @@ class Captioner:
         return self._imagenet.labels(torch.stack([e.grid for e in encoded]), k)
 
     # -- decoding helpers ----------------------------------------------------------------------
-    def _stack(self, encoded: Sequence[Encoded], repeat: int = 1) -> torch.Tensor:
-        grid = torch.stack([e.grid for e in encoded]).to(self.device, torch.float32)
-        return grid.repeat_interleave(repeat, dim=0) if repeat > 1 else grid
+    def _stack(self, encoded: Sequence[Encoded]) -> torch.Tensor:
+        return torch.stack([e.grid for e in encoded]).to(self.device, torch.float32)
 
     def _decoder(self, name: str):
         if name not in self.decoders:
             raise ValueError(f"no {name!r} decoder loaded (have: {', '.join(self.decoders)})")
         return self.decoders[name]
+
+    def _texts(self, ids) -> list[str]:
+        return [" ".join(with_articles(self.vocab.decode(i))) for i in ids]
 
     def _captions(self, ids, alphas) -> list[Caption]:
         rows, cols = self.grid
@@ -215,11 +229,34 @@ class Captioner:
         if not encoded or n < 1:
             return [[] for _ in encoded]
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
-        ids, _ = sample(self._decoder(decoder), self._stack(encoded, n), self.vocab.bos, self.vocab.eos,
+        rows = torch.arange(len(encoded), device=self.device).repeat_interleave(n)   # the decoder starts once per image
+        ids, _ = sample(self._decoder(decoder), self._stack(encoded), self.vocab.bos, self.vocab.eos,
                         MAX_LEN, temperature=temperature, top_k=top_k, generator=generator,
-                        banned=self._banned)
-        texts = [" ".join(with_articles(self.vocab.decode(i))) for i in ids]
+                        banned=self._banned, rows=rows)
+        texts = self._texts(ids)
         return [texts[i * n:(i + 1) * n] for i in range(len(encoded))]
 
+    @torch.inference_mode()
+    def captions(self, encoded: Sequence[Encoded], n_samples: int = 0, *, temperature: float = 1.0,
+                 top_k: int | None = None, seed: int | None = None) -> list[Captions]:
+        """Per image, the attention decoder's greedy caption and n_samples samples, decoded as one
+        batch (the decoder starts once per image; the samples are those `sample` draws with the same
+        seed), and the baseline's greedy caption beside them."""
+        if not encoded:
+            return []
+        count, grid = len(encoded), self._stack(encoded)
+        images = torch.arange(count, device=self.device)
+        rows = torch.cat([images, images.repeat_interleave(max(0, n_samples))])
+        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        ids, alphas = sample(self._decoder("attention"), grid, self.vocab.bos, self.vocab.eos, MAX_LEN,
+                             temperature=temperature, top_k=top_k, greedy=torch.arange(len(rows), device=self.device) < count,
+                             generator=generator, banned=self._banned, rows=rows)
+        headlines = self._captions(ids[:count], alphas[:count])
+        texts = self._texts(ids[count:])
+        baselines = self.greedy(encoded, "baseline") if "baseline" in self.decoders else [None] * count
+        return [Captions(headlines[i], baselines[i], texts[i * n_samples:(i + 1) * n_samples]) for i in range(count)]
 
-__all__ = ["Captioner", "Caption", "Encoded", "DomainVerdict", "Label", "DEFAULT_WEIGHTS_DIR", "DECODERS"]
+
+
+__all__ = ["Captioner", "Caption", "Captions", "Encoded", "DomainVerdict", "Label", "DEFAULT_WEIGHTS_DIR",
+           "DECODERS"]

@@ -17,6 +17,13 @@ Every decoder exposes the same incremental interface,
 so greedy decoding, sampling and beam search (below) are written once, run one LSTM step per
 token (never re-running the prefix), and decode many images or many samples of one image in a
 single batch. `forward` is the teacher-forced pass used in training.
+
+When decoding (eval mode, no gradients) `start` also precomputes what every step would otherwise
+recompute, and `step` takes a fused path: the word's share of every projection (LSTM gates, the
+attention query, the output layer) is one row of a table built from the weights, so a step is one
+row lookup, the attention, and two matrix products (the context's projections, and the new state's,
+which gives this step's logits and the next step's gates together) where it was ten. Its results
+equal the teacher-forced pass to float rounding (tests/test_decoders.py).
 """
 from __future__ import annotations
 
@@ -73,6 +80,31 @@ class FeatureNorm(nn.Module):
         return (grid.float() - self.mean) / self.std
 
 
+def _decoding(module: nn.Module) -> bool:
+    """Inference: the fused decoding path applies (it has no gradients and no dropout)."""
+    return not module.training and not torch.is_grad_enabled()
+
+
+def _decoding_weights(module: nn.Module, build) -> dict[str, torch.Tensor]:
+    """`build()`'s weights, rearranged for decoding from the module's parameters, kept until a
+    parameter changes (an optimiser step or load_state_dict bumps its version; .to() its address)."""
+    key = tuple((p.data_ptr(), p._version) for p in module.parameters())
+    cached = module.__dict__.get("_decoding_cache")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, build())
+        module.__dict__["_decoding_cache"] = cached
+    return cached[1]
+
+
+def _lstm_cell(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An LSTM cell's update from its summed gate pre-activations (B, 4H), in torch's i, f, g, o order."""
+    hidden = c.shape[1]
+    gate = torch.sigmoid(gates)                   # i, f, -, o (the g quarter is wasted, one op for three)
+    c = torch.addcmul(gate[:, hidden:2 * hidden] * c, gate[:, :hidden], torch.tanh(gates[:, 2 * hidden:3 * hidden]))
+    return gate[:, 3 * hidden:] * torch.tanh(c), c
+
+
 class ShowTellDecoder(nn.Module):
     """Baseline: one vector for the whole image, no attention.
 
@@ -108,7 +140,7 @@ class ShowTellDecoder(nn.Module):
         self.dropout = nn.Dropout(c.dropout)
         self.fc = nn.Linear(c.hidden_dim, c.vocab_size)
 
-    def start(self, grid: torch.Tensor) -> State:
+    def _initial(self, grid: torch.Tensor) -> State:
         cells = self.norm(grid)                                      # (B, N, D)
         if self.layout_side != self.grid_side:                       # -> (B, L*L, D)
             square = cells.transpose(1, 2).unflatten(2, (self.grid_side, self.grid_side))
@@ -117,15 +149,45 @@ class ShowTellDecoder(nn.Module):
         v = self.image_vector(cells.flatten(1))                      # (B, H)
         return {"v": v, "h": torch.tanh(self.init_h(v)), "c": torch.tanh(self.init_c(v))}
 
+    def start(self, grid: torch.Tensor) -> State:
+        state = self._initial(grid)
+        if _decoding(self):   # the image's share of the gates once per image, the first step's h share
+            w = self._weights()
+            state["image_gates"] = F.linear(state["v"], w["image_gates"])          # (B, 4H)
+            state["from_h"] = F.linear(state["h"], w["from_h"])                    # (B, V + 4H)
+        return state
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        def build():
+            embed = self.config.embed_dim
+            w_ih, lstm = self.lstm.weight_ih_l0, self.lstm
+            return {
+                "word_gates": self.embedding.weight @ w_ih[:, :embed].T + lstm.bias_ih_l0 + lstm.bias_hh_l0,  # (V, 4H)
+                "image_gates": w_ih[:, embed:].contiguous(),                                              # (4H, H)
+                "from_h": torch.cat([self.fc.weight, lstm.weight_hh_l0]),                                 # (V + 4H, H)
+            }
+        return _decoding_weights(self, build)
+
     def _inputs(self, words, v):
         e = self.embedding(words)
         return torch.cat([e, v.unsqueeze(1).expand(-1, e.shape[1], -1)], dim=2)
 
     def step(self, words: torch.Tensor, state: State):
+        if "from_h" in state:
+            return self._fused_step(words, state)
         x = self._inputs(words.unsqueeze(1), state["v"])              # (B, 1, E+H)
         out, (h, c) = self.lstm(x, (state["h"].unsqueeze(0), state["c"].unsqueeze(0)))
         logits = self.fc(self.dropout(out.squeeze(1)))               # (B, V)
         return logits, {"v": state["v"], "h": h.squeeze(0), "c": c.squeeze(0)}, None
+
+    def _fused_step(self, words: torch.Tensor, state: State):
+        """`step` when decoding: one table row, one matrix product (logits and next gates at once)."""
+        w, vocab = self._weights(), self.config.vocab_size
+        gates = w["word_gates"].index_select(0, words) + state["image_gates"] + state["from_h"][:, vocab:]
+        h, c = _lstm_cell(gates, state["c"])
+        from_h = F.linear(h, w["from_h"])                                              # (B, V + 4H)
+        logits = from_h[:, :vocab] + self.fc.bias
+        return logits, {**state, "h": h, "c": c, "from_h": from_h}, None
 
     def forward(self, grid: torch.Tensor, inputs: torch.Tensor):
         """Teacher forcing. inputs (B, T) starting with <bos> -> logits (B, T, V), alphas None.
@@ -133,7 +195,7 @@ class ShowTellDecoder(nn.Module):
         One call of the fused LSTM over the whole sequence; `step` runs the same LSTM one token
         at a time, and a test checks the two agree.
         """
-        state = self.start(grid)
+        state = self._initial(grid)
         out, _ = self.lstm(self._inputs(inputs, state["v"]), (state["h"].unsqueeze(0), state["c"].unsqueeze(0)))
         return self.fc(self.dropout(out)), None
 
@@ -204,13 +266,48 @@ class ShowAttendTellDecoder(nn.Module):
         self.dropout = nn.Dropout(c.dropout)
         self.fc = nn.Linear(c.hidden_dim, c.vocab_size)
 
-    def start(self, grid: torch.Tensor) -> State:
+    def _initial(self, grid: torch.Tensor) -> State:
         cells = self.cell_proj(self.norm(grid)) + self.position      # (B, N, C)
         mean_cell = cells.mean(dim=1)                                # (B, C)
         no_attention = cells.new_zeros(cells.shape[:2])              # (B, N)
         return {"cells": cells, "keys": self.attention.keys(cells),
                 "h": torch.tanh(self.init_h(mean_cell)), "c": torch.tanh(self.init_c(mean_cell)),
                 "alpha": no_attention, "coverage": no_attention}
+
+    def start(self, grid: torch.Tensor) -> State:
+        state = self._initial(grid)
+        if _decoding(self):   # keys laid out (B, A, N) and doubled for the fused step; the first step's h share
+            state["keys"] = state["keys"].transpose(1, 2).mul(2.0)
+            state["from_h"] = F.linear(state["h"], self._weights()["from_h"])
+        return state
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """Every projection regrouped by what it reads: the previous word (a table), the new state h,
+        the attended context. The output layer is folded into the context's and the word's shares
+        (fc(h + W_co ctx + W_wo e) = fc(h) + (fc W_co) ctx + (fc W_wo) e).
+
+        The attention's energy is doubled (keys, query, location weights) so that its tanh is a
+        sigmoid: w . tanh(e) + b = 2w . sigmoid(2e) + (b - sum w), and the constant drops out of
+        the softmax. torch's sigmoid is several times faster than its tanh on the CPUs measured,
+        and this is the step's largest elementwise pass (A x N per caption)."""
+        def build():
+            embed, hidden = self.config.embed_dim, self.config.hidden_dim
+            lstm, query, fc = self.lstm, self.attention.query_proj, self.fc
+            words = self.embedding.weight                                                 # (V, E)
+            return {
+                "word": torch.cat([
+                    words @ lstm.weight_ih[:, :embed].T + lstm.bias_ih + lstm.bias_hh,       # gates (4H)
+                    words @ (fc.weight @ self.word_out.weight).T + fc.bias
+                    + fc.weight @ (self.word_out.bias + self.context_out.bias),                # logits (V)
+                    2 * (words @ query.weight[:, hidden:].T + query.bias),                     # query (A), doubled
+                ], dim=1),
+                "from_h": torch.cat([fc.weight, lstm.weight_hh, 2 * query.weight[:, :hidden],
+                                     self.gate.weight]),                                       # (V + 4H + A + 1, H)
+                "context": torch.cat([lstm.weight_ih[:, embed:], fc.weight @ self.context_out.weight]),  # (4H + V, C)
+                "location": 2 * self.attention.location_proj.weight.unsqueeze(0),              # (1, A, F), doubled
+                "score": 2 * self.attention.score.weight.unsqueeze(0),                         # (1, 1, A), doubled
+            }
+        return _decoding_weights(self, build)
 
     def _advance(self, embedded: torch.Tensor, state: State):
         query = torch.cat([state["h"], embedded], dim=1)                              # (B, H+E)
@@ -224,11 +321,40 @@ class ShowAttendTellDecoder(nn.Module):
         return self.fc(self.dropout(deep)), state, alpha
 
     def step(self, words: torch.Tensor, state: State):
+        if "from_h" in state:
+            return self._fused_step(words, state)
         return self._advance(self.embedding(words), state)
+
+    def _fused_step(self, words: torch.Tensor, state: State):
+        """`_advance` when decoding, regrouped (see _weights); equal to float rounding."""
+        w, c = self._weights(), self.config
+        four_h, vocab = 4 * c.hidden_dim, c.vocab_size
+        word = w["word"].index_select(0, words)                                       # (B, 4H + V + A)
+        from_h = state["from_h"]                                                       # (B, V + 4H + A + 1)
+        query = from_h[:, vocab + four_h:-1] + word[:, four_h + vocab:]                # (B, A)
+        batch, cells = state["alpha"].shape
+        side = math.isqrt(cells)
+        maps = torch.stack([state["alpha"], state["coverage"]], dim=1).unflatten(2, (side, side))
+        where = self.attention.location_conv(maps).flatten(2)                          # (B, F, N)
+        # keys + W_l where + query in one product: the query rides as an extra column against ones
+        # (each (B, A, N) temporary is a pass over memory; at a batch of 32 this halved the step).
+        energy = torch.baddbmm(state["keys"],
+                               torch.cat([w["location"].expand(batch, -1, -1), query.unsqueeze(2)], dim=2),
+                               torch.cat([where, where.new_ones(batch, 1, cells)], dim=1))   # (B, A, N), doubled
+        alpha = torch.matmul(w["score"], energy.sigmoid_()).squeeze(1).softmax(dim=1)  # (B, N)
+        context = torch.bmm(alpha.unsqueeze(1), state["cells"]).squeeze(1)             # (B, C)
+        beta = torch.sigmoid(from_h[:, -1:] + self.gate.bias)                          # (B, 1)
+        from_context = F.linear(context, w["context"]) * beta                          # (B, 4H + V)
+        gates = word[:, :four_h] + from_h[:, vocab:vocab + four_h] + from_context[:, :four_h]
+        h, cell = _lstm_cell(gates, state["c"])
+        from_h = F.linear(h, w["from_h"])
+        logits = from_h[:, :vocab] + from_context[:, four_h:] + word[:, four_h:four_h + vocab]
+        state = {**state, "h": h, "c": cell, "from_h": from_h, "alpha": alpha, "coverage": state["coverage"] + alpha}
+        return logits, state, alpha
 
     def forward(self, grid: torch.Tensor, inputs: torch.Tensor):
         """Teacher forcing. inputs (B, T) -> logits (B, T, V), alphas (B, T, N)."""
-        state = self.start(grid)
+        state = self._initial(grid)
         embedded = self.embedding(inputs)                            # (B, T, E), all at once
         logits, alphas = [], []
         for t in range(inputs.shape[1]):
@@ -265,15 +391,26 @@ def _select(state: State, index: torch.Tensor) -> State:
 
 @torch.no_grad()
 def sample(decoder, grid: torch.Tensor, bos: int, eos: int, max_len: int = 20,
-           temperature: float = 1.0, top_k: int | None = None, greedy: bool = False,
-           generator: torch.Generator | None = None, banned: tuple[int, ...] = ()):
-    """Greedy (greedy=True) or ancestral sampling for every row of grid, all rows in one batch.
+           temperature: float = 1.0, top_k: int | None = None, greedy: bool | torch.Tensor = False,
+           generator: torch.Generator | None = None, banned: tuple[int, ...] = (),
+           rows: torch.Tensor | None = None):
+    """Greedy or ancestral sampling, all captions in one batch.
 
-    To draw n samples of one image, repeat its grid n times. Returns (ids, alphas): lists of
-    length B; alphas[b] is a (T, N) tensor or None for decoders without attention.
+    rows: the image (row of grid) each caption reads, e.g. [0, 0, 0, 1, 1, 1] for three samples
+    of two images; the decoder starts once per image. Default: one caption per row of grid.
+    greedy: True, False, or a bool per caption, so that greedy captions and samples decode
+    together (the samples draw from the generator as they would alone when the greedy rows come first).
+    Returns (ids, alphas): one entry per caption; alphas[b] is a (T, N) tensor or None for
+    decoders without attention.
     """
-    batch = grid.shape[0]
     state = decoder.start(grid)
+    if rows is not None:
+        state = _select(state, rows)
+    batch = len(rows) if rows is not None else grid.shape[0]
+    if not isinstance(greedy, bool):
+        sampled = (~greedy).nonzero().squeeze(1)                                     # rows that sample
+        if len(sampled) in (0, batch):
+            greedy = len(sampled) == 0
     words = torch.full((batch,), bos, dtype=torch.long, device=grid.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=grid.device)
     banned = tuple(banned) + (bos,)
@@ -281,14 +418,13 @@ def sample(decoder, grid: torch.Tensor, bos: int, eos: int, max_len: int = 20,
     for _ in range(max_len):
         logits, state, alpha = decoder.step(words, state)
         logits = _never(logits, banned)
-        if greedy:
+        if greedy is True:
             words = logits.argmax(dim=1)
+        elif greedy is False:
+            words = _draw(logits, temperature, top_k, generator)
         else:
-            logits = logits / max(temperature, 1e-6)
-            if top_k:
-                kth = logits.topk(min(top_k, logits.shape[1]), dim=1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            words = torch.multinomial(logits.softmax(dim=1), 1, generator=generator).squeeze(1)
+            words = logits.argmax(dim=1).index_copy_(
+                0, sampled, _draw(logits.index_select(0, sampled), temperature, top_k, generator))
         words = words.masked_fill(finished, eos)
         tokens.append(words)
         maps.append(alpha)
@@ -303,6 +439,16 @@ def sample(decoder, grid: torch.Tensor, bos: int, eos: int, max_len: int = 20,
         ids.append(tokens[b][:length])
         alphas.append(stacked[b, :length].cpu() if stacked is not None else None)
     return ids, alphas
+
+
+def _draw(logits: torch.Tensor, temperature: float, top_k: int | None,
+          generator: torch.Generator | None) -> torch.Tensor:
+    """One word per row, drawn from softmax(logits / temperature), within the top k if given."""
+    logits = logits / max(temperature, 1e-6)
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[1]), dim=1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=1), 1, generator=generator).squeeze(1)
 
 
 @torch.no_grad()

@@ -240,6 +240,7 @@ class Encoder(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.cpu_chunk = CPU_CHUNK
         self._pool: ThreadPoolExecutor | None = None    # see use_cpu_workers
+        self.runtime = None    # model/onnx_encoder.py: _forward's exported graph, run by ONNX Runtime
         self.requires_grad_(False)
         self.eval()
         # channels_last halves the CPU time of these depthwise-separable convolutions.
@@ -294,6 +295,8 @@ class Encoder(nn.Module):
         if self._pool is not None:
             self._pool.shutdown(wait=False)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="encoder") if workers > 1 else None
+        if self.runtime is not None:
+            self.runtime.use_threads(1 if workers > 1 else torch.get_num_threads())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.device.type != "cpu":
@@ -312,6 +315,8 @@ class Encoder(nn.Module):
         return torch.cat(list(self._pool.map(encode, chunks)))
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.runtime is not None:
+            return self.runtime(images)
         images = images.contiguous(memory_format=torch.channels_last)
         grid = self._cnn_grid(images).float()                             # (B, C, rows, cols)
         grid = grid.flatten(2).transpose(1, 2)                            # (B, rows*cols, C)

@@ -16,7 +16,12 @@ from PIL import Image, ImageOps
 
 DEFAULT_MAX_PIXELS = 40_000_000        # 40 megapixels: any phone photo, no bomb
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024   # the Bot API's download limit
-DECODE_SIDE = 448                      # JPEGs are decoded at >= this side (2x the encoder's input)
+# JPEGs are decoded at a 1/2..1/8 scale (PIL's draft mode: the DCT skips the detail) that keeps
+# both sides at least this: the encoder's input side. Measured against 448 (twice it): a 1024 px
+# scene opens and preprocesses in 1.4 ms instead of 16 ms, a 4000x3000 photo in 13 ms instead of
+# 28, and 300 held-out scenes rendered at 1024 px as JPEG q70 caption as well (attention exact
+# match 0.967 both ways; baseline 0.863 -> 0.870).
+DECODE_SIDE = 224
 
 
 class ImageError(ValueError):

@@ -76,6 +76,48 @@ def test_samples_of_one_image_decode_in_one_batch_and_vary():
     assert all(a.shape == (len(i), 49) for i, a in zip(ids, alphas))
 
 
+@pytest.mark.parametrize("kind", ["baseline", "attention"])
+def test_starting_once_per_image_equals_repeating_its_grid(kind):
+    decoder, grid = make(kind), grids(2)
+    rows = torch.tensor([0, 0, 0, 1, 1, 1])
+    repeated, _ = sample(decoder, grid[rows], BOS, EOS, temperature=1.5, generator=torch.Generator().manual_seed(4))
+    started_once, _ = sample(decoder, grid, BOS, EOS, temperature=1.5, generator=torch.Generator().manual_seed(4),
+                             rows=rows)
+    assert started_once == repeated
+
+
+def test_greedy_captions_and_samples_decode_together_as_they_would_apart():
+    decoder, grid = make("attention"), grids(2)
+    greedy_ids, greedy_alphas = sample(decoder, grid, BOS, EOS, greedy=True)
+    sample_rows = torch.tensor([0, 0, 0, 1, 1, 1])
+    sample_ids, _ = sample(decoder, grid, BOS, EOS, temperature=1.5, generator=torch.Generator().manual_seed(4),
+                           rows=sample_rows)
+    rows = torch.cat([torch.arange(2), sample_rows])
+    ids, alphas = sample(decoder, grid, BOS, EOS, temperature=1.5, generator=torch.Generator().manual_seed(4),
+                         rows=rows, greedy=torch.arange(len(rows)) < 2)
+    assert ids[:2] == greedy_ids and ids[2:] == sample_ids
+    for a, b in zip(alphas[:2], greedy_alphas):
+        torch.testing.assert_close(a, b)
+
+
+def test_captioner_captions_equal_its_separate_calls():
+    from model.captioner import Captioner
+    from model.data.scenes import render_scene
+
+    captioner = Captioner.untrained(seed=3)
+    with torch.no_grad():
+        for decoder in captioner.decoders.values():       # random decoders: end captions early
+            decoder.fc.bias[captioner.vocab.eos] += 2.0
+    encoded = captioner.encode([render_scene(seed)[1] for seed in range(3)])
+    together = captioner.captions(encoded, 4, temperature=1.3, seed=9)
+    headlines = captioner.greedy(encoded, "attention")
+    assert [c.attention.tokens for c in together] == [c.tokens for c in headlines]
+    torch.testing.assert_close([c.attention.alphas for c in together], [c.alphas for c in headlines])
+    assert [c.baseline.text for c in together] == [c.text for c in captioner.greedy(encoded, "baseline")]
+    assert [c.samples for c in together] == captioner.sample(encoded, 4, temperature=1.3, seed=9)
+    assert captioner.captions([], 4) == []
+
+
 def test_top_k_one_is_greedy():
     decoder, grid = make("baseline"), grids(4)
     greedy_ids, _ = sample(decoder, grid, BOS, EOS, greedy=True)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.images import ImageError, open_image
+from model.images import DECODE_SIDE, ImageError, open_image
 
 
 def encoded(image: Image.Image, fmt: str, **options) -> bytes:
@@ -120,7 +120,7 @@ def test_animated_gif_gives_its_first_frame():
 def test_big_jpeg_is_decoded_at_reduced_scale_but_keeps_its_content():
     big = Image.new("RGB", (2400, 1800), (30, 30, 200))
     image = open_image(encoded(big, "JPEG", quality=80))
-    assert 448 <= min(image.size) < 1800 and image.size[0] / image.size[1] == pytest.approx(4 / 3, rel=0.02)
+    assert DECODE_SIDE <= min(image.size) < 1800 // 2 and image.size[0] / image.size[1] == pytest.approx(4 / 3, rel=0.02)
     assert image.getpixel((10, 10))[2] > 150
 
 
