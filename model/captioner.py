@@ -32,7 +32,8 @@ import torch
 from PIL import Image
 
 from model import onnx_encoder
-from model.decoders import DecoderConfig, beam_search, build_decoder, sample
+from model.decoders import MAX_LEN, DecoderConfig, beam_search, build_decoder, sample
+from model.devices import resolve_device
 from model.domain import DOMAIN_FILE, DomainCheck, DomainVerdict
 from model.encoder import TUNED_TOP_FILE, Encoder, EncoderConfig, preprocess
 from model.imagenet import Label
@@ -40,7 +41,6 @@ from model.vocab import Vocabulary, with_articles
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DECODERS = ("baseline", "attention")
-MAX_LEN = 20
 
 
 @dataclass
@@ -68,16 +68,6 @@ class Captions:
     samples: list[str]
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("DEVICE=cuda but no CUDA device is available")
-    return torch.device(device)
-
-
-def save_decoder(decoder, path: str | Path) -> None:
-    torch.save({"config": decoder.config.to_dict(), "state_dict": decoder.state_dict()}, path)
 
 
 def load_decoder(path: str | Path, device: torch.device):

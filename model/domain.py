@@ -141,8 +141,8 @@ def encode_features(captioner, images: Sequence, batch: int = 32) -> torch.Tenso
 
 
 def render_features(captioner, keys: Sequence[str], batch: int = 32) -> torch.Tensor:
-    """Scene recipes (model.train.scene_key) -> domain features, rendering a batch at a time."""
-    from model.train import load_image
+    """Scene recipes (model.data.sources.scene_key) -> domain features, rendering a batch at a time."""
+    from model.data.sources import load_image
 
     return torch.cat([encode_features(captioner, [load_image(k) for k in keys[start:start + batch]], batch)
                       for start in range(0, len(keys), batch)])
@@ -165,7 +165,7 @@ def fit_domain(captioner, fit_scenes: int = 3000, calibration_scenes: int = 100,
     """Fit on training renders, calibrate on held-out renders, measure on the model card's held-out
     scenes and on non-scenes; the result's info holds every measured rate."""
     from model.nonscenes import nonscenes
-    from model.train import TEST_SEED_BASE, TRAIN_SEED_BASE, scene_key, training_variant
+    from model.data.sources import TEST_SEED_BASE, TRAIN_SEED_BASE, scene_key, training_variant
 
     started = time.time()
     seeds = range(TRAIN_SEED_BASE, TRAIN_SEED_BASE + fit_scenes)

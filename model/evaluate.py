@@ -13,7 +13,7 @@ from typing import Sequence
 from model.cache import Example
 from model.captioner import Captioner
 from model.metrics import bleu, cider
-from model.train import TEST_SEED_BASE, load_image, scene_examples
+from model.data.sources import TEST_SEED_BASE, load_image, scene_examples
 from model.vocab import fold_articles, tokenize
 
 # The held-out sets of the model card: the same 1,000 scenes three ways.

@@ -16,7 +16,6 @@ On a CPU, the same data, config, torch build and thread count give bit-identical
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import os
@@ -27,145 +26,77 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from model.cache import Example, build_cache, load_cache
-from model.captioner import MAX_LEN, resolve_device, save_decoder
-from model.decoders import DecoderConfig, build_decoder, sample
+from model.cache import build_cache, load_cache
+from model.data.sources import dataset_examples, load_image
+from model.decoders import MAX_LEN, DecoderConfig, build_decoder, sample, save_decoder
+from model.devices import resolve_device
 from model.domain import DOMAIN_FILE
 from model.encoder import TUNED_TOP_FILE, Encoder, EncoderConfig, EncoderTop
-from model.images import open_image
 from model.vocab import Vocabulary, tokenize
-
-TRAIN_SEED_BASE = 0            # scene seeds: training 0.., validation 10M.., held-out test 20M..
-VAL_SEED_BASE = 10_000_000
-TEST_SEED_BASE = 20_000_000
-
 
 @dataclass
 class TrainConfig:
+    """What a training run does. `python -m model train` has an option per field of a plain type
+    (--out-dir for out_dir), its comment the option's help; a comment that starts `a | b | c`
+    lists the only values allowed (model/cli.py)."""
     data: str = "scenes"                  # scenes | coco | karpathy
     decoder: str = "both"                 # baseline | attention | both
-    out_dir: str = "weights"              # vocab, encoder config, decoder checkpoints
-    work_dir: str = "runs/scenes"         # feature caches, logs
-    backbone: str = "efficientnet_lite0"
-    cell_px: int = 16                     # see EncoderConfig.cell_px (16: a 14x14 grid at 224 px)
+    out_dir: str = "weights"              # where the weights go: vocab, encoder config, decoder checkpoints
+    work_dir: str = "runs/scenes"         # feature caches and logs
+    backbone: str = "efficientnet_lite0"  # efficientnet_lite0 | resnet50 | resnet101 | inception_v3
+    cell_px: int = 16                     # 16 | 32: EfficientNet-Lite0 grid cells of 16 px (14x14 at 224 px)
+                                          # or 32 px (7x7, a 4x smaller cache); see EncoderConfig.cell_px
     # scenes
-    train_scenes: int = 16_000
-    val_scenes: int = 500
+    train_scenes: int = 16_000            # training scenes
+    val_scenes: int = 500                 # validation scenes, each rendered once per val_renders entry
     # Each validation scene is rendered once per (side, JPEG quality; 0: PNG) here, and the best epoch
     # is the one with the best exact match over all of them: a caption should survive a small JPEG.
     val_renders: tuple = ((224, 0), (96, 70))
     # real datasets (paths the user brings)
-    captions_json: str = ""               # coco: captions_train2017.json
-    val_captions_json: str = ""           # coco: captions_val2017.json
-    karpathy_json: str = ""               # karpathy: dataset_coco.json / dataset_flickr8k.json
-    images_dir: str = ""
-    val_images_dir: str = ""
-    max_val_images: int = 1000
-    min_word_count: int = 5               # scenes use every word
+    captions_json: str = ""               # COCO captions_train2017.json
+    val_captions_json: str = ""           # COCO captions_val2017.json
+    karpathy_json: str = ""               # dataset_coco.json / dataset_flickr8k.json
+    images_dir: str = ""                  # the training images (and the validation ones, if no other)
+    val_images_dir: str = ""              # the validation images
+    max_val_images: int = 1000            # photos kept for validation
+    min_word_count: int = 5               # photos: rarer words become <unk>; scenes use every word
     # optimisation
-    epochs: int = 24                      # the baseline's
+    epochs: int = 24                      # epochs of the baseline, and of the attention decoder unless
+                                          # --attention-epochs says otherwise
     attention_epochs: int = 12            # each epoch also trains the encoder's top (below): 1.6x the time
     batch_size: int = 96
-    lr: float = 1e-3                      # attention (at 2e-3 its validation score swung by 15 points)
+    lr: float = 1e-3                      # learning rate of the attention decoder (at 2e-3 its
+                                          # validation score swung by 15 points)
     lr_baseline: float = 2e-3             # the simpler baseline learns steadily at twice the rate
-    lr_encoder_top: float = 3e-4          # fine-tunes encoder blocks 5-6 with the attention decoder; 0: frozen
+    lr_encoder_top: float = 3e-4          # learning rate of the encoder's last blocks (5-6), fine-tuned
+                                          # with the attention decoder; 0: frozen
     weight_decay: float = 0.0
-    warmup_steps: int = 200
-    grad_clip: float = 5.0
+    warmup_steps: int = 200               # steps of linear warm-up before the cosine decay (warmup_cosine)
+    lr_floor: float = 0.05                # where the cosine decay ends, as a share of each learning rate
+    grad_clip: float = 5.0                # gradient norm clipped to this
     max_len: int = 18                     # words per caption in training (longer ones are cut)
     patience: int = 30                    # epochs without a better validation score (the schedule ends
                                           # at a low rate, where the best epochs are: stop late)
     seed: int = 0
-    device: str = "auto"
-    encode_batch: int = 32
-    workers: int = 1
+    device: str = "auto"                  # auto | cpu | cuda
+    encode_batch: int = 32                # images per encoder pass while building the caches
+    workers: int = 1                      # processes that render or read pictures for the caches
     threads: int = 2                      # torch CPU threads while training: fixed, for bit-identical weights
     decoder_overrides: dict = field(default_factory=dict)   # e.g. {"hidden_dim": 512}
 
 
 # ----------------------------------------------------------------------------------------------
-# Where pictures come from
+# The learning-rate schedule
 
-def scene_key(seed: int, side: int = 224, jpeg_quality: int = 0) -> str:
-    return f"scene/{seed}/{side}/{jpeg_quality}"
-
-
-# (share, smallest side, largest side) of the training renders.
-# Small renders get the most weight: upscaled to 224 they blur, and small objects in them are the
-# hardest to name. With 96..160 px at 25 % and 224 px at 30 %, the model lost 7 points of exact
-# match at 96 px, nearly all of them small objects' shapes; it loses none at 1024 px, whose
-# renders, squashed to 224, look much like 224 px ones.
-TRAINING_SIZES = ((0.20, 224, 224), (0.35, 96, 128), (0.15, 129, 223), (0.30, 225, 1024))
-TRAINING_JPEG_SHARE, TRAINING_JPEG_QUALITY = 0.5, (60, 95)
-
-
-def training_variant(seed: int) -> tuple[int, int]:
-    """Training scenes come at many sizes, a part JPEG-compressed, as users' files will."""
-    rng = random.Random(seed * 7919 + 17)
-    roll = rng.random()
-    for share, smallest, largest in TRAINING_SIZES:
-        if roll < share:
-            break
-        roll -= share
-    side = smallest if smallest == largest else rng.randint(smallest, largest)
-    quality = rng.randint(*TRAINING_JPEG_QUALITY) if rng.random() < TRAINING_JPEG_SHARE else 0
-    return side, quality
-
-
-def load_image(key: str) -> Image.Image:
-    """A picture by its key: a scene recipe `scene/SEED/SIDE/JPEG_QUALITY`, or a file path."""
-    if not key.startswith("scene/"):
-        return open_image(key)
-    from model.data.scenes import render_scene
-
-    _, seed, side, quality = key.split("/")
-    _, image = render_scene(int(seed), int(side))
-    if int(quality):
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=int(quality))
-        image = open_image(buffer.getvalue())
-    return image
-
-
-def scene_examples(first_seed: int, count: int, augment: bool = False, side: int = 224,
-                   jpeg_quality: int = 0) -> list[Example]:
-    from model.data.scenes import make_scene
-
-    examples = []
-    for seed in range(first_seed, first_seed + count):
-        s, q = training_variant(seed) if augment else (side, jpeg_quality)
-        examples.append(Example(scene_key(seed, s, q), make_scene(seed).captions))
-    return examples
-
-
-def dataset_examples(config: TrainConfig) -> tuple[list[Example], list[Example]]:
-    if config.data == "scenes":
-        return (scene_examples(TRAIN_SEED_BASE, config.train_scenes, augment=True),
-                [e for side, quality in config.val_renders
-                 for e in scene_examples(VAL_SEED_BASE, config.val_scenes, side=side, jpeg_quality=quality)])
-    from model.data import datasets
-
-    if config.data == "coco":
-        if not (config.captions_json and config.images_dir):
-            raise SystemExit("--data coco needs --captions-json and --images-dir (and --val-captions-json/--val-images-dir)")
-        train = datasets.load_coco(config.captions_json, config.images_dir, "train")
-        val = (datasets.load_coco(config.val_captions_json, config.val_images_dir or config.images_dir, "val")
-               if config.val_captions_json else [])
-        records = train + val
-    elif config.data == "karpathy":
-        if not (config.karpathy_json and config.images_dir):
-            raise SystemExit("--data karpathy needs --karpathy-json and --images-dir")
-        records = datasets.load_karpathy(config.karpathy_json, config.images_dir)
-    else:
-        raise SystemExit(f"unknown --data {config.data!r}: choose scenes, coco or karpathy")
-    train = [Example(r.image_path, r.captions) for r in records if r.split == "train"]
-    val = [Example(r.image_path, r.captions) for r in records if r.split == "val"][: config.max_val_images]
-    if not val:   # no validation split given: hold out a slice of training
-        cut = max(1, min(config.max_val_images, len(train) // 20))
-        train, val = train[cut:], train[:cut]
-    return train, val
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, floor: float) -> float:
+    """The learning rate at `step` as a share of the configured one (nanoGPT's get_lr): a linear
+    warm-up over `warmup_steps`, then a half cosine from 1 down to `floor` at `total_steps`, and
+    `floor` after it."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,13 +201,8 @@ def train_decoder(kind: str, config: TrainConfig, train, val, vocab: Vocabulary,
     steps_per_epoch = math.ceil(train.grid.shape[0] / config.batch_size)
     total_steps = steps_per_epoch * epochs
 
-    def lr_at(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_at)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: warmup_cosine(step, config.warmup_steps, total_steps, config.lr_floor))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     out_path = Path(config.out_dir) / f"{kind}.pt"
     best = {"score": -1.0, "epoch": 0}

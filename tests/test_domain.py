@@ -11,7 +11,7 @@ import torch
 from model.captioner import DEFAULT_WEIGHTS_DIR, Captioner, Encoded
 from model.domain import DOMAIN_FILE, REPORTED_RENDERS, DomainCheck, domain_features, fit, render_features, render_name
 from model.nonscenes import generated_nonscenes, nonscenes
-from model.train import scene_key
+from model.data.sources import scene_key
 
 FRESH_SEEDS = 50_000_000   # never used to fit (0..) or calibrate (40M..) the check, nor by the card (20M..)
 RENDERS_PER_CONDITION = 200

@@ -21,7 +21,7 @@ import pytest
 from model.captioner import Captioner
 from model.evaluate import format_table, semantic_scores
 from model.metrics import bleu, cider
-from model.train import load_image, scene_examples
+from model.data.sources import load_image, scene_examples
 from model.vocab import tokenize
 
 pytestmark = pytest.mark.slow
@@ -135,7 +135,7 @@ def test_fresh_scenes_lose_no_more_than_five_points_at_other_sizes(fresh, render
 def test_samples_and_beam_stay_on_topic(captioner):
     from model.data.scenes import make_scene
     from model.data.semantics import judge
-    from model.train import load_image
+    from model.data.sources import load_image
 
     examples = scene_examples(FRESH_SEEDS + 2000, 10)
     encoded = captioner.encode([load_image(e.key) for e in examples])
@@ -149,7 +149,7 @@ def test_samples_and_beam_stay_on_topic(captioner):
 
 
 def test_captions_say_an_before_a_vowel_with_one_map_per_word(captioner):
-    from model.train import load_image
+    from model.data.sources import load_image
 
     examples = [e for e in scene_examples(FRESH_SEEDS + 3000, 60) if any(" a orange" in f" {c}" for c in e.captions)]
     encoded = captioner.encode([load_image(e.key) for e in examples[:12]])

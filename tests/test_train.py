@@ -10,7 +10,8 @@ from model.cache import load_cache
 from model.captioner import Captioner
 from model.domain import DOMAIN_FILE
 from model.encoder import TUNED_TOP_FILE, EncoderTop
-from model.train import VAL_SEED_BASE, TrainConfig, dataset_examples, load_image, run
+from model.data.sources import VAL_SEED_BASE, dataset_examples, load_image
+from model.train import TrainConfig, run
 from model.vocab import fold_articles
 
 TINY = dict(epochs=5, attention_epochs=5, batch_size=8, lr=5e-3, lr_baseline=5e-3, warmup_steps=4, workers=0, encode_batch=16,
