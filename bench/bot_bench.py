@@ -50,20 +50,34 @@ class Bot:
 
     def __init__(self, emu: BotAPIEmulator, captioner: str, **settings: object) -> None:
         self.env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
-        self.env.update({
-            "PYTHONPATH": str(REPO), "TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_API_BASE": emu.base_url,
-            "WEIGHTS_DIR": str(REPO / "weights"), "CAPTIONER": captioner, "DEVICE": "cpu",
-            "LOG_FORMAT": "json", "LOG_LEVEL": "WARNING", "HEALTH_FILE": "off",
-            "RATE_LIMIT_PER_MIN": "0", "QUEUE_MAX": "1000",
-        })
+        self.env.update(
+            {
+                "PYTHONPATH": str(REPO),
+                "TELEGRAM_BOT_TOKEN": TOKEN,
+                "TELEGRAM_API_BASE": emu.base_url,
+                "WEIGHTS_DIR": str(REPO / "weights"),
+                "CAPTIONER": captioner,
+                "DEVICE": "cpu",
+                "LOG_FORMAT": "json",
+                "LOG_LEVEL": "WARNING",
+                "HEALTH_FILE": "off",
+                "RATE_LIMIT_PER_MIN": "0",
+                "QUEUE_MAX": "1000",
+            }
+        )
         self.env.update({k: str(v) for k, v in settings.items()})
         self.proc: asyncio.subprocess.Process | None = None
         self.output: list[str] = []
 
     async def start(self, emu: BotAPIEmulator) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bot", cwd=REPO / "bench", env=self.env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "bot",
+            cwd=REPO / "bench",
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
         asyncio.create_task(self._read())
@@ -140,7 +154,7 @@ def time_reference(reference: ReferenceCaptioner, times: Reference, photos: int)
 async def run(args: argparse.Namespace) -> dict:
     results: dict = {"captioner": args.captioner, "cpus": sorted(os.sched_getaffinity(0))}
     reference, ref = ReferenceCaptioner(), Reference()
-    time_reference(reference, Reference(), 1)                              # warm-up
+    time_reference(reference, Reference(), 1)  # warm-up
     time_reference(reference, ref, args.reference_photos)
     for label, batch_max in (("batching on", 8), ("batching off", 1)):
         emu = BotAPIEmulator(bot_token=TOKEN, max_files=4 * args.photos + 100)
@@ -165,7 +179,9 @@ async def run(args: argparse.Namespace) -> dict:
     time_reference(reference, ref, args.reference_photos)
     results["reference_ms"] = ref.ms
     results["reference_rss_mb"] = reference_peak_rss_mb()
-    results["speedup"] = results["batching on"]["photos_per_s"] / results["batching off"]["photos_per_s"]
+    results["speedup"] = (
+        results["batching on"]["photos_per_s"] / results["batching off"]["photos_per_s"]
+    )
     return results
 
 
@@ -174,32 +190,51 @@ def report(r: dict, args: argparse.Namespace) -> bool:
     ref = Reference(r["reference_ms"], r["reference_rss_mb"])
     rss = max(on["peak_rss_mb"], off["peak_rss_mb"])
     rows = [
-        Row("single photo, update to reply, p50", on["p50_ms"], "ms", "time", need=TARGETS["single"]),
+        Row(
+            "single photo, update to reply, p50", on["p50_ms"], "ms", "time", need=TARGETS["single"]
+        ),
         Row("single photo, update to reply, p95", on["p95_ms"], "ms", "time"),
-        Row(f"sustained, {args.photos} photos from {args.chats} chats, batching on", on["photos_per_s"],
-            "photos/s", "rate", need=TARGETS["sustained"]),
+        Row(
+            f"sustained, {args.photos} photos from {args.chats} chats, batching on",
+            on["photos_per_s"],
+            "photos/s",
+            "rate",
+            need=TARGETS["sustained"],
+        ),
         Row("sustained, batching off (BATCH_MAX=1)", off["photos_per_s"], "photos/s", "rate"),
         Row("batching speed-up", r["speedup"], "x", least=TARGETS["speedup"]),
         Row("bot peak RSS", rss, "MB", "memory", limit=TARGETS["rss_mb"]),
     ]
-    notes = [f"captioner={r['captioner']}, CPUs {r['cpus']} (the emulator and the reference share them), "
-             f"{args.single} single photos, {args.photos} photos from {args.chats} chats; "
-             f"the reference timed {len(ref.ms) // 2} photos before the bot's runs and {len(ref.ms) // 2} after",
-             f"after the batching-on run: {on['rss_anon_mb']:.0f} MB heap + {on['rss_file_mb']:.0f} MB mapped "
-             "files (shared libraries)"]
+    notes = [
+        f"captioner={r['captioner']}, CPUs {r['cpus']} (the emulator and the reference share them), "
+        f"{args.single} single photos, {args.photos} photos from {args.chats} chats; "
+        f"the reference timed {len(ref.ms) // 2} photos before the bot's runs and {len(ref.ms) // 2} after",
+        f"after the batching-on run: {on['rss_anon_mb']:.0f} MB heap + {on['rss_file_mb']:.0f} MB mapped "
+        "files (shared libraries)",
+    ]
     return print_report("Bot benchmark (bench/bot_bench.py)", ref, rows, notes)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     weights = all((REPO / "weights" / name).exists() for name in ("attention.pt", "baseline.pt"))
-    parser.add_argument("--captioner", choices=("bundled", "untrained"),
-                        default="bundled" if weights else "untrained")
+    parser.add_argument(
+        "--captioner",
+        choices=("bundled", "untrained"),
+        default="bundled" if weights else "untrained",
+    )
     parser.add_argument("--single", type=int, default=40, help="photos for the latency run")
     parser.add_argument("--photos", type=int, default=200)
     parser.add_argument("--chats", type=int, default=50)
-    parser.add_argument("--reference-photos", dest="reference_photos", type=int, default=5,
-                        help="photos the reference captions before the bot's runs, and again after")
+    parser.add_argument(
+        "--reference-photos",
+        dest="reference_photos",
+        type=int,
+        default=5,
+        help="photos the reference captions before the bot's runs, and again after",
+    )
     parser.add_argument("--cpus", default="0,1", help="CPU ids to pin the bot and emulator to")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")

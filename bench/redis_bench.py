@@ -46,12 +46,22 @@ CLAIM_IDLE_MS = 3000
 def role(emu: BotAPIEmulator, name: str, captioner: str, **settings: object) -> BotProcess:
     """`python -m bot --role NAME` against the emulator (started by `launch`)."""
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
-    env.update({
-        "PYTHONPATH": str(REPO), "TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_API_BASE": emu.base_url,
-        "WEIGHTS_DIR": str(REPO / "weights"), "CAPTIONER": captioner, "DEVICE": "cpu",
-        "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "HEALTH_FILE": "off",
-        "RATE_LIMIT_PER_MIN": "0", "QUEUE_MAX": "1000", "BATCH_MAX": "8",
-    })
+    env.update(
+        {
+            "PYTHONPATH": str(REPO),
+            "TELEGRAM_BOT_TOKEN": TOKEN,
+            "TELEGRAM_API_BASE": emu.base_url,
+            "WEIGHTS_DIR": str(REPO / "weights"),
+            "CAPTIONER": captioner,
+            "DEVICE": "cpu",
+            "LOG_FORMAT": "json",
+            "LOG_LEVEL": "INFO",
+            "HEALTH_FILE": "off",
+            "RATE_LIMIT_PER_MIN": "0",
+            "QUEUE_MAX": "1000",
+            "BATCH_MAX": "8",
+        }
+    )
     env.update({k: str(v) for k, v in settings.items()})
     return BotProcess(env, cwd=REPO / "bench", args=("--role", name))
 
@@ -65,22 +75,33 @@ async def launch(process: BotProcess, ready: str) -> BotProcess:
 async def measure(emu: BotAPIEmulator, args: argparse.Namespace, seed: int) -> dict:
     latencies = await one_at_a_time(emu, args.single)
     await all_at_once(emu, args.chats, min(20, args.photos), seed0=seed)  # warm-up
-    return {"p50_ms": statistics.median(latencies), "p95_ms": percentile(latencies, 95),
-            "photos_per_s": await all_at_once(emu, args.chats, args.photos, seed0=seed + 1000)}
+    return {
+        "p50_ms": statistics.median(latencies),
+        "p95_ms": percentile(latencies, 95),
+        "photos_per_s": await all_at_once(emu, args.chats, args.photos, seed0=seed + 1000),
+    }
 
 
-async def setup(args: argparse.Namespace, redis_url: str | None, workers: int,
-                **settings: object) -> tuple[BotAPIEmulator, list[BotProcess]]:
+async def setup(
+    args: argparse.Namespace, redis_url: str | None, workers: int, **settings: object
+) -> tuple[BotAPIEmulator, list[BotProcess]]:
     emu = BotAPIEmulator(bot_token=TOKEN, max_files=6 * args.photos + 200)
     await emu.start("127.0.0.1", 0)
     await flush(redis_url)  # each emulator numbers its updates from the same start
     if redis_url is None:
         return emu, [await launch(role(emu, "all", args.captioner, **settings), "bot_started")]
-    workers_ = await asyncio.gather(*(
-        launch(role(emu, "worker", args.captioner, QUEUE_URL=redis_url, **settings),
-               "worker_started") for _ in range(workers)))
-    frontend = await launch(role(emu, "frontend", args.captioner, QUEUE_URL=redis_url),
-                            "bot_started")
+    workers_ = await asyncio.gather(
+        *(
+            launch(
+                role(emu, "worker", args.captioner, QUEUE_URL=redis_url, **settings),
+                "worker_started",
+            )
+            for _ in range(workers)
+        )
+    )
+    frontend = await launch(
+        role(emu, "frontend", args.captioner, QUEUE_URL=redis_url), "bot_started"
+    )
     await emu.wait_for_call("getUpdates", timeout=60)
     return emu, [frontend, *workers_]
 
@@ -101,13 +122,24 @@ async def recovery(args: argparse.Namespace, redis_url: str) -> dict:
     emu = BotAPIEmulator(bot_token=TOKEN, max_files=200)
     await emu.start("127.0.0.1", 0)
     await flush(redis_url)
-    held = await launch(role(emu, "worker", args.captioner, QUEUE_URL=redis_url,
-                             JOB_CLAIM_IDLE_MS=CLAIM_IDLE_MS, CAPTIONBOT_TEST_HOLD_BATCH=1),
-                        "worker_started")
-    other = await launch(role(emu, "worker", args.captioner, QUEUE_URL=redis_url,
-                              JOB_CLAIM_IDLE_MS=CLAIM_IDLE_MS), "worker_started")
-    frontend = await launch(role(emu, "frontend", args.captioner, QUEUE_URL=redis_url),
-                            "bot_started")
+    held = await launch(
+        role(
+            emu,
+            "worker",
+            args.captioner,
+            QUEUE_URL=redis_url,
+            JOB_CLAIM_IDLE_MS=CLAIM_IDLE_MS,
+            CAPTIONBOT_TEST_HOLD_BATCH=1,
+        ),
+        "worker_started",
+    )
+    other = await launch(
+        role(emu, "worker", args.captioner, QUEUE_URL=redis_url, JOB_CLAIM_IDLE_MS=CLAIM_IDLE_MS),
+        "worker_started",
+    )
+    frontend = await launch(
+        role(emu, "frontend", args.captioner, QUEUE_URL=redis_url), "bot_started"
+    )
     try:
         chats = list(range(700, 708))
         for chat in chats:
@@ -126,8 +158,11 @@ async def recovery(args: argparse.Namespace, redis_url: str) -> dict:
             await emu.next_bot_message(chat, timeout=60)
     finally:
         await teardown(emu, [frontend, other])
-    return {"held_jobs": len(wanted), "recovery_s": round(seconds, 2),
-            "target_s": CLAIM_IDLE_MS / 1000 + 2}
+    return {
+        "held_jobs": len(wanted),
+        "recovery_s": round(seconds, 2),
+        "target_s": CLAIM_IDLE_MS / 1000 + 2,
+    }
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -136,8 +171,11 @@ async def run(args: argparse.Namespace) -> dict:
     server = RedisServer(workdir)
     server.start()
     try:
-        for label, url, workers in (("in-process", None, 0), ("redis, 1 worker", server.url, 1),
-                                    ("redis, 2 workers", server.url, 2)):
+        for label, url, workers in (
+            ("in-process", None, 0),
+            ("redis, 1 worker", server.url, 1),
+            ("redis, 2 workers", server.url, 2),
+        ):
             emu, roles = await setup(args, url, workers)
             try:
                 results[label] = await measure(emu, args, seed=100_000 * (workers + 1))
@@ -158,8 +196,9 @@ async def run(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     have_weights = (REPO / "weights" / "attention.pt").exists()
     parser.add_argument("--captioner", default="bundled" if have_weights else "untrained")
     parser.add_argument("--photos", type=int, default=200)

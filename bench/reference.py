@@ -16,6 +16,7 @@ most, and the ratios would flatter us.
 
     python -m bench.reference            # its time per photo and peak RSS on this machine
 """
+
 from __future__ import annotations
 
 import os
@@ -45,29 +46,37 @@ class ReferenceCaptioner(nn.Module):
 
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            self.cnn = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=True)
-            self.cnn.fc = nn.Identity()                      # the 2048-d pooled vector
+            self.cnn = torchvision.models.inception_v3(
+                weights=None, aux_logits=True, init_weights=True
+            )
+            self.cnn.fc = nn.Identity()  # the 2048-d pooled vector
             self.image_embed = nn.Linear(2048, self.EMBED)
             self.embed = nn.Embedding(self.VOCAB, self.EMBED)
             self.lstm = nn.LSTM(self.EMBED, self.HIDDEN, num_layers=self.LAYERS, batch_first=True)
             self.out = nn.Linear(self.HIDDEN, self.VOCAB)
-        self.transform = transforms.Compose([
-            transforms.Resize(self.IMAGE_SIZE), transforms.CenterCrop(self.IMAGE_SIZE), transforms.ToTensor(),
-            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-        ])
+        self.transform = transforms.Compose(
+            [
+                transforms.Resize(self.IMAGE_SIZE),
+                transforms.CenterCrop(self.IMAGE_SIZE),
+                transforms.ToTensor(),
+                transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            ]
+        )
         self.generator = torch.Generator().manual_seed(seed)
         self.eval()
 
     @torch.inference_mode()
     def caption(self, image) -> list[list[int]]:
         """One photo (a PIL image) -> 4 sampled captions of 12 word ids."""
-        feature = self.image_embed(self.cnn(self.transform(image).unsqueeze(0))).unsqueeze(1)   # (1, 1, 300)
+        feature = self.image_embed(self.cnn(self.transform(image).unsqueeze(0))).unsqueeze(
+            1
+        )  # (1, 1, 300)
         captions = []
         for _ in range(self.SAMPLES):
             words: list[int] = []
             for _ in range(self.STEPS):
-                prefix = self.embed(torch.tensor([words], dtype=torch.long))                  # (1, t, 300)
-                out, _ = self.lstm(torch.cat([feature, prefix], dim=1))                       # the whole prefix again
+                prefix = self.embed(torch.tensor([words], dtype=torch.long))  # (1, t, 300)
+                out, _ = self.lstm(torch.cat([feature, prefix], dim=1))  # the whole prefix again
                 probs = self.out(out[:, -1]).softmax(dim=1)
                 words.append(int(torch.multinomial(probs, 1, generator=self.generator)))
             captions.append(words)
@@ -94,6 +103,7 @@ class ReferenceCaptioner(nn.Module):
 @dataclass
 class Reference:
     """The reference as measured in this run: its milliseconds per photo, and its peak RSS."""
+
     ms: list[float] = field(default_factory=list)
     peak_rss_mb: float | None = None
 
@@ -110,41 +120,54 @@ class Reference:
         return 1000.0 / self.p50
 
     def describe(self) -> str:
-        return (f"{self.p50:.0f} ms per photo = {self.photos_per_s:.2f} photos/s "
-                f"(median of {len(self.ms)}, fastest {self.fastest:.0f} ms, slowest {max(self.ms):.0f} ms)"
-                + (f", peak RSS {self.peak_rss_mb:.0f} MB" if self.peak_rss_mb else ""))
+        return (
+            f"{self.p50:.0f} ms per photo = {self.photos_per_s:.2f} photos/s "
+            f"(median of {len(self.ms)}, fastest {self.fastest:.0f} ms, slowest {max(self.ms):.0f} ms)"
+            + (f", peak RSS {self.peak_rss_mb:.0f} MB" if self.peak_rss_mb else "")
+        )
 
 
 def reference_peak_rss_mb(timeout: float = 600) -> float:
     """Peak RSS of a fresh process that loads the reference and captions one photo."""
-    out = subprocess.run([sys.executable, "-m", "bench.reference", "--rss-only"], cwd=REPO,
-                         capture_output=True, text=True, timeout=timeout, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.reference", "--rss-only"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
     return float(out.stdout.split()[-1])
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux reports KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 # ----------------------------------------------------------------------------------------------
 # What machine this is, and the report both benchmarks print.
 
+
 def cpu_description() -> str:
     """Model name, AVX-512 or not (from the CPU's flags, and torch's kernel choice), cores, load."""
     fields: dict[str, str] = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():   # the first CPU's fields
+        for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first CPU's fields
             key, _, value = line.partition(":")
             fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
     name = fields.get("model name") or platform.processor() or "unknown CPU"
     flags = set(fields.get("flags", "").split())
-    avx512 = "AVX-512: yes" if "avx512f" in flags else ("AVX-512: no" if flags else "AVX-512: unknown")
+    avx512 = (
+        "AVX-512: yes" if "avx512f" in flags else ("AVX-512: no" if flags else "AVX-512: unknown")
+    )
     blas = "MKL" if torch.backends.mkl.is_available() else "no MKL"
     capability = torch.backends.cpu.get_cpu_capability()
-    return (f"{name} ({platform.machine()}), {avx512}, {len(os.sched_getaffinity(0))} cores usable, "
-            f"torch {torch.__version__} ({blas}, {capability} kernels), load average {os.getloadavg()[0]:.1f}")
+    return (
+        f"{name} ({platform.machine()}), {avx512}, {len(os.sched_getaffinity(0))} cores usable, "
+        f"torch {torch.__version__} ({blas}, {capability} kernels), load average {os.getloadavg()[0]:.1f}"
+    )
 
 
 @dataclass
@@ -156,6 +179,7 @@ class Row:
     None (no comparison). need: the least ratio the target asks for; limit / least: the most /
     the least the value itself may be.
     """
+
     name: str
     value: float
     unit: str
@@ -195,13 +219,25 @@ class Row:
             compared = [f"{ratios[0]:.2f}x its RSS", ""]
         else:
             compared = [f"{r:.1f}x" for r in ratios]
-        target = (f">= {self.need:g}x" if self.need is not None
-                  else f"<= {self.limit:g}{unit}" if self.limit is not None
-                  else f">= {self.least:g}{unit}" if self.least is not None else "")
+        target = (
+            f">= {self.need:g}x"
+            if self.need is not None
+            else f"<= {self.limit:g}{unit}"
+            if self.limit is not None
+            else f">= {self.least:g}{unit}"
+            if self.least is not None
+            else ""
+        )
         verdict = {True: "ok", False: "MISSED", None: ""}[self.ok(ref)]
         if verdict == "MISSED" and self.ok(ref, against=0):
             verdict = "MISSED (ok vs its median)"
-        return [self.name, f"{self.value:.{2 if self.unit == 'x' else 1}f}{unit}", *compared, target, verdict]
+        return [
+            self.name,
+            f"{self.value:.{2 if self.unit == 'x' else 1}f}{unit}",
+            *compared,
+            target,
+            verdict,
+        ]
 
 
 def print_report(title: str, ref: Reference, rows: list[Row], notes: list[str] = ()) -> bool:
@@ -209,12 +245,16 @@ def print_report(title: str, ref: Reference, rows: list[Row], notes: list[str] =
     print(f"\n{title}")
     print(f"machine: {cpu_description()}")
     if os.getloadavg()[0] > len(os.sched_getaffinity(0)) + 0.5:
-        print("warning: other work shares these cores (load average above the core count): "
-              "the times are inflated and noisy; compare the ratios, and repeat")
+        print(
+            "warning: other work shares these cores (load average above the core count): "
+            "the times are inflated and noisy; compare the ratios, and repeat"
+        )
     print(f"reference (the original bot's path, random weights): {ref.describe()}")
     for note in notes:
         print(note)
-    print("| measure | value | vs the reference (its median photo) | vs its fastest photo | target | |")
+    print(
+        "| measure | value | vs the reference (its median photo) | vs its fastest photo | target | |"
+    )
     print("|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row.cells(ref)) + " |")
@@ -226,18 +266,24 @@ def _main() -> int:
 
     from model.data.scenes import render_scene
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--photos", type=int, default=5)
-    parser.add_argument("--rss-only", action="store_true", help="caption one photo, print the peak RSS (MB)")
+    parser.add_argument(
+        "--rss-only", action="store_true", help="caption one photo, print the peak RSS (MB)"
+    )
     args = parser.parse_args()
     reference = ReferenceCaptioner()
     image = render_scene(20_000_000)[1]
-    reference.time_photo(image)                     # warm-up: first calls allocate and pick kernels
+    reference.time_photo(image)  # warm-up: first calls allocate and pick kernels
     if args.rss_only:
         print(f"{peak_rss_mb():.1f}")
         return 0
     times = Reference([reference.time_photo(image) for _ in range(args.photos)])
-    print(f"machine: {cpu_description()}\nreference: {times.describe()}, peak RSS {peak_rss_mb():.0f} MB")
+    print(
+        f"machine: {cpu_description()}\nreference: {times.describe()}, peak RSS {peak_rss_mb():.0f} MB"
+    )
     return 0
 
 

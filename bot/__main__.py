@@ -19,16 +19,29 @@ from bot.settings import Settings, SettingsError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bot", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--playground", action="store_true",
-                        help="chat with the bot in a local web page instead of Telegram")
-    parser.add_argument("--role", choices=("all", "frontend", "worker"), default="all",
-                        help="with QUEUE_URL: frontend (takes updates, enqueues jobs), worker "
-                             "(runs the model on jobs, replies) or all (both; the default)")
-    parser.add_argument("--check", action="store_true",
-                        help="only check the settings: exit 0 if the bot can start with them, "
-                             "2 (with every problem) if not")
+    parser = argparse.ArgumentParser(
+        prog="python -m bot",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--playground",
+        action="store_true",
+        help="chat with the bot in a local web page instead of Telegram",
+    )
+    parser.add_argument(
+        "--role",
+        choices=("all", "frontend", "worker"),
+        default="all",
+        help="with QUEUE_URL: frontend (takes updates, enqueues jobs), worker "
+        "(runs the model on jobs, replies) or all (both; the default)",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only check the settings: exit 0 if the bot can start with them, "
+        "2 (with every problem) if not",
+    )
     return parser.parse_args(argv)
 
 
@@ -38,15 +51,21 @@ async def run_playground(settings: Settings) -> None:
     emulator = await start_playground(host=settings.playground_host, port=settings.playground_port)
     register_secret(emulator.bot_token)
     try:
-        print(f"Playground: open {emulator.page_url} to chat with the bot "
-              "(Ctrl+C to stop)", flush=True)
+        print(
+            f"Playground: open {emulator.page_url} to chat with the bot (Ctrl+C to stop)",
+            flush=True,
+        )
         from bot.app import run
 
-        await run(settings.model_copy(update={
-            "mode": "polling",
-            "telegram_api_base": emulator.base_url,
-            "telegram_bot_token": SecretStr(emulator.bot_token),
-        }))
+        await run(
+            settings.model_copy(
+                update={
+                    "mode": "polling",
+                    "telegram_api_base": emulator.base_url,
+                    "telegram_bot_token": SecretStr(emulator.bot_token),
+                }
+            )
+        )
     finally:
         await emulator.stop()
 
@@ -64,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_format, settings.log_level)
     log = get_logger("bot")
 
-    playground = args.role == "all" and (args.playground or (
-        settings.token is None and settings.mode == "polling" and settings.playground == "auto"
-    ))
+    playground = args.role == "all" and (
+        args.playground
+        or (settings.token is None and settings.mode == "polling" and settings.playground == "auto")
+    )
     if not playground:
         try:
             settings.require_token()
@@ -84,9 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         from bot.app import StartupError, run
     except KeyboardInterrupt:
         return 0
-    log.info("starting", mode="playground" if playground else settings.mode,
-             captioner=settings.captioner, device=settings.device, role=args.role,
-             queue="redis" if settings.queue_url else "in-process")
+    log.info(
+        "starting",
+        mode="playground" if playground else settings.mode,
+        captioner=settings.captioner,
+        device=settings.device,
+        role=args.role,
+        queue="redis" if settings.queue_url else "in-process",
+    )
     try:
         asyncio.run(run_playground(settings) if playground else run(settings, role=args.role))
     except (SettingsError, StartupError) as error:

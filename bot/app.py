@@ -50,8 +50,9 @@ async def start_worker(worker: InferenceWorker) -> None:
         seconds = await worker.warm_up(Image.new("RGB", (224, 224), (128, 128, 128)))
     except Exception as error:
         # A model that fails here would fail every photo: better not to start at all.
-        raise StartupError(f"the captioning model failed its warm-up run: "
-                           f"{type(error).__name__}: {error}") from error
+        raise StartupError(
+            f"the captioning model failed its warm-up run: {type(error).__name__}: {error}"
+        ) from error
     log.info("model_warmed_up", seconds=round(seconds, 2))
     await worker.start()
 
@@ -86,8 +87,10 @@ class BotApp:
         """Hook: no updates are in flight any more (or the wait timed out)."""
 
     def _limit_middlewares(self) -> tuple[AllowlistMiddleware, RateLimitMiddleware]:
-        return (AllowlistMiddleware(self.settings.allowed_user_ids, self.settings.allowlist_ignore_s),
-                RateLimitMiddleware(self.settings.rate_limit_per_min))
+        return (
+            AllowlistMiddleware(self.settings.allowed_user_ids, self.settings.allowlist_ignore_s),
+            RateLimitMiddleware(self.settings.rate_limit_per_min),
+        )
 
     def _build_dispatcher(self) -> Dispatcher:
         dp = Dispatcher()
@@ -110,19 +113,29 @@ class BotApp:
             self._heartbeat = asyncio.create_task(heartbeat(self.settings.health_file, self._alive))
         try:
             await self.bot.set_my_commands(
-                [BotCommand(command=name, description=about) for name, about in texts.COMMANDS.items()]
+                [
+                    BotCommand(command=name, description=about)
+                    for name, about in texts.COMMANDS.items()
+                ]
             )
         except TelegramAPIError as error:  # the menu is a nicety; the bot works without it
             log.error("set_my_commands_failed", error=f"{type(error).__name__}: {error}")
-        log.info("bot_started", mode=self.settings.mode, batch_max=self.settings.batch_max,
-                 queue_max=self.settings.queue_max)
+        log.info(
+            "bot_started",
+            mode=self.settings.mode,
+            batch_max=self.settings.batch_max,
+            queue_max=self.settings.queue_max,
+        )
 
     async def _on_shutdown(self) -> None:
         """No new updates arrive any more: finish what was accepted, then stop."""
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
         self.retry.finish_by(deadline)  # a reply retried during an outage must not outlast it
-        log.info("shutting_down", updates_in_flight=self.updates.in_flight,
-                 jobs_queued=self.worker.queued if self.worker else 0)
+        log.info(
+            "shutting_down",
+            updates_in_flight=self.updates.in_flight,
+            jobs_queued=self.worker.queued if self.worker else 0,
+        )
         finished = await self.updates.wait_idle(self.settings.shutdown_timeout_s)
         await self._draining(deadline)
         if self.worker is not None:
@@ -135,8 +148,11 @@ class BotApp:
                 await self._heartbeat
             with contextlib.suppress(OSError):
                 self.settings.health_file.unlink()  # type: ignore[union-attr]
-        log.info("stopped", jobs_done=self.worker.jobs_done if self.worker else 0,
-                 batches=self.worker.batches_run if self.worker else 0)
+        log.info(
+            "stopped",
+            jobs_done=self.worker.jobs_done if self.worker else 0,
+            batches=self.worker.batches_run if self.worker else 0,
+        )
 
     # ---- run modes -------------------------------------------------------------------
 
@@ -171,8 +187,12 @@ class BotApp:
                 secret_token=settings.webhook_secret_value,
                 allowed_updates=self.dispatcher.resolve_used_update_types(),
             )
-            log.info("webhook_listening", host=settings.webhook_host, port=settings.webhook_port,
-                     path=settings.webhook_path)
+            log.info(
+                "webhook_listening",
+                host=settings.webhook_host,
+                port=settings.webhook_port,
+                path=settings.webhook_path,
+            )
             await stop.wait()
             log.info("signal_received")
         finally:

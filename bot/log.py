@@ -40,7 +40,7 @@ def register_secret(value: str | None) -> None:
         _secrets.add(key)
         _secrets.add(value.replace(":", "%3A"))
     if len(key) >= SLICE:
-        pieces = {key[i:i + SLICE] for i in range(len(key) - SLICE + 1)}
+        pieces = {key[i : i + SLICE] for i in range(len(key) - SLICE + 1)}
         _slices[key] = re.compile("|".join(map(re.escape, sorted(pieces))))
 
 
@@ -59,7 +59,7 @@ def _redact_slices(text: str, key: str, pattern: re.Pattern[str]) -> str:
     out, pos = [], 0
     while match := pattern.search(text, pos):
         start, end = match.span()
-        while end < len(text) and text[start:end + 1] in key:
+        while end < len(text) and text[start : end + 1] in key:
             end += 1  # the longest piece of the key starting here
         out += [text[pos:start], REDACTED]
         pos = end

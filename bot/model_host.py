@@ -27,7 +27,7 @@ def load_captioner(settings: Settings) -> Any:
     if settings.captioner == "untrained":
         log.warning("untrained_captioner", note="random decoders: captions are nonsense")
         return _use_cpu_threads(Captioner.untrained(seed=0), settings)
-    try:   # Captioner.load resolves DEVICE=auto itself
+    try:  # Captioner.load resolves DEVICE=auto itself
         captioner = Captioner.load(weights_dir=str(settings.weights_dir), device=settings.device)
     except Exception as error:  # missing, partial or corrupt files: all mean "no usable weights"
         raise StartupError(

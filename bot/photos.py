@@ -20,8 +20,15 @@ from aiogram.types import Document, Message, PhotoSize
 from bot.retry import with_retries
 
 IMAGE_MIME_TYPES = {
-    "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/bmp",
-    "image/x-bmp", "image/x-ms-bmp", "image/gif",
+    "image/jpeg",
+    "image/jpg",
+    "image/pjpeg",
+    "image/png",
+    "image/webp",
+    "image/bmp",
+    "image/x-bmp",
+    "image/x-ms-bmp",
+    "image/gif",
 }
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif"}
 SUPPORTED_FORMATS = "JPEG, PNG, WebP, BMP or GIF"
@@ -104,7 +111,9 @@ class PhotoBook:
         while len(table) > capacity:
             table.popitem(last=False)
 
-    def remember(self, chat_id: int, message_id: int, photo: PhotoRef, *, latest: bool = True) -> None:
+    def remember(
+        self, chat_id: int, message_id: int, photo: PhotoRef, *, latest: bool = True
+    ) -> None:
         self._put(self._by_message, (chat_id, message_id), photo, self.capacity)
         self._put(self._by_key, (chat_id, photo.key), photo, self.capacity)
         if latest:
@@ -167,8 +176,9 @@ async def download(bot: Bot, photo: PhotoRef, *, max_bytes: int, retry_budget_s:
             return b"".join(chunks)
 
     try:
-        return await with_retries(fetch, what="download", budget_s=retry_budget_s,
-                                  transient=_TRANSIENT)
+        return await with_retries(
+            fetch, what="download", budget_s=retry_budget_s, transient=_TRANSIENT
+        )
     except _TRANSIENT as error:
         raise DownloadFailed(f"file download failed: {type(error).__name__}") from None
 

@@ -76,12 +76,16 @@ async def with_retries(
         elapsed = now - started
         if elapsed + delay > budget_s or now + delay > deadline():
             log.error(
-                "telegram_gave_up", method=what, attempts=attempt,
-                elapsed_s=round(elapsed, 2), error=reason,
+                "telegram_gave_up",
+                method=what,
+                attempts=attempt,
+                elapsed_s=round(elapsed, 2),
+                error=reason,
             )
             raise last
-        log.warning("telegram_retry", method=what, attempt=attempt,
-                    delay_s=round(delay, 2), error=reason)
+        log.warning(
+            "telegram_retry", method=what, attempt=attempt, delay_s=round(delay, 2), error=reason
+        )
         await asyncio.sleep(delay)
 
 
@@ -108,6 +112,8 @@ class RetryMiddleware(BaseRequestMiddleware):
         if isinstance(method, AnswerCallbackQuery):
             budget = min(budget, CALLBACK_ANSWER_BUDGET_S)
         return await with_retries(
-            lambda: make_request(bot, method), what=method.__api_method__, budget_s=budget,
+            lambda: make_request(bot, method),
+            what=method.__api_method__,
+            budget_s=budget,
             deadline=lambda: self.deadline,
         )

@@ -36,7 +36,9 @@ T = TypeVar("T")
 
 
 class CaptionService:
-    def __init__(self, bot: Bot, worker: InferenceWorker, photos: PhotoBook, settings: Settings) -> None:
+    def __init__(
+        self, bot: Bot, worker: InferenceWorker, photos: PhotoBook, settings: Settings
+    ) -> None:
         self.bot = bot
         self.worker = worker
         self.photos = photos
@@ -50,10 +52,18 @@ class CaptionService:
         """The photo's captions; for a photo outside the decoders' domain, what the encoder
         sees instead, unless `anyway` (the "Caption anyway" button)."""
         async with self._action(chat_id, ChatAction.TYPING):
-            result = await self._run(chat_id, reply_to, photo, lambda source: self.worker.caption(
-                source, n_samples=self.settings.default_samples, anyway=anyway,
-                chat_id=chat_id, message_id=reply_to,
-            ))
+            result = await self._run(
+                chat_id,
+                reply_to,
+                photo,
+                lambda source: self.worker.caption(
+                    source,
+                    n_samples=self.settings.default_samples,
+                    anyway=anyway,
+                    chat_id=chat_id,
+                    message_id=reply_to,
+                ),
+            )
         if result is None:
             return
         text, keyboard = texts.photo_reply(result, photo.key)
@@ -63,9 +73,18 @@ class CaptionService:
         self, chat_id: int, reply_to: int, photo: PhotoRef, n: int, temperature: float
     ) -> None:
         async with self._action(chat_id, ChatAction.TYPING):
-            result = await self._run(chat_id, reply_to, photo, lambda source: self.worker.samples(
-                source, n=n, temperature=temperature, chat_id=chat_id, message_id=reply_to,
-            ))
+            result = await self._run(
+                chat_id,
+                reply_to,
+                photo,
+                lambda source: self.worker.samples(
+                    source,
+                    n=n,
+                    temperature=temperature,
+                    chat_id=chat_id,
+                    message_id=reply_to,
+                ),
+            )
         if result is None:
             return
         text = texts.samples_reply(result.samples, temperature, outside=result.out_of_domain)
@@ -73,9 +92,16 @@ class CaptionService:
 
     async def attention(self, chat_id: int, reply_to: int, photo: PhotoRef) -> None:
         async with self._action(chat_id, ChatAction.UPLOAD_PHOTO):
-            result = await self._run(chat_id, reply_to, photo, lambda source: self.worker.attention(
-                source, chat_id=chat_id, message_id=reply_to,
-            ))
+            result = await self._run(
+                chat_id,
+                reply_to,
+                photo,
+                lambda source: self.worker.attention(
+                    source,
+                    chat_id=chat_id,
+                    message_id=reply_to,
+                ),
+            )
             if result is None:
                 return
             png = BufferedInputFile(result.png, filename="attention.png")
@@ -83,15 +109,23 @@ class CaptionService:
             caption = texts.attention_caption(result)
             try:
                 sent = await self.bot.send_photo(
-                    chat_id, png, caption=caption, reply_parameters=reply,
+                    chat_id,
+                    png,
+                    caption=caption,
+                    reply_parameters=reply,
                 )
             except TelegramBadRequest as error:
                 # Telegram rejects photos whose sides are very unequal (a long caption makes
                 # a wide strip); the same PNG as a file always goes through.
                 log.warning("attention_as_document", error=str(error))
-                sent = await self._deliver(self.bot.send_document(
-                    chat_id, png, caption=caption, reply_parameters=reply,
-                ))
+                sent = await self._deliver(
+                    self.bot.send_document(
+                        chat_id,
+                        png,
+                        caption=caption,
+                        reply_parameters=reply,
+                    )
+                )
             except TelegramAPIError as error:
                 log.error("reply_not_sent", error=f"{type(error).__name__}: {error}")
                 return
@@ -99,7 +133,9 @@ class CaptionService:
             self.photos.link_reply(chat_id, sent.message_id, photo)
 
     async def tell(self, chat_id: int, reply_to: int | None, text: str) -> None:
-        await self._deliver(self.bot.send_message(chat_id, text, reply_parameters=self._reply_to(reply_to)))
+        await self._deliver(
+            self.bot.send_message(chat_id, text, reply_parameters=self._reply_to(reply_to))
+        )
 
     # ---- plumbing --------------------------------------------------------------------
 
@@ -114,7 +150,10 @@ class CaptionService:
         return ReplyParameters(message_id=message_id, allow_sending_without_reply=True)
 
     async def _run(
-        self, chat_id: int, reply_to: int, photo: PhotoRef,
+        self,
+        chat_id: int,
+        reply_to: int,
+        photo: PhotoRef,
         job: Callable[[PhotoInput], Awaitable[T]],
     ) -> T | None:
         """Run `job` on the photo (cached encoding if any, else downloaded bytes).
@@ -128,7 +167,9 @@ class CaptionService:
                 except NotCached:  # evicted between the check and the job
                     pass
             data = await download(
-                self.bot, photo, max_bytes=self.settings.max_image_bytes,
+                self.bot,
+                photo,
+                max_bytes=self.settings.max_image_bytes,
                 retry_budget_s=self.settings.send_retry_timeout_s,
             )
             return await job(PhotoInput(photo.key, data))
@@ -157,12 +198,21 @@ class CaptionService:
         return None
 
     async def _send_text(
-        self, chat_id: int, reply_to: int, text: str, photo: PhotoRef,
+        self,
+        chat_id: int,
+        reply_to: int,
+        text: str,
+        photo: PhotoRef,
         keyboard: InlineKeyboardMarkup | None = None,
     ) -> None:
-        sent = await self._deliver(self.bot.send_message(
-            chat_id, text, reply_parameters=self._reply_to(reply_to), reply_markup=keyboard,
-        ))
+        sent = await self._deliver(
+            self.bot.send_message(
+                chat_id,
+                text,
+                reply_parameters=self._reply_to(reply_to),
+                reply_markup=keyboard,
+            )
+        )
         if sent is not None:
             self.photos.link_reply(chat_id, sent.message_id, photo)
 

@@ -123,8 +123,9 @@ class Settings(BaseSettings):
     playground: OnOff = Field("auto", description="off: a missing token is an error")
     # --- More than one process (bot/jobs/): unset QUEUE_URL keeps the in-process queue
     queue_url: str | None = Field(None, description="redis://host:port/db: jobs on Redis Streams")
-    job_claim_idle_ms: int = Field(15_000, ge=100, le=3_600_000,
-                                   description="A dead worker's jobs are reclaimed after this")
+    job_claim_idle_ms: int = Field(
+        15_000, ge=100, le=3_600_000, description="A dead worker's jobs are reclaimed after this"
+    )
     job_max_deliveries: int = Field(3, ge=1, le=100, description="Tries per job, then dead letter")
     redis_connect_timeout_s: Seconds = Field(10.0, description="Waiting for Redis at start")
     encoded_cache_ttl_s: int = Field(3600, ge=1, description="Encoded photos kept in Redis")
@@ -179,10 +180,12 @@ class Settings(BaseSettings):
     def _token_shape(cls, value: Any) -> Any:
         if isinstance(value, str) and not _TOKEN_RE.match(value):
             # Never echo the value: it may be a real token with a stray character.
-            raise SettingsError([
-                "TELEGRAM_BOT_TOKEN: does not look like a Bot API token (digits, a colon, "
-                "then letters, digits, '_' or '-'); copy it again from @BotFather"
-            ])
+            raise SettingsError(
+                [
+                    "TELEGRAM_BOT_TOKEN: does not look like a Bot API token (digits, a colon, "
+                    "then letters, digits, '_' or '-'); copy it again from @BotFather"
+                ]
+            )
         return value
 
     @field_validator("webhook_secret", mode="before")
@@ -209,8 +212,12 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_url(cls, value: Any) -> Any:
         if isinstance(value, str) and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-            raise SettingsError([f"QUEUE_URL={value!r}: must be a redis://host:port/db, "
-                                 "rediss:// or unix:// URL (unset: the in-process queue)"])
+            raise SettingsError(
+                [
+                    f"QUEUE_URL={value!r}: must be a redis://host:port/db, "
+                    "rediss:// or unix:// URL (unset: the in-process queue)"
+                ]
+            )
         return value
 
     @field_validator("allowed_user_ids", mode="before")
@@ -221,10 +228,13 @@ class Settings(BaseSettings):
         items = [item.strip() for item in value.replace(";", ",").split(",")]
         bad = [item for item in items if item and not _is_int(item)]
         if bad:
-            raise SettingsError([
-                f"ALLOWED_USER_IDS: {item!r} is not a numeric Telegram user id "
-                "(comma-separated ids; empty allows everyone)" for item in bad
-            ])
+            raise SettingsError(
+                [
+                    f"ALLOWED_USER_IDS: {item!r} is not a numeric Telegram user id "
+                    "(comma-separated ids; empty allows everyone)"
+                    for item in bad
+                ]
+            )
         return frozenset(int(item) for item in items if item)
 
     @field_validator("health_file", mode="before")
@@ -236,8 +246,10 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         problems = []
         if self.default_samples > self.max_samples:
-            problems.append(f"DEFAULT_SAMPLES={self.default_samples}: must not exceed "
-                            f"MAX_SAMPLES={self.max_samples}")
+            problems.append(
+                f"DEFAULT_SAMPLES={self.default_samples}: must not exceed "
+                f"MAX_SAMPLES={self.max_samples}"
+            )
         if self.mode == "webhook":
             problems += self._webhook_problems()
         if problems:
@@ -248,11 +260,15 @@ class Settings(BaseSettings):
         if self.webhook_url is None:
             yield "WEBHOOK_URL: required when MODE=webhook (the public https URL)"
         if self.webhook_secret is None:
-            yield ("WEBHOOK_SECRET: required when MODE=webhook (Telegram sends it back with "
-                   "every update so the bot can reject forged ones)")
+            yield (
+                "WEBHOOK_SECRET: required when MODE=webhook (Telegram sends it back with "
+                "every update so the bot can reject forged ones)"
+            )
         if self.telegram_bot_token is None:
-            yield ("TELEGRAM_BOT_TOKEN: required when MODE=webhook; create a bot with "
-                   "@BotFather and put TELEGRAM_BOT_TOKEN=<token> in .env")
+            yield (
+                "TELEGRAM_BOT_TOKEN: required when MODE=webhook; create a bot with "
+                "@BotFather and put TELEGRAM_BOT_TOKEN=<token> in .env"
+            )
 
     # ---- use -------------------------------------------------------------------------
 
@@ -348,7 +364,9 @@ def _problem(field: str, kind: str, value: Any) -> str:
     if kind.endswith("_parsing") or kind == "int_from_float":
         what = "a whole number" if info.annotation is int else "a number"
         return f"{name}={value!r}: must be {what}"
-    bounds = {type(rule).__name__: getattr(rule, type(rule).__name__.lower()) for rule in info.metadata}
+    bounds = {
+        type(rule).__name__: getattr(rule, type(rule).__name__.lower()) for rule in info.metadata
+    }
     if info.annotation is float:
         return f"{name}={float(value):g}: must be > {bounds['Gt']:g} and <= {bounds['Le']:g}"
     if "Le" in bounds:

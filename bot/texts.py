@@ -18,38 +18,44 @@ COMMANDS = {
     "attention": "Where the model looked, word by word",
 }
 
-COCO_SECTION = "README, section \"Training on real photos (COCO, Flickr8k)\""
+COCO_SECTION = 'README, section "Training on real photos (COCO, Flickr8k)"'
 
 
 def help_text(*, default_samples: int, max_samples: int, readme_url: str | None) -> str:
     where = readme_url or COCO_SECTION
-    return "\n".join([
-        "I describe images in a sentence.",
-        "",
-        "Send a photo (or an image file: JPEG, PNG, WebP, BMP, or the first frame of a "
-        "GIF) and I reply with the attention decoder's caption, the baseline decoder's "
-        f"caption and {default_samples} sampled captions.",
-        "",
-        "Commands (reply to a photo, put them in a photo's caption, or use them on your "
-        "latest photo):",
-        f"/sample N [T] - N sampled captions (1-{max_samples}), optional temperature T "
-        "in (0, 2], default 1",
-        "/attention - a picture of where the model looked for each word",
-        "/help - this message",
-        "",
-        "Honest note: the bundled model was trained on synthetic scenes of coloured "
-        "shapes (circles, squares, stars... on plain backgrounds), so that is what it "
-        "describes well. Send it anything else and I say so, with what my ImageNet-trained "
-        f"encoder sees instead. To caption real photos, retrain it on COCO: see {where}.",
-    ])
+    return "\n".join(
+        [
+            "I describe images in a sentence.",
+            "",
+            "Send a photo (or an image file: JPEG, PNG, WebP, BMP, or the first frame of a "
+            "GIF) and I reply with the attention decoder's caption, the baseline decoder's "
+            f"caption and {default_samples} sampled captions.",
+            "",
+            "Commands (reply to a photo, put them in a photo's caption, or use them on your "
+            "latest photo):",
+            f"/sample N [T] - N sampled captions (1-{max_samples}), optional temperature T "
+            "in (0, 2], default 1",
+            "/attention - a picture of where the model looked for each word",
+            "/help - this message",
+            "",
+            "Honest note: the bundled model was trained on synthetic scenes of coloured "
+            "shapes (circles, squares, stars... on plain backgrounds), so that is what it "
+            "describes well. Send it anything else and I say so, with what my ImageNet-trained "
+            f"encoder sees instead. To caption real photos, retrain it on COCO: see {where}.",
+        ]
+    )
 
 
 SEND_A_PHOTO = "Send me a photo first, then I can do that (or reply to a photo with the command)."
 TEXT_HINT = "Send me a photo and I'll describe it. /help lists the commands."
 NOT_ALLOWED = "Sorry, this is a private bot."
 QUEUE_FULL = "I'm busy with a lot of images right now. Please try again in a few seconds."
-RESTARTING = "I'm restarting right now and couldn't finish this one. Please send it again in a minute."
-INFERENCE_FAILED = "Sorry, something went wrong while captioning this image. Please try another one."
+RESTARTING = (
+    "I'm restarting right now and couldn't finish this one. Please send it again in a minute."
+)
+INFERENCE_FAILED = (
+    "Sorry, something went wrong while captioning this image. Please try another one."
+)
 DOWNLOAD_FAILED = "I couldn't download that file from Telegram. Please send it again."
 PHOTO_GONE = "I no longer have that photo. Please send it again."
 JOB_GAVE_UP = (
@@ -139,18 +145,22 @@ def what_the_encoder_sees(labels: list[Label]) -> str:
     named = [labels[0], *(label for label in labels[1:] if label.p >= 0.01)] if labels else []
     if not named:
         return "My ImageNet-trained encoder can't name it either."
-    return "My ImageNet-trained encoder sees: " + ", ".join(
-        f"{label.label} ({_percent(label.p)})" for label in named
-    ) + "."
+    return (
+        "My ImageNet-trained encoder sees: "
+        + ", ".join(f"{label.label} ({_percent(label.p)})" for label in named)
+        + "."
+    )
 
 
 def out_of_domain_reply(labels: list[Label]) -> str:
-    return "\n\n".join([
-        "This doesn't look like the coloured-shape scenes my captioner was trained on, so "
-        "its caption would be made up.",
-        what_the_encoder_sees(labels),
-        "Press Caption anyway to see what it writes.",
-    ])
+    return "\n\n".join(
+        [
+            "This doesn't look like the coloured-shape scenes my captioner was trained on, so "
+            "its caption would be made up.",
+            what_the_encoder_sees(labels),
+            "Press Caption anyway to see what it writes.",
+        ]
+    )
 
 
 class PhotoAction(CallbackData, prefix="p"):
@@ -163,16 +173,24 @@ class PhotoAction(CallbackData, prefix="p"):
 MORE_SAMPLES = "more"
 ATTENTION_MAP = "attn"
 CAPTION_ANYWAY = "any"
-BUTTONS = {MORE_SAMPLES: "More samples", ATTENTION_MAP: "Attention map",
-           CAPTION_ANYWAY: "Caption anyway"}
+BUTTONS = {
+    MORE_SAMPLES: "More samples",
+    ATTENTION_MAP: "Attention map",
+    CAPTION_ANYWAY: "Caption anyway",
+}
 
 
 def _keyboard(key: str, *actions: str) -> InlineKeyboardMarkup:
-    return InlineKeyboardMarkup(inline_keyboard=[[
-        InlineKeyboardButton(text=BUTTONS[action],
-                             callback_data=PhotoAction(action=action, key=key).pack())
-        for action in actions
-    ]])
+    return InlineKeyboardMarkup(
+        inline_keyboard=[
+            [
+                InlineKeyboardButton(
+                    text=BUTTONS[action], callback_data=PhotoAction(action=action, key=key).pack()
+                )
+                for action in actions
+            ]
+        ]
+    )
 
 
 def photo_keyboard(key: str) -> InlineKeyboardMarkup:

@@ -147,7 +147,9 @@ class _Job:
     chat_id: int | None = None
     message_id: int | None = None
     anyway: bool = False  # caption even if the photo is outside the decoders' domain
-    future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    future: asyncio.Future[Any] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
     enqueued_at: float = field(default_factory=time.perf_counter)
     # The submitting update's log context (update_id, user_id, ...): the worker's lines
     # are logged outside it, from its own task and thread.
@@ -309,6 +311,7 @@ class InferenceWorker:
     async def warm_up(self, image: Any) -> float:
         """Run every model path once on `image`, so the first user doesn't pay for
         torch's one-time setup; returns the seconds it took."""
+
         def run() -> None:
             encoded = self._captioner.encode([image])
             headline = self._captioner.greedy(encoded, "attention")[0]
@@ -361,30 +364,55 @@ class InferenceWorker:
         return key in self.cache
 
     async def caption(
-        self, photo: PhotoInput, *, n_samples: int, anyway: bool = False,
-        chat_id: int | None = None, message_id: int | None = None,
+        self,
+        photo: PhotoInput,
+        *,
+        n_samples: int,
+        anyway: bool = False,
+        chat_id: int | None = None,
+        message_id: int | None = None,
     ) -> CaptionResult:
         """Both greedy captions plus `n_samples` sampled ones (temperature 1); for a photo
         outside the domain, its ImageNet labels instead, unless `anyway`."""
-        return await self._submit(_Job(
-            "caption", photo, n=n_samples, anyway=anyway, chat_id=chat_id, message_id=message_id,
-        ))
+        return await self._submit(
+            _Job(
+                "caption",
+                photo,
+                n=n_samples,
+                anyway=anyway,
+                chat_id=chat_id,
+                message_id=message_id,
+            )
+        )
 
     async def samples(
-        self, photo: PhotoInput, *, n: int, temperature: float = 1.0,
-        chat_id: int | None = None, message_id: int | None = None,
+        self,
+        photo: PhotoInput,
+        *,
+        n: int,
+        temperature: float = 1.0,
+        chat_id: int | None = None,
+        message_id: int | None = None,
     ) -> SamplesResult:
         return await self._submit(
-            _Job("samples", photo, n=n, temperature=temperature, chat_id=chat_id,
-                 message_id=message_id)
+            _Job(
+                "samples",
+                photo,
+                n=n,
+                temperature=temperature,
+                chat_id=chat_id,
+                message_id=message_id,
+            )
         )
 
     async def attention(
-        self, photo: PhotoInput, *, chat_id: int | None = None, message_id: int | None = None,
+        self,
+        photo: PhotoInput,
+        *,
+        chat_id: int | None = None,
+        message_id: int | None = None,
     ) -> AttentionResult:
-        return await self._submit(
-            _Job("attention", photo, chat_id=chat_id, message_id=message_id)
-        )
+        return await self._submit(_Job("attention", photo, chat_id=chat_id, message_id=message_id))
 
     async def _submit(self, job: _Job) -> Any:
         if not self._accepting:
@@ -453,7 +481,11 @@ class InferenceWorker:
             self._settle(job, outcome, inference_ms, len(live), None)
 
     def _settle(
-        self, job: _Job, outcome: Any, inference_ms: float, batch_size: int,
+        self,
+        job: _Job,
+        outcome: Any,
+        inference_ms: float,
+        batch_size: int,
         label: str | None,
     ) -> None:
         failed = isinstance(outcome, BaseException)
@@ -537,7 +569,8 @@ class InferenceWorker:
         """ImageNet labels for the photos outside the domain that aren't captioned."""
         group = _alive(job for job in jobs if _labels_only(job))
         labels = self._batched(
-            group, "labels",
+            group,
+            "labels",
             lambda g: self._captioner.imagenet_labels([job.encoded for job in g], k=LABELS_K),
         )
         for job, found in zip(group, labels):
@@ -549,7 +582,8 @@ class InferenceWorker:
             job for job in jobs if job.kind in GREEDY_KINDS[decoder] and not _labels_only(job)
         )
         captions = self._batched(
-            group, f"greedy_{decoder}",
+            group,
+            f"greedy_{decoder}",
             lambda g: self._captioner.greedy([job.encoded for job in g], decoder),
         )
         for job, caption in zip(group, captions):
@@ -564,7 +598,8 @@ class InferenceWorker:
         for (n, temperature), group in groups.items():
             group = _alive(group)
             texts = self._batched(
-                group, "sample",
+                group,
+                "sample",
                 lambda g, n=n, t=temperature: self._captioner.sample(
                     [job.encoded for job in g], n, decoder="attention", temperature=t
                 ),
@@ -598,7 +633,10 @@ class InferenceWorker:
         return AttentionResult(headline.text, len(tokens), png, job.verdict)
 
     def _batched(
-        self, group: list[_Job], stage: str, call: Callable[[list[_Job]], Sequence[Any]],
+        self,
+        group: list[_Job],
+        stage: str,
+        call: Callable[[list[_Job]], Sequence[Any]],
     ) -> list[Any]:
         """`call(group)`, or job by job if that fails; failed jobs get None + an error."""
         if not group:
@@ -627,7 +665,11 @@ class InferenceWorker:
         if self._image_errors and isinstance(error, self._image_errors):
             return BadImage(str(error))
         log.error(
-            "job_failed", **job.where(), stage=stage, kind=job.kind, exc_info=error,
+            "job_failed",
+            **job.where(),
+            stage=stage,
+            kind=job.kind,
+            exc_info=error,
         )
         return InferenceFailed(f"{stage} failed")
 

@@ -38,14 +38,35 @@ def main() -> int:
     wanted = [d for d in deps if re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0].lower() not in LEFT_OUT]
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed",
-                        "--only-binary", ":all:", "--report", str(report),
-                        f"torch=={torch_version()}", *wanted, *MARKER_ONLY], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--dry-run",
+                "--ignore-installed",
+                "--only-binary",
+                ":all:",
+                "--report",
+                str(report),
+                f"torch=={torch_version()}",
+                *wanted,
+                *MARKER_ONLY,
+            ],
+            check=True,
+        )
         installs = json.loads(report.read_text())["install"]
-    pins = sorted((i["metadata"]["name"], i["metadata"]["version"]) for i in installs
-                  if i["metadata"]["name"].lower() not in LEFT_OUT)
+    pins = sorted(
+        (i["metadata"]["name"], i["metadata"]["version"])
+        for i in installs
+        if i["metadata"]["name"].lower() not in LEFT_OUT
+    )
     header = (REPO / "docker" / "requirements.txt").read_text().split("\n\n", 1)[0]
-    body = "\n".join(f"{name}=={version}" for name, version in sorted(pins, key=lambda p: p[0].lower()))
+    body = "\n".join(
+        f"{name}=={version}" for name, version in sorted(pins, key=lambda p: p[0].lower())
+    )
     (HERE / "requirements.txt").write_text(f"{header}\n\n{body}\n")
     print(f"docker/requirements.txt: {len(pins)} pins")
     return 0

@@ -1,6 +1,7 @@
 """`make bench` (model part): latency, throughput and memory of the bundled model on this CPU,
 each figure also as a ratio to the original bot's inference path timed in the same run
 (bench/reference.py)."""
+
 from __future__ import annotations
 
 import os
@@ -15,20 +16,26 @@ from model.captioner import MAX_LEN, Captioner
 from model.figure import attention_figure
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:          # bench/ lives beside the package, not in it
+if str(REPO) not in sys.path:  # bench/ lives beside the package, not in it
     sys.path.insert(0, str(REPO))
 
-from bench.reference import (Reference, ReferenceCaptioner, Row, peak_rss_mb, print_report,  # noqa: E402
-                             reference_peak_rss_mb)
+from bench.reference import (
+    Reference,
+    ReferenceCaptioner,
+    Row,
+    peak_rss_mb,
+    print_report,  # noqa: E402
+    reference_peak_rss_mb,
+)
 
-NEED_PHOTO = 40.0         # one photo, model alone: p50 at least 40x faster than the reference
-RSS_LIMIT_MB = 600.0      # the model alone, loaded
-FIGURE_LIMIT_MS = 150.0   # the attention figure, also for the longest caption
-DOMAIN_LIMIT_MS = 2.0     # the domain check of one in-domain image
+NEED_PHOTO = 40.0  # one photo, model alone: p50 at least 40x faster than the reference
+RSS_LIMIT_MB = 600.0  # the model alone, loaded
+FIGURE_LIMIT_MS = 150.0  # the attention figure, also for the longest caption
+DOMAIN_LIMIT_MS = 2.0  # the domain check of one in-domain image
 
 
 def _timed(fn, repeats: int) -> list[float]:
-    fn()   # warm-up: first calls allocate and pick kernels
+    fn()  # warm-up: first calls allocate and pick kernels
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -52,11 +59,11 @@ def main(weights_dir, repeats: int = 50) -> int:
     from model.data.scenes import render_scene
 
     captioner = Captioner.load(weights_dir)
-    captioner.set_cpu_threads(len(os.sched_getaffinity(0)))    # as the bot runs it
-    rss_loaded = peak_rss_mb()                                 # before the reference is loaded
+    captioner.set_cpu_threads(len(os.sched_getaffinity(0)))  # as the bot runs it
+    rss_loaded = peak_rss_mb()  # before the reference is loaded
     images = [render_scene(20_000_000 + i)[1] for i in range(32)]
 
-    def one_image():     # the attention greedy caption and its samples decode as one batch
+    def one_image():  # the attention greedy caption and its samples decode as one batch
         captioner.captions(captioner.encode(images[:1]), 5)
 
     # The headline figure, interleaved with the reference so that both see the same load.
@@ -73,42 +80,110 @@ def main(weights_dir, repeats: int = 50) -> int:
     del reference
     ref.peak_rss_mb = reference_peak_rss_mb()
 
-    rows = [Row("one photo: encode + both greedy + 5 samples, p50", statistics.median(latency), "ms", "time",
-                need=NEED_PHOTO),
-            Row("one photo: encode + both greedy + 5 samples, p95", _percentile(latency, 95), "ms", "time")]
+    rows = [
+        Row(
+            "one photo: encode + both greedy + 5 samples, p50",
+            statistics.median(latency),
+            "ms",
+            "time",
+            need=NEED_PHOTO,
+        ),
+        Row(
+            "one photo: encode + both greedy + 5 samples, p95",
+            _percentile(latency, 95),
+            "ms",
+            "time",
+        ),
+    ]
     for batch in (1, 8, 32):
-        per_s = batch * 1000 / statistics.median(_timed(lambda: captioner.encode(images[:batch]),
-                                                        max(3, repeats // batch)))
+        per_s = (
+            batch
+            * 1000
+            / statistics.median(
+                _timed(lambda: captioner.encode(images[:batch]), max(3, repeats // batch))
+            )
+        )
         rows.append(Row(f"encoder throughput, batch {batch}", per_s, "img/s", "rate"))
     encoded = captioner.encode(images[:1])
     for kind in captioner.decoders:
-        rows.append(Row(f"{kind} greedy caption", statistics.median(
-            _timed(lambda: captioner.greedy(encoded, kind), repeats)), "ms", "time"))
-    rows.append(Row("5 attention samples (one batch)", statistics.median(
-        _timed(lambda: captioner.sample(encoded, 5), repeats)), "ms", "time"))
-    rows.append(Row("both greedy captions + 5 samples (Captioner.captions)", statistics.median(
-        _timed(lambda: captioner.captions(encoded, 5), repeats)), "ms", "time"))
-    rows.append(Row("domain check, one in-domain image", statistics.median(
-        _timed(lambda: captioner.domain(encoded), repeats)), "ms", limit=DOMAIN_LIMIT_MS))
+        rows.append(
+            Row(
+                f"{kind} greedy caption",
+                statistics.median(_timed(lambda: captioner.greedy(encoded, kind), repeats)),
+                "ms",
+                "time",
+            )
+        )
+    rows.append(
+        Row(
+            "5 attention samples (one batch)",
+            statistics.median(_timed(lambda: captioner.sample(encoded, 5), repeats)),
+            "ms",
+            "time",
+        )
+    )
+    rows.append(
+        Row(
+            "both greedy captions + 5 samples (Captioner.captions)",
+            statistics.median(_timed(lambda: captioner.captions(encoded, 5), repeats)),
+            "ms",
+            "time",
+        )
+    )
+    rows.append(
+        Row(
+            "domain check, one in-domain image",
+            statistics.median(_timed(lambda: captioner.domain(encoded), repeats)),
+            "ms",
+            limit=DOMAIN_LIMIT_MS,
+        )
+    )
     photo = _photo()
     outside = captioner.encode([photo])
-    rows.append(Row("ImageNet labels, one photo (the extra cost when out of domain)", statistics.median(
-        _timed(lambda: captioner.imagenet_labels(outside), repeats)), "ms"))
+    rows.append(
+        Row(
+            "ImageNet labels, one photo (the extra cost when out of domain)",
+            statistics.median(_timed(lambda: captioner.imagenet_labels(outside), repeats)),
+            "ms",
+        )
+    )
     caption = captioner.greedy(encoded, "attention")[0]
-    rows.append(Row("attention figure", statistics.median(_timed(
-        lambda: attention_figure(images[0], caption.tokens, caption.alphas), max(5, repeats // 5))), "ms",
-        limit=FIGURE_LIMIT_MS))
+    rows.append(
+        Row(
+            "attention figure",
+            statistics.median(
+                _timed(
+                    lambda: attention_figure(images[0], caption.tokens, caption.alphas),
+                    max(5, repeats // 5),
+                )
+            ),
+            "ms",
+            limit=FIGURE_LIMIT_MS,
+        )
+    )
     longest = ["word"] * MAX_LEN, [caption.alphas[0]] * MAX_LEN
-    rows.append(Row(f"attention figure, {MAX_LEN} words", statistics.median(_timed(
-        lambda: attention_figure(photo, *longest), max(5, repeats // 5))), "ms", limit=FIGURE_LIMIT_MS))
-    rows.append(Row("peak RSS with the model loaded", rss_loaded, "MB", "memory", limit=RSS_LIMIT_MB))
+    rows.append(
+        Row(
+            f"attention figure, {MAX_LEN} words",
+            statistics.median(
+                _timed(lambda: attention_figure(photo, *longest), max(5, repeats // 5))
+            ),
+            "ms",
+            limit=FIGURE_LIMIT_MS,
+        )
+    )
+    rows.append(
+        Row("peak RSS with the model loaded", rss_loaded, "MB", "memory", limit=RSS_LIMIT_MB)
+    )
 
     runtime = captioner.encoder.runtime
-    notes = [f"encoder: {runtime.describe() if runtime is not None else 'torch'}; "
-             f"{torch.get_num_threads()} torch thread(s), a batch's images encoded side by side on "
-             f"{len(os.sched_getaffinity(0))} cores (as the bot runs it)",
-             f"noise: the headline ratio per round ranged {min(round_ratios):.1f}x-{max(round_ratios):.1f}x "
-             f"over {len(round_ratios)} rounds of 1 reference photo + {per_round} of ours "
-             f"(our fastest: {min(latency):.1f} ms)"]
+    notes = [
+        f"encoder: {runtime.describe() if runtime is not None else 'torch'}; "
+        f"{torch.get_num_threads()} torch thread(s), a batch's images encoded side by side on "
+        f"{len(os.sched_getaffinity(0))} cores (as the bot runs it)",
+        f"noise: the headline ratio per round ranged {min(round_ratios):.1f}x-{max(round_ratios):.1f}x "
+        f"over {len(round_ratios)} rounds of 1 reference photo + {per_round} of ours "
+        f"(our fastest: {min(latency):.1f} ms)",
+    ]
     print_report("Model benchmark (python -m model bench)", ref, rows, notes)
     return 0

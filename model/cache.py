@@ -10,6 +10,7 @@ File layout (one file per split):
     attrs["encoder_weights"] sha256 of the encoder's weights: so is one built by other weights
                              (another ImageNet download, a changed layer) under the same config
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,13 +32,20 @@ CHUNK = 64
 
 @dataclass
 class Example:
-    key: str              # a file path, or a recipe the loader understands (e.g. "scene/7/224/0")
+    key: str  # a file path, or a recipe the loader understands (e.g. "scene/7/224/0")
     captions: list[str]
 
 
 class _Pictures(Dataset):
-    def __init__(self, examples: Sequence[Example], rows: Sequence[int], load_image: Callable, encoder_config):
-        self.examples, self.rows, self.load_image, self.config = examples, rows, load_image, encoder_config
+    def __init__(
+        self, examples: Sequence[Example], rows: Sequence[int], load_image: Callable, encoder_config
+    ):
+        self.examples, self.rows, self.load_image, self.config = (
+            examples,
+            rows,
+            load_image,
+            encoder_config,
+        )
 
     def __len__(self):
         return len(self.rows)
@@ -47,9 +55,16 @@ class _Pictures(Dataset):
         return row, preprocess(self.load_image(self.examples[row].key), self.config)
 
 
-def build_cache(path: str | Path, examples: Sequence[Example], encoder: Encoder, load_image: Callable,
-                batch_size: int = 32, workers: int = 1, device: str | torch.device = "cpu",
-                desc: str = "encoding") -> Path:
+def build_cache(
+    path: str | Path,
+    examples: Sequence[Example],
+    encoder: Encoder,
+    load_image: Callable,
+    batch_size: int = 32,
+    workers: int = 1,
+    device: str | torch.device = "cpu",
+    desc: str = "encoding",
+) -> Path:
     """Encode every example's image into `path`, resuming a partial file built the same way."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,11 +73,13 @@ def build_cache(path: str | Path, examples: Sequence[Example], encoder: Encoder,
     encoder_json = json.dumps(encoder.config.to_dict(), sort_keys=True)
     weights = weights_digest(encoder)
     if path.exists() and not _matches(path, keys, captions, encoder_json, weights):
-        path.unlink()   # other images, other captions or another encoder: start again
+        path.unlink()  # other images, other captions or another encoder: start again
     if not path.exists():
         with h5py.File(path, "w") as f:
             n, cells, dim = len(examples), encoder.num_cells, encoder.feature_dim
-            f.create_dataset("grid", (n, cells, dim), dtype="float16", chunks=(min(CHUNK, n), cells, dim))
+            f.create_dataset(
+                "grid", (n, cells, dim), dtype="float16", chunks=(min(CHUNK, n), cells, dim)
+            )
             f.create_dataset("pooled", (n, dim), dtype="float16")
             f.create_dataset("done", (n,), dtype=bool)
             strings = h5py.string_dtype()
@@ -75,18 +92,32 @@ def build_cache(path: str | Path, examples: Sequence[Example], encoder: Encoder,
         todo = np.flatnonzero(~f["done"][:]).tolist()
         if not todo:
             return path
-        loader = DataLoader(_Pictures(examples, todo, load_image, encoder.config), batch_size=batch_size,
-                            num_workers=workers, persistent_workers=False)
+        loader = DataLoader(
+            _Pictures(examples, todo, load_image, encoder.config),
+            batch_size=batch_size,
+            num_workers=workers,
+            persistent_workers=False,
+        )
         encoder = encoder.to(device)
-        with torch.inference_mode(), tqdm(total=len(examples), initial=len(examples) - len(todo), desc=desc,
-                                          unit="img", leave=False) as bar:
+        with (
+            torch.inference_mode(),
+            tqdm(
+                total=len(examples),
+                initial=len(examples) - len(todo),
+                desc=desc,
+                unit="img",
+                leave=False,
+            ) as bar,
+        ):
             for rows, images in loader:
                 grid = encoder(images.to(device)).cpu()
                 rows = rows.numpy()
                 # h5py writes a contiguous slice fastest; rows of a batch are consecutive but for resumes.
                 for start, stop, offset in _runs(rows):
-                    f["grid"][start:stop] = grid[offset:offset + stop - start].half().numpy()
-                    f["pooled"][start:stop] = grid[offset:offset + stop - start].mean(1).half().numpy()
+                    f["grid"][start:stop] = grid[offset : offset + stop - start].half().numpy()
+                    f["pooled"][start:stop] = (
+                        grid[offset : offset + stop - start].mean(1).half().numpy()
+                    )
                     f["done"][start:stop] = True
                 bar.update(len(rows))
     return path
@@ -106,11 +137,17 @@ def weights_digest(encoder: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _matches(path: Path, keys: list[str], captions: list[str], encoder_json: str, weights: str) -> bool:
+def _matches(
+    path: Path, keys: list[str], captions: list[str], encoder_json: str, weights: str
+) -> bool:
     try:
         with h5py.File(path, "r") as f:
-            return (f.attrs.get("encoder") == encoder_json and f.attrs.get("encoder_weights") == weights
-                    and _strings(f["keys"]) == keys and _strings(f["captions"]) == captions)
+            return (
+                f.attrs.get("encoder") == encoder_json
+                and f.attrs.get("encoder_weights") == weights
+                and _strings(f["keys"]) == keys
+                and _strings(f["captions"]) == captions
+            )
     except (OSError, KeyError):
         return False
 
@@ -126,7 +163,7 @@ def _runs(rows: np.ndarray):
 
 @dataclass
 class CachedSplit:
-    grid: torch.Tensor           # (N, cells, D) float16
+    grid: torch.Tensor  # (N, cells, D) float16
     keys: list[str]
     captions: list[list[str]]
 

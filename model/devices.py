@@ -1,4 +1,5 @@
 """Which torch device a run uses: shared by inference (model/captioner.py) and training."""
+
 from __future__ import annotations
 
 import torch

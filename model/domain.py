@@ -16,6 +16,7 @@ compares the score with a threshold, so the caller can say so instead.
 A weights directory without `domain.pt` (COCO or Karpathy-trained weights) declares no domain:
 the captioner then calls everything in domain.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,15 +28,15 @@ from typing import Callable, Sequence
 import torch
 
 DOMAIN_FILE = "domain.pt"
-MAX_REJECTED = 0.01          # of in-domain renders, per size and JPEG quality
-COMPONENTS = 256             # principal axes kept; the rest share one variance
+MAX_REJECTED = 0.01  # of in-domain renders, per size and JPEG quality
+COMPONENTS = 256  # principal axes kept; the rest share one variance
 
 
 @dataclass(frozen=True)
 class DomainVerdict:
     in_domain: bool
-    score: float            # larger = farther from the training domain
-    threshold: float        # in_domain is score <= threshold
+    score: float  # larger = farther from the training domain
+    threshold: float  # in_domain is score <= threshold
 
 
 def domain_features(grids: torch.Tensor) -> torch.Tensor:
@@ -51,13 +52,13 @@ def domain_features(grids: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DomainCheck:
-    mean: torch.Tensor          # (F,) of the training features
-    scale: torch.Tensor         # (F,) their standard deviations: scores read standardised features
-    axes: torch.Tensor          # (F, K) orthonormal leading principal axes of the standardised features
-    variances: torch.Tensor     # (K,) their shrunk variances
-    rest_variance: float        # the shrunk variance of every other direction
+    mean: torch.Tensor  # (F,) of the training features
+    scale: torch.Tensor  # (F,) their standard deviations: scores read standardised features
+    axes: torch.Tensor  # (F, K) orthonormal leading principal axes of the standardised features
+    variances: torch.Tensor  # (K,) their shrunk variances
+    rest_variance: float  # the shrunk variance of every other direction
     threshold: float = math.inf
-    info: dict = field(default_factory=dict)   # how it was fitted and calibrated, measured rates
+    info: dict = field(default_factory=dict)  # how it was fitted and calibrated, measured rates
 
     # -- scoring -------------------------------------------------------------------------------
     def scores(self, grids: torch.Tensor) -> torch.Tensor:
@@ -68,26 +69,45 @@ class DomainCheck:
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
         """(B, F) domain features -> (B,) Mahalanobis distances per feature, sqrt(d^2 / F)."""
         z = (features - self.mean) / self.scale
-        projected = z @ self.axes                                   # (B, K)
+        projected = z @ self.axes  # (B, K)
         leading = projected.square()
-        rest = (z.square().sum(1) - leading.sum(1)).clamp_min(0)    # the part off the leading axes
+        rest = (z.square().sum(1) - leading.sum(1)).clamp_min(0)  # the part off the leading axes
         squared = (leading / self.variances).sum(1) + rest / self.rest_variance
         return (squared / self.mean.numel()).sqrt()
 
     def verdicts(self, grids: torch.Tensor) -> list[DomainVerdict]:
-        return [DomainVerdict(bool(s <= self.threshold), float(s), float(self.threshold))
-                for s in self.scores(grids).tolist()]
+        return [
+            DomainVerdict(bool(s <= self.threshold), float(s), float(self.threshold))
+            for s in self.scores(grids).tolist()
+        ]
 
     # -- files -----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        torch.save({"mean": self.mean, "scale": self.scale, "axes": self.axes.half(), "variances": self.variances,
-                    "rest_variance": self.rest_variance, "threshold": self.threshold, "info": self.info}, path)
+        torch.save(
+            {
+                "mean": self.mean,
+                "scale": self.scale,
+                "axes": self.axes.half(),
+                "variances": self.variances,
+                "rest_variance": self.rest_variance,
+                "threshold": self.threshold,
+                "info": self.info,
+            },
+            path,
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> "DomainCheck":
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(saved["mean"].float(), saved["scale"].float(), saved["axes"].float(), saved["variances"].float(),
-                   float(saved["rest_variance"]), float(saved["threshold"]), saved.get("info", {}))
+        return cls(
+            saved["mean"].float(),
+            saved["scale"].float(),
+            saved["axes"].float(),
+            saved["variances"].float(),
+            float(saved["rest_variance"]),
+            float(saved["threshold"]),
+            saved.get("info", {}),
+        )
 
 
 def fit(features: torch.Tensor, components: int = COMPONENTS) -> DomainCheck:
@@ -103,16 +123,30 @@ def fit(features: torch.Tensor, components: int = COMPONENTS) -> DomainCheck:
     # Ledoit-Wolf: the weight on mu * I that minimises the expected squared error. Its sampling-error
     # term sum_i ||z_i z_i^T - S||^2 equals sum_i ||z_i||^4 - n ||S||^2, as the mean of z_i z_i^T is S.
     delta = (covariance - mu * identity).square().sum()
-    beta = ((z.square().sum(1).square().sum() - n * covariance.square().sum()) / (n * n)).clamp(min=0)
+    beta = ((z.square().sum(1).square().sum() - n * covariance.square().sum()) / (n * n)).clamp(
+        min=0
+    )
     shrink = float((beta / delta).clamp(0, 1))
-    eigenvalues, eigenvectors = torch.linalg.eigh((1 - shrink) * covariance + shrink * mu * identity)
+    eigenvalues, eigenvectors = torch.linalg.eigh(
+        (1 - shrink) * covariance + shrink * mu * identity
+    )
     order = eigenvalues.argsort(descending=True)
     eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
     k = min(components, dim - 1)
-    return DomainCheck(mean.float(), scale.float(), eigenvectors[:, :k].float(), eigenvalues[:k].float(),
-                       float(eigenvalues[k:].mean()),
-                       info={"method": "mahalanobis", "fit_images": n, "features": dim, "components": k,
-                             "shrinkage": round(shrink, 4)})
+    return DomainCheck(
+        mean.float(),
+        scale.float(),
+        eigenvectors[:, :k].float(),
+        eigenvalues[:k].float(),
+        float(eigenvalues[k:].mean()),
+        info={
+            "method": "mahalanobis",
+            "fit_images": n,
+            "features": dim,
+            "components": k,
+            "shrinkage": round(shrink, 4),
+        },
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,7 +156,9 @@ def fit(features: torch.Tensor, components: int = COMPONENTS) -> DomainCheck:
 # JPEG at the lowest, a middle and the highest training quality. Seeds from 40,000,000 (training
 # 0.., validation 10M.., test 20M..); the tests draw fresh renders from 50,000,000.
 CALIBRATION_SEED_BASE = 40_000_000
-CALIBRATION_RENDERS = tuple((side, quality) for side in (96, 128, 160, 224, 512, 1024) for quality in (0, 60, 70, 95))
+CALIBRATION_RENDERS = tuple(
+    (side, quality) for side in (96, 128, 160, 224, 512, 1024) for quality in (0, 60, 70, 95)
+)
 # The conditions the model card and the tests report: the held-out sets of model/evaluate.py.
 REPORTED_RENDERS = ((224, 0), (224, 70), (96, 0), (96, 70), (1024, 0), (1024, 70))
 
@@ -135,7 +171,7 @@ def encode_features(captioner, images: Sequence, batch: int = 32) -> torch.Tenso
     """Pictures -> their domain features, through the captioner's encoder (as at inference)."""
     chunks = []
     for start in range(0, len(images), batch):
-        encoded = captioner.encode(images[start:start + batch])
+        encoded = captioner.encode(images[start : start + batch])
         chunks.append(domain_features(torch.stack([e.grid for e in encoded])))
     return torch.cat(chunks) if chunks else torch.empty(0)
 
@@ -144,24 +180,37 @@ def render_features(captioner, keys: Sequence[str], batch: int = 32) -> torch.Te
     """Scene recipes (model.data.sources.scene_key) -> domain features, rendering a batch at a time."""
     from model.data.sources import load_image
 
-    return torch.cat([encode_features(captioner, [load_image(k) for k in keys[start:start + batch]], batch)
-                      for start in range(0, len(keys), batch)])
+    return torch.cat(
+        [
+            encode_features(captioner, [load_image(k) for k in keys[start : start + batch]], batch)
+            for start in range(0, len(keys), batch)
+        ]
+    )
 
 
 def rejected_share(check: DomainCheck, features: torch.Tensor) -> float:
     return float((check.score_features(features) > check.threshold).float().mean())
 
 
-def calibrate(check: DomainCheck, held_out: dict[str, torch.Tensor], max_rejected: float = MAX_REJECTED) -> float:
+def calibrate(
+    check: DomainCheck, held_out: dict[str, torch.Tensor], max_rejected: float = MAX_REJECTED
+) -> float:
     """The threshold: the largest, over the render conditions, of the score that rejects
     max_rejected / 2 of that condition's held-out renders (half the allowed share: a margin for
     renders the calibration never saw)."""
-    return max(float(torch.quantile(check.score_features(features), 1 - max_rejected / 2))
-               for features in held_out.values())
+    return max(
+        float(torch.quantile(check.score_features(features), 1 - max_rejected / 2))
+        for features in held_out.values()
+    )
 
 
-def fit_domain(captioner, fit_scenes: int = 3000, calibration_scenes: int = 100, report_scenes: int = 300,
-               log: Callable[[str], None] = print) -> DomainCheck:
+def fit_domain(
+    captioner,
+    fit_scenes: int = 3000,
+    calibration_scenes: int = 100,
+    report_scenes: int = 300,
+    log: Callable[[str], None] = print,
+) -> DomainCheck:
     """Fit on training renders, calibrate on held-out renders, measure on the model card's held-out
     scenes and on non-scenes; the result's info holds every measured rate."""
     from model.nonscenes import nonscenes
@@ -172,23 +221,44 @@ def fit_domain(captioner, fit_scenes: int = 3000, calibration_scenes: int = 100,
     check = fit(render_features(captioner, [scene_key(s, *training_variant(s)) for s in seeds]))
     log(f"domain check: fitted on {fit_scenes} training renders ({time.time() - started:.0f}s)")
     seeds = range(CALIBRATION_SEED_BASE, CALIBRATION_SEED_BASE + calibration_scenes)
-    held_out = {render_name(side, quality): render_features(captioner, [scene_key(s, side, quality) for s in seeds])
-                for side, quality in CALIBRATION_RENDERS}
+    held_out = {
+        render_name(side, quality): render_features(
+            captioner, [scene_key(s, side, quality) for s in seeds]
+        )
+        for side, quality in CALIBRATION_RENDERS
+    }
     check.threshold = calibrate(check, held_out)
-    log(f"domain check: threshold {check.threshold:.3f} from {len(held_out)} x {calibration_scenes} held-out renders")
+    log(
+        f"domain check: threshold {check.threshold:.3f} from {len(held_out)} x {calibration_scenes} held-out renders"
+    )
     seeds = range(TEST_SEED_BASE, TEST_SEED_BASE + report_scenes)
-    rejected = {render_name(side, quality): round(rejected_share(
-        check, render_features(captioner, [scene_key(s, side, quality) for s in seeds])), 4)
-        for side, quality in REPORTED_RENDERS}
+    rejected = {
+        render_name(side, quality): round(
+            rejected_share(
+                check, render_features(captioner, [scene_key(s, side, quality) for s in seeds])
+            ),
+            4,
+        )
+        for side, quality in REPORTED_RENDERS
+    }
     others = nonscenes()
-    verdicts = check.score_features(encode_features(captioner, list(others.values()))) > check.threshold
-    check.info.update({
-        "threshold_quantile": 1 - MAX_REJECTED / 2, "calibration_scenes": calibration_scenes,
-        "calibration_renders": [render_name(*r) for r in CALIBRATION_RENDERS],
-        "test_scenes": report_scenes, "test_rejected": rejected,
-        "nonscenes": len(others), "nonscenes_rejected": round(float(verdicts.float().mean()), 4) if others else None,
-        "nonscenes_accepted": [name for name, out in zip(others, verdicts.tolist()) if not out],
-        "seconds": round(time.time() - started, 1),
-    })
-    log(f"domain check: rejected {rejected} of held-out scenes; {int(verdicts.sum())} of {len(others)} non-scenes")
+    verdicts = (
+        check.score_features(encode_features(captioner, list(others.values()))) > check.threshold
+    )
+    check.info.update(
+        {
+            "threshold_quantile": 1 - MAX_REJECTED / 2,
+            "calibration_scenes": calibration_scenes,
+            "calibration_renders": [render_name(*r) for r in CALIBRATION_RENDERS],
+            "test_scenes": report_scenes,
+            "test_rejected": rejected,
+            "nonscenes": len(others),
+            "nonscenes_rejected": round(float(verdicts.float().mean()), 4) if others else None,
+            "nonscenes_accepted": [name for name, out in zip(others, verdicts.tolist()) if not out],
+            "seconds": round(time.time() - started, 1),
+        }
+    )
+    log(
+        f"domain check: rejected {rejected} of held-out scenes; {int(verdicts.sum())} of {len(others)} non-scenes"
+    )
     return check

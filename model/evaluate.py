@@ -5,6 +5,7 @@ For the scenes domain also the spec's semantic scores ("What correct means"): ex
 recall, hallucination rate, relation accuracy, and — for the attention decoder — localisation:
 the share of shape words whose attention argmax falls on the object they name.
 """
+
 from __future__ import annotations
 
 import time
@@ -20,14 +21,18 @@ from model.vocab import fold_articles, tokenize
 SCENE_VARIANTS = {"224px PNG": (224, 0), "96px JPEG q70": (96, 70), "1024px JPEG q70": (1024, 70)}
 
 
-def evaluate(captioner: Captioner, examples: Sequence[Example], batch_size: int = 32,
-             decoders: Sequence[str] | None = None) -> dict:
+def evaluate(
+    captioner: Captioner,
+    examples: Sequence[Example],
+    batch_size: int = 32,
+    decoders: Sequence[str] | None = None,
+) -> dict:
     """Greedy-caption every example with each decoder and score the captions."""
     decoders = list(decoders or captioner.decoders)
     captions = {kind: [] for kind in decoders}
     started = time.perf_counter()
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
+        chunk = examples[start : start + batch_size]
         encoded = captioner.encode([load_image(e.key) for e in chunk])
         for kind in decoders:
             captions[kind] += captioner.greedy(encoded, kind)
@@ -64,19 +69,41 @@ def semantic_scores(scenes, captions) -> dict:
     return scores
 
 
-def evaluate_scenes(captioner: Captioner, count: int = 1000, first_seed: int = TEST_SEED_BASE,
-                    variants: dict = SCENE_VARIANTS, log=print) -> dict:
+def evaluate_scenes(
+    captioner: Captioner,
+    count: int = 1000,
+    first_seed: int = TEST_SEED_BASE,
+    variants: dict = SCENE_VARIANTS,
+    log=print,
+) -> dict:
     """The model card's table: every variant of the held-out scenes."""
     results = {}
     for name, (side, quality) in variants.items():
-        results[name] = evaluate(captioner, scene_examples(first_seed, count, side=side, jpeg_quality=quality))
-        log(f"{name}: " + "  ".join(f"{kind} exact {results[name][kind].get('exact_match', 0):.3f}"
-                                     for kind in captioner.decoders))
+        results[name] = evaluate(
+            captioner, scene_examples(first_seed, count, side=side, jpeg_quality=quality)
+        )
+        log(
+            f"{name}: "
+            + "  ".join(
+                f"{kind} exact {results[name][kind].get('exact_match', 0):.3f}"
+                for kind in captioner.decoders
+            )
+        )
     return results
 
 
-METRIC_ORDER = ("exact_match", "group_recall", "hallucination_rate", "relation_accuracy", "localisation",
-                "bleu1", "bleu2", "bleu3", "bleu4", "cider")
+METRIC_ORDER = (
+    "exact_match",
+    "group_recall",
+    "hallucination_rate",
+    "relation_accuracy",
+    "localisation",
+    "bleu1",
+    "bleu2",
+    "bleu3",
+    "bleu4",
+    "cider",
+)
 
 
 def format_table(results: dict) -> str:

@@ -15,6 +15,7 @@ high, and as many columns as keep the figure between 1:2 and 2:1 (a strip of 21 
 4704x188 px, which Telegram showed 40 px tall). The longest caption, MAX_LEN words, makes a
 4 x 6 grid of 984 x 1744 px, well inside sendPhoto's limits (width + height <= 10000, ratio <= 20).
 """
+
 from __future__ import annotations
 
 import io
@@ -25,12 +26,14 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-TILE = 240           # width and height of every picture tile, px
-LABEL_HEIGHT = 44    # the strip under each tile that carries its word
-FONT_SIZE = 32       # px; Pillow's bundled TrueType font (Aileron): lowercase words stand about 26 px high
-GAP = 8              # white space between tiles
+TILE = 240  # width and height of every picture tile, px
+LABEL_HEIGHT = 44  # the strip under each tile that carries its word
+FONT_SIZE = (
+    32  # px; Pillow's bundled TrueType font (Aileron): lowercase words stand about 26 px high
+)
+GAP = 8  # white space between tiles
 MAX_COLUMNS = 4
-MAX_ASPECT = 2.0     # the figure's longer side over its shorter one
+MAX_ASPECT = 2.0  # the figure's longer side over its shorter one
 GAP_COLOUR = (255, 255, 255)
 
 
@@ -39,7 +42,7 @@ def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont:
     """Pillow's bundled TrueType font at `size` px: present wherever Pillow >= 10.1 is (no system fonts needed)."""
     try:
         return ImageFont.load_default(size=size)
-    except TypeError:   # Pillow < 10.1 has only the small bitmap font
+    except TypeError:  # Pillow < 10.1 has only the small bitmap font
         return ImageFont.load_default()
 
 
@@ -52,10 +55,16 @@ def layout(tiles: int) -> tuple[int, int]:
     def aspect(columns: int) -> float:
         return columns * cell_w / (math.ceil(tiles / columns) * cell_h)
 
-    fitting = [c for c in range(1, min(MAX_COLUMNS, max(tiles, 1)) + 1)
-               if 1 / MAX_ASPECT <= aspect(c) <= MAX_ASPECT]
-    columns = (min(fitting, key=lambda c: (math.ceil(tiles / c), c)) if fitting
-               else min(MAX_COLUMNS, max(tiles, 1)))
+    fitting = [
+        c
+        for c in range(1, min(MAX_COLUMNS, max(tiles, 1)) + 1)
+        if 1 / MAX_ASPECT <= aspect(c) <= MAX_ASPECT
+    ]
+    columns = (
+        min(fitting, key=lambda c: (math.ceil(tiles / c), c))
+        if fitting
+        else min(MAX_COLUMNS, max(tiles, 1))
+    )
     return columns, math.ceil(tiles / columns)
 
 
@@ -68,7 +77,7 @@ def figure_size(words: int) -> tuple[int, int]:
 def heat_overlay(tile: np.ndarray, attention: np.ndarray) -> np.ndarray:
     """tile (S, S, 3) float 0..255, attention (S, S) in 0..1 -> blended (S, S, 3)."""
     a = attention[..., None]
-    heat = np.concatenate([np.ones_like(a), a, np.zeros_like(a)], axis=2) * 255   # red -> yellow
+    heat = np.concatenate([np.ones_like(a), a, np.zeros_like(a)], axis=2) * 255  # red -> yellow
     dimmed = tile * (0.3 + 0.7 * a)
     return dimmed * (1 - 0.45 * a) + heat * (0.45 * a)
 
@@ -77,16 +86,23 @@ def upsample_map(alpha: np.ndarray, size: int) -> np.ndarray:
     """(rows, cols) attention -> (size, size) smooth map scaled to a peak of 1."""
     alpha = np.asarray(alpha, dtype=np.float32)
     peak = float(alpha.max())
-    levels = (alpha / peak * 255).round().astype(np.uint8) if peak > 0 else np.zeros(alpha.shape, np.uint8)
-    smooth = (Image.fromarray(levels, mode="L").resize((size, size), Image.BICUBIC)
-              .filter(ImageFilter.GaussianBlur(radius=size / 20)))
+    levels = (
+        (alpha / peak * 255).round().astype(np.uint8)
+        if peak > 0
+        else np.zeros(alpha.shape, np.uint8)
+    )
+    smooth = (
+        Image.fromarray(levels, mode="L")
+        .resize((size, size), Image.BICUBIC)
+        .filter(ImageFilter.GaussianBlur(radius=size / 20))
+    )
     values = np.asarray(smooth, dtype=np.float32)
     return values / max(float(values.max()), 1.0)
 
 
 def _label(draw: ImageDraw.ImageDraw, centre: tuple[float, float], word: str, colour) -> None:
     font = _font()
-    if draw.textlength(word, font=font) > TILE - 8:      # a long word: smaller rather than clipped
+    if draw.textlength(word, font=font) > TILE - 8:  # a long word: smaller rather than clipped
         font = _font(max(12, int(FONT_SIZE * (TILE - 8) / draw.textlength(word, font=font))))
     draw.text(centre, word, fill=colour, font=font, anchor="mm")
 
@@ -102,13 +118,21 @@ def attention_figure(image: Image.Image, tokens: Sequence[str], alphas) -> bytes
     canvas = Image.new("RGB", figure_size(len(tokens)), GAP_COLOUR)
     draw = ImageDraw.Draw(canvas)
     tiles = [(photo, "image", (90, 90, 90))]
-    tiles += [(Image.fromarray(heat_overlay(base, upsample_map(alpha, TILE)).clip(0, 255).astype(np.uint8)),
-               word, (0, 0, 0)) for word, alpha in zip(tokens, alphas)]
+    tiles += [
+        (
+            Image.fromarray(
+                heat_overlay(base, upsample_map(alpha, TILE)).clip(0, 255).astype(np.uint8)
+            ),
+            word,
+            (0, 0, 0),
+        )
+        for word, alpha in zip(tokens, alphas)
+    ]
     for index, (tile, word, colour) in enumerate(tiles):
         row, column = divmod(index, columns)
         x, y = column * (TILE + GAP), row * (TILE + LABEL_HEIGHT + GAP)
         canvas.paste(tile, (x, y))
         _label(draw, (x + TILE / 2, y + TILE + LABEL_HEIGHT / 2), word, colour)
     buffer = io.BytesIO()
-    canvas.save(buffer, "PNG", compress_level=1)   # speed over a few kB
+    canvas.save(buffer, "PNG", compress_level=1)  # speed over a few kB
     return buffer.getvalue()

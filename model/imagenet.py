@@ -11,6 +11,7 @@ The class names are torchvision's ImageNet-1k list (the order of the wheel's cla
 once into `imagenet_classes.json` beside this file (tests/test_imagenet.py checks it still
 equals torchvision's), so the bot never imports torchvision for them.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,15 +23,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.encoder import LITE0_TAP_CHANNELS, TOP_FIRST_BLOCK, EncoderTop, fold_batch_norms, load_efficientnet_lite0
+from model.encoder import (
+    LITE0_TAP_CHANNELS,
+    TOP_FIRST_BLOCK,
+    EncoderTop,
+    fold_batch_norms,
+    load_efficientnet_lite0,
+)
 
 CLASSES_FILE = Path(__file__).resolve().parent / "imagenet_classes.json"
 
 
 @dataclass(frozen=True)
 class Label:
-    label: str      # an ImageNet class name, e.g. "Egyptian cat"
-    p: float        # its softmax probability
+    label: str  # an ImageNet class name, e.g. "Egyptian cat"
+    p: float  # its softmax probability
 
 
 @lru_cache(maxsize=1)
@@ -45,14 +52,14 @@ class ImageNetHead(nn.Module):
         super().__init__()
         network = fold_batch_norms(load_efficientnet_lite0())
         self.top = EncoderTop(nn.ModuleList(network._blocks[TOP_FIRST_BLOCK:]))
-        self.head = network._conv_head          # 320 -> 1280, its batch norm folded in
+        self.head = network._conv_head  # 320 -> 1280, its batch norm folded in
         self.classifier = network._fc
         self.requires_grad_(False)
         self.eval()
         self.to(memory_format=torch.channels_last)
 
     def forward(self, block4: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(self.head(self.top(block4)))   # "_swish" is ReLU6 in the Lite models
+        x = F.relu6(self.head(self.top(block4)))  # "_swish" is ReLU6 in the Lite models
         return self.classifier(x.mean((2, 3)))
 
     @torch.inference_mode()
@@ -60,10 +67,14 @@ class ImageNetHead(nn.Module):
         """grids (B, 196, D) of the 14x14 EfficientNet-Lite0 layout -> the top k labels of each."""
         low, mid, _ = LITE0_TAP_CHANNELS
         batch, cells, _ = grids.shape
-        side = int(round(cells ** 0.5))
-        block4 = grids[:, :, low:low + mid].float().transpose(1, 2).reshape(batch, mid, side, side)
+        side = int(round(cells**0.5))
+        block4 = (
+            grids[:, :, low : low + mid].float().transpose(1, 2).reshape(batch, mid, side, side)
+        )
         probabilities = self(block4).softmax(dim=1)
         top = probabilities.topk(min(k, probabilities.shape[1]), dim=1)
         names = class_names()
-        return [[Label(names[int(i)], float(p)) for p, i in zip(values, indices)]
-                for values, indices in zip(top.values, top.indices)]
+        return [
+            [Label(names[int(i)], float(p)) for p, i in zip(values, indices)]
+            for values, indices in zip(top.values, top.indices)
+        ]

@@ -5,6 +5,7 @@ Every image that reaches the model — from the CLI, a test or a chat — comes 
 reason a person can act on. It reads the header before any pixels, so a decompression bomb
 (a small file that claims gigapixels) is refused before it can allocate.
 """
+
 from __future__ import annotations
 
 import io
@@ -14,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-DEFAULT_MAX_PIXELS = 40_000_000        # 40 megapixels: any phone photo, no bomb
-DEFAULT_MAX_BYTES = 20 * 1024 * 1024   # the Bot API's download limit
+DEFAULT_MAX_PIXELS = 40_000_000  # 40 megapixels: any phone photo, no bomb
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024  # the Bot API's download limit
 # JPEGs are decoded at a 1/2..1/8 scale (PIL's draft mode: the DCT skips the detail) that keeps
 # both sides at least this: the encoder's input side. Measured against 448 (twice it): a 1024 px
 # scene opens and preprocesses in 1.4 ms instead of 16 ms, a 4000x3000 photo in 13 ms instead of
@@ -28,11 +29,17 @@ class ImageError(ValueError):
     """The file cannot be used as an image; str(error) says why, in words for a person."""
 
 
-def open_image(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-               max_bytes: int = DEFAULT_MAX_BYTES) -> Image.Image:
+def open_image(
+    source: bytes | str | Path,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Image.Image:
     data = source if isinstance(source, (bytes, bytearray)) else _read(Path(source), max_bytes)
     if len(data) > max_bytes:
-        raise ImageError(f"the file is too large: {len(data) / 2**20:.1f} MB (limit {max_bytes / 2**20:.0f} MB)")
+        raise ImageError(
+            f"the file is too large: {len(data) / 2**20:.1f} MB (limit {max_bytes / 2**20:.0f} MB)"
+        )
     if not data:
         raise ImageError("the file is empty")
     try:
@@ -41,18 +48,24 @@ def open_image(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXE
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageError(f"the image is too large: {width}x{height} pixels "
-                                 f"({width * height / 1e6:.0f} megapixels, limit {max_pixels / 1e6:.0f})")
+                raise ImageError(
+                    f"the image is too large: {width}x{height} pixels "
+                    f"({width * height / 1e6:.0f} megapixels, limit {max_pixels / 1e6:.0f})"
+                )
             if image.format == "JPEG":
-                image.draft("RGB", (DECODE_SIDE, DECODE_SIDE))  # decode at 1/2..1/8 scale: much faster
-            image.seek(0)      # the first frame of an animation
+                image.draft(
+                    "RGB", (DECODE_SIDE, DECODE_SIDE)
+                )  # decode at 1/2..1/8 scale: much faster
+            image.seek(0)  # the first frame of an animation
             image.load()
             image = ImageOps.exif_transpose(image)
             return _to_rgb(image)
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
-        raise ImageError("this file is not an image I can read (JPEG, PNG, WebP, BMP or GIF)") from None
+        raise ImageError(
+            "this file is not an image I can read (JPEG, PNG, WebP, BMP or GIF)"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError("the image is too large (it claims more pixels than I accept)") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError):
@@ -63,12 +76,16 @@ def _read(path: Path, max_bytes: int) -> bytes:
     try:
         size = path.stat().st_size
         if size > max_bytes:
-            raise ImageError(f"the file is too large: {size / 2**20:.1f} MB (limit {max_bytes / 2**20:.0f} MB)")
+            raise ImageError(
+                f"the file is too large: {size / 2**20:.1f} MB (limit {max_bytes / 2**20:.0f} MB)"
+            )
         return path.read_bytes()
     except ImageError:
         raise
     except OSError as error:
-        raise ImageError(f"cannot read the file ({error.strerror or error.__class__.__name__})") from None
+        raise ImageError(
+            f"cannot read the file ({error.strerror or error.__class__.__name__})"
+        ) from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -4,6 +4,7 @@
     candidates: list[list[str]]            one generated caption per image
     references: list[list[list[str]]]      several reference captions per image
 """
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,7 @@ from collections import Counter
 
 
 def ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def bleu(candidates, references, max_n: int = 4) -> list[float]:
@@ -83,7 +84,7 @@ def cider(candidates, references, max_n: int = 4, sigma: float = 6.0) -> float:
             ref_vecs, ref_norms = weigh(ref_c)
             # lengths differ by the same amount whether counted in words or (as
             # coco-caption does) in bigrams, so words are used
-            penalty = math.exp(-((len(cand) - len(ref)) ** 2) / (2 * sigma ** 2))
+            penalty = math.exp(-((len(cand) - len(ref)) ** 2) / (2 * sigma**2))
             for cv, rv, cn, rn in zip(cand_vecs, ref_vecs, cand_norms, ref_norms):
                 if cn == 0 or rn == 0:
                     continue

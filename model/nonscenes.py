@@ -7,6 +7,7 @@
 Used by the domain check's calibration report (model/domain.py), its tests and the benchmark.
 None of them is used to fit the check.
 """
+
 from __future__ import annotations
 
 import random
@@ -15,9 +16,22 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 # skimage.data entries that are not single pictures (volumes, stacks, file names, helpers).
-_NOT_PICTURES = {"data_dir", "download_all", "file_hash", "lbp_frontal_face_cascade_filename", "lfw_subset",
-                 "cells3d", "brain", "kidney", "human_mitosis", "nickel_solidification", "protein_transport",
-                 "vortex", "binary_blobs", "cat"}   # cat: the same photo as chelsea
+_NOT_PICTURES = {
+    "data_dir",
+    "download_all",
+    "file_hash",
+    "lbp_frontal_face_cascade_filename",
+    "lfw_subset",
+    "cells3d",
+    "brain",
+    "kidney",
+    "human_mitosis",
+    "nickel_solidification",
+    "protein_transport",
+    "vortex",
+    "binary_blobs",
+    "cat",
+}  # cat: the same photo as chelsea
 
 
 def _as_image(array: np.ndarray) -> Image.Image | None:
@@ -31,7 +45,7 @@ def _as_image(array: np.ndarray) -> Image.Image | None:
         return Image.fromarray(array, "L")
     if array.ndim == 3 and array.shape[2] in (3, 4):
         image = Image.fromarray(array, "RGBA" if array.shape[2] == 4 else "RGB")
-        if image.mode == "RGBA":   # as the bot's loader does: transparency onto white
+        if image.mode == "RGBA":  # as the bot's loader does: transparency onto white
             background = Image.new("RGB", image.size, (255, 255, 255))
             background.paste(image, mask=image.getchannel("A"))
             image = background
@@ -52,9 +66,13 @@ def skimage_photos() -> dict[str, Image.Image]:
             loaded = getattr(data, name)()
         except (KeyboardInterrupt, SystemExit):
             raise
-        except BaseException:   # needs a download, absent offline (under pytest skimage raises pytest's Skipped)
+        except (
+            BaseException
+        ):  # needs a download, absent offline (under pytest skimage raises pytest's Skipped)
             continue
-        arrays = loaded[:2] if isinstance(loaded, tuple) else (loaded,)   # stereo_motorcycle: left, right
+        arrays = (
+            loaded[:2] if isinstance(loaded, tuple) else (loaded,)
+        )  # stereo_motorcycle: left, right
         for index, array in enumerate(arrays):
             image = _as_image(array)
             if image is None:
@@ -76,7 +94,9 @@ def text_page(side: int = 600, seed: int = 0) -> Image.Image:
     page = Image.new("RGB", (side, int(side * 1.3)), (250, 250, 245))
     draw, font = ImageDraw.Draw(page), _font(18)
     for y in range(30, page.height - 30, 26):
-        draw.text((30, y), " ".join(rng.choice(words) for _ in range(9)), fill=(20, 20, 20), font=font)
+        draw.text(
+            (30, y), " ".join(rng.choice(words) for _ in range(9)), fill=(20, 20, 20), font=font
+        )
     return page
 
 
@@ -107,10 +127,19 @@ def pie_chart(side: int = 500, seed: int = 0) -> Image.Image:
     draw = ImageDraw.Draw(chart)
     shares = [rng.random() + 0.2 for _ in range(6)]
     start = 0.0
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    colours = [
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+    ]
     for share, colour in zip(shares, colours):
         end = start + 360 * share / sum(shares)
-        draw.pieslice([50, 50, side - 150, side - 150], start, end, fill=colour, outline=(255, 255, 255))
+        draw.pieslice(
+            [50, 50, side - 150, side - 150], start, end, fill=colour, outline=(255, 255, 255)
+        )
         start = end
     for i, colour in enumerate(colours):
         draw.rectangle([side - 130, 60 + 30 * i, side - 115, 75 + 30 * i], fill=colour)
@@ -125,8 +154,13 @@ def noise(side: int = 300, seed: int = 0, grey: bool = False) -> Image.Image:
 
 
 def generated_nonscenes() -> dict[str, Image.Image]:
-    return {"page of text": text_page(), "bar chart": bar_chart(), "pie chart": pie_chart(),
-            "colour noise": noise(), "grey noise": noise(grey=True, seed=1)}
+    return {
+        "page of text": text_page(),
+        "bar chart": bar_chart(),
+        "pie chart": pie_chart(),
+        "colour noise": noise(),
+        "grey noise": noise(grey=True, seed=1),
+    }
 
 
 def nonscenes() -> dict[str, Image.Image]:

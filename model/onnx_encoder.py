@@ -15,6 +15,7 @@ training and for GPUs.
 
     python -m model.onnx_encoder [--weights weights]    # build the cached graph now (Docker build, CI)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,8 @@ import torch
 log = logging.getLogger("model.onnx_encoder")
 
 RUNTIME_ENV, CACHE_ENV = "CAPTION_ENCODER_RUNTIME", "CAPTION_CACHE_DIR"
-EXPORT_VERSION = 1        # bump when the exported graph changes for the same weights
-TOLERANCE = 1e-3          # largest difference from torch's grid the build check accepts (seen: 4e-5)
+EXPORT_VERSION = 1  # bump when the exported graph changes for the same weights
+TOLERANCE = 1e-3  # largest difference from torch's grid the build check accepts (seen: 4e-5)
 EXPORT_TIMEOUT_S = 600
 
 
@@ -77,7 +78,9 @@ class OnnxEncoder:
         options.execution_mode = self._ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = self._ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self.session = self._ort.InferenceSession(
+            str(self.path), options, providers=["CPUExecutionProvider"]
+        )
         self.input_name = self.session.get_inputs()[0].name
         self.threads = threads
 
@@ -108,10 +111,16 @@ def attach(encoder) -> str:
         path = cache_dir() / f"encoder-{weights_key(encoder)}.onnx"
         if not path.exists():
             build(encoder, path)
-        encoder.runtime = OnnxEncoder(path, threads=1 if encoder._pool is not None else torch.get_num_threads())
-    except Exception as error:   # the exporter, the check, a read-only cache, a broken file: all fall back
+        encoder.runtime = OnnxEncoder(
+            path, threads=1 if encoder._pool is not None else torch.get_num_threads()
+        )
+    except (
+        Exception
+    ) as error:  # the exporter, the check, a read-only cache, a broken file: all fall back
         reason = (str(error).strip().splitlines() or [""])[-1]
-        log.warning("encoder on torch: no ONNX Runtime graph (%s: %s)", type(error).__name__, reason)
+        log.warning(
+            "encoder on torch: no ONNX Runtime graph (%s: %s)", type(error).__name__, reason
+        )
         encoder.runtime = None
         return f"torch (ONNX Runtime unavailable: {type(error).__name__})"
     log.info("encoder on %s", encoder.runtime.describe())
@@ -125,12 +134,23 @@ def build(encoder, path: Path) -> None:
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as work:
         state = Path(work) / "encoder.pt"
         torch.save({"config": encoder.config.to_dict(), "state_dict": encoder.state_dict()}, state)
-        done = subprocess.run([sys.executable, "-m", "model.onnx_encoder", "--from-state", str(state),
-                               "--out", str(Path(work) / path.name)],
-                              capture_output=True, text=True, timeout=EXPORT_TIMEOUT_S)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "model.onnx_encoder",
+                "--from-state",
+                str(state),
+                "--out",
+                str(Path(work) / path.name),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=EXPORT_TIMEOUT_S,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"export failed: {(done.stderr or done.stdout).strip()[-2000:]}")
-        os.replace(Path(work) / path.name, path)     # atomic: a reader never sees half a file
+        os.replace(Path(work) / path.name, path)  # atomic: a reader never sees half a file
     log.info("encoder exported to %s in %.0f s", path, time.perf_counter() - started)
 
 
@@ -152,18 +172,27 @@ def export(encoder, out: Path) -> float:
     size = encoder.config.image_size
     images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     batch = torch.export.Dim("batch", min=1, max=1024)
-    program = torch.onnx.export(Graph().eval(), (images,), input_names=["images"], output_names=["grid"],
-                                dynamo=True, dynamic_shapes={"images": {0: batch}}, optimize=True,
-                                verbose=False)
+    program = torch.onnx.export(
+        Graph().eval(),
+        (images,),
+        input_names=["images"],
+        output_names=["grid"],
+        dynamo=True,
+        dynamic_shapes={"images": {0: batch}},
+        optimize=True,
+        verbose=False,
+    )
     program.save(str(out))
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     with torch.inference_mode():
         expected = encoder._forward(images)
-    for rows in (slice(0, 2), slice(0, 1)):   # the batch of the export, and another size
+    for rows in (slice(0, 2), slice(0, 1)):  # the batch of the export, and another size
         got = torch.from_numpy(session.run(None, {"images": images[rows].numpy()})[0])
         difference = (got - expected[rows]).abs().max().item()
         if not difference <= TOLERANCE:
-            raise RuntimeError(f"the exported graph differs from torch by {difference:.2e} (> {TOLERANCE})")
+            raise RuntimeError(
+                f"the exported graph differs from torch by {difference:.2e} (> {TOLERANCE})"
+            )
     return difference
 
 
@@ -172,9 +201,13 @@ def main(argv=None) -> int:
 
     from model.encoder import Encoder, EncoderConfig
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--weights", help="a weights directory: build its encoder's cached graph")
-    parser.add_argument("--from-state", dest="from_state", help=argparse.SUPPRESS)   # build()'s child
+    parser.add_argument(
+        "--from-state", dest="from_state", help=argparse.SUPPRESS
+    )  # build()'s child
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.from_state:
@@ -187,7 +220,9 @@ def main(argv=None) -> int:
     from model.captioner import DEFAULT_WEIGHTS_DIR, Captioner
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    encoder = Captioner.load(args.weights or DEFAULT_WEIGHTS_DIR).encoder   # attaches (and builds) the graph
+    encoder = Captioner.load(
+        args.weights or DEFAULT_WEIGHTS_DIR
+    ).encoder  # attaches (and builds) the graph
     return 0 if encoder.runtime is not None else 1
 
 

@@ -13,6 +13,7 @@ A run is deterministic where torch allows it: seeded, torch.use_deterministic_al
 a fixed number of CPU threads (`threads`: how a sum is split over threads changes its last bits).
 On a CPU, the same data, config, torch build and thread count give bit-identical weight files.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,11 +36,15 @@ from model.domain import DOMAIN_FILE
 from model.encoder import TUNED_TOP_FILE, Encoder, EncoderConfig, EncoderTop
 from model.vocab import Vocabulary, tokenize
 
+
 @dataclass
 class TrainConfig:
     """What a training run does. `python -m model train` has an option per field of a plain type
     (--out-dir for out_dir), its comment the option's help; a comment that starts `a | b | c`
-    lists the only values allowed (model/cli.py)."""
+    lists the only values allowed (model/cli.py). The comments' column is kept: a comment line
+    below a field, in that column, continues its help."""
+
+    # fmt: off
     data: str = "scenes"                  # scenes | coco | karpathy
     decoder: str = "both"                 # baseline | attention | both
     out_dir: str = "weights"              # where the weights go: vocab, encoder config, decoder checkpoints
@@ -84,10 +89,12 @@ class TrainConfig:
     workers: int = 1                      # processes that render or read pictures for the caches
     threads: int = 2                      # torch CPU threads while training: fixed, for bit-identical weights
     decoder_overrides: dict = field(default_factory=dict)   # e.g. {"hidden_dim": 512}
+    # fmt: on
 
 
 # ----------------------------------------------------------------------------------------------
 # The learning-rate schedule
+
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, floor: float) -> float:
     """The learning rate at `step` as a share of the configured one (nanoGPT's get_lr): a linear
@@ -102,6 +109,7 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, floor: float) 
 # ----------------------------------------------------------------------------------------------
 # Batches
 
+
 def encode_captions(captions: list[list[str]], vocab: Vocabulary, max_len: int) -> torch.Tensor:
     """(N, max_refs, max_len + 2) ids, <pad>-filled; images with fewer refs repeat their first."""
     refs = max(len(c) for c in captions)
@@ -113,22 +121,26 @@ def encode_captions(captions: list[list[str]], vocab: Vocabulary, max_len: int) 
     return table
 
 
-def batches(grid: torch.Tensor, captions: torch.Tensor, batch_size: int, generator: torch.Generator):
+def batches(
+    grid: torch.Tensor, captions: torch.Tensor, batch_size: int, generator: torch.Generator
+):
     """One epoch: every image once, each with one of its references drawn at random."""
     order = torch.randperm(grid.shape[0], generator=generator)
     choice = torch.randint(captions.shape[1], (grid.shape[0],), generator=generator)
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        ids = captions[rows, choice[rows]]                           # (B, T+2)
-        length = int((ids != 0).sum(1).max())                        # trim padding columns
+        rows = order[start : start + batch_size]
+        ids = captions[rows, choice[rows]]  # (B, T+2)
+        length = int((ids != 0).sum(1).max())  # trim padding columns
         yield grid[rows].float(), ids[:, :length]
 
 
 def caption_loss(decoder, grid: torch.Tensor, ids: torch.Tensor, pad: int):
-    inputs, targets = ids[:, :-1], ids[:, 1:]                       # predict word t+1 from words <= t
-    logits, alphas = decoder(grid, inputs)                          # (B, T, V), (B, T, N) | None
+    inputs, targets = ids[:, :-1], ids[:, 1:]  # predict word t+1 from words <= t
+    logits, alphas = decoder(grid, inputs)  # (B, T, V), (B, T, N) | None
     mask = (targets != pad).float()
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad)
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad
+    )
     if alphas is not None:
         loss = loss + decoder.regulariser(alphas, mask)
     return loss
@@ -137,18 +149,29 @@ def caption_loss(decoder, grid: torch.Tensor, ids: torch.Tensor, pad: int):
 # ----------------------------------------------------------------------------------------------
 # Validation
 
-def greedy_texts(decoder, grid: torch.Tensor, vocab: Vocabulary, device, batch_size: int = 256) -> list[str]:
+
+def greedy_texts(
+    decoder, grid: torch.Tensor, vocab: Vocabulary, device, batch_size: int = 256
+) -> list[str]:
     decoder.eval()
     texts = []
     with torch.inference_mode():
         for start in range(0, grid.shape[0], batch_size):
-            ids, _ = sample(decoder, grid[start:start + batch_size].float().to(device), vocab.bos, vocab.eos,
-                            MAX_LEN, greedy=True)
+            ids, _ = sample(
+                decoder,
+                grid[start : start + batch_size].float().to(device),
+                vocab.bos,
+                vocab.eos,
+                MAX_LEN,
+                greedy=True,
+            )
             texts += [" ".join(vocab.decode(i)) for i in ids]
     return texts
 
 
-def validation_score(texts: list[str], keys: list[str], references: list[list[str]]) -> tuple[str, float]:
+def validation_score(
+    texts: list[str], keys: list[str], references: list[list[str]]
+) -> tuple[str, float]:
     """Scenes: the exact-match rate of the spec. Real photos: BLEU-4."""
     if keys and keys[0].startswith("scene/"):
         from model.data.scenes import make_scene
@@ -158,39 +181,61 @@ def validation_score(texts: list[str], keys: list[str], references: list[list[st
         return "exact_match", sum(exact) / len(exact)
     from model.metrics import bleu
 
-    return "bleu4", bleu([tokenize(t) for t in texts], [[tokenize(r) for r in refs] for refs in references])[3]
+    return "bleu4", bleu(
+        [tokenize(t) for t in texts], [[tokenize(r) for r in refs] for refs in references]
+    )[3]
 
 
 # ----------------------------------------------------------------------------------------------
 # The loop
 
+
 def tunes_encoder_top(kind: str, config: TrainConfig) -> bool:
-    return (kind == "attention" and config.lr_encoder_top > 0 and config.backbone == "efficientnet_lite0"
-            and config.cell_px == 16)
+    return (
+        kind == "attention"
+        and config.lr_encoder_top > 0
+        and config.backbone == "efficientnet_lite0"
+        and config.cell_px == 16
+    )
 
 
 def regrid_all(grid: torch.Tensor, top: EncoderTop, device, batch_size: int = 256) -> torch.Tensor:
     """Every cached grid with its top share recomputed by `top` (no gradients), float16 on the CPU."""
     top.eval()
     with torch.inference_mode():
-        return torch.cat([top.regrid(grid[start:start + batch_size].to(device).float()).half().cpu()
-                          for start in range(0, grid.shape[0], batch_size)])
+        return torch.cat(
+            [
+                top.regrid(grid[start : start + batch_size].to(device).float()).half().cpu()
+                for start in range(0, grid.shape[0], batch_size)
+            ]
+        )
 
 
-def train_decoder(kind: str, config: TrainConfig, train, val, vocab: Vocabulary, device: torch.device,
-                  log=print) -> dict:
+def train_decoder(
+    kind: str, config: TrainConfig, train, val, vocab: Vocabulary, device: torch.device, log=print
+) -> dict:
     """Train one decoder. The attention decoder also fine-tunes the encoder's top blocks (unless
     lr_encoder_top is 0): ImageNet features of small, blurred objects named their shapes poorly,
     and the top learns from the cache alone (EncoderTop.regrid). Its best state goes to encoder_top.pt."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    decoder_config = DecoderConfig(kind=kind, vocab_size=len(vocab), feature_dim=train.grid.shape[2],
-                                   num_cells=train.grid.shape[1], **config.decoder_overrides)
+    decoder_config = DecoderConfig(
+        kind=kind,
+        vocab_size=len(vocab),
+        feature_dim=train.grid.shape[2],
+        num_cells=train.grid.shape[1],
+        **config.decoder_overrides,
+    )
     decoder = build_decoder(decoder_config)
-    decoder.norm.fit(train.grid[: 2000])
+    decoder.norm.fit(train.grid[:2000])
     decoder.to(device)
     captions = encode_captions(train.captions, vocab, config.max_len)
-    groups = [{"params": list(decoder.parameters()), "lr": config.lr_baseline if kind == "baseline" else config.lr}]
+    groups = [
+        {
+            "params": list(decoder.parameters()),
+            "lr": config.lr_baseline if kind == "baseline" else config.lr,
+        }
+    ]
     top = None
     if tunes_encoder_top(kind, config):
         top = EncoderTop.pretrained().to(device)
@@ -202,7 +247,9 @@ def train_decoder(kind: str, config: TrainConfig, train, val, vocab: Vocabulary,
     total_steps = steps_per_epoch * epochs
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: warmup_cosine(step, config.warmup_steps, total_steps, config.lr_floor))
+        optimiser,
+        lambda step: warmup_cosine(step, config.warmup_steps, total_steps, config.lr_floor),
+    )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     out_path = Path(config.out_dir) / f"{kind}.pt"
     best = {"score": -1.0, "epoch": 0}
@@ -224,24 +271,43 @@ def train_decoder(kind: str, config: TrainConfig, train, val, vocab: Vocabulary,
             optimiser.step()
             scheduler.step()
             total, count = total + loss.item() * len(ids), count + len(ids)
-        texts = greedy_texts(decoder, val.grid if top is None else regrid_all(val.grid, top, device), vocab, device)
+        texts = greedy_texts(
+            decoder, val.grid if top is None else regrid_all(val.grid, top, device), vocab, device
+        )
         metric, score = validation_score(texts, val.keys, val.captions)
-        history.append({"epoch": epoch, "loss": round(total / count, 4), metric: round(score, 4),
-                        "seconds": round(time.time() - started, 1)})
-        log(f"[{kind}] epoch {epoch:3d}  loss {total / count:.4f}  val {metric} {score:.4f}  "
-            f"({time.time() - started:.0f}s)  e.g. {texts[0]!r}")
+        history.append(
+            {
+                "epoch": epoch,
+                "loss": round(total / count, 4),
+                metric: round(score, 4),
+                "seconds": round(time.time() - started, 1),
+            }
+        )
+        log(
+            f"[{kind}] epoch {epoch:3d}  loss {total / count:.4f}  val {metric} {score:.4f}  "
+            f"({time.time() - started:.0f}s)  e.g. {texts[0]!r}"
+        )
         if score > best["score"]:
             best = {"score": score, "epoch": epoch}
             save_decoder(decoder.cpu(), out_path)
             decoder.to(device)
             if top is not None:
-                torch.save({k: v.cpu() for k, v in top.state_dict().items()}, out_path.parent / TUNED_TOP_FILE)
+                torch.save(
+                    {k: v.cpu() for k, v in top.state_dict().items()},
+                    out_path.parent / TUNED_TOP_FILE,
+                )
         elif epoch - best["epoch"] >= config.patience:
             log(f"[{kind}] no better validation score for {config.patience} epochs: stopping")
             break
-    return {"kind": kind, "best_epoch": best["epoch"], f"best_val_{metric}": round(best["score"], 4),
-            "seconds": round(time.time() - started, 1), "history": history,
-            "config": decoder_config.to_dict(), "tuned_encoder_top": top is not None}
+    return {
+        "kind": kind,
+        "best_epoch": best["epoch"],
+        f"best_val_{metric}": round(best["score"], 4),
+        "seconds": round(time.time() - started, 1),
+        "history": history,
+        "config": decoder_config.to_dict(),
+        "tuned_encoder_top": top is not None,
+    }
 
 
 def prepare(config: TrainConfig, device: torch.device, log=print):
@@ -249,11 +315,21 @@ def prepare(config: TrainConfig, device: torch.device, log=print):
     encoder = Encoder(EncoderConfig(backbone=config.backbone, cell_px=config.cell_px))
     train_examples, val_examples = dataset_examples(config)
     work = Path(config.work_dir)
-    log(f"encoding {len(train_examples)} training and {len(val_examples)} validation images -> {work}")
+    log(
+        f"encoding {len(train_examples)} training and {len(val_examples)} validation images -> {work}"
+    )
     started = time.time()
     for name, examples in (("train", train_examples), ("val", val_examples)):
-        build_cache(work / f"{name}.h5", examples, encoder, load_image, batch_size=config.encode_batch,
-                    workers=config.workers, device=device, desc=f"encoding {name}")
+        build_cache(
+            work / f"{name}.h5",
+            examples,
+            encoder,
+            load_image,
+            batch_size=config.encode_batch,
+            workers=config.workers,
+            device=device,
+            desc=f"encoding {name}",
+        )
     log(f"encoded in {time.time() - started:.0f}s")
     train, val = load_cache(work / "train.h5"), load_cache(work / "val.h5")
     min_count = 1 if config.data == "scenes" else config.min_word_count
@@ -268,8 +344,11 @@ def prepare(config: TrainConfig, device: torch.device, log=print):
 @contextlib.contextmanager
 def deterministic(device: torch.device, threads: int):
     """Deterministic kernels and a fixed CPU thread count for the run; restored afterwards."""
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.get_num_threads())
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.get_num_threads(),
+    )
     if device.type == "cuda":
         # cuBLAS is deterministic only with a fixed workspace; it must be set before its first use.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -296,11 +375,17 @@ def _run(config: TrainConfig, device: torch.device, log) -> dict:
     # Attention first: when it fine-tunes the encoder's top, the baseline then trains on the tuned
     # encoder's features, since one encoder serves both decoders at inference.
     kinds = ["attention", "baseline"] if config.decoder == "both" else [config.decoder]
-    results = {"train_config": asdict(config), "vocab_size": len(vocab), "train_images": train.grid.shape[0],
-               "val_images": val.grid.shape[0], "encode_seconds": round(encode_seconds, 1), "decoders": {}}
+    results = {
+        "train_config": asdict(config),
+        "vocab_size": len(vocab),
+        "train_images": train.grid.shape[0],
+        "val_images": val.grid.shape[0],
+        "encode_seconds": round(encode_seconds, 1),
+        "decoders": {},
+    }
     tuned_top = Path(config.out_dir) / TUNED_TOP_FILE
     if "attention" in kinds and tuned_top.exists():
-        tuned_top.unlink()    # stale: this run's attention decoder reads its own encoder
+        tuned_top.unlink()  # stale: this run's attention decoder reads its own encoder
     # A domain check describes the data and the encoder it was fitted with: stale too (COCO weights
     # declare none; for scenes, make weights and python -m model domain-fit fit a new one).
     (Path(config.out_dir) / DOMAIN_FILE).unlink(missing_ok=True)
@@ -308,7 +393,10 @@ def _run(config: TrainConfig, device: torch.device, log) -> dict:
         if kind == "baseline" and tuned_top.exists():
             top = EncoderTop.pretrained().to(device)
             top.load_state_dict(torch.load(tuned_top, map_location=device, weights_only=True))
-            train.grid, val.grid = regrid_all(train.grid, top, device), regrid_all(val.grid, top, device)
+            train.grid, val.grid = (
+                regrid_all(train.grid, top, device),
+                regrid_all(val.grid, top, device),
+            )
         results["decoders"][kind] = train_decoder(kind, config, train, val, vocab, device, log)
     Path(config.work_dir, "training.json").write_text(json.dumps(results, indent=1) + "\n")
     return results

@@ -1,4 +1,5 @@
 """Word <-> id mapping, built from training captions and saved beside the weights."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,10 @@ def with_articles(tokens: list[str]) -> list[str]:
 
     The bundled scene vocabulary has no "an" (the renderer's reference captions write "a" before
     every word), so the decoders' output is spelled here, where captions are assembled."""
-    return [article_for(tokens[i + 1]) if word in ("a", "an") and i + 1 < len(tokens) else word
-            for i, word in enumerate(tokens)]
+    return [
+        article_for(tokens[i + 1]) if word in ("a", "an") and i + 1 < len(tokens) else word
+        for i, word in enumerate(tokens)
+    ]
 
 
 def fold_articles(tokens: list[str]) -> list[str]:

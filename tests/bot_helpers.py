@@ -27,31 +27,36 @@ TOKEN = "123456789:AAH-bot_token_SECRET_part_0123456789"
 
 # End-to-end tests only check structure (numbering, counts, reply ids, PNG sizes), so
 # they hold for any captioner; the trained weights are used once they exist.
-HAVE_WEIGHTS = all((WEIGHTS / name).exists()
-                   for name in ("vocab.json", "encoder.json", "attention.pt", "baseline.pt"))
+HAVE_WEIGHTS = all(
+    (WEIGHTS / name).exists()
+    for name in ("vocab.json", "encoder.json", "attention.pt", "baseline.pt")
+)
 
 
 def bot_env(base_url: str, tmp: Path, **overrides: Any) -> dict[str, str]:
     env = {
-        key: value for key, value in os.environ.items()
+        key: value
+        for key, value in os.environ.items()
         if key in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV")
     }
-    env.update({
-        "PYTHONPATH": str(REPO),
-        "PYTHONUNBUFFERED": "1",
-        "TELEGRAM_BOT_TOKEN": TOKEN,
-        "TELEGRAM_API_BASE": base_url,
-        "WEIGHTS_DIR": str(WEIGHTS),
-        "CAPTIONER": "bundled" if HAVE_WEIGHTS else "untrained",
-        "DEVICE": "cpu",
-        "LOG_FORMAT": "json",
-        "LOG_LEVEL": "INFO",
-        "HEALTH_FILE": str(tmp / "health"),
-        "SEND_RETRY_TIMEOUT_S": "8",
-        "SHUTDOWN_TIMEOUT_S": "20",
-        # Two cores shared with everything else: keep torch from oversubscribing.
-        "OMP_NUM_THREADS": "2",
-    })
+    env.update(
+        {
+            "PYTHONPATH": str(REPO),
+            "PYTHONUNBUFFERED": "1",
+            "TELEGRAM_BOT_TOKEN": TOKEN,
+            "TELEGRAM_API_BASE": base_url,
+            "WEIGHTS_DIR": str(WEIGHTS),
+            "CAPTIONER": "bundled" if HAVE_WEIGHTS else "untrained",
+            "DEVICE": "cpu",
+            "LOG_FORMAT": "json",
+            "LOG_LEVEL": "INFO",
+            "HEALTH_FILE": str(tmp / "health"),
+            "SEND_RETRY_TIMEOUT_S": "8",
+            "SHUTDOWN_TIMEOUT_S": "20",
+            # Two cores shared with everything else: keep torch from oversubscribing.
+            "OMP_NUM_THREADS": "2",
+        }
+    )
     env.update({key: str(value) for key, value in overrides.items()})
     return env
 
@@ -68,13 +73,20 @@ class BotProcess:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bot", *self.args,
-            cwd=self.cwd, env=self.env,
+            sys.executable,
+            "-m",
+            "bot",
+            *self.args,
+            cwd=self.cwd,
+            env=self.env,
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
-        self._readers = [asyncio.create_task(self._read(stream))
-                         for stream in (self.proc.stdout, self.proc.stderr)]
+        self._readers = [
+            asyncio.create_task(self._read(stream))
+            for stream in (self.proc.stdout, self.proc.stderr)
+        ]
 
     async def _read(self, stream: asyncio.StreamReader | None) -> None:
         assert stream is not None
@@ -117,7 +129,9 @@ class BotProcess:
             except TimeoutError:
                 pass
 
-    async def wait_for_event(self, name: str, timeout: float, count: int = 1) -> list[dict[str, Any]]:
+    async def wait_for_event(
+        self, name: str, timeout: float, count: int = 1
+    ) -> list[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while len(found := self.events(name)) < count:
@@ -150,7 +164,9 @@ class BotProcess:
             raise
 
 
-async def start_bot(emu: BotAPIEmulator, tmp: Path, ready_timeout: float = 120, **overrides: Any) -> BotProcess:
+async def start_bot(
+    emu: BotAPIEmulator, tmp: Path, ready_timeout: float = 120, **overrides: Any
+) -> BotProcess:
     """Start the bot and wait until it polls (model loaded and warmed up)."""
     process = BotProcess(bot_env(emu.base_url, tmp, **overrides), cwd=tmp)
     await process.start()
@@ -180,8 +196,13 @@ def dump_output(process: BotProcess) -> None:
 SCENE_SEED = 70_000_000
 
 
-def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (224, 224), mode: str = "RGB",
-                color: Any = (200, 40, 40), **save: Any) -> bytes:
+def image_bytes(
+    fmt: str = "PNG",
+    size: tuple[int, int] = (224, 224),
+    mode: str = "RGB",
+    color: Any = (200, 40, 40),
+    **save: Any,
+) -> bytes:
     """An image file. RGB ones are a rendered scene of the kind the bundled decoders know (the
     domain check passes it; a shape drawn by hand need not), one scene per `color`, stretched
     to `size` (the encoder squashes it back to a square); other modes are plain `color`."""
@@ -202,7 +223,7 @@ def numbered_lines(text: str) -> list[str]:
     lines = [line for line in text.splitlines() if line[:1].isdigit() and ". " in line]
     for index, line in enumerate(lines, 1):
         assert line.startswith(f"{index}. "), text
-        assert line[len(f"{index}. "):].strip(), text
+        assert line[len(f"{index}. ") :].strip(), text
     return lines
 
 

@@ -1,4 +1,5 @@
 """The benchmark's yardstick and report (bench/reference.py): shapes and verdicts, no timings."""
+
 import sys
 from pathlib import Path
 
@@ -18,9 +19,11 @@ def test_reference_samples_four_captions_of_twelve_words_from_a_10k_vocabulary()
 
 
 def test_ratio_targets_are_judged_against_the_reference_fastest_photo():
-    ref = Reference([1000.0, 2000.0, 9000.0], peak_rss_mb=1000.0)   # median 2000 ms, fastest 1000 ms
+    ref = Reference([1000.0, 2000.0, 9000.0], peak_rss_mb=1000.0)  # median 2000 ms, fastest 1000 ms
     assert Row("photo", 40.0, "ms", "time").ratios(ref) == (50.0, 25.0)
-    assert Row("photo", 40.0, "ms", "time", need=40).ok(ref) is False    # 50x on the median, 25x on the fastest
+    assert (
+        Row("photo", 40.0, "ms", "time", need=40).ok(ref) is False
+    )  # 50x on the median, 25x on the fastest
     assert Row("photo", 20.0, "ms", "time", need=40).ok(ref) is True
     assert Row("rate", 20.0, "photos/s", "rate").ratios(ref) == (40.0, 20.0)
     assert Row("rss", 700.0, "MB", "memory", limit=800).ok(ref) is True

@@ -65,7 +65,10 @@ def scene_png(seed: int = 3) -> bytes:
 async def bot(emu, tmp_path_factory):
     assert (WEIGHTS / "domain.pt").exists(), "the bundled weights have no domain check"
     process = await start_bot(
-        emu, tmp_path_factory.mktemp("bot"), RATE_LIMIT_PER_MIN=10_000, DEFAULT_SAMPLES=3,
+        emu,
+        tmp_path_factory.mktemp("bot"),
+        RATE_LIMIT_PER_MIN=10_000,
+        DEFAULT_SAMPLES=3,
         ENCODED_CACHE_SIZE=1,
     )
     yield process

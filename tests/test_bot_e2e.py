@@ -55,8 +55,11 @@ def new_chat() -> int:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def bot(emu, tmp_path_factory):
     process = await start_bot(
-        emu, tmp_path_factory.mktemp("bot"),
-        RATE_LIMIT_PER_MIN=10_000, MAX_IMAGE_PIXELS=MAX_PIXELS, DEFAULT_SAMPLES=3,
+        emu,
+        tmp_path_factory.mktemp("bot"),
+        RATE_LIMIT_PER_MIN=10_000,
+        MAX_IMAGE_PIXELS=MAX_PIXELS,
+        DEFAULT_SAMPLES=3,
         MAX_SAMPLES=10,
     )
     yield process
@@ -68,8 +71,11 @@ async def bot(emu, tmp_path_factory):
 
 
 def calls(emu: BotAPIEmulator, method: str, chat_id: int | None = None) -> list[dict]:
-    return [p for name, p in emu.calls
-            if name == method and (chat_id is None or p.get("chat_id") == chat_id)]
+    return [
+        p
+        for name, p in emu.calls
+        if name == method and (chat_id is None or p.get("chat_id") == chat_id)
+    ]
 
 
 async def send_photo_and_caption(emu, chat: int, data: bytes | None = None) -> tuple[dict, dict]:
@@ -115,9 +121,11 @@ async def test_a_photo_is_answered_as_a_reply_with_captions_and_buttons(emu, bot
     reply = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
     assert reply_id(reply) == sent["message_id"]
     assert_caption_reply(reply)
-    await emu.wait_for_call("sendChatAction",
-                            lambda p: p.get("chat_id") == chat and p.get("action") == "typing",
-                            timeout=5)
+    await emu.wait_for_call(
+        "sendChatAction",
+        lambda p: p.get("chat_id") == chat and p.get("action") == "typing",
+        timeout=5,
+    )
     # One log line per job, with the fields operators need.
     jobs = await bot.wait_for_event("job", timeout=5)
     mine = [j for j in jobs if j.get("chat_id") == chat]
@@ -127,13 +135,16 @@ async def test_a_photo_is_answered_as_a_reply_with_captions_and_buttons(emu, bot
     assert mine[0]["outcome"] == "ok"
 
 
-@pytest.mark.parametrize("fmt,name,mime,extra", [
-    ("JPEG", "photo.jpg", "image/jpeg", {}),
-    ("PNG", "scene.png", "image/png", {}),
-    ("WEBP", "scene.webp", "image/webp", {}),
-    ("BMP", "scene.bmp", "image/bmp", {}),
-    ("PNG", "no-mime.png", "application/octet-stream", {}),
-])
+@pytest.mark.parametrize(
+    "fmt,name,mime,extra",
+    [
+        ("JPEG", "photo.jpg", "image/jpeg", {}),
+        ("PNG", "scene.png", "image/png", {}),
+        ("WEBP", "scene.webp", "image/webp", {}),
+        ("BMP", "scene.bmp", "image/bmp", {}),
+        ("PNG", "no-mime.png", "application/octet-stream", {}),
+    ],
+)
 async def test_an_image_sent_as_a_document_is_captioned(emu, bot, fmt, name, mime, extra):
     chat = new_chat()
     sent = emu.user_sends_document(chat, image_bytes(fmt, **extra), name, mime)
@@ -168,17 +179,22 @@ def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("label,make", [
-    ("cmyk-jpeg", lambda: _encoded(Image.new("CMYK", (200, 200), (0, 200, 200, 0)), "JPEG")),
-    ("16-bit-png", lambda: _encoded(Image.new("I;16", (200, 200), 40000), "PNG")),
-    ("palette-png", lambda: _encoded(Image.new("RGB", (200, 200), "red").convert("P"), "PNG")),
-    ("rgba-png", lambda: _encoded(Image.new("RGBA", (200, 200), (255, 0, 0, 90)), "PNG")),
-    ("grey-alpha-png", lambda: _encoded(Image.new("LA", (200, 200), (90, 128)), "PNG")),
-    ("exif-rotated-jpeg", _exif_rotated_jpeg),
-])
+@pytest.mark.parametrize(
+    "label,make",
+    [
+        ("cmyk-jpeg", lambda: _encoded(Image.new("CMYK", (200, 200), (0, 200, 200, 0)), "JPEG")),
+        ("16-bit-png", lambda: _encoded(Image.new("I;16", (200, 200), 40000), "PNG")),
+        ("palette-png", lambda: _encoded(Image.new("RGB", (200, 200), "red").convert("P"), "PNG")),
+        ("rgba-png", lambda: _encoded(Image.new("RGBA", (200, 200), (255, 0, 0, 90)), "PNG")),
+        ("grey-alpha-png", lambda: _encoded(Image.new("LA", (200, 200), (90, 128)), "PNG")),
+        ("exif-rotated-jpeg", _exif_rotated_jpeg),
+    ],
+)
 async def test_odd_image_modes_are_normalised_and_captioned(emu, bot, label, make):
     chat = new_chat()
-    sent = emu.user_sends_document(chat, make(), f"{label}.bin", "image/png" if "png" in label else "image/jpeg")
+    sent = emu.user_sends_document(
+        chat, make(), f"{label}.bin", "image/png" if "png" in label else "image/jpeg"
+    )
     reply = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
     assert reply_id(reply) == sent["message_id"]
     assert_image_answered(reply)
@@ -244,7 +260,9 @@ async def test_sample_without_a_reply_uses_the_chats_latest_photo(emu, bot):
 async def test_sample_replying_to_the_bots_caption_message(emu, bot):
     chat = new_chat()
     _, caption_reply = await send_photo_and_caption(emu, chat)
-    command = emu.user_sends_text(chat, "/sample 3 1.5", reply_to_message_id=caption_reply["message_id"])
+    command = emu.user_sends_text(
+        chat, "/sample 3 1.5", reply_to_message_id=caption_reply["message_id"]
+    )
     reply = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
     assert reply_id(reply) == command["message_id"]
     assert len(numbered_lines(reply["text"])) == 3
@@ -253,15 +271,27 @@ async def test_sample_replying_to_the_bots_caption_message(emu, bot):
 async def test_bad_sample_arguments_get_a_usage_message(emu, bot):
     chat = new_chat()
     await send_photo_and_caption(emu, chat)
-    for text in ("/sample", "/sample 0", "/sample 11", "/sample x", "/sample 3 0",
-                 "/sample 3 2.5", "/sample 3 -1", "/sample 3 abc", "/sample 1 2 3", "/sample 2 nan"):
+    for text in (
+        "/sample",
+        "/sample 0",
+        "/sample 11",
+        "/sample x",
+        "/sample 3 0",
+        "/sample 3 2.5",
+        "/sample 3 -1",
+        "/sample 3 abc",
+        "/sample 1 2 3",
+        "/sample 2 nan",
+    ):
         sent = emu.user_sends_text(chat, text)
         reply = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
         assert reply["text"].startswith("Usage: /sample N [T]"), (text, reply["text"])
         assert reply_id(reply) == sent["message_id"]
     # ...and the bot is fine afterwards.
     emu.user_sends_text(chat, "/sample 10 2")
-    assert len(numbered_lines((await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT))["text"])) == 10
+    assert (
+        len(numbered_lines((await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT))["text"])) == 10
+    )
 
 
 async def test_commands_without_any_photo_ask_for_one(emu, bot):
@@ -294,9 +324,11 @@ async def test_attention_sends_a_png_with_one_tile_per_word(emu, bot):
     figure = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
     assert reply_id(figure) == command["message_id"]
     assert_attention_png(figure, headline)
-    await emu.wait_for_call("sendChatAction",
-                            lambda p: p.get("chat_id") == chat and p.get("action") == "upload_photo",
-                            timeout=5)
+    await emu.wait_for_call(
+        "sendChatAction",
+        lambda p: p.get("chat_id") == chat and p.get("action") == "upload_photo",
+        timeout=5,
+    )
 
 
 @pytest.mark.skipif(not HAVE_WEIGHTS, reason="the command line needs the trained weights")
@@ -309,10 +341,27 @@ async def test_attention_as_a_photo_caption(emu, bot, tmp_path):
     assert reply_id(figure) == sent["message_id"]
     # The expectation comes from elsewhere: the command line's caption of the same file.
     (tmp_path / "scene.png").write_bytes(data)
-    cli = subprocess.run([sys.executable, "-m", "model", "caption", str(tmp_path / "scene.png"), "--json",
-                          "--samples", "0", "--decoder", "attention", "--weights", str(WEIGHTS)],
-                         cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "model",
+            "caption",
+            str(tmp_path / "scene.png"),
+            "--json",
+            "--samples",
+            "0",
+            "--decoder",
+            "attention",
+            "--weights",
+            str(WEIGHTS),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
     assert cli.returncode == 0, cli.stderr
     expected = json.loads(cli.stdout)[0]["attention"]["greedy"]
     assert expected
@@ -323,24 +372,32 @@ async def test_both_inline_buttons_do_what_the_commands_do(emu, bot):
     chat = new_chat()
     _, caption_reply = await send_photo_and_caption(emu, chat)
     headline = caption_reply["text"].splitlines()[0]
-    more, attention = [b["callback_data"] for row in caption_reply["reply_markup"]["inline_keyboard"] for b in row]
+    more, attention = [
+        b["callback_data"] for row in caption_reply["reply_markup"]["inline_keyboard"] for b in row
+    ]
 
     query = emu.user_presses_button(chat, caption_reply["message_id"], more)
     samples = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
     assert len(numbered_lines(samples["text"])) == 3
-    await emu.wait_for_call("answerCallbackQuery", lambda p: p.get("callback_query_id") == query, timeout=5)
+    await emu.wait_for_call(
+        "answerCallbackQuery", lambda p: p.get("callback_query_id") == query, timeout=5
+    )
 
     query = emu.user_presses_button(chat, caption_reply["message_id"], attention)
     figure = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
     assert_attention_png(figure, headline)
-    await emu.wait_for_call("answerCallbackQuery", lambda p: p.get("callback_query_id") == query, timeout=5)
+    await emu.wait_for_call(
+        "answerCallbackQuery", lambda p: p.get("callback_query_id") == query, timeout=5
+    )
 
 
 async def test_a_button_for_a_photo_the_bot_no_longer_knows_is_answered(emu, bot):
     chat = new_chat()
     _, caption_reply = await send_photo_and_caption(emu, chat)
     query = emu.user_presses_button(chat, caption_reply["message_id"], "p:more:unknown-photo")
-    answer = await emu.wait_for_call("answerCallbackQuery", lambda p: p.get("callback_query_id") == query, timeout=10)
+    answer = await emu.wait_for_call(
+        "answerCallbackQuery", lambda p: p.get("callback_query_id") == query, timeout=10
+    )
     assert "send it again" in answer.get("text", "")
 
 
@@ -349,32 +406,53 @@ async def test_a_button_for_a_photo_the_bot_no_longer_knows_is_answered(emu, bot
 
 def _png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height pixels (a decompression bomb)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     body = zlib.compress(b"\x00" * 64)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    )
 
 
 async def test_bad_input_gets_a_specific_reply_and_nothing_else_breaks(emu, bot):
     chat = new_chat()
     jpeg = image_bytes("JPEG", (800, 600), quality=90)
     cases = [
-        (lambda: emu.user_sends_document(chat, b"just some notes\n", "notes.txt", "text/plain"),
-         "isn't an image"),
-        (lambda: emu.user_sends_document(chat, b"\x00\x01garbage" * 50, "fake.png", "image/png"),
-         "can't use this image"),
-        (lambda: emu.user_sends_document(chat, jpeg[: len(jpeg) // 2], "cut.jpg", "image/jpeg"),
-         "corrupt or truncated"),
-        (lambda: emu.user_sends_document(chat, image_bytes(), "huge.png", "image/png",
-                                         declared_size=25 * 1024 * 1024),
-         "too large"),
-        (lambda: emu.user_sends_document(chat, _encoded(Image.new("L", (2500, 2000), 9), "PNG"),
-                                         "big.png", "image/png"),
-         "too large"),
-        (lambda: emu.user_sends_document(chat, _png_claiming(100_000, 100_000), "bomb.png", "image/png"),
-         "too large"),
+        (
+            lambda: emu.user_sends_document(chat, b"just some notes\n", "notes.txt", "text/plain"),
+            "isn't an image",
+        ),
+        (
+            lambda: emu.user_sends_document(chat, b"\x00\x01garbage" * 50, "fake.png", "image/png"),
+            "can't use this image",
+        ),
+        (
+            lambda: emu.user_sends_document(chat, jpeg[: len(jpeg) // 2], "cut.jpg", "image/jpeg"),
+            "corrupt or truncated",
+        ),
+        (
+            lambda: emu.user_sends_document(
+                chat, image_bytes(), "huge.png", "image/png", declared_size=25 * 1024 * 1024
+            ),
+            "too large",
+        ),
+        (
+            lambda: emu.user_sends_document(
+                chat, _encoded(Image.new("L", (2500, 2000), 9), "PNG"), "big.png", "image/png"
+            ),
+            "too large",
+        ),
+        (
+            lambda: emu.user_sends_document(
+                chat, _png_claiming(100_000, 100_000), "bomb.png", "image/png"
+            ),
+            "too large",
+        ),
     ]
     for send, expected in cases:
         downloads = len(calls(emu, "getFile"))
@@ -474,7 +552,9 @@ async def test_the_encoding_cache_is_keyed_by_file_unique_id(emu, bot):
     assert again["photo"][-1]["file_id"] != first["photo"][-1]["file_id"]
     assert again["photo"][-1]["file_unique_id"] == first["photo"][-1]["file_unique_id"]
     assert len(calls(emu, "getFile")) == downloads + 1  # only the other picture
-    jobs = {e["message_id"]: e for e in await bot.wait_for_event("job", 10) if e.get("chat_id") == chat}
+    jobs = {
+        e["message_id"]: e for e in await bot.wait_for_event("job", 10) if e.get("chat_id") == chat
+    }
     assert not jobs[first["message_id"]]["cached"]
     assert jobs[again["message_id"]]["cached"] and not jobs[other["message_id"]]["cached"]
 
@@ -491,7 +571,11 @@ async def test_every_line_logged_while_handling_an_update_names_it(emu, bot):
     emu.user_sends_document(chat, b"not an image at all", "x.png", "image/png")
     await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
     await bot.wait_for_event("job", 10)
-    lines = [json.loads(line) for line in bot.lines if line.startswith("{") and f'"chat_id": {chat}' in line]
+    lines = [
+        json.loads(line)
+        for line in bot.lines
+        if line.startswith("{") and f'"chat_id": {chat}' in line
+    ]
     assert {"job", "telegram_retry"} <= {line["event"] for line in lines}, lines
     assert len([line for line in lines if line["event"] == "job"]) >= 3
     for line in lines:

@@ -22,9 +22,14 @@ MAX_BYTES = 300_000
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def bot(emu, tmp_path_factory):
     process = await start_bot(
-        emu, tmp_path_factory.mktemp("bot"),
-        QUEUE_MAX=1, BATCH_MAX=1, RATE_LIMIT_PER_MIN=RATE, MAX_IMAGE_BYTES=MAX_BYTES,
-        ALLOWED_USER_IDS=",".join(map(str, ALLOWED)), ALLOWLIST_IGNORE_S=600,
+        emu,
+        tmp_path_factory.mktemp("bot"),
+        QUEUE_MAX=1,
+        BATCH_MAX=1,
+        RATE_LIMIT_PER_MIN=RATE,
+        MAX_IMAGE_BYTES=MAX_BYTES,
+        ALLOWED_USER_IDS=",".join(map(str, ALLOWED)),
+        ALLOWLIST_IGNORE_S=600,
     )
     yield process
     code = await process.stop()
@@ -84,7 +89,9 @@ async def test_users_outside_the_allowlist_get_one_refusal_then_silence(emu, bot
     # ...while the stranger hears nothing more and nothing was downloaded for them.
     with pytest.raises(TimeoutError):
         await emu.next_bot_message(STRANGER, timeout=1.5)
-    assert not [p for name, p in emu.calls if name == "sendChatAction" and p.get("chat_id") == STRANGER]
+    assert not [
+        p for name, p in emu.calls if name == "sendChatAction" and p.get("chat_id") == STRANGER
+    ]
 
 
 async def test_a_file_bigger_than_it_claims_is_cut_off_while_downloading(emu, bot):
@@ -98,33 +105,41 @@ async def test_a_file_bigger_than_it_claims_is_cut_off_while_downloading(emu, bo
     sent = emu.user_sends_document(chat, data, "noise.png", "image/png", declared_size=1000)
     reply = await emu.next_bot_message(chat, timeout=30)
     assert reply["reply_to_message"]["message_id"] == sent["message_id"]
-    assert reply["text"] == "That file is too large (the limit is 0.3 MB). Please send a smaller image."
+    assert (
+        reply["text"]
+        == "That file is too large (the limit is 0.3 MB). Please send a smaller image."
+    )
     # An honest declaration over the limit is refused before any download.
     downloads = len([1 for name, _ in emu.calls if name == "getFile"])
     emu.user_sends_document(chat, data, "noise.png", "image/png")
     reply = await emu.next_bot_message(chat, timeout=30)
-    assert reply["text"].startswith(f"That file is too large ({len(data) / 1e6:.1f} MB, the limit is 0.3 MB)")
+    assert reply["text"].startswith(
+        f"That file is too large ({len(data) / 1e6:.1f} MB, the limit is 0.3 MB)"
+    )
     assert len([1 for name, _ in emu.calls if name == "getFile"]) == downloads
 
 
 async def test_buttons_and_attention_count_against_the_rate_limit(emu, bot):
     chat = ALLOWED[36]
-    photo = emu.user_sends_photo(chat, image_bytes())                                # 1
+    photo = emu.user_sends_photo(chat, image_bytes())  # 1
     caption = await emu.next_bot_message(chat, timeout=30)
     assert caption["reply_to_message"]["message_id"] == photo["message_id"]
-    more, attention = [b["callback_data"] for row in caption["reply_markup"]["inline_keyboard"] for b in row]
-    emu.user_presses_button(chat, caption["message_id"], more)                        # 2
+    more, attention = [
+        b["callback_data"] for row in caption["reply_markup"]["inline_keyboard"] for b in row
+    ]
+    emu.user_presses_button(chat, caption["message_id"], more)  # 2
     assert (await emu.next_bot_message(chat, timeout=30))["text"].count("\n") >= 2
-    emu.user_presses_button(chat, caption["message_id"], attention)                   # 3
+    emu.user_presses_button(chat, caption["message_id"], attention)  # 3
     assert "photo_bytes" in await emu.next_bot_message(chat, timeout=30)
-    command = emu.user_sends_text(chat, "/attention")                                 # 4: over
+    command = emu.user_sends_text(chat, "/attention")  # 4: over
     notice = await emu.next_bot_message(chat, timeout=30)
     assert notice["reply_to_message"]["message_id"] == command["message_id"]
     assert f"{RATE} a minute" in notice["text"]
     # A button press over the limit is still answered (no endless spinner), with the notice.
-    query = emu.user_presses_button(chat, caption["message_id"], attention)          # 5: over
-    answer = await emu.wait_for_call("answerCallbackQuery", lambda p: p.get("callback_query_id") == query,
-                                     timeout=30)
+    query = emu.user_presses_button(chat, caption["message_id"], attention)  # 5: over
+    answer = await emu.wait_for_call(
+        "answerCallbackQuery", lambda p: p.get("callback_query_id") == query, timeout=30
+    )
     assert f"{RATE} a minute" in answer["text"] and answer.get("show_alert")
     with pytest.raises(TimeoutError):
         await emu.next_bot_message(chat, timeout=1.5)

@@ -37,7 +37,10 @@ SCRIPT = textwrap.dedent(f"""
 def test_the_token_is_redacted_everywhere(log_format):
     result = subprocess.run(
         [sys.executable, "-c", f"FORMAT = {log_format!r}\n" + SCRIPT],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     output = result.stdout + result.stderr
     assert "LOGGED-OK" in output
@@ -83,14 +86,15 @@ LOCALS_SCRIPT = textwrap.dedent(f"""
 
 def test_no_slice_of_the_key_leaks_from_console_tracebacks_with_rich_installed():
     pytest.importorskip("rich")  # in the test extras: this test must not skip in CI
-    result = subprocess.run([sys.executable, "-c", LOCALS_SCRIPT], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", LOCALS_SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     output = result.stdout + result.stderr
     assert "LOGGED-OK" in output and result.returncode == 1, output
     assert "unraisable_exception" in output and "uncaught_exception" in output, output
     assert output.count("Traceback") >= 3, output
-    leaked = {REAL_KEY[i:i + 8] for i in range(len(REAL_KEY) - 7)} & {
-        output[i:i + 8] for i in range(len(output) - 7)
+    leaked = {REAL_KEY[i : i + 8] for i in range(len(REAL_KEY) - 7)} & {
+        output[i : i + 8] for i in range(len(output) - 7)
     }
     assert not leaked, output
 

@@ -26,17 +26,33 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_bot_sync(env: dict[str, str], cwd, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bot", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+def run_bot_sync(
+    env: dict[str, str], cwd, *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 async def test_webhook_mode_checks_the_secret_and_answers_updates(tmp_path):
     async with BotAPIEmulator(bot_token=TOKEN) as emu:
         port = free_port()
         secret = "hook-secret_123"
-        env = bot_env(emu.base_url, tmp_path, MODE="webhook", WEBHOOK_URL="https://bot.example.org/tg/hook",
-                      WEBHOOK_SECRET=secret, WEBHOOK_HOST="127.0.0.1", WEBHOOK_PORT=port)
+        env = bot_env(
+            emu.base_url,
+            tmp_path,
+            MODE="webhook",
+            WEBHOOK_URL="https://bot.example.org/tg/hook",
+            WEBHOOK_SECRET=secret,
+            WEBHOOK_HOST="127.0.0.1",
+            WEBHOOK_PORT=port,
+        )
         bot = BotProcess(env, cwd=tmp_path)
         await bot.start()
         try:
@@ -50,21 +66,27 @@ async def test_webhook_mode_checks_the_secret_and_answers_updates(tmp_path):
             update = {"update_id": 1, "message": message}
             url = f"http://127.0.0.1:{port}/tg/hook"
             async with aiohttp.ClientSession() as http:
-                async with http.post(url, json=update,
-                                     headers={"X-Telegram-Bot-Api-Secret-Token": "wrong"}) as forged:
+                async with http.post(
+                    url, json=update, headers={"X-Telegram-Bot-Api-Secret-Token": "wrong"}
+                ) as forged:
                     assert forged.status == 401
                 with pytest.raises(TimeoutError):
                     await emu.next_bot_message(chat, timeout=1)
-                async with http.post(url, json=update,
-                                     headers={"X-Telegram-Bot-Api-Secret-Token": secret}) as genuine:
+                async with http.post(
+                    url, json=update, headers={"X-Telegram-Bot-Api-Secret-Token": secret}
+                ) as genuine:
                     assert genuine.status == 200
                 reply = await emu.next_bot_message(chat, timeout=30)
                 assert "/sample" in reply["text"]
                 async with http.get(f"http://127.0.0.1:{port}/healthz") as health:
                     assert health.status == 200 and (await health.json())["ok"] is True
             health_check = await asyncio.to_thread(
-                subprocess.run, [sys.executable, "-m", "bot.health"], env=env, cwd=tmp_path,
-                capture_output=True, timeout=30,
+                subprocess.run,
+                [sys.executable, "-m", "bot.health"],
+                env=env,
+                cwd=tmp_path,
+                capture_output=True,
+                timeout=30,
             )
             assert health_check.returncode == 0
         finally:
@@ -73,28 +95,45 @@ async def test_webhook_mode_checks_the_secret_and_answers_updates(tmp_path):
         assert code == 0, bot.output[-3000:]
         assert SECRET_PART not in bot.output and secret not in bot.output
         # Stopped: the heartbeat file is gone, so the health check fails.
-        after = subprocess.run([sys.executable, "-m", "bot.health"], env=env, cwd=tmp_path,
-                               capture_output=True, timeout=30)
+        after = subprocess.run(
+            [sys.executable, "-m", "bot.health"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=30,
+        )
         assert after.returncode == 1
 
 
 async def test_sigterm_in_webhook_mode_answers_the_accepted_photos_before_exit(tmp_path):
     async with BotAPIEmulator(bot_token=TOKEN) as emu:
         port = free_port()
-        env = bot_env(emu.base_url, tmp_path, MODE="webhook", WEBHOOK_URL="https://bot.example.org/hook",
-                      WEBHOOK_SECRET="s3cret", WEBHOOK_HOST="127.0.0.1", WEBHOOK_PORT=port,
-                      BATCH_MAX=1, SHUTDOWN_TIMEOUT_S=60)
+        env = bot_env(
+            emu.base_url,
+            tmp_path,
+            MODE="webhook",
+            WEBHOOK_URL="https://bot.example.org/hook",
+            WEBHOOK_SECRET="s3cret",
+            WEBHOOK_HOST="127.0.0.1",
+            WEBHOOK_PORT=port,
+            BATCH_MAX=1,
+            SHUTDOWN_TIMEOUT_S=60,
+        )
         bot = BotProcess(env, cwd=tmp_path)
         await bot.start()
         chats = list(range(5101, 5107))
         try:
             await bot.wait_for_event("webhook_listening", timeout=120)
             photo = image_bytes("JPEG", (900, 900), quality=95)
-            async with aiohttp.ClientSession(headers={"X-Telegram-Bot-Api-Secret-Token": "s3cret"}) as http:
+            async with aiohttp.ClientSession(
+                headers={"X-Telegram-Bot-Api-Secret-Token": "s3cret"}
+            ) as http:
                 for update_id, chat in enumerate(chats, 1):
                     message = emu.user_sends_photo(chat, photo)
-                    async with http.post(f"http://127.0.0.1:{port}/hook",
-                                         json={"update_id": update_id, "message": message}) as posted:
+                    async with http.post(
+                        f"http://127.0.0.1:{port}/hook",
+                        json={"update_id": update_id, "message": message},
+                    ) as posted:
                         assert posted.status == 200
             for _ in chats:  # all fetched: accepted
                 await emu.wait_for_call("getFile", timeout=30)
@@ -117,22 +156,30 @@ async def test_playground_runs_the_bot_against_the_built_in_emulator(tmp_path, w
     bot = BotProcess(env, cwd=tmp_path, args=args)
     await bot.start()
     try:
-        line = await bot.wait_for_line(lambda text: text.startswith("Playground: open "), timeout=60)
+        line = await bot.wait_for_line(
+            lambda text: text.startswith("Playground: open "), timeout=60
+        )
         page = re.search(r"http://127\.0\.0\.1:\d+/", line).group(0)
         await bot.wait_for_line(lambda text: "bot_started" in text, timeout=120)
         chat = 77
         async with aiohttp.ClientSession() as http:
             async with http.get(page) as index:
                 assert index.status == 200
-                token = re.search(r'name="playground-token" content="([^"]+)"', await index.text()).group(1)
-            async with http.post(f"{page}api/chats/{chat}/messages", json={"text": "/help"},
-                                 headers={"X-Playground-Token": token}) as posted:
+                token = re.search(
+                    r'name="playground-token" content="([^"]+)"', await index.text()
+                ).group(1)
+            async with http.post(
+                f"{page}api/chats/{chat}/messages",
+                json={"text": "/help"},
+                headers={"X-Playground-Token": token},
+            ) as posted:
                 assert posted.status == 200
             bot_texts: list[str] = []
             after = 0
             for _ in range(10):  # bounded: 10 polls of at most 5 s
-                async with http.get(f"{page}api/chats/{chat}/events",
-                                    params={"after": after, "timeout": 5}) as polled:
+                async with http.get(
+                    f"{page}api/chats/{chat}/events", params={"after": after, "timeout": 5}
+                ) as polled:
                     events = (await polled.json())["events"]
                 for event in events:
                     after = max(after, event["seq"])
@@ -161,8 +208,14 @@ def test_webhook_mode_without_a_token_says_what_is_missing(tmp_path):
 
 def test_bad_settings_are_all_reported_and_the_token_is_not_echoed(tmp_path):
     broken_token = TOKEN + " oops"
-    env = bot_env("not-a-url", tmp_path, TELEGRAM_BOT_TOKEN=broken_token, QUEUE_MAX="lots",
-                  BATCH_WAIT_MS="-5", DEVICE="tpu")
+    env = bot_env(
+        "not-a-url",
+        tmp_path,
+        TELEGRAM_BOT_TOKEN=broken_token,
+        QUEUE_MAX="lots",
+        BATCH_WAIT_MS="-5",
+        DEVICE="tpu",
+    )
     result = run_bot_sync(env, tmp_path)
     assert result.returncode == 2
     for name in ("TELEGRAM_BOT_TOKEN", "TELEGRAM_API_BASE", "QUEUE_MAX", "BATCH_WAIT_MS", "DEVICE"):
@@ -181,11 +234,16 @@ def test_settings_come_from_a_dotenv_file_in_the_working_directory(tmp_path):
 
 
 def test_missing_weights_are_a_clear_start_up_error(tmp_path):
-    env = bot_env("http://127.0.0.1:9", tmp_path, CAPTIONER="bundled", WEIGHTS_DIR=tmp_path / "nowhere")
+    env = bot_env(
+        "http://127.0.0.1:9", tmp_path, CAPTIONER="bundled", WEIGHTS_DIR=tmp_path / "nowhere"
+    )
     result = run_bot_sync(env, tmp_path)
     assert result.returncode == 2
-    record = next(json.loads(line) for line in result.stdout.splitlines()
-                  if line.startswith("{") and "cannot_start" in line)
+    record = next(
+        json.loads(line)
+        for line in result.stdout.splitlines()
+        if line.startswith("{") and "cannot_start" in line
+    )
     assert "WEIGHTS_DIR" in record["reason"] and "CAPTIONER=untrained" in record["reason"]
     assert SECRET_PART not in result.stdout + result.stderr
 
@@ -203,7 +261,9 @@ def test_partial_or_corrupt_weights_are_a_clear_start_up_error(tmp_path):
 
 async def test_an_unreachable_api_is_retried_then_reported_without_the_token(tmp_path):
     port = free_port()  # nothing listens there
-    bot = BotProcess(bot_env(f"http://127.0.0.1:{port}", tmp_path, SEND_RETRY_TIMEOUT_S=2), cwd=tmp_path)
+    bot = BotProcess(
+        bot_env(f"http://127.0.0.1:{port}", tmp_path, SEND_RETRY_TIMEOUT_S=2), cwd=tmp_path
+    )
     await bot.start()
     try:
         code = await bot.wait_exit(timeout=90)

@@ -59,7 +59,9 @@ async def test_updates_sent_during_the_drain_are_left_for_the_next_run(tmp_path)
         emu.user_sends_text(4100, "/help")
         sent_before = len(emu.calls)
         assert await bot.wait_exit(timeout=60) == 0
-        replies_after = [p["chat_id"] for name, p in emu.calls[sent_before:] if name == "sendMessage"]
+        replies_after = [
+            p["chat_id"] for name, p in emu.calls[sent_before:] if name == "sendMessage"
+        ]
         assert replies_after, "the drain was over before /help arrived: the test proved nothing"
         assert 4100 not in replies_after
         assert [u["message"]["text"] for u in emu.pending_updates] == ["/help"]
@@ -91,7 +93,9 @@ async def test_photos_not_captioned_by_the_shutdown_timeout_are_told_to_resend(t
         replies = [await emu.next_bot_message(chat, timeout=1) for chat in chats]
         restarting = [r for r in replies if r["text"] == texts.RESTARTING]
         assert restarting, [r["text"][:40] for r in replies]
-        assert all(r["text"] == texts.RESTARTING or "Baseline decoder:" in r["text"] for r in replies)
+        assert all(
+            r["text"] == texts.RESTARTING or "Baseline decoder:" in r["text"] for r in replies
+        )
         assert any(e["outcome"] == "stopped" for e in bot.events("job"))
 
 

@@ -1,4 +1,5 @@
 """python -m model caption: the offline face of the product, run as a user would."""
+
 import json
 import subprocess
 import sys
@@ -15,8 +16,12 @@ SEEDS = (30_000_001, 30_000_002)
 
 
 def caption(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "model", "caption", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "model", "caption", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +39,17 @@ def pictures(tmp_path_factory):
 
 def test_json_output_matches_the_schema_and_bad_files_fail_alone(pictures, tmp_path):
     folder, (first, second) = pictures
-    result = caption(first, folder / "notes.txt", second, folder / "broken.jpg", "--json", "--samples", "2",
-                     "--heatmap-dir", tmp_path / "maps")
+    result = caption(
+        first,
+        folder / "notes.txt",
+        second,
+        folder / "broken.jpg",
+        "--json",
+        "--samples",
+        "2",
+        "--heatmap-dir",
+        tmp_path / "maps",
+    )
     assert result.returncode == 1
     errors = result.stderr.strip().splitlines()
     assert any("notes.txt" in line and "not an image" in line for line in errors)
@@ -48,15 +62,17 @@ def test_json_output_matches_the_schema_and_bad_files_fail_alone(pictures, tmp_p
         assert judge(make_scene(seed), attention["greedy"]).exact, (seed, attention["greedy"])
         verdict = judge(make_scene(seed), baseline["greedy"])
         assert verdict.groups_recalled >= 1, (seed, baseline["greedy"])
-        assert len(baseline["samples"]) == 2 and all(isinstance(s, str) for s in baseline["samples"])
+        assert len(baseline["samples"]) == 2 and all(
+            isinstance(s, str) for s in baseline["samples"]
+        )
         assert attention["tokens"] == attention["greedy"].split()
         assert len(attention["alphas"]) == len(attention["tokens"])
         for grid in attention["alphas"]:
-            assert len(grid) == 14 and all(len(row) == 14 for row in grid)   # 16 px cells of 224
+            assert len(grid) == 14 and all(len(row) == 14 for row in grid)  # 16 px cells of 224
             assert sum(map(sum, grid)) == pytest.approx(1.0, abs=1e-4)
         assert len(attention["samples"]) == 2
         figure = Image.open(document["heatmap"])
-        assert figure.size == figure_size(len(attention["tokens"]))   # the grid the bot sends
+        assert figure.size == figure_size(len(attention["tokens"]))  # the grid the bot sends
         domain = document["domain"]
         assert set(domain) == {"in_domain", "score", "threshold"} and domain["in_domain"] is True
         assert isinstance(domain["score"], float) and domain["score"] <= domain["threshold"]

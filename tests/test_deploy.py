@@ -70,7 +70,9 @@ def test_dockerfile_base_user_healthcheck_and_command():
     # PyTorch's CPU index (the PyPI wheels bundle gigabytes of CUDA), PyPI for the rest; the
     # build arguments only change where the wheels come from.
     assert steps[0] == ("ARG", "BASE_IMAGE=python:3.11-slim")
-    assert [rest.split()[0] for keyword, rest in steps if keyword == "FROM"] == ["${BASE_IMAGE}"] * 2
+    assert [rest.split()[0] for keyword, rest in steps if keyword == "FROM"] == [
+        "${BASE_IMAGE}"
+    ] * 2
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     assert args["PYPI_INDEX_URL"] == "https://pypi.org/simple"
     assert re.fullmatch(r"\d+\.\d+\.\d+", args["TORCH_VERSION"]), "torch is pinned to one release"
@@ -107,7 +109,9 @@ def test_every_runtime_dependency_is_pinned_for_the_image():
         if line.strip() and not line.startswith("#"):
             name, version = line.split("==")
             pins[canonicalize_name(name)] = version
-    for dependency in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+    for dependency in tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "dependencies"
+    ]:
         requirement = Requirement(dependency)
         name = canonicalize_name(requirement.name)
         if name == "torch":
@@ -123,14 +127,21 @@ def _ignored(path: str, patterns: list[str]) -> bool:
     for pattern in patterns:
         negate = pattern.startswith("!")
         pattern = pattern.lstrip("!").rstrip("/")
-        if fnmatch.fnmatch(path, pattern) or fnmatch.fnmatch(path, pattern + "/*") or path.startswith(pattern + "/"):
+        if (
+            fnmatch.fnmatch(path, pattern)
+            or fnmatch.fnmatch(path, pattern + "/*")
+            or path.startswith(pattern + "/")
+        ):
             ignored = not negate
     return ignored
 
 
 def test_every_copy_source_exists_and_is_not_docker_ignored():
-    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     sources = []
     args = build_args()
     for keyword, rest in instructions():
@@ -144,14 +155,18 @@ def test_every_copy_source_exists_and_is_not_docker_ignored():
     # Secrets and local clutter stay out of the build context.
     for private in (".env", ".git", ".venv", "tests"):
         assert _ignored(private, patterns), private
-    assert not _ignored("bot/worker.py", patterns) and not _ignored("bot/emulator/server.py", patterns)
+    assert not _ignored("bot/worker.py", patterns) and not _ignored(
+        "bot/emulator/server.py", patterns
+    )
 
 
 def test_compose_file_parses_and_sets_the_operational_limits():
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     service = compose["services"]["bot"]
     assert service["build"] == "." and (REPO / "Dockerfile").exists()
-    env_files = service["env_file"] if isinstance(service["env_file"], list) else [service["env_file"]]
+    env_files = (
+        service["env_file"] if isinstance(service["env_file"], list) else [service["env_file"]]
+    )
     assert env_files == [".env"]
     # The image's production settings win over whatever .env says.
     assert service["environment"]["PLAYGROUND"] == "off"
@@ -180,14 +195,18 @@ def test_env_example_documents_every_setting_and_is_a_working_env_file(tmp_path)
     # Every other setting is documented, commented out, with its default.
     documented = dict(re.findall(r"^# ([A-Z][A-Z0-9_]*)=(.*)$", text, re.M))
     settings_fields = {name.upper() for name in Settings.model_fields}
-    assert settings_fields - {"TELEGRAM_BOT_TOKEN"} <= set(documented), settings_fields - set(documented)
+    assert settings_fields - {"TELEGRAM_BOT_TOKEN"} <= set(documented), settings_fields - set(
+        documented
+    )
     assert Settings.from_env(documented, dotenv_path=None) == Settings()
     # A real .env made from it (plus a token) is accepted as is, with the defaults.
     shutil.copy(REPO / ".env.example", tmp_path / ".env")
     with open(tmp_path / ".env", "a") as handle:
         handle.write(f"\nTELEGRAM_BOT_TOKEN={TOKEN}\n")
     settings = Settings.from_env({}, dotenv_path=tmp_path / ".env")
-    assert settings == Settings.from_env({"TELEGRAM_BOT_TOKEN": TOKEN, "LOG_LEVEL": "info"}, dotenv_path=None)
+    assert settings == Settings.from_env(
+        {"TELEGRAM_BOT_TOKEN": TOKEN, "LOG_LEVEL": "info"}, dotenv_path=None
+    )
 
 
 @pytest.mark.timeout(150)
@@ -205,14 +224,18 @@ async def test_the_image_command_with_the_image_settings_starts_the_bot(tmp_path
     assert command[:3] == ["python", "-m", "bot"]
 
     async with BotAPIEmulator(bot_token=TOKEN) as emu:
-        (tmp_path / ".env").write_text(f"TELEGRAM_BOT_TOKEN={TOKEN}\nTELEGRAM_API_BASE={emu.base_url}\n")
+        (tmp_path / ".env").write_text(
+            f"TELEGRAM_BOT_TOKEN={TOKEN}\nTELEGRAM_API_BASE={emu.base_url}\n"
+        )
         bot = BotProcess(env, cwd=tmp_path, args=tuple(command[3:]))
         await bot.start()
         try:
             await bot.wait_for_event("bot_started", timeout=120)
             emu.user_sends_text(9001, "/help")
             assert "/sample" in (await emu.next_bot_message(9001, timeout=30))["text"]
-            health = subprocess.run([sys.executable, "-m", "bot.health"], env=env, cwd=tmp_path, timeout=30)
+            health = subprocess.run(
+                [sys.executable, "-m", "bot.health"], env=env, cwd=tmp_path, timeout=30
+            )
             assert health.returncode == 0
         finally:
             bot.signal(signal.SIGTERM)
@@ -225,8 +248,14 @@ async def test_the_image_command_with_the_image_settings_starts_the_bot(tmp_path
 def test_the_image_refuses_to_start_without_a_token(tmp_path):
     env = {key: value.replace("/app", str(REPO)) for key, value in image_env().items()}
     env.update({"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "HOME": str(tmp_path)})
-    result = subprocess.run([sys.executable, "-m", "bot"], env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "bot"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "TELEGRAM_BOT_TOKEN is not set" in result.stderr and "@BotFather" in result.stderr
     assert "Playground" not in result.stdout
@@ -234,16 +263,36 @@ def test_the_image_refuses_to_start_without_a_token(tmp_path):
 
 def test_playground_host_defaults_to_loopback_and_is_read_from_the_environment():
     assert Settings.from_env({}, dotenv_path=None).playground_host == "127.0.0.1"
-    assert Settings.from_env({"PLAYGROUND_HOST": "0.0.0.0"}, dotenv_path=None).playground_host == "0.0.0.0"
+    assert (
+        Settings.from_env({"PLAYGROUND_HOST": "0.0.0.0"}, dotenv_path=None).playground_host
+        == "0.0.0.0"
+    )
 
 
 def test_check_reports_the_settings_without_starting_the_bot(tmp_path):
     """`python -m bot --check`: what compose's `settings` service runs before the bot."""
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "HOME": str(tmp_path), "PLAYGROUND": "off"}
-    missing = subprocess.run([sys.executable, "-m", "bot", "--check"], env=env, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=60)
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(REPO),
+        "HOME": str(tmp_path),
+        "PLAYGROUND": "off",
+    }
+    missing = subprocess.run(
+        [sys.executable, "-m", "bot", "--check"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert missing.returncode == 2 and "TELEGRAM_BOT_TOKEN is not set" in missing.stderr
     env["TELEGRAM_BOT_TOKEN"] = TOKEN
-    ok = subprocess.run([sys.executable, "-m", "bot", "--check"], env=env, cwd=tmp_path,
-                        capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(
+        [sys.executable, "-m", "bot", "--check"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ok.returncode == 0 and "settings OK" in ok.stdout, ok.stderr

@@ -45,32 +45,60 @@ RUN = str(os.getpid())
 LABEL = f"captionbot.test={RUN}"
 TAG = f"captionbot-test:{RUN}"
 NO_TOKEN = "TELEGRAM_BOT_TOKEN is not set"
-COMPOSE = [pytest.param(("docker", "compose"), id="compose-v2"),
-           pytest.param(("docker-compose",), id="compose-v1")]
+COMPOSE = [
+    pytest.param(("docker", "compose"), id="compose-v2"),
+    pytest.param(("docker-compose",), id="compose-v1"),
+]
 # Files of the checkout that never go into the copy the image is built from.
-NOT_COPIED = shutil.ignore_patterns(".git", ".venv", "runs", "artifacts", ".pytest_cache",
-                                    "__pycache__", "*.h5", ".env", "*.whl", "node_modules")
+NOT_COPIED = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "runs",
+    "artifacts",
+    ".pytest_cache",
+    "__pycache__",
+    "*.h5",
+    ".env",
+    "*.whl",
+    "node_modules",
+)
 
 
 def docker(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, **kwargs)
+    return subprocess.run(
+        ["docker", *args], capture_output=True, text=True, timeout=timeout, **kwargs
+    )
 
 
-async def adocker(*args: str, timeout: float = 120, cwd: Path | None = None,
-                  env: dict[str, str] | None = None, program: tuple[str, ...] = ("docker",)
-                  ) -> subprocess.CompletedProcess:
+async def adocker(
+    *args: str,
+    timeout: float = 120,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    program: tuple[str, ...] = ("docker",),
+) -> subprocess.CompletedProcess:
     """Like docker(), without blocking the event loop (the emulator runs on it)."""
     proc = await asyncio.create_subprocess_exec(
-        *program, *args, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        *program,
+        *args,
+        cwd=cwd,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
         proc.kill()
         await proc.wait()
         raise
-    return subprocess.CompletedProcess([*program, *args], proc.returncode,
-                                       out.decode(errors="replace"), err.decode(errors="replace"))
+    return subprocess.CompletedProcess(
+        [*program, *args],
+        proc.returncode,
+        out.decode(errors="replace"),
+        err.decode(errors="replace"),
+    )
 
 
 def inspect(container: str) -> dict:
@@ -109,8 +137,13 @@ def engine(tmp_path_factory):
     if not ok and shutil.which("dockerd") and os.geteuid() == 0:
         log_path = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
         with open(log_path, "wb") as log:
-            started = subprocess.Popen(["dockerd"], stdin=subprocess.DEVNULL, stdout=log,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+            started = subprocess.Popen(
+                ["dockerd"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 30
         while not ok and time.monotonic() < deadline and started.poll() is None:
             time.sleep(1)
@@ -122,8 +155,10 @@ def engine(tmp_path_factory):
             tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
             why = "dockerd did not start: " + " | ".join(tail)
     if not ok:
-        reason = (f"no Docker engine can run here ({why}); `make docker-engine` installs and starts "
-                  "one as root where apt-get works")
+        reason = (
+            f"no Docker engine can run here ({why}); `make docker-engine` installs and starts "
+            "one as root where apt-get works"
+        )
         print(reason)
         pytest.skip(reason)
     yield
@@ -144,8 +179,9 @@ def dockerfile_arg(name: str) -> str:
 def local_cpu_torch_wheel(version: str) -> Path | None:
     """torch-<version>+cpu for CPython 3.11 in one of pip's find-links folders, if any."""
     folders = os.environ.get("PIP_FIND_LINKS", "").split()
-    config = subprocess.run([sys.executable, "-m", "pip", "config", "list"],
-                            capture_output=True, text=True, timeout=60).stdout
+    config = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60
+    ).stdout
     for key, value in re.findall(r"^(\S+)='(.*)'$", config, re.M):
         if key.endswith("find-links"):
             folders += value.split()
@@ -169,8 +205,9 @@ def build(engine, tmp_path_factory, request):
     """The image, built from a copy of the checkout: SimpleNamespace(tag, context, seconds)."""
     started = time.monotonic()
     context = tmp_path_factory.mktemp("context")
-    shutil.copytree(REPO, context, ignore=NOT_COPIED, copy_function=link_or_copy,
-                    dirs_exist_ok=True)
+    shutil.copytree(
+        REPO, context, ignore=NOT_COPIED, copy_function=link_or_copy, dirs_exist_ok=True
+    )
     build_args = []
     download = None
     torch_wheel = local_cpu_torch_wheel(dockerfile_arg("TORCH_VERSION"))
@@ -180,19 +217,37 @@ def build(engine, tmp_path_factory, request):
         download_log = tmp_path_factory.mktemp("pip") / "download.log"
         with open(download_log, "wb") as log:  # a file: a full pipe would stall pip meanwhile
             download = subprocess.Popen(
-                [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
-                 "-d", str(wheels), "-r", str(REPO / "docker" / "requirements.txt")],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "-q",
+                    "--no-deps",
+                    "--only-binary",
+                    ":all:",
+                    "-d",
+                    str(wheels),
+                    "-r",
+                    str(REPO / "docker" / "requirements.txt"),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         build_args += ["--build-arg", "TORCH_INDEX_URL=", "--build-arg", "PYPI_INDEX_URL="]
     try:
-        base = subprocess.run([str(REPO / "docker" / "base-image.sh")], capture_output=True,
-                              text=True, timeout=900)
+        base = subprocess.run(
+            [str(REPO / "docker" / "base-image.sh")], capture_output=True, text=True, timeout=900
+        )
     finally:
         if download is not None:
             download.wait(timeout=600)
     if base.returncode != 0:
-        pytest.skip(f"no base image: python:3.11-slim cannot be pulled and none could be made "
-                    f"locally: {base.stderr.strip()[-500:]}")
+        pytest.skip(
+            f"no base image: python:3.11-slim cannot be pulled and none could be made "
+            f"locally: {base.stderr.strip()[-500:]}"
+        )
     if download is not None and download.returncode != 0:
         pytest.skip(f"the pinned wheels cannot be downloaded: {download_log.read_text()[-500:]}")
     base_image = base.stdout.strip().splitlines()[-1]
@@ -203,9 +258,12 @@ def build(engine, tmp_path_factory, request):
     build_s = time.monotonic() - started - prepared_s
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     size = inspect(TAG)["Size"]
-    say(request, f"{TAG} built in {build_s:.0f} s from {base_image} ({prepared_s:.0f} s for the "
-                 f"base image and the {'local wheels, offline build' if torch_wheel else 'context, online build'}); "
-                 f"{size / 1e9:.2f} GB")
+    say(
+        request,
+        f"{TAG} built in {build_s:.0f} s from {base_image} ({prepared_s:.0f} s for the "
+        f"base image and the {'local wheels, offline build' if torch_wheel else 'context, online build'}); "
+        f"{size / 1e9:.2f} GB",
+    )
     yield SimpleNamespace(tag=TAG, context=context, size=size, base=base_image)
 
     # Containers first (a used image cannot go), then the tag; --no-prune keeps the layers,
@@ -223,10 +281,18 @@ def build(engine, tmp_path_factory, request):
 
 def test_the_image_is_pinned_small_and_has_no_torchvision(build):
     assert build.size <= 1.4e9, f"{build.size / 1e9:.2f} GB"
-    probe = docker("run", "--rm", "--label", LABEL, build.tag, "python", "-c",
-                   "import importlib.util, torch, aiogram; "
-                   "print(torch.__version__, aiogram.__version__, "
-                   "importlib.util.find_spec('torchvision') is None)")
+    probe = docker(
+        "run",
+        "--rm",
+        "--label",
+        LABEL,
+        build.tag,
+        "python",
+        "-c",
+        "import importlib.util, torch, aiogram; "
+        "print(torch.__version__, aiogram.__version__, "
+        "importlib.util.find_spec('torchvision') is None)",
+    )
     assert probe.returncode == 0, probe.stderr
     torch_version, aiogram_version, no_torchvision = probe.stdout.split()
     assert torch_version.split("+")[0] == dockerfile_arg("TORCH_VERSION")
@@ -244,8 +310,10 @@ def test_without_a_token_it_exits_2_with_the_message(build):
 def compose_program(compose: tuple[str, ...]) -> tuple[str, ...]:
     if compose == ("docker", "compose"):
         if docker("compose", "version").returncode != 0:
-            pytest.skip("Compose v2 (`docker compose`) is not installed here; Debian bookworm "
-                        "ships only docker-compose v1")
+            pytest.skip(
+                "Compose v2 (`docker compose`) is not installed here; Debian bookworm "
+                "ships only docker-compose v1"
+            )
     elif shutil.which(compose[0]) is None:
         pytest.skip(f"{compose[0]} is not installed (make docker-engine installs it)")
     return compose
@@ -256,7 +324,9 @@ def compose_env() -> dict[str, str]:
 
 
 def project_containers(project: str) -> list[dict]:
-    ids = docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={project}").stdout.split()
+    ids = docker(
+        "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"
+    ).stdout.split()
     return [inspect(container) for container in ids]
 
 
@@ -267,25 +337,36 @@ def test_compose_without_a_token_fails_once_and_does_not_restart(build, compose)
     project = f"captionbottest{RUN}notoken{len(program)}"
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*program, "-p", project, *args], cwd=build.context, env=compose_env(),
-                              capture_output=True, text=True, timeout=180)
+        return subprocess.run(
+            [*program, "-p", project, *args],
+            cwd=build.context,
+            env=compose_env(),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
 
     try:
         up = run("up", "-d", "--no-build")
-        assert up.returncode != 0, up.stdout + up.stderr   # `up` itself reports the failure
-        time.sleep(5)                                       # time enough for a restart loop to show
+        assert up.returncode != 0, up.stdout + up.stderr  # `up` itself reports the failure
+        time.sleep(5)  # time enough for a restart loop to show
         first = {c["Id"]: c for c in project_containers(project)}
         time.sleep(2)
         second = project_containers(project)
         by_service = {c["Config"]["Labels"]["com.docker.compose.service"]: c for c in second}
         check = by_service["settings"]
         assert check["State"]["Status"] == "exited" and check["State"]["ExitCode"] == 2
-        assert check["RestartCount"] == 0 and first[check["Id"]]["State"]["FinishedAt"] == check["State"]["FinishedAt"]
+        assert (
+            check["RestartCount"] == 0
+            and first[check["Id"]]["State"]["FinishedAt"] == check["State"]["FinishedAt"]
+        )
         logs = docker("logs", check["Id"])
         assert (logs.stdout + logs.stderr).count(NO_TOKEN) == 1, logs.stdout + logs.stderr
         # The bot itself never ran, so its restart policy had nothing to loop on.
         bot = by_service.get("bot")
-        assert bot is None or (bot["State"]["Status"] == "created" and bot["RestartCount"] == 0), bot
+        assert bot is None or (bot["State"]["Status"] == "created" and bot["RestartCount"] == 0), (
+            bot
+        )
     finally:
         down = run("down", "--remove-orphans")
         assert down.returncode == 0, down.stderr
@@ -304,10 +385,18 @@ class ContainerLogs(BotProcess):
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            "docker", "logs", "--follow", self.container, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        self._readers = [asyncio.create_task(self._read(stream))
-                         for stream in (self.proc.stdout, self.proc.stderr)]
+            "docker",
+            "logs",
+            "--follow",
+            self.container,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        self._readers = [
+            asyncio.create_task(self._read(stream))
+            for stream in (self.proc.stdout, self.proc.stderr)
+        ]
 
     async def close(self) -> None:
         if self.proc and self.proc.returncode is None:
@@ -324,12 +413,37 @@ async def bot_container(build, emu):
     burst is still queued when SIGTERM comes."""
     name = f"captionbot-test-{RUN}-bot"
     started = await adocker(
-        "run", "-d", "--name", name, "--label", LABEL, "--network", "host",
-        "--read-only", "--tmpfs", "/tmp:size=64m,mode=1777", "--security-opt", "no-new-privileges:true",
-        "--health-interval", "2s",   # the image's HEALTHCHECK command, polled faster than 30 s
-        "-e", f"TELEGRAM_BOT_TOKEN={TOKEN}", "-e", f"TELEGRAM_API_BASE={emu.base_url}",
-        "-e", "BATCH_MAX=1", "-e", "QUEUE_MAX=50", "-e", "SHUTDOWN_TIMEOUT_S=60",
-        "-e", "SEND_RETRY_TIMEOUT_S=8", "-e", "RATE_LIMIT_PER_MIN=0", build.tag)
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--label",
+        LABEL,
+        "--network",
+        "host",
+        "--read-only",
+        "--tmpfs",
+        "/tmp:size=64m,mode=1777",
+        "--security-opt",
+        "no-new-privileges:true",
+        "--health-interval",
+        "2s",  # the image's HEALTHCHECK command, polled faster than 30 s
+        "-e",
+        f"TELEGRAM_BOT_TOKEN={TOKEN}",
+        "-e",
+        f"TELEGRAM_API_BASE={emu.base_url}",
+        "-e",
+        "BATCH_MAX=1",
+        "-e",
+        "QUEUE_MAX=50",
+        "-e",
+        "SHUTDOWN_TIMEOUT_S=60",
+        "-e",
+        "SEND_RETRY_TIMEOUT_S=8",
+        "-e",
+        "RATE_LIMIT_PER_MIN=0",
+        build.tag,
+    )
     assert started.returncode == 0, started.stderr
     logs = ContainerLogs(name)
     await logs.start()
@@ -390,7 +504,12 @@ async def test_the_root_filesystem_is_read_only_and_the_bot_is_not_root(bot_cont
     state = inspect(bot_container.name)
     assert state["HostConfig"]["ReadonlyRootfs"] is True
     assert state["Config"]["User"] not in ("", "0", "root")
-    probe = await adocker("exec", bot_container.name, "python", "-c", """
+    probe = await adocker(
+        "exec",
+        bot_container.name,
+        "python",
+        "-c",
+        """
 import errno, os
 status = open('/proc/1/status').read()
 print(next(line.split()[1] for line in status.splitlines() if line.startswith('Uid:')))
@@ -402,7 +521,8 @@ for path in ('/app/probe', '/probe', '/opt/venv/probe'):
         print('refused' if error.errno in (errno.EROFS, errno.EACCES) else error, path)
 open('/tmp/probe', 'w').write('tmpfs')
 print('tmp ok')
-""")
+""",
+    )
     assert probe.returncode == 0, probe.stderr
     lines = probe.stdout.splitlines()
     assert lines[0] != "0", "the bot (PID 1) runs as root"
@@ -457,14 +577,28 @@ async def compose_up_and_down(build, program: tuple[str, ...], emu: BotAPIEmulat
         handle.write(f"\nTELEGRAM_BOT_TOKEN={TOKEN}\nTELEGRAM_API_BASE={emu.base_url}\n")
     # The only change to the real compose file: the host network, to reach the emulator.
     override = build.context / f"compose.test-{RUN}.yml"
-    override.write_text(yaml.safe_dump({"services": {name: {"network_mode": "host"}
-                                                     for name in ("settings", "bot")}}))
+    override.write_text(
+        yaml.safe_dump(
+            {"services": {name: {"network_mode": "host"} for name in ("settings", "bot")}}
+        )
+    )
 
-    async def run(*args: str, files: tuple[str, ...] = ("docker-compose.yml", override.name),
-                  timeout: float = 180) -> subprocess.CompletedProcess:
+    async def run(
+        *args: str,
+        files: tuple[str, ...] = ("docker-compose.yml", override.name),
+        timeout: float = 180,
+    ) -> subprocess.CompletedProcess:
         options = [part for name in files for part in ("-f", name)]
-        return await adocker(*options, "-p", project, *args, program=program, cwd=build.context,
-                             env=compose_env(), timeout=timeout)
+        return await adocker(
+            *options,
+            "-p",
+            project,
+            *args,
+            program=program,
+            cwd=build.context,
+            env=compose_env(),
+            timeout=timeout,
+        )
 
     config = await run("config", files=("docker-compose.yml",))
     assert config.returncode == 0, config.stderr
@@ -502,9 +636,24 @@ async def compose_up_and_down(build, program: tuple[str, ...], emu: BotAPIEmulat
 
 def test_the_playground_is_reachable_through_a_published_port(build):
     name = f"captionbot-test-{RUN}-playground"
-    started = docker("run", "-d", "--name", name, "--label", LABEL, "-p", "127.0.0.1::8080",
-                     "--read-only", "--tmpfs", "/tmp", "-e", "PLAYGROUND=auto",
-                     "-e", "PLAYGROUND_HOST=0.0.0.0", build.tag)
+    started = docker(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--label",
+        LABEL,
+        "-p",
+        "127.0.0.1::8080",
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        "-e",
+        "PLAYGROUND=auto",
+        "-e",
+        "PLAYGROUND_HOST=0.0.0.0",
+        build.tag,
+    )
     assert started.returncode == 0, started.stderr
     try:
         address = docker("port", name, "8080/tcp").stdout.split()[0]

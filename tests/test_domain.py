@@ -1,4 +1,5 @@
 """The domain check: renders of the training domain pass, photos and other non-scenes do not."""
+
 import hashlib
 import math
 import shutil
@@ -9,11 +10,21 @@ import pytest
 import torch
 
 from model.captioner import DEFAULT_WEIGHTS_DIR, Captioner, Encoded
-from model.domain import DOMAIN_FILE, REPORTED_RENDERS, DomainCheck, domain_features, fit, render_features, render_name
+from model.domain import (
+    DOMAIN_FILE,
+    REPORTED_RENDERS,
+    DomainCheck,
+    domain_features,
+    fit,
+    render_features,
+    render_name,
+)
 from model.nonscenes import generated_nonscenes, nonscenes
 from model.data.sources import scene_key
 
-FRESH_SEEDS = 50_000_000   # never used to fit (0..) or calibrate (40M..) the check, nor by the card (20M..)
+FRESH_SEEDS = (
+    50_000_000  # never used to fit (0..) or calibrate (40M..) the check, nor by the card (20M..)
+)
 RENDERS_PER_CONDITION = 200
 
 
@@ -28,13 +39,19 @@ def test_a_fitted_gaussian_scores_its_own_samples_low_and_outliers_high(tmp_path
     samples = torch.randn(2000, 40, generator=generator) @ mixing + 5
     check = fit(samples, components=16)
     inside = check.score_features(torch.randn(500, 40, generator=generator) @ mixing + 5)
-    outside = check.score_features(torch.randn(500, 40, generator=generator) @ mixing + 5 + 10 * mixing[0])   # 10 sd along one axis
+    outside = check.score_features(
+        torch.randn(500, 40, generator=generator) @ mixing + 5 + 10 * mixing[0]
+    )  # 10 sd along one axis
     assert inside.median() < 1.2 and (outside > inside.quantile(0.99)).float().mean() > 0.9
     check.threshold = float(inside.quantile(0.99))
     check.save(tmp_path / DOMAIN_FILE)
     loaded = DomainCheck.load(tmp_path / DOMAIN_FILE)
-    torch.testing.assert_close(loaded.score_features(samples[:10]), check.score_features(samples[:10]),
-                               rtol=2e-3, atol=2e-3)   # axes are stored as float16
+    torch.testing.assert_close(
+        loaded.score_features(samples[:10]),
+        check.score_features(samples[:10]),
+        rtol=2e-3,
+        atol=2e-3,
+    )  # axes are stored as float16
     assert loaded.threshold == check.threshold and loaded.info == check.info
 
 
@@ -57,7 +74,9 @@ def test_weights_without_a_domain_file_call_everything_in_domain():
 def test_the_bundled_check_rejects_at_least_95_percent_of_non_scenes(captioner):
     pytest.importorskip("skimage")
     pictures = nonscenes()
-    assert len(pictures) >= 40, sorted(pictures)   # 36 offline photos (colour ones twice) + 5 generated
+    assert len(pictures) >= 40, sorted(
+        pictures
+    )  # 36 offline photos (colour ones twice) + 5 generated
     assert set(generated_nonscenes()) <= set(pictures)
     verdicts = captioner.domain(captioner.encode(list(pictures.values())))
     accepted = [name for name, verdict in zip(pictures, verdicts) if verdict.in_domain]
@@ -70,10 +89,15 @@ def test_the_bundled_check_rejects_at_least_95_percent_of_non_scenes(captioner):
 @pytest.mark.slow
 @pytest.mark.parametrize("side, quality", REPORTED_RENDERS)
 def test_the_bundled_check_rejects_at_most_1_percent_of_fresh_renders(captioner, side, quality):
-    keys = [scene_key(seed, side, quality) for seed in range(FRESH_SEEDS, FRESH_SEEDS + RENDERS_PER_CONDITION)]
+    keys = [
+        scene_key(seed, side, quality)
+        for seed in range(FRESH_SEEDS, FRESH_SEEDS + RENDERS_PER_CONDITION)
+    ]
     scores = captioner.domain_check.score_features(render_features(captioner, keys))
     rejected = int((scores > captioner.domain_check.threshold).sum())
-    assert rejected <= 0.01 * len(keys), f"{render_name(side, quality)}: {rejected} of {len(keys)} rejected"
+    assert rejected <= 0.01 * len(keys), (
+        f"{render_name(side, quality)}: {rejected} of {len(keys)} rejected"
+    )
 
 
 @pytest.mark.slow
@@ -81,16 +105,36 @@ def test_domain_fit_refits_only_the_domain_file_and_the_card(tmp_path):
     weights = tmp_path / "weights"
     shutil.copytree(DEFAULT_WEIGHTS_DIR, weights)
     (weights / DOMAIN_FILE).unlink()
-    decoders = {name: hashlib.sha256((weights / name).read_bytes()).hexdigest()
-                for name in ("attention.pt", "baseline.pt", "encoder_top.pt", "vocab.json")}
-    result = subprocess.run([sys.executable, "-m", "model", "domain-fit", "--weights", str(weights), "--fit-scenes", "60",
-                             "--calibration-scenes", "2", "--report-scenes", "3"],
-                            capture_output=True, text=True, timeout=600)
+    decoders = {
+        name: hashlib.sha256((weights / name).read_bytes()).hexdigest()
+        for name in ("attention.pt", "baseline.pt", "encoder_top.pt", "vocab.json")
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "model",
+            "domain-fit",
+            "--weights",
+            str(weights),
+            "--fit-scenes",
+            "60",
+            "--calibration-scenes",
+            "2",
+            "--report-scenes",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     check = DomainCheck.load(weights / DOMAIN_FILE)
     assert math.isfinite(check.threshold) and check.info["fit_images"] == 60
     assert set(check.info["test_rejected"]) == {render_name(*r) for r in REPORTED_RENDERS}
-    assert decoders == {name: hashlib.sha256((weights / name).read_bytes()).hexdigest() for name in decoders}
+    assert decoders == {
+        name: hashlib.sha256((weights / name).read_bytes()).hexdigest() for name in decoders
+    }
     card = (weights / "MODEL_CARD.md").read_text()
     assert card.count("## Domain check") == 1 and card.count("## Files") == 1
     assert f"| {DOMAIN_FILE} | {(weights / DOMAIN_FILE).stat().st_size} | " in card

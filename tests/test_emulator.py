@@ -102,7 +102,11 @@ async def test_methods_are_case_insensitive_and_accept_every_encoding(emu, http)
         assert (await resp.json())["result"]["id"] == 123456
     async with http.post(f"{url}/sendMessage", json={"chat_id": CHAT, "text": "json"}) as resp:
         assert (await resp.json())["result"]["text"] == "json"
-    form = {"chat_id": str(CHAT), "text": "form", "reply_markup": '{"inline_keyboard":[[{"text":"a","callback_data":"x"}]]}'}
+    form = {
+        "chat_id": str(CHAT),
+        "text": "form",
+        "reply_markup": '{"inline_keyboard":[[{"text":"a","callback_data":"x"}]]}',
+    }
     async with http.post(f"{url}/sendMessage", data=form) as resp:
         result = (await resp.json())["result"]
         assert result["text"] == "form"
@@ -191,7 +195,10 @@ async def test_send_message_with_html_reply_and_keyboard(emu, bot):
         reply_markup=keyboard,
     )
     assert sent.text == "Caption: a red circle & 😀 x"
-    assert [(e.type, e.offset, e.length) for e in sent.entities] == [("bold", 0, 8), ("italic", 27, 1)]
+    assert [(e.type, e.offset, e.length) for e in sent.entities] == [
+        ("bold", 0, 8),
+        ("italic", 27, 1),
+    ]
     assert sent.reply_to_message.message_id == question["message_id"]
     assert sent.message_id == question["message_id"] + 1
     got = await emu.next_bot_message(CHAT, timeout=5)
@@ -200,7 +207,9 @@ async def test_send_message_with_html_reply_and_keyboard(emu, bot):
     assert got["reply_to_message"]["text"] == "hello"
     assert emu.calls[-1][1]["reply_to_message_id"] == question["message_id"]
     # message.reply() and explicit ReplyParameters arrive as a JSON reply_parameters field
-    again = await bot.send_message(CHAT, "again", reply_parameters=ReplyParameters(message_id=question["message_id"]))
+    again = await bot.send_message(
+        CHAT, "again", reply_parameters=ReplyParameters(message_id=question["message_id"])
+    )
     assert again.reply_to_message.text == "hello"
     assert emu.calls[-1][1]["reply_parameters"] == {"message_id": question["message_id"]}
 
@@ -260,7 +269,9 @@ async def test_non_image_photo_is_rejected_on_the_user_side(emu):
 
 
 async def test_document_too_big_for_get_file(emu, bot):
-    emu.user_sends_document(CHAT, b"%PDF-1.4", "doc.pdf", "application/pdf", declared_size=25 * 1024 * 1024)
+    emu.user_sends_document(
+        CHAT, b"%PDF-1.4", "doc.pdf", "application/pdf", declared_size=25 * 1024 * 1024
+    )
     document = (await bot.get_updates(timeout=0))[0].message.document
     assert document.file_size == 25 * 1024 * 1024
     assert document.file_name == "doc.pdf" and document.mime_type == "application/pdf"
@@ -274,7 +285,10 @@ async def test_send_photo_multipart_and_reuse_by_file_id(emu, bot):
     emu.user_sends_text(CHAT, "/attention")
     figure = png_bytes((640, 480), "blue")
     sent = await bot.send_photo(
-        CHAT, BufferedInputFile(figure, "attention.png"), caption="<b>a</b> blue square", parse_mode="HTML"
+        CHAT,
+        BufferedInputFile(figure, "attention.png"),
+        caption="<b>a</b> blue square",
+        parse_mode="HTML",
     )
     assert sent.caption == "a blue square" and sent.caption_entities[0].type == "bold"
     got = await emu.next_bot_message(CHAT, timeout=5)
@@ -315,18 +329,26 @@ async def test_file_store_is_bounded(emu, bot):
 
 async def test_edits(emu, bot):
     emu.user_sends_text(CHAT, "hi")
-    keyboard = InlineKeyboardMarkup(inline_keyboard=[[InlineKeyboardButton(text="b", callback_data="d")]])
+    keyboard = InlineKeyboardMarkup(
+        inline_keyboard=[[InlineKeyboardButton(text="b", callback_data="d")]]
+    )
     sent = await bot.send_message(CHAT, "first", reply_markup=keyboard)
-    edited = await bot.edit_message_text("second", chat_id=CHAT, message_id=sent.message_id, reply_markup=keyboard)
+    edited = await bot.edit_message_text(
+        "second", chat_id=CHAT, message_id=sent.message_id, reply_markup=keyboard
+    )
     assert edited.text == "second" and edited.edit_date and edited.reply_markup
     with pytest.raises(TelegramBadRequest, match="message is not modified"):
-        await bot.edit_message_text("second", chat_id=CHAT, message_id=sent.message_id, reply_markup=keyboard)
+        await bot.edit_message_text(
+            "second", chat_id=CHAT, message_id=sent.message_id, reply_markup=keyboard
+        )
     bare = await bot.edit_message_reply_markup(chat_id=CHAT, message_id=sent.message_id)
     assert bare.reply_markup is None
     with pytest.raises(TelegramBadRequest, match="there is no caption"):
         await bot.edit_message_caption(chat_id=CHAT, message_id=sent.message_id, caption="c")
     photo = await bot.send_photo(CHAT, BufferedInputFile(png_bytes(), "p.png"), caption="old")
-    recaptioned = await bot.edit_message_caption(chat_id=CHAT, message_id=photo.message_id, caption="new")
+    recaptioned = await bot.edit_message_caption(
+        chat_id=CHAT, message_id=photo.message_id, caption="new"
+    )
     assert recaptioned.caption == "new"
     with pytest.raises(TelegramBadRequest, match="message to edit not found"):
         await bot.edit_message_text("x", chat_id=CHAT, message_id=999)
@@ -337,12 +359,16 @@ async def test_edits(emu, bot):
 
 async def test_button_press_and_callback_answer(emu, bot):
     emu.user_sends_text(CHAT, "hi")
-    keyboard = InlineKeyboardMarkup(inline_keyboard=[[InlineKeyboardButton(text="Attention map", callback_data="att")]])
+    keyboard = InlineKeyboardMarkup(
+        inline_keyboard=[[InlineKeyboardButton(text="Attention map", callback_data="att")]]
+    )
     sent = await bot.send_message(CHAT, "caption", reply_markup=keyboard)
     query_id = emu.user_presses_button(CHAT, sent.message_id, "att")
     updates = await bot.get_updates(timeout=0)
     query = updates[-1].callback_query
-    assert query.id == query_id and query.data == "att" and query.message.message_id == sent.message_id
+    assert (
+        query.id == query_id and query.data == "att" and query.message.message_id == sent.message_id
+    )
     assert await bot.answer_callback_query(query.id, text="Drawing…")
     with pytest.raises(TelegramBadRequest, match="query is too old"):
         await bot.answer_callback_query(query.id)
@@ -359,7 +385,12 @@ async def test_chat_action(emu, bot):
 
 
 async def test_commands(emu, bot):
-    assert await bot.set_my_commands([BotCommand(command="start", description="Start"), BotCommand(command="sample", description="Sample captions")])
+    assert await bot.set_my_commands(
+        [
+            BotCommand(command="start", description="Start"),
+            BotCommand(command="sample", description="Sample captions"),
+        ]
+    )
     assert [c.command for c in await bot.get_my_commands()] == ["start", "sample"]
     assert [c["command"] for c in emu.commands()] == ["start", "sample"]
     with pytest.raises(TelegramBadRequest, match="BOT_COMMAND_INVALID"):
@@ -466,7 +497,10 @@ async def test_dispatcher_end_to_end_survives_get_updates_fault(emu):
         reply = await emu.next_bot_message(CHAT, timeout=15)
         assert reply["text"] == "123x45" and reply["entities"][0]["type"] == "bold"
         assert reply["reply_to_message"]["message_id"] == photo["message_id"]
-        assert await emu.wait_for_call("sendChatAction", timeout=1) == {"chat_id": CHAT, "action": "typing"}
+        assert await emu.wait_for_call("sendChatAction", timeout=1) == {
+            "chat_id": CHAT,
+            "action": "typing",
+        }
         emu.user_sends_text(CHAT, "shout")
         assert (await emu.next_bot_message(CHAT, timeout=10))["text"] == "SHOUT"
     finally:

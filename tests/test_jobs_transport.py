@@ -33,15 +33,24 @@ async def make(client, **kwargs) -> RedisTransport:
 
 
 def job(update_id: int, **kwargs) -> JobRecord:
-    values = dict(chat_id=10 + update_id % 3, user_id=7, message_id=100 + update_id,
-                  kind="caption", file_id=f"F{update_id}", file_unique_id=f"U{update_id}")
+    values = dict(
+        chat_id=10 + update_id % 3,
+        user_id=7,
+        message_id=100 + update_id,
+        kind="caption",
+        file_id=f"F{update_id}",
+        file_unique_id=f"U{update_id}",
+    )
     values.update(kwargs)
     return JobRecord(update_id=update_id, **values)
 
 
 def test_a_job_record_survives_the_stream_fields():
     record = job(5, kind="samples", n=4, temperature=0.7, file_size=1234)
-    assert JobRecord.from_fields({k.encode(): v.encode() for k, v in record.to_fields().items()}) == record
+    assert (
+        JobRecord.from_fields({k.encode(): v.encode() for k, v in record.to_fields().items()})
+        == record
+    )
     assert JobRecord.from_fields(job(6).to_fields()).file_size is None
     for anyway in (True, False):  # the "Caption anyway" button's job keeps its flag
         assert JobRecord.from_fields(job(8, anyway=anyway).to_fields()).anyway is anyway

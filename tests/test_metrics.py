@@ -1,4 +1,5 @@
 """BLEU and CIDEr-D on hand-computed cases."""
+
 import math
 
 import pytest
@@ -17,8 +18,10 @@ def test_ngrams():
 
 def test_bleu_identical_is_one():
     cands = [t("a red circle to the left of a blue square"), t("two green stars")]
-    refs = [[t("a red circle to the left of a blue square"), t("a red circle and a blue square")],
-            [t("two green stars"), t("there are two green stars")]]
+    refs = [
+        [t("a red circle to the left of a blue square"), t("a red circle and a blue square")],
+        [t("two green stars"), t("there are two green stars")],
+    ]
     assert bleu(cands, refs) == pytest.approx([1.0, 1.0, 1.0, 1.0])
 
 
@@ -56,11 +59,11 @@ def test_cider_toy_corpus_hand_computed():
     # every n-gram occurs in exactly one image's references, so all idf = log 2 and cancel
     cands = [t("a b"), t("e f")]
     refs = [[t("a b c"), t("a b d")], [t("e f")]]
-    unigram = 2 / math.sqrt(2 * 3)   # <a b> . <a b c> / (|.| |.|)
-    bigram = 1 / math.sqrt(1 * 2)    # <ab> . <ab bc>
-    penalty = math.exp(-1 / 72)      # length 2 vs 3, sigma 6
+    unigram = 2 / math.sqrt(2 * 3)  # <a b> . <a b c> / (|.| |.|)
+    bigram = 1 / math.sqrt(1 * 2)  # <ab> . <ab bc>
+    penalty = math.exp(-1 / 72)  # length 2 vs 3, sigma 6
     image1 = 10 * (unigram + bigram) * penalty / 4
-    image2 = 10 * (1 + 1) / 4        # exact match, but only uni+bigrams exist
+    image2 = 10 * (1 + 1) / 4  # exact match, but only uni+bigrams exist
     assert cider(cands, refs) == pytest.approx((image1 + image2) / 2)
 
 
@@ -72,11 +75,16 @@ def test_cider_clips_repeated_words():
 
 
 def test_cider_prefers_matching_candidate():
-    refs = [[t("a red circle to the left of a blue square"), t("a red circle and a blue square")],
-            [t("two green stars above a yellow cross"), t("two green stars and a yellow cross")],
-            [t("a purple hexagon"), t("there is a purple hexagon")]]
-    good = [t("a red circle to the left of a blue square"), t("two green stars and a yellow cross"),
-            t("a purple hexagon")]
+    refs = [
+        [t("a red circle to the left of a blue square"), t("a red circle and a blue square")],
+        [t("two green stars above a yellow cross"), t("two green stars and a yellow cross")],
+        [t("a purple hexagon"), t("there is a purple hexagon")],
+    ]
+    good = [
+        t("a red circle to the left of a blue square"),
+        t("two green stars and a yellow cross"),
+        t("a purple hexagon"),
+    ]
     bad = [t("a blue square"), t("three orange crosses"), t("a red circle")]
     assert cider(good, refs) > cider(bad, refs) >= 0
     assert cider(good, refs) > 3

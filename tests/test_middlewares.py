@@ -31,7 +31,11 @@ async def test_a_refused_user_is_refused_again_once_the_ignore_period_is_over(mo
 
     async def update_from(user_id: int) -> list[str]:
         with structlog.testing.capture_logs() as logs:
-            await allowlist(handler, object(), {"event_from_user": User(id=user_id, is_bot=False, first_name="x")})
+            await allowlist(
+                handler,
+                object(),
+                {"event_from_user": User(id=user_id, is_bot=False, first_name="x")},
+            )
         return [line["event"] for line in logs]
 
     assert await update_from(2) == ["refused_not_allowed"]
@@ -50,8 +54,9 @@ class IdleCaptioner:
 
 def run_health_check(path) -> int:
     env = {**os.environ, "HEALTH_FILE": str(path), "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "bot.health"], env=env, capture_output=True,
-                          timeout=30).returncode
+    return subprocess.run(
+        [sys.executable, "-m", "bot.health"], env=env, capture_output=True, timeout=30
+    ).returncode
 
 
 async def test_the_health_check_fails_once_the_worker_has_died(tmp_path, monkeypatch, stop_at_end):

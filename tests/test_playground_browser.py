@@ -100,7 +100,11 @@ class PlaygroundProcess:
         self.port = port
         self.url = f"http://127.0.0.1:{port}/"
         self.output: list[str] = []
-        env = {k: v for k, v in os.environ.items() if k not in ("TELEGRAM_BOT_TOKEN", "TELEGRAM_API_BASE")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("TELEGRAM_BOT_TOKEN", "TELEGRAM_API_BASE")
+        }
         env["PLAYGROUND_PORT"] = str(port)
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -130,7 +134,9 @@ class PlaygroundProcess:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(f"the playground exited with {self.process.returncode}:\n{self.log()}")
+                raise AssertionError(
+                    f"the playground exited with {self.process.returncode}:\n{self.log()}"
+                )
             try:
                 if get_json(f"{self.url}api/info")["commands"]:
                     return
@@ -215,7 +221,8 @@ def converse(page, expect, url: str) -> None:
     # 1. A scene image through the file picker: the caption comes back as a reply to it,
     #    with the inline keyboard, after a chat action ("typing…" / "sending a photo…").
     page.set_input_files(
-        "#file-input", files=[{"name": "scene.png", "mimeType": "image/png", "buffer": scene_png(3)}]
+        "#file-input",
+        files=[{"name": "scene.png", "mimeType": "image/png", "buffer": scene_png(3)}],
     )
     photo_message = user_messages.filter(has=page.locator("img.photo")).first
     expect(photo_message).to_be_visible()
@@ -224,14 +231,19 @@ def converse(page, expect, url: str) -> None:
     expect(caption_reply).to_be_visible(timeout=REPLY_TIMEOUT_MS)
     expect(caption_reply.locator(".quote")).to_contain_text("Photo")
     expect(caption_reply.locator(".text")).to_contain_text("Baseline decoder")
-    expect(caption_reply.locator(".keyboard button")).to_have_text(["More samples", "Attention map"])
-    expect(page.locator("body")).to_have_attribute("data-last-chat-action", re.compile(r"typing|upload_photo"))
+    expect(caption_reply.locator(".keyboard button")).to_have_text(
+        ["More samples", "Attention map"]
+    )
+    expect(page.locator("body")).to_have_attribute(
+        "data-last-chat-action", re.compile(r"typing|upload_photo")
+    )
     assert photo_loaded(photo_message.locator("img.photo"))
 
     # 2. A real photo: not captioned, but said plainly, with what the ImageNet classifier
     #    sees (a cat) and the buttons Caption anyway and Attention map.
     page.set_input_files(
-        "#file-input", files=[{"name": "chelsea.jpg", "mimeType": "image/jpeg", "buffer": photo_jpeg()}]
+        "#file-input",
+        files=[{"name": "chelsea.jpg", "mimeType": "image/jpeg", "buffer": photo_jpeg()}],
     )
     honest = bot_messages.filter(has_text="My ImageNet-trained encoder sees")
     expect(honest).to_have_count(1, timeout=REPLY_TIMEOUT_MS)
@@ -248,7 +260,9 @@ def converse(page, expect, url: str) -> None:
 
     # 3. /sample 3 on the photo: a numbered list of three captions, marked as made up.
     send_text(page, "/sample 3")
-    expect(bot_messages.filter(has_text="3 sampled captions")).to_have_count(1, timeout=REPLY_TIMEOUT_MS)
+    expect(bot_messages.filter(has_text="3 sampled captions")).to_have_count(
+        1, timeout=REPLY_TIMEOUT_MS
+    )
     samples = bot_messages.filter(has_text="3 sampled captions").locator(".text").inner_text()
     assert re.search(r"^1\. .+\n2\. .+\n3\. .+$", samples, re.MULTILINE), samples
     assert samples.startswith("This image is outside my training domain"), samples
@@ -259,7 +273,9 @@ def converse(page, expect, url: str) -> None:
     expect(figure).to_be_visible(timeout=REPLY_TIMEOUT_MS)
     assert photo_loaded(figure.locator("img.photo"))
     expect(figure.locator(".quote")).to_contain_text("/attention")
-    width, height = figure.locator("img.photo").evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    width, height = figure.locator("img.photo").evaluate(
+        "img => [img.naturalWidth, img.naturalHeight]"
+    )
     assert 0.5 <= width / height <= 2, (width, height)  # a grid of tiles, not a strip
     figure.locator("img.photo").click()
     expect(page.locator("#lightbox")).to_be_visible()
@@ -270,7 +286,9 @@ def converse(page, expect, url: str) -> None:
     # 5. Caption anyway: the captions after all, marked as outside the training domain.
     honest.locator(".keyboard button", has_text="Caption anyway").click()
     expect(page.locator("#toast")).to_contain_text("Captioning")
-    anyway = bot_messages.filter(has_text="outside my training domain").filter(has_text="Baseline decoder")
+    anyway = bot_messages.filter(has_text="outside my training domain").filter(
+        has_text="Baseline decoder"
+    )
     expect(anyway).to_have_count(1, timeout=REPLY_TIMEOUT_MS)
     expect(anyway.locator(".keyboard button")).to_have_text(["More samples", "Attention map"])
 
@@ -359,7 +377,9 @@ async def test_page_renders_what_the_bot_sends_safely():
     updates = HandPoller(bot)
     try:
         async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            browser = await playwright.chromium.launch(
+                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS
+            )
             try:
                 page = await browser.new_page(viewport={"width": 860, "height": 900})
                 page_errors: list[str] = []
@@ -376,16 +396,22 @@ async def test_page_renders_what_the_bot_sends_safely():
                 await page.press("#text-input", "Enter")
                 mine = page.locator('.message[data-from="user"] .text').last
                 await expect(mine).to_have_text("<b>not bold</b><img src=x onerror=alert(1)>")
-                assert await page.locator('.message[data-from="user"] .text b, .text img').count() == 0
+                assert (
+                    await page.locator('.message[data-from="user"] .text b, .text img').count() == 0
+                )
 
                 await bot.send_chat_action(chat, "typing")
                 await expect(page.locator("#typing-row")).to_be_visible()
                 await expect(page.locator("#bot-status")).to_have_text("typing…")
 
-                keyboard = InlineKeyboardMarkup(inline_keyboard=[[
-                    InlineKeyboardButton(text="Alert me", callback_data="alert"),
-                    InlineKeyboardButton(text="Docs", url="https://example.org/docs"),
-                ]])
+                keyboard = InlineKeyboardMarkup(
+                    inline_keyboard=[
+                        [
+                            InlineKeyboardButton(text="Alert me", callback_data="alert"),
+                            InlineKeyboardButton(text="Docs", url="https://example.org/docs"),
+                        ]
+                    ]
+                )
                 sent = await bot.send_message(
                     chat,
                     '😀 <b>bold <i>both</i></b> <a href="https://example.org">link</a> '
@@ -405,21 +431,38 @@ async def test_page_renders_what_the_bot_sends_safely():
                 await expect(text.locator("b i")).to_have_text("both")
                 await expect(text.locator('a[href="https://example.org"]')).to_have_text("link")
                 assert await text.locator('a[href^="javascript"]').count() == 0
-                await expect(text.locator("code").first).to_have_text("<img src=x onerror=alert(1)>")
+                await expect(text.locator("code").first).to_have_text(
+                    "<img src=x onerror=alert(1)>"
+                )
                 assert await page.locator(".text img").count() == 0
                 await expect(text.locator(".spoiler")).to_have_text("secret")
-                await expect(text.locator('pre code[data-language="python"]')).to_have_text("print(1)")
-                await expect(text.locator("u")).to_have_text("end")  # UTF-16 offsets after the emoji
+                await expect(text.locator('pre code[data-language="python"]')).to_have_text(
+                    "print(1)"
+                )
+                await expect(text.locator("u")).to_have_text(
+                    "end"
+                )  # UTF-16 offsets after the emoji
                 await expect(text.locator(".command")).to_have_text("/help")
-                await expect(reply.locator('.keyboard a[href="https://example.org/docs"]')).to_be_visible()
+                await expect(
+                    reply.locator('.keyboard a[href="https://example.org/docs"]')
+                ).to_be_visible()
 
-                await bot.edit_message_text("edited <b>text</b>", chat_id=chat, message_id=sent.message_id, parse_mode="HTML")
+                await bot.edit_message_text(
+                    "edited <b>text</b>",
+                    chat_id=chat,
+                    message_id=sent.message_id,
+                    parse_mode="HTML",
+                )
                 await expect(reply.locator(".text")).to_have_text("edited text")
                 await expect(reply.locator(".meta")).to_contain_text("edited")
-                await expect(reply.locator(".keyboard")).to_have_count(0)  # an edit without markup drops it
+                await expect(reply.locator(".keyboard")).to_have_count(
+                    0
+                )  # an edit without markup drops it
 
                 with_button = await bot.send_message(chat, "press", reply_markup=keyboard)
-                await page.locator(f'.message[data-message-id="{with_button.message_id}"] .keyboard button').click()
+                await page.locator(
+                    f'.message[data-message-id="{with_button.message_id}"] .keyboard button'
+                ).click()
                 query = await updates.next("callback_query")
                 assert query.data == "alert" and query.message.message_id == with_button.message_id
                 await bot.answer_callback_query(query.id, text="Careful!", show_alert=True)
@@ -427,15 +470,21 @@ async def test_page_renders_what_the_bot_sends_safely():
                 await expect(page.locator("#alert-text")).to_have_text("Careful!")
                 await page.click("#alert-ok")
 
-                await bot.send_document(chat, BufferedInputFile(b"a,b\n", "table.csv"), caption="data")
+                await bot.send_document(
+                    chat, BufferedInputFile(b"a,b\n", "table.csv"), caption="data"
+                )
                 document = page.locator(".message .document").last
                 await expect(document).to_contain_text("table.csv")
                 await bot.delete_message(chat, with_button.message_id)
-                await expect(page.locator(f'.message[data-message-id="{with_button.message_id}"]')).to_have_count(0)
+                await expect(
+                    page.locator(f'.message[data-message-id="{with_button.message_id}"]')
+                ).to_have_count(0)
 
                 # a reload shows the same chat again, from the emulator's history
                 await page.reload()
-                await expect(page.locator(f'.message[data-message-id="{sent.message_id}"] .text')).to_have_text("edited text")
+                await expect(
+                    page.locator(f'.message[data-message-id="{sent.message_id}"] .text')
+                ).to_have_text("edited text")
                 await expect(page.locator("#start-button")).to_be_hidden()
                 assert page_errors == [] and dialogs == []
             finally:

@@ -11,6 +11,7 @@ a model that meets the bar can land below it by chance (at a true 0.90, 100 scen
 0.90 nearly half the time). So a subset fails only where it is significantly worse than the bar:
 more than Z standard errors below it, which a model at the bar does about once in 700 runs.
 """
+
 import json
 import math
 import re
@@ -26,9 +27,11 @@ from model.vocab import tokenize
 
 pytestmark = pytest.mark.slow
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
-FRESH_SEEDS = 40_000_000   # never used in training (0..), validation (10M..) or the model card (20M..)
-FRESH = 100                # scenes at 224 px
-PAIRED = 40                # the first of them again at 96 px and at 1024 px (the render costs most)
+FRESH_SEEDS = (
+    40_000_000  # never used in training (0..), validation (10M..) or the model card (20M..)
+)
+FRESH = 100  # scenes at 224 px
+PAIRED = 40  # the first of them again at 96 px and at 1024 px (the render costs most)
 Z = 3.0
 
 BAR = {  # (decoder, measure): (comparison, bar)
@@ -37,7 +40,7 @@ BAR = {  # (decoder, measure): (comparison, bar)
     ("attention", "localisation"): (">=", 0.80),
     ("baseline", "exact_match"): (">=", 0.70),
 }
-MAX_LOSS = 0.05            # of exact match, at 96 px and at 1024 px (JPEG q70), per decoder
+MAX_LOSS = 0.05  # of exact match, at 96 px and at 1024 px (JPEG q70), per decoder
 BASE, SMALL, LARGE = "224px PNG", "96px JPEG q70", "1024px JPEG q70"
 
 
@@ -59,7 +62,11 @@ def test_the_cards_scores_meet_the_bar(card_scores):
         assert card_scores[render]["images"] == 1000, render
     base = card_scores[BASE]
     for (decoder, measure), (comparison, bar) in BAR.items():
-        assert meets(base[decoder][measure], comparison, bar), (decoder, measure, base[decoder][measure])
+        assert meets(base[decoder][measure], comparison, bar), (
+            decoder,
+            measure,
+            base[decoder][measure],
+        )
     for render in (SMALL, LARGE):
         for decoder in ("attention", "baseline"):
             loss = base[decoder]["exact_match"] - card_scores[render][decoder]["exact_match"]
@@ -76,11 +83,15 @@ def test_the_card_shows_scores_json(card_scores):
     # The README's headline table is the card's too.
     readme = (WEIGHTS.parent / "README.md").read_text()
     for decoder in ("attention", "baseline"):
-        row = re.search(rf"^\| {decoder} \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", readme, re.MULTILINE)
+        row = re.search(
+            rf"^\| {decoder} \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", readme, re.MULTILINE
+        )
         shown = [float(x) for x in row.groups()]
         measured = card_scores[BASE][decoder]
-        assert shown == pytest.approx([measured["exact_match"], measured["group_recall"],
-                                       measured["hallucination_rate"]], abs=0.0006), decoder
+        assert shown == pytest.approx(
+            [measured["exact_match"], measured["group_recall"], measured["hallucination_rate"]],
+            abs=0.0006,
+        ), decoder
 
 
 @pytest.fixture(scope="module")
@@ -96,17 +107,21 @@ def fresh(captioner) -> dict:
 
     reports = {}
     for render, side, count in ((BASE, 224, FRESH), (SMALL, 96, PAIRED), (LARGE, 1024, PAIRED)):
-        examples = scene_examples(FRESH_SEEDS, count, side=side, jpeg_quality=0 if side == 224 else 70)
+        examples = scene_examples(
+            FRESH_SEEDS, count, side=side, jpeg_quality=0 if side == 224 else 70
+        )
         scenes = [make_scene(int(e.key.split("/")[1])) for e in examples]
         encoded = captioner.encode([load_image(e.key) for e in examples])
         reports[render] = report = {}
         for decoder in ("attention", "baseline"):
             captions = captioner.greedy(encoded, decoder)
             references = [[tokenize(r) for r in e.captions] for e in examples]
-            report[decoder] = {**semantic_scores(scenes, captions),
-                               "bleu4": bleu([c.tokens for c in captions], references)[3],
-                               "cider": cider([c.tokens for c in captions], references),
-                               "exact": [judge(scene, c.text).exact for scene, c in zip(scenes, captions)]}
+            report[decoder] = {
+                **semantic_scores(scenes, captions),
+                "bleu4": bleu([c.tokens for c in captions], references)[3],
+                "cider": cider([c.tokens for c in captions], references),
+                "exact": [judge(scene, c.text).exact for scene, c in zip(scenes, captions)],
+            }
     return reports
 
 
@@ -116,8 +131,15 @@ def test_fresh_scenes_are_not_significantly_below_the_bar(fresh):
         # Hallucination is a share of the named groups (about two per scene), the rest of the scenes.
         n = FRESH * (2 if measure == "hallucination_rate" else 1)
         value = base[decoder][measure]
-        assert meets(value, comparison, bar, Z * standard_error(bar, n)), (decoder, measure, value, base)
-    assert base["attention"]["bleu4"] > 0.74 and base["attention"]["cider"] > 4.5, base   # card: 0.85, 5.2
+        assert meets(value, comparison, bar, Z * standard_error(bar, n)), (
+            decoder,
+            measure,
+            value,
+            base,
+        )
+    assert base["attention"]["bleu4"] > 0.74 and base["attention"]["cider"] > 4.5, (
+        base
+    )  # card: 0.85, 5.2
 
 
 @pytest.mark.parametrize("render", [SMALL, LARGE])
@@ -128,7 +150,9 @@ def test_fresh_scenes_lose_no_more_than_five_points_at_other_sizes(fresh, render
         at_base, at_render = fresh[BASE][decoder]["exact"][:PAIRED], fresh[render][decoder]["exact"]
         differences = [int(a) - int(b) for a, b in zip(at_base, at_render, strict=True)]
         loss = sum(differences) / PAIRED
-        spread = math.sqrt(max(sum(d * d for d in differences) / PAIRED - loss ** 2, 1 / PAIRED) / PAIRED)
+        spread = math.sqrt(
+            max(sum(d * d for d in differences) / PAIRED - loss**2, 1 / PAIRED) / PAIRED
+        )
         assert loss <= MAX_LOSS + Z * spread, (render, decoder, loss, spread)
 
 
@@ -145,19 +169,28 @@ def test_samples_and_beam_stay_on_topic(captioner):
     beam_exact = sum(judge(s, b.text).exact for s, b in zip(scenes, beams))
     sample_recall = [judge(s, text) for s, texts in zip(scenes, samples) for text in texts]
     assert beam_exact >= 6
-    assert sum(j.groups_recalled for j in sample_recall) / sum(j.groups_true for j in sample_recall) >= 0.7
+    assert (
+        sum(j.groups_recalled for j in sample_recall) / sum(j.groups_true for j in sample_recall)
+        >= 0.7
+    )
 
 
 def test_captions_say_an_before_a_vowel_with_one_map_per_word(captioner):
     from model.data.sources import load_image
 
-    examples = [e for e in scene_examples(FRESH_SEEDS + 3000, 60) if any(" a orange" in f" {c}" for c in e.captions)]
+    examples = [
+        e
+        for e in scene_examples(FRESH_SEEDS + 3000, 60)
+        if any(" a orange" in f" {c}" for c in e.captions)
+    ]
     encoded = captioner.encode([load_image(e.key) for e in examples[:12]])
     greedy = captioner.greedy(encoded, "attention") + captioner.greedy(encoded, "baseline")
     texts = [c.text for c in greedy] + [c.text for c in captioner.beam(encoded, 3)]
     texts += [t for samples in captioner.sample(encoded, 3, seed=0) for t in samples]
     words = [text.split() for text in texts]
-    assert not [w for w in words if any(a == "a" and b[0] in "aeiou" for a, b in zip(w, w[1:]))], texts
+    assert not [w for w in words if any(a == "a" and b[0] in "aeiou" for a, b in zip(w, w[1:]))], (
+        texts
+    )
     assert sum("an orange" in text for text in texts) >= 6, texts
-    for caption in greedy[:len(encoded)]:
+    for caption in greedy[: len(encoded)]:
         assert caption.tokens == caption.text.split() and len(caption.alphas) == len(caption.tokens)

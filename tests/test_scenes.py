@@ -1,4 +1,5 @@
 """The renderer obeys every rule of shared/scenes-spec.md."""
+
 import colorsys
 import json
 import re
@@ -9,8 +10,18 @@ import numpy as np
 import pytest
 
 from model.data import scenes
-from model.data.scenes import (COLOURS, SHAPES, SIZE_RANGE, SIZES, Scene, SceneObject,
-                               group_objects, make_scene, render, render_scene)
+from model.data.scenes import (
+    COLOURS,
+    SHAPES,
+    SIZE_RANGE,
+    SIZES,
+    Scene,
+    SceneObject,
+    group_objects,
+    make_scene,
+    render,
+    render_scene,
+)
 
 SEEDS = range(400)
 RENDER_SEEDS = range(120)
@@ -58,7 +69,7 @@ def test_layout_rules():
             assert all(abs(c - a) <= 20 for c, a in zip(o.fill, COLOURS[o.colour]))
             assert 0 <= o.outline <= 3
         for i, a in enumerate(objs):
-            for b in objs[i + 1:]:
+            for b in objs[i + 1 :]:
                 assert scenes.boxes_apart(a.box, b.box, 0.04 - 1e-9), (seed, a.box, b.box)
     assert set(counts) == {1, 2, 3} and min(counts.values()) > 50
 
@@ -112,7 +123,7 @@ def test_rendered_pixels_match_layout():
             # the fill colour sits at the box centre (inside every shape, even rotated)
             cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
             assert np.abs(img[cy, cx] - np.array(o.fill)).max() <= 3, (seed, o)
-            inside_any[max(0, y0 - 2):y1 + 2, max(0, x0 - 2):x1 + 2] = True
+            inside_any[max(0, y0 - 2) : y1 + 2, max(0, x0 - 2) : x1 + 2] = True
             # the drawn shape reaches the edges of its tight box
             ys, xs = np.nonzero(changed[y0:y1, x0:x1])
             assert xs.max() - xs.min() >= (x1 - x0) - 4 and ys.max() - ys.min() >= (y1 - y0) - 4
@@ -152,12 +163,12 @@ def test_caption_grammar_and_every_group_named():
         for cap in sc.captions:
             assert CAPTION_RE.match(cap), cap
             assert len(cap.split()) <= 16, cap
-            named = re.findall(rf"\b(a|two|three) (?:({ALL_SIZE_WORDS}) )?([a-z]+) ([a-z]+)\b",
-                               cap)
+            named = re.findall(rf"\b(a|two|three) (?:({ALL_SIZE_WORDS}) )?([a-z]+) ([a-z]+)\b", cap)
             assert len(named) == len(groups), (cap, named)
             for g in groups:
-                hits = [n for n in named
-                        if n[2] == g.colour and n[3] == _shape_word(g.shape, g.count)]
+                hits = [
+                    n for n in named if n[2] == g.colour and n[3] == _shape_word(g.shape, g.count)
+                ]
                 assert len(hits) == 1, (cap, g.colour, g.shape)
                 number, size_word = hits[0][0], hits[0][1]
                 assert number == NUMBERS[g.count]
@@ -186,13 +197,18 @@ def test_spatial_relations_in_references_are_true():
         groups = {(g.colour, g.shape): g for g in group_objects(sc.objects)}
         for cap in sc.captions:
             for rel in scenes.RELATIONS:
-                m = re.search(rf"(\w+) (\w+) {rel} (?:a|two|three) (?:(?:{ALL_SIZE_WORDS}) )?"
-                              rf"(\w+) (\w+)", cap)
+                m = re.search(
+                    rf"(\w+) (\w+) {rel} (?:a|two|three) (?:(?:{ALL_SIZE_WORDS}) )?"
+                    rf"(\w+) (\w+)",
+                    cap,
+                )
                 if not m:
                     continue
                 stated += 1
-                a, b = (groups[(c, s if s in SHAPES else _singular(s))]
-                        for c, s in ((m[1], m[2]), (m[3], m[4])))
+                a, b = (
+                    groups[(c, s if s in SHAPES else _singular(s))]
+                    for c, s in ((m[1], m[2]), (m[3], m[4]))
+                )
                 assert scenes.relation(a.centre, b.centre) == rel, (seed, cap)
     assert stated > 150
 

@@ -1,4 +1,5 @@
 """Caption judging and attention localisation against the scene ground truth."""
+
 import numpy as np
 import pytest
 import torch
@@ -28,41 +29,55 @@ def test_every_reference_is_exact():
             assert j.hallucinated == 0 and j.relations_correct == j.relations_stated
 
 
-@pytest.mark.parametrize("caption", [
-    "a red circle to the left of a blue square",
-    "a blue square to the right of a red circle",
-    "a large red circle and a small blue square",
-    "there is a big red circle next to a little blue square",
-    "a blue square and a red circle",
-    "an big red circle to the left of one blue square",
-])
+@pytest.mark.parametrize(
+    "caption",
+    [
+        "a red circle to the left of a blue square",
+        "a blue square to the right of a red circle",
+        "a large red circle and a small blue square",
+        "there is a big red circle next to a little blue square",
+        "a blue square and a red circle",
+        "an big red circle to the left of one blue square",
+    ],
+)
 def test_true_captions_are_exact(caption):
     assert judge(PAIR, caption).exact
 
 
-@pytest.mark.parametrize("caption, why", [
-    ("a green circle to the left of a blue square", "colour"),
-    ("a red star to the left of a blue square", "shape"),
-    ("two red circles to the left of a blue square", "count"),
-    ("a red circle to the right of a blue square", "relation"),
-    ("a red circle above a blue square", "relation axis"),
-    ("a small red circle and a blue square", "size"),
-    ("a red circle and a big blue square", "size"),
-    ("a red circle", "missing group"),
-    ("a red circle and a blue square and a green star", "extra group"),
-])
+@pytest.mark.parametrize(
+    "caption, why",
+    [
+        ("a green circle to the left of a blue square", "colour"),
+        ("a red star to the left of a blue square", "shape"),
+        ("two red circles to the left of a blue square", "count"),
+        ("a red circle to the right of a blue square", "relation"),
+        ("a red circle above a blue square", "relation axis"),
+        ("a small red circle and a blue square", "size"),
+        ("a red circle and a big blue square", "size"),
+        ("a red circle", "missing group"),
+        ("a red circle and a blue square and a green star", "extra group"),
+    ],
+)
 def test_wrong_captions_are_rejected(caption, why):
     assert not judge(PAIR, caption).exact, why
 
 
 def test_judgement_counts():
     assert judge(PAIR, "a green circle to the left of a blue square") == Judgement(
-        exact=False, groups_named=2, groups_true=2, groups_recalled=1, hallucinated=1,
-        relations_stated=1, relations_correct=0)
+        exact=False,
+        groups_named=2,
+        groups_true=2,
+        groups_recalled=1,
+        hallucinated=1,
+        relations_stated=1,
+        relations_correct=0,
+    )
     assert judge(PAIR, "a red circle to the right of a blue square") == Judgement(
-        False, 2, 2, 2, 0, 1, 0)
+        False, 2, 2, 2, 0, 1, 0
+    )
     assert judge(PAIR, "two red circles next to a blue square") == Judgement(
-        False, 2, 2, 2, 0, 0, 0)
+        False, 2, 2, 2, 0, 0, 0
+    )
 
 
 def test_groups_and_vertical_relations():
@@ -77,18 +92,32 @@ def test_groups_and_vertical_relations():
 
 
 def test_three_group_chain():
-    sc = Scene([CIRCLE, SQUARE, SceneObject("star", "green", "small", (0.7, 0.8, 0.85, 0.95), 0)],
-               [], seed=2)
+    sc = Scene(
+        [CIRCLE, SQUARE, SceneObject("star", "green", "small", (0.7, 0.8, 0.85, 0.95), 0)],
+        [],
+        seed=2,
+    )
     assert judge(sc, "a red circle to the left of a blue square and a green star").exact
     j = judge(sc, "a red circle to the left of a blue square above a green star")
     assert j.exact and j.relations_stated == 2
     assert not judge(sc, "a red circle to the left of a blue square below a green star").exact
 
 
-@pytest.mark.parametrize("garbage", [
-    "", "the the of", "red red circle circle blue", "to the left of", "a a a two",
-    "circles", "a red", "left right above below", "<unk> <end> 42 !!", "stars stars and and",
-])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        "",
+        "the the of",
+        "red red circle circle blue",
+        "to the left of",
+        "a a a two",
+        "circles",
+        "a red",
+        "left right above below",
+        "<unk> <end> 42 !!",
+        "stars stars and and",
+    ],
+)
 def test_garbled_captions_never_raise(garbage):
     j = judge(PAIR, garbage)
     assert not j.exact
@@ -98,7 +127,9 @@ def test_garbled_captions_never_raise(garbage):
 def test_parse_structure():
     mentions, connectors = parse(words("There are two big red circles, to the LEFT of a cross!"))
     assert [(m.colour, m.shape, m.count, m.size) for m in mentions] == [
-        ("red", "circle", 2, "large"), (None, "cross", 1, None)]
+        ("red", "circle", 2, "large"),
+        (None, "cross", 1, None),
+    ]
     assert connectors == ["to the left of"]
     mentions, _ = parse(words("red circles"))
     assert mentions[0].count == 2  # a bare plural means more than one
@@ -132,8 +163,8 @@ def test_localisation_dilates_by_half_a_cell():
 def test_localisation_only_counts_true_groups_and_any_member():
     tokens = ["a", "green", "star", "and", "a", "red", "circle", "and", "two", "green", "stars"]
     maps = np.zeros((len(tokens), 10, 10))
-    maps[2, 1, 6] = 1   # star B (x 0.55..0.75, y 0.05..0.25) -> hit via the other member
-    maps[6, 5, 5] = 1   # red circle is not in TRIO: not counted
+    maps[2, 1, 6] = 1  # star B (x 0.55..0.75, y 0.05..0.25) -> hit via the other member
+    maps[6, 5, 5] = 1  # red circle is not in TRIO: not counted
     maps[10, 9, 9] = 1  # miss
     assert localisation(TRIO, tokens, maps) == (1, 2)
     # flat (n, rows*cols) and torch input work too
@@ -141,9 +172,11 @@ def test_localisation_only_counts_true_groups_and_any_member():
 
 
 def test_aggregate():
-    js = [judge(PAIR, "a red circle to the left of a blue square"),
-          judge(PAIR, "a green circle to the right of a blue square"),
-          judge(TRIO, "two green stars")]
+    js = [
+        judge(PAIR, "a red circle to the left of a blue square"),
+        judge(PAIR, "a green circle to the right of a blue square"),
+        judge(TRIO, "two green stars"),
+    ]
     agg = aggregate(js)
     assert agg["n"] == 3
     assert agg["exact_match"] == pytest.approx(1 / 3)

@@ -23,7 +23,9 @@ def test_the_honest_reply_names_what_the_encoder_sees_with_percentages():
 
 
 def test_captions_of_a_photo_outside_the_domain_are_marked_and_others_are_not():
-    outside, keyboard = texts.photo_reply(CaptionResult("a red circle", "a circle", ["x"], OUTSIDE), "k")
+    outside, keyboard = texts.photo_reply(
+        CaptionResult("a red circle", "a circle", ["x"], OUTSIDE), "k"
+    )
     assert outside.startswith(texts.OUTSIDE_DOMAIN + "\n\na red circle\n")
     assert [b.text for b in keyboard.inline_keyboard[0]] == ["More samples", "Attention map"]
     for verdict in (INSIDE, None):  # in the domain, or the check off
@@ -34,4 +36,6 @@ def test_captions_of_a_photo_outside_the_domain_are_marked_and_others_are_not():
         texts.OUTSIDE_DOMAIN + "\n\na red circle"
     )
     assert texts.attention_caption(AttentionResult("", 0, b"", OUTSIDE)) == texts.OUTSIDE_DOMAIN
-    assert texts.attention_caption(AttentionResult("a red circle", 3, b"", INSIDE)) == "a red circle"
+    assert (
+        texts.attention_caption(AttentionResult("a red circle", 3, b"", INSIDE)) == "a red circle"
+    )

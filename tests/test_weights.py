@@ -1,4 +1,5 @@
 """The bundled weights directory: what the model card says about its files is true."""
+
 import hashlib
 import re
 from pathlib import Path
@@ -14,7 +15,11 @@ def card_files() -> dict[str, tuple[int, str]]:
 
 def test_card_lists_every_weights_file_with_its_size_and_sha256():
     listed = card_files()
-    present = {p.name for p in WEIGHTS.iterdir() if p.suffix in (".pt", ".json") and p.name != "scores.json"}
+    present = {
+        p.name
+        for p in WEIGHTS.iterdir()
+        if p.suffix in (".pt", ".json") and p.name != "scores.json"
+    }
     assert set(listed) == present
     for name, (size, digest) in listed.items():
         data = (WEIGHTS / name).read_bytes()

@@ -77,7 +77,11 @@ class FakeCaptioner:
     def greedy(self, encoded, decoder):
         self.greedy_calls.append((decoder, len(encoded)))
         return [
-            FakeCaption(f"{decoder} {e}", [decoder, e], [[[1.0]], [[1.0]]] if decoder == "attention" else None)
+            FakeCaption(
+                f"{decoder} {e}",
+                [decoder, e],
+                [[[1.0]], [[1.0]]] if decoder == "attention" else None,
+            )
             for e in encoded
         ]
 
@@ -87,8 +91,10 @@ class FakeCaptioner:
 
     def domain(self, encoded):
         self.domain_calls.append(len(encoded))
-        return [FakeVerdict(not e.startswith("enc(photo"), 2.0 if e.startswith("enc(photo") else 0.5)
-                for e in encoded]
+        return [
+            FakeVerdict(not e.startswith("enc(photo"), 2.0 if e.startswith("enc(photo") else 0.5)
+            for e in encoded
+        ]
 
     def imagenet_labels(self, encoded, k=5):
         self.label_calls.append(list(encoded))
@@ -112,10 +118,15 @@ def make_worker(stop_at_end):
     def make(captioner: FakeCaptioner, **kwargs) -> InferenceWorker:
         options = dict(queue_max=100, batch_max=8, batch_wait_ms=5, cache_size=16)
         options.update(kwargs)
-        return stop_at_end(InferenceWorker(
-            captioner, open_image=fake_open, attention_figure=fake_figure,
-            image_errors=(FakeImageError,), **options,
-        ))
+        return stop_at_end(
+            InferenceWorker(
+                captioner,
+                open_image=fake_open,
+                attention_figure=fake_figure,
+                image_errors=(FakeImageError,),
+                **options,
+            )
+        )
 
     return make
 
@@ -204,7 +215,9 @@ async def test_a_failing_job_fails_alone_and_the_worker_keeps_going(make_worker)
     results = await asyncio.gather(good1, corrupt, poison, good2, return_exceptions=True)
 
     assert results[0].headline == "attention enc(good1)"
-    assert isinstance(results[1], BadImage) and str(results[1]) == "the image is corrupt or truncated"
+    assert (
+        isinstance(results[1], BadImage) and str(results[1]) == "the image is corrupt or truncated"
+    )
     assert isinstance(results[2], InferenceFailed)
     assert isinstance(results[3], AttentionResult)
     # The batch was encoded together first (and failed on the poison), then job by job.
@@ -367,8 +380,9 @@ async def test_worker_log_lines_carry_the_submitting_updates_context(make_worker
     await worker.start()
 
     async def submit(update_id: int, name: str):
-        with structlog.contextvars.bound_contextvars(update_id=update_id, user_id=update_id + 1000,
-                                                     chat_id=update_id + 2000):
+        with structlog.contextvars.bound_contextvars(
+            update_id=update_id, user_id=update_id + 1000, chat_id=update_id + 2000
+        ):
             return await worker.caption(photo(name), n_samples=0, chat_id=update_id + 2000)
 
     with structlog.testing.capture_logs() as logs:
@@ -379,7 +393,13 @@ async def test_worker_log_lines_carry_the_submitting_updates_context(make_worker
         with pytest.raises(InferenceFailed):
             await submit(3, "ok")
     lines = {(line["event"], line.get("update_id")): line for line in logs}
-    for event, update_id in (("job", 1), ("job_failed", 2), ("job", 2), ("batch_failed", 3), ("job", 3)):
+    for event, update_id in (
+        ("job", 1),
+        ("job_failed", 2),
+        ("job", 2),
+        ("batch_failed", 3),
+        ("job", 3),
+    ):
         line = lines.get((event, update_id))
         assert line is not None, (event, update_id, logs)
         assert line["user_id"] == update_id + 1000 and line["chat_id"] == update_id + 2000, line
@@ -393,8 +413,10 @@ async def test_a_photo_outside_the_domain_gets_labels_instead_of_captions(make_w
     worker = make_worker(captioner)
     await worker.start()
     first = await hold_first_batch(worker, captioner)
-    tasks = [asyncio.create_task(worker.caption(photo(name), n_samples=2))
-             for name in ("scene", "photo-cat")]
+    tasks = [
+        asyncio.create_task(worker.caption(photo(name), n_samples=2))
+        for name in ("scene", "photo-cat")
+    ]
     await asyncio.sleep(0.05)
     captioner.gate.set()
     await first
@@ -412,7 +434,9 @@ async def test_a_photo_outside_the_domain_gets_labels_instead_of_captions(make_w
     assert captioner.sample_calls[1:] == [(2, 1.0, 1)]
 
 
-async def test_caption_anyway_samples_and_attention_run_the_decoders_and_carry_the_verdict(make_worker):
+async def test_caption_anyway_samples_and_attention_run_the_decoders_and_carry_the_verdict(
+    make_worker,
+):
     captioner = FakeCaptioner()
     worker = make_worker(captioner)
     await worker.start()

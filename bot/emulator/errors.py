@@ -15,7 +15,11 @@ class BotAPIError(Exception):
         self.parameters = parameters
 
     def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"ok": False, "error_code": self.error_code, "description": self.description}
+        body: dict[str, Any] = {
+            "ok": False,
+            "error_code": self.error_code,
+            "description": self.description,
+        }
         if self.parameters:
             body["parameters"] = self.parameters
         return body

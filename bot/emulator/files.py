@@ -73,7 +73,8 @@ class FileStore:
             # Real ids are long opaque base64 strings; a recognisable prefix helps debugging.
             file_id=f"AgAC{kind[:3]}{number:06d}{secrets.token_urlsafe(12)}",
             file_unique_id=(
-                f"AQAD{hashlib.sha256(data).hexdigest()[:16]}" if self.unique_ids_by_content
+                f"AQAD{hashlib.sha256(data).hexdigest()[:16]}"
+                if self.unique_ids_by_content
                 else f"AQAD{number:06d}{secrets.token_hex(3)}"
             ),
             file_path=f"{kind}/file_{number}.{extension}",
@@ -150,11 +151,15 @@ def prepare_photo(data: bytes) -> PreparedPhoto | None:
     if info is None:
         return None
     width, height, image_format = info
-    thumbnails = tuple(_thumbnail(data, side) for side in THUMBNAIL_SIDES if max(width, height) > side)
+    thumbnails = tuple(
+        _thumbnail(data, side) for side in THUMBNAIL_SIDES if max(width, height) > side
+    )
     return PreparedPhoto(width, height, image_format, thumbnails)
 
 
-def store_photo(store: FileStore, data: bytes, prepared: PreparedPhoto | None = None) -> list[dict[str, Any]]:
+def store_photo(
+    store: FileStore, data: bytes, prepared: PreparedPhoto | None = None
+) -> list[dict[str, Any]]:
     """Store a photo and return its PhotoSize list, smallest first, the original last.
 
     Telegram re-encodes photos; the emulator keeps the original bytes as the largest size

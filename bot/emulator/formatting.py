@@ -164,7 +164,7 @@ class _HTMLEntityParser(HTMLParser):
 
     def handle_endtag(self, tag: str) -> None:
         if not self._open or self._open[-1][0] != tag:
-            raise _entities_error(f'Unexpected end tag at byte offset {self._offset()}')
+            raise _entities_error(f"Unexpected end tag at byte offset {self._offset()}")
         _, entity = self._open.pop()
         if entity is not None:
             entity["length"] = self._length16 - entity["offset"]

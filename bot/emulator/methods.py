@@ -380,7 +380,9 @@ class BotAPIMethods(EmulatorState):
     async def _answer_callback_query(self, params: Params) -> Any:
         query = self._callback_queries.get(str(params.get("callback_query_id") or ""))
         if query is None or query["answered"]:
-            raise bad_request("query is too old and response timeout expired or query ID is invalid")
+            raise bad_request(
+                "query is too old and response timeout expired or query ID is invalid"
+            )
         query["answered"] = True
         self._chat_event(
             query["chat_id"],
@@ -456,7 +458,6 @@ class BotAPIMethods(EmulatorState):
         return {"type": "commands"}
 
 
-
 # --- helpers ---------------------------------------------------------------------------
 
 
@@ -472,16 +473,33 @@ def _inline_markup(markup: Any) -> dict[str, Any] | None:
         return None
     rows = markup["inline_keyboard"]
     if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows):
-        raise bad_request("field \"inline_keyboard\" of the InlineKeyboardMarkup must be an Array of Arrays")
+        raise bad_request(
+            'field "inline_keyboard" of the InlineKeyboardMarkup must be an Array of Arrays'
+        )
     for row in rows:
         for button in row:
             if not isinstance(button, dict) or not button.get("text"):
-                raise bad_request("can't parse inline keyboard button: Text buttons are unallowed in the inline keyboard")
+                raise bad_request(
+                    "can't parse inline keyboard button: Text buttons are unallowed in the inline keyboard"
+                )
             if "callback_data" in button:
                 size = len(str(button["callback_data"]).encode())
                 if not 1 <= size <= MAX_CALLBACK_DATA_BYTES:
                     raise bad_request("BUTTON_DATA_INVALID")
-            elif not any(key in button for key in ("url", "switch_inline_query", "web_app", "copy_text", "switch_inline_query_current_chat", "login_url", "pay", "callback_game")):
-                raise bad_request("can't parse inline keyboard button: Text buttons are unallowed in the inline keyboard")
+            elif not any(
+                key in button
+                for key in (
+                    "url",
+                    "switch_inline_query",
+                    "web_app",
+                    "copy_text",
+                    "switch_inline_query_current_chat",
+                    "login_url",
+                    "pay",
+                    "callback_game",
+                )
+            ):
+                raise bad_request(
+                    "can't parse inline keyboard button: Text buttons are unallowed in the inline keyboard"
+                )
     return {"inline_keyboard": copy.deepcopy(rows)}
-

@@ -122,7 +122,9 @@ class Playground:
     async def index(self, request: web.Request) -> web.StreamResponse:
         page = (static_dir() / "index.html").read_text(encoding="utf-8")
         return web.Response(
-            text=page.replace(TOKEN_META, f'<meta name="playground-token" content="{self.page_token}">'),
+            text=page.replace(
+                TOKEN_META, f'<meta name="playground-token" content="{self.page_token}">'
+            ),
             content_type="text/html",
             headers={
                 **SECURITY_HEADERS,
@@ -135,7 +137,11 @@ class Playground:
         bot = self.emu.bot_user
         return _ok(
             {
-                "bot": {"id": bot["id"], "first_name": bot["first_name"], "username": bot["username"]},
+                "bot": {
+                    "id": bot["id"],
+                    "first_name": bot["first_name"],
+                    "username": bot["username"],
+                },
                 "commands": self.emu.commands(),
                 "max_upload_bytes": MAX_PAGE_UPLOAD_BYTES,
             }
@@ -229,8 +235,9 @@ class Playground:
             return web.Response(body=stored.data, content_type=stored.mime_type, headers=headers)
         name = _safe_file_name(stored.file_name or stored.file_path.rsplit("/", 1)[-1])
         headers["Content-Disposition"] = f'attachment; filename="{name}"'
-        return web.Response(body=stored.data, content_type="application/octet-stream", headers=headers)
-
+        return web.Response(
+            body=stored.data, content_type="application/octet-stream", headers=headers
+        )
 
     @web.middleware
     async def _local_only(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -270,7 +277,9 @@ def _json_error(status: int, message: str) -> web.Response:
 
 def _error(status: int, message: str) -> web.HTTPException:
     if status == 413:
-        return web.HTTPRequestEntityTooLarge(MAX_PAGE_UPLOAD_BYTES, MAX_PAGE_UPLOAD_BYTES + 1, text=message)
+        return web.HTTPRequestEntityTooLarge(
+            MAX_PAGE_UPLOAD_BYTES, MAX_PAGE_UPLOAD_BYTES + 1, text=message
+        )
     if status == 404:
         return web.HTTPNotFound(text=message)
     if status == 415:

@@ -135,4 +135,3 @@ def _status_description(status: int) -> str:
     except ValueError:
         phrase = "Error"
     return f"Bad Request: {phrase.lower()}" if status == 400 else phrase
-

@@ -410,7 +410,9 @@ class EmulatorState:
         del self._updates[: -self._max_pending_updates]
         self._notify()
 
-    def _store_photo_set(self, data: bytes, prepared: PreparedPhoto | None = None) -> list[dict[str, Any]]:
+    def _store_photo_set(
+        self, data: bytes, prepared: PreparedPhoto | None = None
+    ) -> list[dict[str, Any]]:
         sizes = store_photo(self.files, data, prepared)
         for size in sizes:  # any size's file_id can be used to send the photo again
             self._photo_sets[size["file_id"]] = sizes
@@ -459,4 +461,3 @@ def _extension(file_name: str, mime_type: str) -> str:
         return suffix
     guessed = mimetypes.guess_extension(mime_type or "") or ".bin"
     return guessed.lstrip(".")
-

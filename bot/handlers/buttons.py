@@ -14,7 +14,9 @@ router = Router(name="buttons")
 
 
 @router.callback_query(PhotoAction.filter(), flags={INFERENCE_FLAG: True})
-async def photo_button(query: CallbackQuery, callback_data: PhotoAction, service: CaptionService) -> None:
+async def photo_button(
+    query: CallbackQuery, callback_data: PhotoAction, service: CaptionService
+) -> None:
     message = query.message if isinstance(query.message, Message) else None
     if message is None:  # too old: Telegram no longer says which message it was
         await _ack(query, texts.PHOTO_GONE, alert=True)

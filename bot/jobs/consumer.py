@@ -50,8 +50,13 @@ def consumer_name() -> str:
 
 
 class JobConsumer:
-    def __init__(self, transport: RedisTransport, service: CaptionService, settings: Settings,
-                 name: str | None = None) -> None:
+    def __init__(
+        self,
+        transport: RedisTransport,
+        service: CaptionService,
+        settings: Settings,
+        name: str | None = None,
+    ) -> None:
         self.transport = transport
         self.service = service
         self.name = name or consumer_name()
@@ -84,16 +89,22 @@ class JobConsumer:
                     next_keep = time.monotonic() + self.claim_every_s
                     await self.transport.keep(self.name, [d.entry_id for d in self._tasks.values()])
                 if self.in_hand >= self.capacity:
-                    await asyncio.wait(list(self._tasks), timeout=self.claim_every_s,
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        list(self._tasks),
+                        timeout=self.claim_every_s,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
                     continue
                 if time.monotonic() >= next_reclaim:
                     next_reclaim = time.monotonic() + self.claim_every_s
                     self._take(await self.transport.reclaim(self.name, self._room()))
                     if self.in_hand >= self.capacity:
                         continue
-                block = self.batch_wait_ms if self._tasks else min(
-                    IDLE_BLOCK_MS, int(self.claim_every_s * 1000))
+                block = (
+                    self.batch_wait_ms
+                    if self._tasks
+                    else min(IDLE_BLOCK_MS, int(self.claim_every_s * 1000))
+                )
                 batch = await self.transport.read(self.name, self._room(), block)
                 self._contact()
                 if batch and self._hold:
@@ -121,8 +132,13 @@ class JobConsumer:
     async def _lost_redis(self, error: BaseException, stop: asyncio.Event) -> None:
         self._failures += 1
         delay = backoff_delay(self._failures)
-        log.warning("redis_unavailable", role="worker", attempt=self._failures,
-                    retry_in_s=round(delay, 2), error=f"{type(error).__name__}: {error}")
+        log.warning(
+            "redis_unavailable",
+            role="worker",
+            attempt=self._failures,
+            retry_in_s=round(delay, 2),
+            error=f"{type(error).__name__}: {error}",
+        )
         try:
             await asyncio.wait_for(stop.wait(), delay)
         except TimeoutError:
@@ -134,17 +150,21 @@ class JobConsumer:
         job = delivery.job
         if job is None:
             await self._retrying(
-                lambda: self.transport.dead_letter(delivery, self.name, "malformed"))
+                lambda: self.transport.dead_letter(delivery, self.name, "malformed")
+            )
             return
         with structlog.contextvars.bound_contextvars(
-            update_id=job.update_id, chat_id=job.chat_id, user_id=job.user_id,
+            update_id=job.update_id,
+            chat_id=job.chat_id,
+            user_id=job.user_id,
             message_id=job.message_id,
         ):
             if delivery.deliveries > self.transport.max_deliveries:
                 await self._give_up(delivery, job)
                 return
             if delivery.deliveries > 1 and await self._retrying(
-                    lambda: self.transport.answered(job.update_id)):
+                lambda: self.transport.answered(job.update_id)
+            ):
                 log.info("job_already_answered", deliveries=delivery.deliveries)
             else:
                 try:
@@ -154,9 +174,14 @@ class JobConsumer:
                     return
             await self._retrying(lambda: self.transport.finish(delivery, self.name))
             self.jobs_done += 1
-            log.info("job_done", kind=job.kind, deliveries=delivery.deliveries,
-                     consumer=self.name, entry_id=delivery.entry_id,
-                     total_ms=round((time.time() - job.enqueued_at) * 1000, 1))
+            log.info(
+                "job_done",
+                kind=job.kind,
+                deliveries=delivery.deliveries,
+                consumer=self.name,
+                entry_id=delivery.entry_id,
+                total_ms=round((time.time() - job.enqueued_at) * 1000, 1),
+            )
 
     async def _perform(self, job: JobRecord) -> None:
         service = self.service
@@ -172,7 +197,8 @@ class JobConsumer:
         if not await self._retrying(lambda: self.transport.answered(job.update_id)):
             await self.service.tell(job.chat_id, job.message_id, texts.JOB_GAVE_UP)
         await self._retrying(
-            lambda: self.transport.dead_letter(delivery, self.name, "max_deliveries"))
+            lambda: self.transport.dead_letter(delivery, self.name, "max_deliveries")
+        )
 
     async def _retrying(self, make_call: Callable[[], Awaitable[T]]) -> T:
         return await retry_redis(make_call, role="worker")
@@ -194,17 +220,24 @@ class JobConsumer:
         if released:
             try:  # idle as long as a dead consumer's jobs: the next reclaim takes them
                 await self.transport.client.xclaim(
-                    self.transport.stream, GROUP, self.name, 0, released,
-                    idle=self.transport.claim_idle_ms, justid=True,
+                    self.transport.stream,
+                    GROUP,
+                    self.name,
+                    0,
+                    released,
+                    idle=self.transport.claim_idle_ms,
+                    justid=True,
                 )
             except (RedisError, OSError) as error:
                 log.warning("release_failed", error=f"{type(error).__name__}: {error}")
-        log.info("consumer_stopped", consumer=self.name, finished=len(done),
-                 released=len(released))
+        log.info("consumer_stopped", consumer=self.name, finished=len(done), released=len(released))
 
     async def _hold_for_test(self, batch: list[Delivery]) -> None:
         self._hold = False
-        log.warning("test_holding_batch", consumer=self.name,
-                    entry_ids=[d.entry_id for d in batch],
-                    update_ids=[d.job.update_id for d in batch if d.job is not None])
+        log.warning(
+            "test_holding_batch",
+            consumer=self.name,
+            entry_ids=[d.entry_id for d in batch],
+            update_ids=[d.job.update_id for d in batch if d.job is not None],
+        )
         await asyncio.Event().wait()  # until SIGKILL

@@ -43,8 +43,9 @@ _current_update: ContextVar[tuple[int, int] | None] = ContextVar("current_update
 
 
 class EnqueueingService(CaptionService):
-    def __init__(self, bot: Bot, photos: PhotoBook, settings: Settings,
-                 transport: RedisTransport) -> None:
+    def __init__(
+        self, bot: Bot, photos: PhotoBook, settings: Settings, transport: RedisTransport
+    ) -> None:
         super().__init__(bot, None, photos, settings)  # type: ignore[arg-type]  # no model here
         self.transport = transport
 
@@ -61,15 +62,24 @@ class EnqueueingService(CaptionService):
     async def attention(self, chat_id: int, reply_to: int, photo: PhotoRef) -> None:
         await self._enqueue("attention", chat_id, reply_to, photo)
 
-    async def _enqueue(self, kind: str, chat_id: int, reply_to: int, photo: PhotoRef,
-                       **args: Any) -> None:
+    async def _enqueue(
+        self, kind: str, chat_id: int, reply_to: int, photo: PhotoRef, **args: Any
+    ) -> None:
         current = _current_update.get()
         if current is None:
             raise RuntimeError("a job can only be enqueued while an update is handled")
         update_id, user_id = current
-        job = JobRecord(update_id=update_id, chat_id=chat_id, user_id=user_id,
-                        message_id=reply_to, kind=kind, file_id=photo.file_id,
-                        file_unique_id=photo.key, file_size=photo.file_size, **args)
+        job = JobRecord(
+            update_id=update_id,
+            chat_id=chat_id,
+            user_id=user_id,
+            message_id=reply_to,
+            kind=kind,
+            file_id=photo.file_id,
+            file_unique_id=photo.key,
+            file_size=photo.file_size,
+            **args,
+        )
         try:  # retried until it is in the stream: the update must not be confirmed before
             entry_id = await retry_redis(lambda: self.transport.enqueue(job), role="frontend")
         except QueueFullError:
@@ -112,7 +122,9 @@ class _HoldGetUpdates(BaseRequestMiddleware):
         self.hold_confirm = bool(os.environ.get(HOLD_CONFIRM_ENV))
 
     async def __call__(
-        self, make_request: NextRequestMiddlewareType[TelegramType], bot: Bot,
+        self,
+        make_request: NextRequestMiddlewareType[TelegramType],
+        bot: Bot,
         method: TelegramMethod[TelegramType],
     ) -> Response[TelegramType]:
         if not isinstance(method, GetUpdates):

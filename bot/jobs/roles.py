@@ -46,8 +46,12 @@ async def connect(settings: Settings) -> RedisTransport:
 
 async def run_role(settings: Settings, role: str, worker: InferenceWorker | None = None) -> None:
     if settings.queue_url is None:
-        raise SettingsError([f"--role {role}: needs QUEUE_URL (redis://host:port/db); without "
-                             "it the bot runs as one process (--role all)"])
+        raise SettingsError(
+            [
+                f"--role {role}: needs QUEUE_URL (redis://host:port/db); without "
+                "it the bot runs as one process (--role all)"
+            ]
+        )
     transport = await connect(settings)
     try:
         if role == "worker":
@@ -71,8 +75,9 @@ class QueuedBotApp(BotApp):
 
     handle_in_background = False  # webhook: 200 only once the job is in the stream
 
-    def __init__(self, settings: Settings, transport: RedisTransport,
-                 worker: InferenceWorker | None) -> None:
+    def __init__(
+        self, settings: Settings, transport: RedisTransport, worker: InferenceWorker | None
+    ) -> None:
         self.transport = transport
         self.photos = PhotoBook()
         super().__init__(settings, worker)
@@ -82,7 +87,8 @@ class QueuedBotApp(BotApp):
         self.consumer: JobConsumer | None = None
         if worker is not None:
             self.consumer = JobConsumer(
-                transport, CaptionService(self.bot, worker, self.photos, settings), settings)
+                transport, CaptionService(self.bot, worker, self.photos, settings), settings
+            )
         self._stop_consuming = asyncio.Event()
         self._consuming: asyncio.Task[None] | None = None
 
@@ -91,9 +97,10 @@ class QueuedBotApp(BotApp):
 
     def _limit_middlewares(self) -> tuple[AllowlistMiddleware, RateLimitMiddleware]:
         settings, client, prefix = self.settings, self.transport.client, self.transport.prefix
-        return (SharedAllowlist(settings.allowed_user_ids, settings.allowlist_ignore_s, client,
-                                prefix),
-                SharedRateLimit(settings.rate_limit_per_min, client, prefix))
+        return (
+            SharedAllowlist(settings.allowed_user_ids, settings.allowlist_ignore_s, client, prefix),
+            SharedRateLimit(settings.rate_limit_per_min, client, prefix),
+        )
 
     def _alive(self) -> bool:
         if self._consuming is not None and self._consuming.done():
@@ -108,8 +115,9 @@ class QueuedBotApp(BotApp):
         if self._consuming is not None:
             self._stop_consuming.set()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._consuming),
-                                       max(1.0, deadline - time.monotonic()))
+                await asyncio.wait_for(
+                    asyncio.shield(self._consuming), max(1.0, deadline - time.monotonic())
+                )
 
 
 def share_cache(worker: InferenceWorker, settings: Settings, transport: RedisTransport) -> None:
@@ -117,8 +125,9 @@ def share_cache(worker: InferenceWorker, settings: Settings, transport: RedisTra
     worker.cache = shared_cache(settings, transport.prefix)
 
 
-async def run_worker(settings: Settings, transport: RedisTransport,
-                     worker: InferenceWorker | None = None) -> None:
+async def run_worker(
+    settings: Settings, transport: RedisTransport, worker: InferenceWorker | None = None
+) -> None:
     if worker is None:
         worker = await InferenceWorker.load(settings)
     share_cache(worker, settings, transport)
@@ -134,11 +143,16 @@ async def run_worker(settings: Settings, transport: RedisTransport,
         await start_worker(worker)
         consuming = asyncio.create_task(consumer.run(stop))
         if settings.health_file is not None:
-            beat = asyncio.create_task(heartbeat(
-                settings.health_file, lambda: worker.running and not consuming.done()))
-        log.info("worker_started", consumer=consumer.name, batch_max=settings.batch_max,
-                 claim_idle_ms=transport.claim_idle_ms,
-                 max_deliveries=transport.max_deliveries)
+            beat = asyncio.create_task(
+                heartbeat(settings.health_file, lambda: worker.running and not consuming.done())
+            )
+        log.info(
+            "worker_started",
+            consumer=consumer.name,
+            batch_max=settings.batch_max,
+            claim_idle_ms=transport.claim_idle_ms,
+            max_deliveries=transport.max_deliveries,
+        )
         await consuming
         log.info("signal_received")
     finally:

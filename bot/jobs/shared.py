@@ -60,8 +60,9 @@ def dumps_entry(entry: _CacheEntry) -> bytes | None:
         buffer = io.BytesIO()
         entry.thumbnail.convert("RGB").save(buffer, format="JPEG", quality=90)
         thumbnail = buffer.getvalue()
-    header = json.dumps({"shape": list(array.shape), "dtype": str(array.dtype),
-                         "thumbnail": len(thumbnail)}).encode()
+    header = json.dumps(
+        {"shape": list(array.shape), "dtype": str(array.dtype), "thumbnail": len(thumbnail)}
+    ).encode()
     return b"".join((_MAGIC, len(header).to_bytes(4, "big"), header, array.tobytes(), thumbnail))
 
 
@@ -75,8 +76,8 @@ def loads_entry(data: bytes) -> _CacheEntry:
     if data[:4] != _MAGIC:
         raise ValueError("not an encoded-photo cache entry")
     size = int.from_bytes(data[4:8], "big")
-    header = json.loads(data[8:8 + size])
-    body = data[8 + size:]
+    header = json.loads(data[8 : 8 + size])
+    body = data[8 + size :]
     split = len(body) - header["thumbnail"]
     array = np.frombuffer(body[:split], dtype=header["dtype"]).reshape(header["shape"])
     thumbnail = Image.open(io.BytesIO(body[split:])) if header["thumbnail"] else None
@@ -146,8 +147,9 @@ class RedisEncodedCache(EncodedCache):
 
 def shared_cache(settings: Any, prefix: str) -> RedisEncodedCache:
     client = redis.Redis.from_url(settings.queue_url, socket_timeout=5, socket_connect_timeout=5)
-    return RedisEncodedCache(settings.encoded_cache_size, client, prefix=prefix,
-                             ttl_s=settings.encoded_cache_ttl_s)
+    return RedisEncodedCache(
+        settings.encoded_cache_size, client, prefix=prefix, ttl_s=settings.encoded_cache_ttl_s
+    )
 
 
 # ---- limits across frontends ------------------------------------------------------------

@@ -58,8 +58,13 @@ async def retry_redis(make_call: Callable[[], Awaitable[T]], role: str) -> T:
         except (RedisError, OSError) as error:
             attempt += 1
             delay = backoff_delay(attempt)
-            log.warning("redis_unavailable", role=role, attempt=attempt,
-                        retry_in_s=round(delay, 2), error=f"{type(error).__name__}: {error}")
+            log.warning(
+                "redis_unavailable",
+                role=role,
+                attempt=attempt,
+                retry_in_s=round(delay, 2),
+                error=f"{type(error).__name__}: {error}",
+            )
             await asyncio.sleep(delay)
 
 
@@ -84,7 +89,10 @@ class UnreachableError(RuntimeError):
 def connect_client(url: str) -> aioredis.Redis:
     # Socket timeouts bound every call; XREADGROUP's BLOCK is always shorter than this.
     return aioredis.Redis.from_url(
-        url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=15,
+        url,
+        socket_timeout=10,
+        socket_connect_timeout=5,
+        health_check_interval=15,
     )
 
 
@@ -122,8 +130,13 @@ def _safe_url(url: str) -> str:
 
 class RedisTransport:
     def __init__(
-        self, client: aioredis.Redis, *, prefix: str = PREFIX, claim_idle_ms: int = 15_000,
-        max_deliveries: int = 3, queue_max: int = 0,
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str = PREFIX,
+        claim_idle_ms: int = 15_000,
+        max_deliveries: int = 3,
+        queue_max: int = 0,
     ) -> None:
         self.client = client
         self.prefix = prefix
@@ -139,8 +152,13 @@ class RedisTransport:
         # Keys per bot: update ids are only unique within one bot, and two bots may share
         # a Redis server.
         bot_id = settings.require_token().split(":", 1)[0]
-        return cls(client, prefix=f"{PREFIX}:{bot_id}", claim_idle_ms=settings.job_claim_idle_ms,
-                   max_deliveries=settings.job_max_deliveries, queue_max=settings.queue_max)
+        return cls(
+            client,
+            prefix=f"{PREFIX}:{bot_id}",
+            claim_idle_ms=settings.job_claim_idle_ms,
+            max_deliveries=settings.job_max_deliveries,
+            queue_max=settings.queue_max,
+        )
 
     def key(self, *parts: object) -> str:
         return ":".join((self.prefix, *map(str, parts)))
@@ -160,8 +178,9 @@ class RedisTransport:
         args: list[Any] = [DEDUPE_TTL_S, self.queue_max]
         for name, value in job.to_fields().items():
             args += [name, value]
-        result = await self._enqueue(keys=[self.key("update", job.update_id), self.stream],
-                                     args=args)
+        result = await self._enqueue(
+            keys=[self.key("update", job.update_id), self.stream], args=args
+        )
         if result == 0:
             return None
         if result == -1:
@@ -173,7 +192,11 @@ class RedisTransport:
     async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
         """Up to `count` new jobs, waiting at most `block_ms` for the first."""
         reply = await self.client.xreadgroup(
-            GROUP, consumer, {self.stream: ">"}, count=count, block=block_ms,
+            GROUP,
+            consumer,
+            {self.stream: ">"},
+            count=count,
+            block=block_ms,
         )
         out: list[Delivery] = []
         for _stream, entries in reply or []:
@@ -184,19 +207,29 @@ class RedisTransport:
     async def reclaim(self, consumer: str, count: int) -> list[Delivery]:
         """Jobs idle for `claim_idle_ms` in another (dead) consumer's hands, now this one's."""
         reply = await self.client.xautoclaim(
-            self.stream, GROUP, consumer, self.claim_idle_ms, start_id="0-0", count=count,
+            self.stream,
+            GROUP,
+            consumer,
+            self.claim_idle_ms,
+            start_id="0-0",
+            count=count,
         )
         entries = [(entry_id, raw) for entry_id, raw in reply[1] if raw]
         if not entries:
             return []
         counts = await self.delivery_counts(consumer, [_str(e) for e, _ in entries])
-        return [_delivery(entry_id, raw, counts.get(_str(entry_id), 1))
-                for entry_id, raw in entries]
+        return [
+            _delivery(entry_id, raw, counts.get(_str(entry_id), 1)) for entry_id, raw in entries
+        ]
 
     async def delivery_counts(self, consumer: str, entry_ids: list[str]) -> dict[str, int]:
         ordered = sorted(entry_ids, key=_id_key)
         pending = await self.client.xpending_range(
-            self.stream, GROUP, min=ordered[0], max=ordered[-1], count=len(ordered) * 4 + 100,
+            self.stream,
+            GROUP,
+            min=ordered[0],
+            max=ordered[-1],
+            count=len(ordered) * 4 + 100,
             consumername=consumer,
         )
         return {_str(p["message_id"]): int(p["times_delivered"]) for p in pending}
@@ -207,13 +240,18 @@ class RedisTransport:
         if not entry_ids:
             return
         mine = await self.client.xpending_range(
-            self.stream, GROUP, min="-", max="+", count=len(entry_ids) * 4 + 100,
+            self.stream,
+            GROUP,
+            min="-",
+            max="+",
+            count=len(entry_ids) * 4 + 100,
             consumername=consumer,
         )
         held = {_str(p["message_id"]) for p in mine} & set(entry_ids)
         if held:
-            await self.client.xclaim(self.stream, GROUP, consumer, 0, sorted(held, key=_id_key),
-                                     justid=True)
+            await self.client.xclaim(
+                self.stream, GROUP, consumer, 0, sorted(held, key=_id_key), justid=True
+            )
 
     async def answered(self, update_id: int) -> bool:
         return bool(await self.client.exists(self.key("reply", update_id)))
@@ -223,21 +261,28 @@ class RedisTransport:
         record = {"deliveries": delivery.deliveries, "by": consumer, "at": round(time.time(), 3)}
         async with self.client.pipeline(transaction=True) as pipe:
             if delivery.job is not None:
-                pipe.set(self.key("reply", delivery.job.update_id), json.dumps(record),
-                         ex=DEDUPE_TTL_S)
+                pipe.set(
+                    self.key("reply", delivery.job.update_id), json.dumps(record), ex=DEDUPE_TTL_S
+                )
             pipe.xack(self.stream, GROUP, delivery.entry_id)
             pipe.xdel(self.stream, delivery.entry_id)
             await pipe.execute()
 
     async def dead_letter(self, delivery: Delivery, consumer: str, reason: str) -> None:
-        fields = {**delivery.raw, "deliveries": str(delivery.deliveries), "reason": reason,
-                  "entry_id": delivery.entry_id, "dead_at": str(round(time.time(), 3))}
+        fields = {
+            **delivery.raw,
+            "deliveries": str(delivery.deliveries),
+            "reason": reason,
+            "entry_id": delivery.entry_id,
+            "dead_at": str(round(time.time(), 3)),
+        }
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.xadd(self.dead_stream, fields, maxlen=10_000, approximate=True)
             if delivery.job is not None:
                 record = {"deliveries": delivery.deliveries, "by": consumer, "dead": reason}
-                pipe.set(self.key("reply", delivery.job.update_id), json.dumps(record),
-                         ex=DEDUPE_TTL_S)
+                pipe.set(
+                    self.key("reply", delivery.job.update_id), json.dumps(record), ex=DEDUPE_TTL_S
+                )
             pipe.xack(self.stream, GROUP, delivery.entry_id)
             pipe.xdel(self.stream, delivery.entry_id)
             await pipe.execute()

@@ -2,6 +2,7 @@
 COCO / Flickr8k / Flickr30k). Everything becomes a list of `Record`s; captions
 stay as raw text and are turned into words by `tokenize`.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,11 @@ def load_coco(captions_json, images_dir, split: str) -> list[Record]:
         if str(ann.get("caption", "")).strip():
             captions[ann["image_id"]].append(_clean(ann["caption"]))
     images_dir = Path(images_dir)
-    return [Record(str(images_dir / img["file_name"]), captions[img["id"]], split)
-            for img in data.get("images", []) if captions.get(img["id"])]
+    return [
+        Record(str(images_dir / img["file_name"]), captions[img["id"]], split)
+        for img in data.get("images", [])
+        if captions.get(img["id"])
+    ]
 
 
 def load_karpathy(dataset_json, images_dir) -> list[Record]:
@@ -56,8 +60,9 @@ def load_karpathy(dataset_json, images_dir) -> list[Record]:
         split = {"restval": "train"}.get(img.get("split", "train"), img.get("split", "train"))
         if split not in SPLITS:
             continue
-        caps = [_clean(s.get("raw") or " ".join(s.get("tokens", [])))
-                for s in img.get("sentences", [])]
+        caps = [
+            _clean(s.get("raw") or " ".join(s.get("tokens", []))) for s in img.get("sentences", [])
+        ]
         caps = [c for c in caps if c]
         if not caps:
             continue

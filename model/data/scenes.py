@@ -10,6 +10,7 @@ scene renders identically (up to resolution) at 96 px or 1024 px.
 
     python -m model.data.scenes --out /tmp/scenes --count 16 --seed 0
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,8 @@ SIZE_RANGE = {"small": (0.15, 0.28), "large": (0.38, 0.55)}  # box side / image 
 SIZE_SYNONYM = {"small": "little", "large": "big"}
 NUMBER_WORDS = {1: "a", 2: "two", 3: "three"}
 RELATIONS = ("to the left of", "to the right of", "above", "below")
-MIN_GAP = 0.04        # boxes at least this far apart (fraction of side)
-EDGE_MARGIN = 0.01    # keep boxes a hair inside the image so anti-aliasing is not clipped
+MIN_GAP = 0.04  # boxes at least this far apart (fraction of side)
+EDGE_MARGIN = 0.01  # keep boxes a hair inside the image so anti-aliasing is not clipped
 COLOUR_JITTER = 20
 MAX_WORDS = 16
 REFERENCE_SIDE = 224  # outline widths are given in pixels at this side
@@ -50,9 +51,9 @@ class SceneObject:
     colour: str
     size: str
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 as fractions of the side
-    rotation: float = 0.0                   # degrees, counter-clockwise; 0 for circles
+    rotation: float = 0.0  # degrees, counter-clockwise; 0 for circles
     fill: tuple[int, int, int] | None = None  # jittered RGB; None means the anchor colour
-    outline: int = 0                        # darker outline width in px at 224 px; 0 = none
+    outline: int = 0  # darker outline width in px at 224 px; 0 = none
 
     @property
     def centre(self) -> tuple[float, float]:
@@ -70,6 +71,7 @@ class Scene:
 
 # ----------------------------------------------------------------------------
 # geometry
+
 
 def plural(shape: str) -> str:
     return shape + ("es" if shape.endswith(("s", "x", "ch", "sh")) else "s")
@@ -91,8 +93,23 @@ def _unit_polygon(shape: str) -> np.ndarray:
         return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
     if shape == "cross":
         a = 0.32  # half-width of each arm
-        return np.array([(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a),
-                         (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a)], dtype=float)
+        return np.array(
+            [
+                (-a, -1),
+                (a, -1),
+                (a, -a),
+                (1, -a),
+                (1, a),
+                (a, a),
+                (a, 1),
+                (-a, 1),
+                (-a, a),
+                (-1, a),
+                (-1, -a),
+                (-a, -a),
+            ],
+            dtype=float,
+        )
     raise ValueError(f"no polygon for shape {shape!r}")
 
 
@@ -113,8 +130,7 @@ def fitted_polygon(shape: str, rotation: float) -> tuple[np.ndarray | None, floa
 
 def boxes_apart(a, b, gap: float = MIN_GAP) -> bool:
     """True when the two boxes are separated by at least `gap` along x or along y."""
-    return (b[0] - a[2] >= gap or a[0] - b[2] >= gap or
-            b[1] - a[3] >= gap or a[1] - b[3] >= gap)
+    return b[0] - a[2] >= gap or a[0] - b[2] >= gap or b[1] - a[3] >= gap or a[1] - b[3] >= gap
 
 
 def relation(a_centre, b_centre) -> str:
@@ -133,6 +149,7 @@ def relation_is_clear(a_centre, b_centre) -> bool:
 
 # ----------------------------------------------------------------------------
 # layout
+
 
 def _sample_kinds(rng: random.Random) -> list[tuple[str, str, str]]:
     """(colour, shape, size) of each object. Some objects repeat an earlier colour+shape
@@ -173,8 +190,9 @@ def _place(rng: random.Random, kinds) -> list[SceneObject] | None:
         else:
             return None
         anchor = COLOURS[colour]
-        fill = tuple(int(min(255, max(0, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER))))
-                     for c in anchor)
+        fill = tuple(
+            int(min(255, max(0, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER)))) for c in anchor
+        )
         outline = rng.randint(1, 3) if rng.random() < 0.5 else 0
         objects.append(SceneObject(shape, colour, size, box, rotation, fill, outline))
     return objects
@@ -182,6 +200,7 @@ def _place(rng: random.Random, kinds) -> list[SceneObject] | None:
 
 # ----------------------------------------------------------------------------
 # captions
+
 
 @dataclass
 class Group:
@@ -243,27 +262,27 @@ def _there(group: Group) -> str:
 #   sizing: (first, second, rest) each of "" (no size), "s" (size), "y" (synonym size)
 #   reversed: swap the first two groups (so "rel" reads e.g. "to the right of")
 _PAIR_TEMPLATES = {
-    "and_sized":     ("and", ("s", "s", "s"), False, False),
-    "rel_plain":     ("rel", ("", "", ""), False, False),
+    "and_sized": ("and", ("s", "s", "s"), False, False),
+    "rel_plain": ("rel", ("", "", ""), False, False),
     "rel_rev_sized": ("rel", ("s", "y", ""), False, True),
-    "there_and":     ("and", ("", "s", "s"), True, False),
-    "next_syn":      ("next to", ("y", "y", "y"), False, False),
-    "and_plain":     ("and", ("", "", ""), False, False),
-    "there_rel":     ("rel", ("", "", ""), True, False),
-    "rel_sized":     ("rel", ("s", "s", ""), False, False),
-    "and_rev":       ("and", ("", "s", ""), False, True),
-    "next_plain":    ("next to", ("", "", ""), False, False),
-    "there_next":    ("next to", ("s", "", ""), True, False),
-    "there_plain":   ("and", ("", "", ""), True, False),
+    "there_and": ("and", ("", "s", "s"), True, False),
+    "next_syn": ("next to", ("y", "y", "y"), False, False),
+    "and_plain": ("and", ("", "", ""), False, False),
+    "there_rel": ("rel", ("", "", ""), True, False),
+    "rel_sized": ("rel", ("s", "s", ""), False, False),
+    "and_rev": ("and", ("", "s", ""), False, True),
+    "next_plain": ("next to", ("", "", ""), False, False),
+    "there_next": ("next to", ("s", "", ""), True, False),
+    "there_plain": ("and", ("", "", ""), True, False),
 }
 
 _SINGLE_TEMPLATES = {
-    "plain":       ("", False),
-    "sized":       ("s", False),
-    "syn":         ("y", False),
+    "plain": ("", False),
+    "sized": ("s", False),
+    "syn": ("y", False),
     "there_plain": ("", True),
     "there_sized": ("s", True),
-    "there_syn":   ("y", True),
+    "there_syn": ("y", True),
 }
 
 
@@ -277,8 +296,10 @@ def _pair_caption(groups: list[Group], template: str) -> str | None:
             return None
         connector = relation(first.centre, second.centre)
     styles = [sizing[0], sizing[1]] + [sizing[2]] * len(rest)
-    phrases = [phrase(g, sized=st != "", synonym=st == "y")
-               for g, st in zip([first, second, *rest], styles)]
+    phrases = [
+        phrase(g, sized=st != "", synonym=st == "y")
+        for g, st in zip([first, second, *rest], styles)
+    ]
     text = f"{phrases[0]} {connector} {phrases[1]}"
     for p in phrases[2:]:
         text += f" and {p}"
@@ -335,6 +356,7 @@ def make_scene(seed: int) -> Scene:
 
 # ----------------------------------------------------------------------------
 # rendering
+
 
 def _low_saturation_colour(hue: float, sat: float, value: float):
     return np.array(colorsys.hsv_to_rgb(hue, sat, value), dtype=np.float32) * 255
@@ -400,8 +422,9 @@ def render(scene: Scene, side: int = 224) -> Image.Image:
         x0, y0, x1, y1 = (v * big - 0.5 for v in obj.box)  # pixel i covers [i-0.5, i+0.5]
         pts, _, _ = fitted_polygon(obj.shape, obj.rotation)
         if pts is None:
-            draw_colour.ellipse((x0, y0, x1, y1), fill=fill, outline=dark if width else None,
-                                width=width or 1)
+            draw_colour.ellipse(
+                (x0, y0, x1, y1), fill=fill, outline=dark if width else None, width=width or 1
+            )
             draw_alpha.ellipse((x0, y0, x1, y1), fill=255)
         else:
             scale = max(x1 - x0, y1 - y0)
@@ -422,6 +445,7 @@ def render_scene(seed: int, side: int = 224) -> tuple[Scene, Image.Image]:
 
 # ----------------------------------------------------------------------------
 
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Render shapes scenes to PNGs + captions.json")
     parser.add_argument("--out", required=True)
@@ -439,9 +463,16 @@ def main(argv=None):
         index[name] = {
             "seed": seed,
             "captions": scene.captions,
-            "objects": [{"shape": o.shape, "colour": o.colour, "size": o.size,
-                         "box": [round(v, 4) for v in o.box], "rotation": o.rotation}
-                        for o in scene.objects],
+            "objects": [
+                {
+                    "shape": o.shape,
+                    "colour": o.colour,
+                    "size": o.size,
+                    "box": [round(v, 4) for v in o.box],
+                    "rotation": o.rotation,
+                }
+                for o in scene.objects
+            ],
         }
     (out / "captions.json").write_text(json.dumps(index, indent=1))
     print(f"wrote {args.count} scenes to {out}")

@@ -8,6 +8,7 @@ can be false). Mentions of the same colour+shape are merged by summing counts.
 
 The parser never raises: garbled model output parses into whatever it can.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,12 @@ def words(caption: str) -> list[str]:
 
 def _connector(between: list[str]) -> str:
     """The relation stated by the words between two mentions ("and" if nothing spatial)."""
-    for word, rel in (("left", "to the left of"), ("right", "to the right of"),
-                      ("above", "above"), ("below", "below")):
+    for word, rel in (
+        ("left", "to the left of"),
+        ("right", "to the right of"),
+        ("above", "above"),
+        ("below", "below"),
+    ):
         if word in between:
             return rel
     return "and"
@@ -98,9 +103,14 @@ def judge(scene: Scene, caption: str) -> Judgement:
     groups_match = named == {key: g.count for key, g in truth.items()}
 
     # a stated size must hold for every member of the named group
-    sizes_ok = all(m.size is None or ((m.colour, m.shape) in truth and
-                                      all(o.size == m.size for o in truth[(m.colour, m.shape)].members))
-                   for m in mentions)
+    sizes_ok = all(
+        m.size is None
+        or (
+            (m.colour, m.shape) in truth
+            and all(o.size == m.size for o in truth[(m.colour, m.shape)].members)
+        )
+        for m in mentions
+    )
 
     stated = correct = 0
     for a, rel, b in zip(mentions, connectors, mentions[1:]):
@@ -140,7 +150,7 @@ def localisation(scene: Scene, tokens: list[str], alphas) -> tuple[int, int]:
     truth = {(g.colour, g.shape): g for g in group_objects(scene.objects)}
     hits = total = 0
     colour = None
-    for i, tok in enumerate(tokens[:len(maps)]):
+    for i, tok in enumerate(tokens[: len(maps)]):
         tok = str(tok).lower()
         if tok in COLOURS:
             colour = tok
@@ -156,8 +166,10 @@ def localisation(scene: Scene, tokens: list[str], alphas) -> tuple[int, int]:
         r, c = divmod(int(np.argmax(maps[i])), cols)
         x, y = (c + 0.5) / cols, (r + 0.5) / rows
         dx, dy = 0.5 / cols, 0.5 / rows
-        hits += any(x0 - dx <= x <= x1 + dx and y0 - dy <= y <= y1 + dy
-                    for x0, y0, x1, y1 in (m.box for m in group.members))
+        hits += any(
+            x0 - dx <= x <= x1 + dx and y0 - dy <= y <= y1 + dy
+            for x0, y0, x1, y1 in (m.box for m in group.members)
+        )
     return hits, total
 
 
@@ -171,7 +183,8 @@ def aggregate(judgements) -> dict:
         "exact_match": sum(j.exact for j in js) / len(js) if js else float("nan"),
         "group_recall": sum(j.groups_recalled for j in js) / true if true else float("nan"),
         "hallucination_rate": sum(j.hallucinated for j in js) / named if named else 0.0,
-        "relation_accuracy": (sum(j.relations_correct for j in js) / stated
-                              if stated else float("nan")),
+        "relation_accuracy": (
+            sum(j.relations_correct for j in js) / stated if stated else float("nan")
+        ),
         "relations_stated": stated,
     }

@@ -3,6 +3,7 @@
 A picture is named by a key: a scene recipe `scene/SEED/SIDE/JPEG_QUALITY` (rendered on demand,
 so that a cache can be rebuilt from its keys alone) or an image file's path.
 """
+
 from __future__ import annotations
 
 import io
@@ -17,7 +18,7 @@ from model.images import open_image
 if TYPE_CHECKING:
     from model.train import TrainConfig
 
-TRAIN_SEED_BASE = 0            # scene seeds: training 0.., validation 10M.., held-out test 20M..
+TRAIN_SEED_BASE = 0  # scene seeds: training 0.., validation 10M.., held-out test 20M..
 VAL_SEED_BASE = 10_000_000
 TEST_SEED_BASE = 20_000_000
 
@@ -63,8 +64,9 @@ def load_image(key: str) -> Image.Image:
     return image
 
 
-def scene_examples(first_seed: int, count: int, augment: bool = False, side: int = 224,
-                   jpeg_quality: int = 0) -> list[Example]:
+def scene_examples(
+    first_seed: int, count: int, augment: bool = False, side: int = 224, jpeg_quality: int = 0
+) -> list[Example]:
     from model.data.scenes import make_scene
 
     examples = []
@@ -76,17 +78,31 @@ def scene_examples(first_seed: int, count: int, augment: bool = False, side: int
 
 def dataset_examples(config: TrainConfig) -> tuple[list[Example], list[Example]]:
     if config.data == "scenes":
-        return (scene_examples(TRAIN_SEED_BASE, config.train_scenes, augment=True),
-                [e for side, quality in config.val_renders
-                 for e in scene_examples(VAL_SEED_BASE, config.val_scenes, side=side, jpeg_quality=quality)])
+        return (
+            scene_examples(TRAIN_SEED_BASE, config.train_scenes, augment=True),
+            [
+                e
+                for side, quality in config.val_renders
+                for e in scene_examples(
+                    VAL_SEED_BASE, config.val_scenes, side=side, jpeg_quality=quality
+                )
+            ],
+        )
     from model.data import datasets
 
     if config.data == "coco":
         if not (config.captions_json and config.images_dir):
-            raise SystemExit("--data coco needs --captions-json and --images-dir (and --val-captions-json/--val-images-dir)")
+            raise SystemExit(
+                "--data coco needs --captions-json and --images-dir (and --val-captions-json/--val-images-dir)"
+            )
         train = datasets.load_coco(config.captions_json, config.images_dir, "train")
-        val = (datasets.load_coco(config.val_captions_json, config.val_images_dir or config.images_dir, "val")
-               if config.val_captions_json else [])
+        val = (
+            datasets.load_coco(
+                config.val_captions_json, config.val_images_dir or config.images_dir, "val"
+            )
+            if config.val_captions_json
+            else []
+        )
         records = train + val
     elif config.data == "karpathy":
         if not (config.karpathy_json and config.images_dir):
@@ -95,8 +111,10 @@ def dataset_examples(config: TrainConfig) -> tuple[list[Example], list[Example]]
     else:
         raise SystemExit(f"unknown --data {config.data!r}: choose scenes, coco or karpathy")
     train = [Example(r.image_path, r.captions) for r in records if r.split == "train"]
-    val = [Example(r.image_path, r.captions) for r in records if r.split == "val"][: config.max_val_images]
-    if not val:   # no validation split given: hold out a slice of training
+    val = [Example(r.image_path, r.captions) for r in records if r.split == "val"][
+        : config.max_val_images
+    ]
+    if not val:  # no validation split given: hold out a slice of training
         cut = max(1, min(config.max_val_images, len(train) // 20))
         train, val = train[cut:], train[:cut]
     return train, val
