@@ -31,13 +31,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 
+import redis.asyncio as aioredis  # noqa: E402
 from bot_bench import all_at_once, one_at_a_time, percentile, scene_jpeg  # noqa: E402
 from bot_helpers import BotProcess  # noqa: E402
-
-import redis.asyncio as aioredis  # noqa: E402
+from redis_helpers import RedisServer  # noqa: E402
 
 from bot.emulator import BotAPIEmulator  # noqa: E402
-from redis_helpers import RedisServer  # noqa: E402
 
 TOKEN = "123456:BENCH"
 CLAIM_IDLE_MS = 3000

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import signal
 import time
+
 from aiogram import Bot, Dispatcher
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer

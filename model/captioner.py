@@ -25,9 +25,9 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from PIL import Image
@@ -98,9 +98,7 @@ class Captioner:
         self._imagenet_lock = threading.Lock()
 
     @classmethod
-    def load(
-        cls, weights_dir: str | Path = DEFAULT_WEIGHTS_DIR, device: str = "cpu"
-    ) -> "Captioner":
+    def load(cls, weights_dir: str | Path = DEFAULT_WEIGHTS_DIR, device: str = "cpu") -> Captioner:
         weights_dir = Path(weights_dir)
         missing = [
             name for name in ("vocab.json", "encoder.json") if not (weights_dir / name).exists()
@@ -134,11 +132,28 @@ class Captioner:
         )
 
     @classmethod
-    def untrained(cls, seed: int = 0, words: Sequence[str] | None = None) -> "Captioner":
+    def untrained(cls, seed: int = 0, words: Sequence[str] | None = None) -> Captioner:
         """Random decoders over a small vocabulary: the full API, for tests of the plumbing."""
         torch.manual_seed(seed)
         vocab = Vocabulary(
-            list(words or "a large small red green blue circle square and to the left of".split())
+            list(
+                words
+                or [
+                    "a",
+                    "large",
+                    "small",
+                    "red",
+                    "green",
+                    "blue",
+                    "circle",
+                    "square",
+                    "and",
+                    "to",
+                    "the",
+                    "left",
+                    "of",
+                ]
+            )
         )
         encoder = Encoder()
         decoders = {

@@ -10,9 +10,6 @@ from pathlib import Path
 
 import torch
 
-from model.domain import CALIBRATION_SEED_BASE, DOMAIN_FILE, DomainCheck, fit_domain
-from model.encoder import TOP_FIRST_BLOCK, TUNED_TOP_FILE, EncoderConfig
-from model.evaluate import evaluate_scenes, format_table
 from model.data.sources import (
     TEST_SEED_BASE,
     TRAINING_JPEG_QUALITY,
@@ -20,6 +17,9 @@ from model.data.sources import (
     TRAINING_SIZES,
     VAL_SEED_BASE,
 )
+from model.domain import CALIBRATION_SEED_BASE, DOMAIN_FILE, DomainCheck, fit_domain
+from model.encoder import TOP_FIRST_BLOCK, TUNED_TOP_FILE, EncoderConfig
+from model.evaluate import evaluate_scenes, format_table
 from model.train import TrainConfig, run
 
 

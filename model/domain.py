@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -97,7 +97,7 @@ class DomainCheck:
         )
 
     @classmethod
-    def load(cls, path: str | Path) -> "DomainCheck":
+    def load(cls, path: str | Path) -> DomainCheck:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         return cls(
             saved["mean"].float(),
@@ -213,8 +213,8 @@ def fit_domain(
 ) -> DomainCheck:
     """Fit on training renders, calibrate on held-out renders, measure on the model card's held-out
     scenes and on non-scenes; the result's info holds every measured rate."""
-    from model.nonscenes import nonscenes
     from model.data.sources import TEST_SEED_BASE, TRAIN_SEED_BASE, scene_key, training_variant
+    from model.nonscenes import nonscenes
 
     started = time.time()
     seeds = range(TRAIN_SEED_BASE, TRAIN_SEED_BASE + fit_scenes)

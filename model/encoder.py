@@ -159,7 +159,7 @@ class EncoderTop(nn.Module):
         self.blocks = blocks
 
     @classmethod
-    def pretrained(cls) -> "EncoderTop":
+    def pretrained(cls) -> EncoderTop:
         """A trainable copy of the ImageNet top (batch norms folded, as in the Encoder)."""
         network = fold_batch_norms(load_efficientnet_lite0())
         return cls(nn.ModuleList(network._blocks[TOP_FIRST_BLOCK:])).requires_grad_(True)

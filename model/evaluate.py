@@ -9,12 +9,12 @@ the share of shape words whose attention argmax falls on the object they name.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from model.cache import Example
 from model.captioner import Captioner
-from model.metrics import bleu, cider
 from model.data.sources import TEST_SEED_BASE, load_image, scene_examples
+from model.metrics import bleu, cider
 from model.vocab import fold_articles, tokenize
 
 # The held-out sets of the model card: the same 1,000 scenes three ways.

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont

@@ -90,7 +90,23 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 def text_page(side: int = 600, seed: int = 0) -> Image.Image:
     rng = random.Random(seed)
-    words = "the model reads a picture and writes what it sees in words one after another".split()
+    words = [
+        "the",
+        "model",
+        "reads",
+        "a",
+        "picture",
+        "and",
+        "writes",
+        "what",
+        "it",
+        "sees",
+        "in",
+        "words",
+        "one",
+        "after",
+        "another",
+    ]
     page = Image.new("RGB", (side, int(side * 1.3)), (250, 250, 245))
     draw, font = ImageDraw.Draw(page), _font(18)
     for y in range(30, page.height - 30, 26):

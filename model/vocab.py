@@ -46,7 +46,7 @@ class Vocabulary:
         self.pad, self.bos, self.eos, self.unk = (self.index[s] for s in SPECIALS)
 
     @classmethod
-    def build(cls, captions, min_count: int = 1) -> "Vocabulary":
+    def build(cls, captions, min_count: int = 1) -> Vocabulary:
         counts = Counter(word for caption in captions for word in tokenize(caption))
         return cls(sorted(w for w, n in counts.items() if n >= min_count))
 
@@ -65,5 +65,5 @@ class Vocabulary:
         Path(path).write_text(json.dumps(self.words, indent=0) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Vocabulary":
+    def load(cls, path: str | Path) -> Vocabulary:
         return cls(json.loads(Path(path).read_text()))

@@ -16,10 +16,6 @@ import itertools
 
 import pytest
 import pytest_asyncio
-from PIL import Image
-
-from bot.emulator import BotAPIEmulator
-from bot.texts import OUTSIDE_DOMAIN
 from bot_helpers import (  # noqa: F401 (emu: fixture)
     HAVE_WEIGHTS,
     TOKEN,
@@ -33,6 +29,10 @@ from bot_helpers import (  # noqa: F401 (emu: fixture)
     reply_id,
     start_bot,
 )
+from PIL import Image
+
+from bot.emulator import BotAPIEmulator
+from bot.texts import OUTSIDE_DOMAIN
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(180)]
 

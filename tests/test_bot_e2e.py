@@ -19,13 +19,6 @@ import zlib
 
 import pytest
 import pytest_asyncio
-from PIL import Image
-
-from bot.emulator import BotAPIEmulator
-from bot.texts import COMMANDS, EMPTY_CAPTION
-from model.data.scenes import render_scene
-from model.data.semantics import parse, words
-from model.figure import figure_size
 from bot_helpers import (  # noqa: F401 (emu: fixture)
     HAVE_WEIGHTS,
     REPO,
@@ -40,6 +33,13 @@ from bot_helpers import (  # noqa: F401 (emu: fixture)
     reply_id,
     start_bot,
 )
+from PIL import Image
+
+from bot.emulator import BotAPIEmulator
+from bot.texts import COMMANDS, EMPTY_CAPTION
+from model.data.scenes import render_scene
+from model.data.semantics import parse, words
+from model.figure import figure_size
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
 

@@ -7,9 +7,8 @@ import io
 
 import pytest
 import pytest_asyncio
-from PIL import Image
-
 from bot_helpers import dump_output, emu, image_bytes, start_bot  # noqa: F401 (emu: fixture)
+from PIL import Image
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
 

@@ -7,7 +7,6 @@ import sys
 import textwrap
 
 import pytest
-
 from bot_helpers import REPO
 
 TOKEN = "987654:AAsecret-Token_value"

@@ -11,9 +11,9 @@ import sys
 
 import aiohttp
 import pytest
+from bot_helpers import TOKEN, BotProcess, bot_env, dump_output, image_bytes
 
 from bot.emulator import BotAPIEmulator
-from bot_helpers import TOKEN, BotProcess, bot_env, dump_output, image_bytes
 
 pytestmark = [pytest.mark.timeout(120)]
 

@@ -7,10 +7,10 @@ import signal
 import time
 
 import pytest
+from bot_helpers import TOKEN, dump_output, image_bytes, start_bot
 
 from bot import texts
 from bot.emulator import BotAPIEmulator
-from bot_helpers import TOKEN, dump_output, image_bytes, start_bot
 
 pytestmark = [pytest.mark.timeout(120)]
 

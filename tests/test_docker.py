@@ -33,10 +33,10 @@ from types import SimpleNamespace
 import pytest
 import pytest_asyncio
 import yaml
+from bot_helpers import HAVE_WEIGHTS, REPO, TOKEN, BotProcess, emu, image_bytes  # noqa: F401 (emu: fixture)
 from PIL import Image
 
 from bot.emulator import BotAPIEmulator
-from bot_helpers import HAVE_WEIGHTS, REPO, TOKEN, BotProcess, emu, image_bytes  # noqa: F401 (emu: fixture)
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(600)]
 module_loop = pytest.mark.asyncio(loop_scope="module")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from model.captioner import DEFAULT_WEIGHTS_DIR, Captioner, Encoded
+from model.data.sources import scene_key
 from model.domain import (
     DOMAIN_FILE,
     REPORTED_RENDERS,
@@ -20,7 +21,6 @@ from model.domain import (
     render_name,
 )
 from model.nonscenes import generated_nonscenes, nonscenes
-from model.data.sources import scene_key
 
 FRESH_SEEDS = (
     50_000_000  # never used to fit (0..) or calibrate (40M..) the check, nor by the card (20M..)

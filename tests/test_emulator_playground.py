@@ -43,9 +43,8 @@ def page_token(page: str) -> str:
 @pytest.fixture
 async def http(emu):
     """A client that behaves like the page: it read the page's token first."""
-    async with aiohttp.ClientSession(base_url=emu.base_url) as first:
-        async with first.get("/") as resp:
-            token = page_token(await resp.text())
+    async with aiohttp.ClientSession(base_url=emu.base_url) as first, first.get("/") as resp:
+        token = page_token(await resp.text())
     async with aiohttp.ClientSession(
         base_url=emu.base_url,
         timeout=aiohttp.ClientTimeout(total=20),

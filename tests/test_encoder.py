@@ -1,6 +1,5 @@
 """The encoder: real ImageNet weights, the right preprocessing, a colour-aware grid."""
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

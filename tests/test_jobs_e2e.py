@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
+from bot_helpers import TOKEN, BotProcess, bot_env, dump_output, emu, image_bytes, numbered_lines  # noqa: F401
+from redis_helpers import redis_server  # noqa: F401 (fixture)
 
 from bot.jobs.consumer import HOLD_BATCH_ENV
 from bot.jobs.frontend import HOLD_CONFIRM_ENV
-from bot_helpers import TOKEN, BotProcess, bot_env, dump_output, emu, image_bytes, numbered_lines  # noqa: F401
-from redis_helpers import redis_server  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 

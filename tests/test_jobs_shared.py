@@ -12,6 +12,7 @@ import redis
 import redis.asyncio as aioredis
 import torch
 from PIL import Image
+from redis_helpers import redis_server  # noqa: F401 (fixture)
 
 from bot.jobs.shared import (
     RedisEncodedCache,
@@ -22,7 +23,6 @@ from bot.jobs.shared import (
 )
 from bot.worker import _CacheEntry
 from model.captioner import Encoded
-from redis_helpers import redis_server  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.timeout(30)
 _prefixes = itertools.count()

@@ -10,10 +10,10 @@ import json
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
+from redis_helpers import free_port, redis_server  # noqa: F401 (fixture)
 
 from bot.jobs.record import JobRecord
 from bot.jobs.transport import QueueFullError, RedisTransport, UnreachableError, wait_for_redis
-from redis_helpers import free_port, redis_server  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.timeout(30)
 _prefixes = itertools.count()

@@ -11,11 +11,11 @@ import time
 import pytest
 import structlog.testing
 from aiogram.types import User
+from bot_helpers import REPO
 
 from bot import health
 from bot.middlewares import AllowlistMiddleware
 from bot.worker import InferenceWorker
-from bot_helpers import REPO
 
 pytestmark = pytest.mark.timeout(30)
 

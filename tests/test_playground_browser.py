@@ -74,8 +74,8 @@ def scene_png(seed: int) -> bytes:
 
 def photo_jpeg() -> bytes:
     """A real photo, not a scene: scikit-image's chelsea (a cat)."""
-    from skimage import data
     from PIL import Image
+    from skimage import data
 
     buffer = io.BytesIO()
     Image.fromarray(data.chelsea()).save(buffer, format="JPEG", quality=90)

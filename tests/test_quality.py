@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from model.captioner import Captioner
+from model.data.sources import load_image, scene_examples
 from model.evaluate import format_table, semantic_scores
 from model.metrics import bleu, cider
-from model.data.sources import load_image, scene_examples
 from model.vocab import tokenize
 
 pytestmark = pytest.mark.slow

@@ -1,10 +1,9 @@
 """The renderer obeys every rule of shared/scenes-spec.md."""
 
-import colorsys
 import json
 import re
 from collections import Counter
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -27,12 +26,12 @@ SEEDS = range(400)
 RENDER_SEEDS = range(120)
 
 
-@lru_cache(maxsize=None)
+@cache
 def scene(seed):
     return make_scene(seed)
 
 
-@lru_cache(maxsize=None)
+@cache
 def pixels(seed, side=224):
     return np.asarray(render(scene(seed), side)).astype(int)
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from model.captioner import DomainVerdict, Label
-
 from bot import texts
 from bot.worker import AttentionResult, CaptionResult
+from model.captioner import DomainVerdict, Label
 
 OUTSIDE = DomainVerdict(False, 2.4, 1.6)
 INSIDE = DomainVerdict(True, 0.9, 1.6)

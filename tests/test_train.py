@@ -9,9 +9,9 @@ from PIL import Image, ImageDraw
 
 from model.cache import load_cache
 from model.captioner import Captioner
+from model.data.sources import VAL_SEED_BASE, dataset_examples, load_image
 from model.domain import DOMAIN_FILE
 from model.encoder import TUNED_TOP_FILE, EncoderTop
-from model.data.sources import VAL_SEED_BASE, dataset_examples, load_image
 from model.train import TrainConfig, run
 from model.vocab import fold_articles
 

@@ -35,7 +35,7 @@ def parse_formatted(text: str, parse_mode: str | None) -> tuple[str, list[dict[s
         return _MarkdownParser(text, v2=True).parse()
     if mode == "markdown":
         return _MarkdownParser(text, v2=False).parse()
-    raise bad_request(f"unsupported parse_mode")
+    raise bad_request("unsupported parse_mode")
 
 
 _COMMAND = re.compile(r"(?<![^\s])/[A-Za-z0-9_]{1,32}(?:@[A-Za-z0-9_]{3,32})?")
