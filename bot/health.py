@@ -9,6 +9,7 @@ listens on no port.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -23,10 +24,9 @@ DEFAULT_FILE = Path("/tmp/captionbot.health")
 async def heartbeat(path: Path, alive: Callable[[], bool]) -> None:
     while True:
         if alive():
-            try:
+            # a read-only or missing /tmp must not take the bot down
+            with contextlib.suppress(OSError):
                 path.write_text(f"{time.time():.0f}\n")
-            except OSError:
-                pass  # a read-only or missing /tmp must not take the bot down
         await asyncio.sleep(HEARTBEAT_EVERY_S)
 
 

@@ -14,6 +14,7 @@ same call is repeated job by job so that only the job that caused the failure fa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -345,10 +346,8 @@ class InferenceWorker:
         except TimeoutError:
             log.warning("worker_drain_timeout", left=self._queue.qsize() + len(self._in_flight))
         self._task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        except asyncio.CancelledError:
-            pass
         leftovers = list(self._in_flight)
         while not self._queue.empty():
             leftovers.append(self._queue.get_nowait())
@@ -684,8 +683,7 @@ def _batch_context(jobs: list[_Job]) -> dict[str, Any]:
 
 def _thumbnail(image: Any) -> Any:
     """A bounded-size copy for the cache (PIL images; anything else is kept as is)."""
-    if hasattr(image, "thumbnail") and hasattr(image, "copy"):
-        if max(image.size) > THUMBNAIL_SIDE:
-            image = image.copy()
-            image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    if hasattr(image, "thumbnail") and hasattr(image, "copy") and max(image.size) > THUMBNAIL_SIDE:
+        image = image.copy()
+        image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
     return image

@@ -19,12 +19,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # bench/ lives beside the package, not in it
     sys.path.insert(0, str(REPO))
 
-from bench.reference import (
+from bench.reference import (  # noqa: E402
     Reference,
     ReferenceCaptioner,
     Row,
     peak_rss_mb,
-    print_report,  # noqa: E402
+    print_report,
     reference_peak_rss_mb,
 )
 
@@ -100,7 +100,9 @@ def main(weights_dir, repeats: int = 50) -> int:
             batch
             * 1000
             / statistics.median(
-                _timed(lambda: captioner.encode(images[:batch]), max(3, repeats // batch))
+                _timed(
+                    lambda batch=batch: captioner.encode(images[:batch]), max(3, repeats // batch)
+                )
             )
         )
         rows.append(Row(f"encoder throughput, batch {batch}", per_s, "img/s", "rate"))
@@ -109,7 +111,9 @@ def main(weights_dir, repeats: int = 50) -> int:
         rows.append(
             Row(
                 f"{kind} greedy caption",
-                statistics.median(_timed(lambda: captioner.greedy(encoded, kind), repeats)),
+                statistics.median(
+                    _timed(lambda kind=kind: captioner.greedy(encoded, kind), repeats)
+                ),
                 "ms",
                 "time",
             )

@@ -7,6 +7,7 @@ memory so tests can look for log lines, and check the token never shows up in th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -124,10 +125,8 @@ class BotProcess:
             if remaining <= 0 or (self.proc and self.proc.returncode is not None):
                 raise TimeoutError(f"no matching line; output so far:\n{self.output[-3000:]}")
             self._new_line.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._new_line.wait(), min(remaining, 0.5))
-            except TimeoutError:
-                pass
 
     async def wait_for_event(
         self, name: str, timeout: float, count: int = 1

@@ -5,10 +5,10 @@ import sys
 import pytest
 from PIL import Image
 
-skimage_data = pytest.importorskip("skimage.data")
-
 from model.captioner import Captioner
 from model.imagenet import class_names
+
+skimage_data = pytest.importorskip("skimage.data")
 
 CATS = {"Egyptian cat", "tiger cat", "tabby", "Persian cat", "Siamese cat", "lynx"}
 

@@ -9,6 +9,7 @@ the event loop the emulator runs in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import itertools
 import mimetypes
@@ -322,10 +323,8 @@ class EmulatorState:
             if remaining <= 0 or self._closing:
                 return False
             changed = self._changed  # taken right after the check: no wake-up can be lost
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), remaining)
-            except TimeoutError:
-                pass
 
     # --- internals: users, chats, messages, updates ----------------------------------
 

@@ -18,6 +18,7 @@ micro-batching, the reply), then acknowledge it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -139,10 +140,8 @@ class JobConsumer:
             retry_in_s=round(delay, 2),
             error=f"{type(error).__name__}: {error}",
         )
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), delay)
-        except TimeoutError:
-            pass
 
     # ---- one job ---------------------------------------------------------------------
 

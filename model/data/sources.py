@@ -40,7 +40,8 @@ def training_variant(seed: int) -> tuple[int, int]:
     """Training scenes come at many sizes, a part JPEG-compressed, as users' files will."""
     rng = random.Random(seed * 7919 + 17)
     roll = rng.random()
-    for share, smallest, largest in TRAINING_SIZES:
+    # The loop stops at the chosen row: its sides are read after the loop.
+    for share, smallest, largest in TRAINING_SIZES:  # noqa: B007
         if roll < share:
             break
         roll -= share
