@@ -206,10 +206,13 @@ def report(r: dict, args: argparse.Namespace) -> bool:
         Row("bot peak RSS", rss, "MB", "memory", limit=TARGETS["rss_mb"]),
     ]
     notes = [
-        f"captioner={r['captioner']}, CPUs {r['cpus']} (the emulator and the reference share them), "
+        f"captioner={r['captioner']}, CPUs {r['cpus']} (the emulator and the reference share "
+        "them), "
         f"{args.single} single photos, {args.photos} photos from {args.chats} chats; "
-        f"the reference timed {len(ref.ms) // 2} photos before the bot's runs and {len(ref.ms) // 2} after",
-        f"after the batching-on run: {on['rss_anon_mb']:.0f} MB heap + {on['rss_file_mb']:.0f} MB mapped "
+        f"the reference timed {len(ref.ms) // 2} photos before the bot's runs and "
+        f"{len(ref.ms) // 2} after",
+        f"after the batching-on run: {on['rss_anon_mb']:.0f} MB heap + {on['rss_file_mb']:.0f} MB "
+        "mapped "
         "files (shared libraries)",
     ]
     return print_report("Bot benchmark (bench/bot_bench.py)", ref, rows, notes)

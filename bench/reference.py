@@ -122,8 +122,8 @@ class Reference:
     def describe(self) -> str:
         return (
             f"{self.p50:.0f} ms per photo = {self.photos_per_s:.2f} photos/s "
-            f"(median of {len(self.ms)}, fastest {self.fastest:.0f} ms, slowest {max(self.ms):.0f} ms)"
-            + (f", peak RSS {self.peak_rss_mb:.0f} MB" if self.peak_rss_mb else "")
+            f"(median of {len(self.ms)}, fastest {self.fastest:.0f} ms, slowest {max(self.ms):.0f} "
+            "ms)" + (f", peak RSS {self.peak_rss_mb:.0f} MB" if self.peak_rss_mb else "")
         )
 
 
@@ -166,7 +166,8 @@ def cpu_description() -> str:
     capability = torch.backends.cpu.get_cpu_capability()
     return (
         f"{name} ({platform.machine()}), {avx512}, {len(os.sched_getaffinity(0))} cores usable, "
-        f"torch {torch.__version__} ({blas}, {capability} kernels), load average {os.getloadavg()[0]:.1f}"
+        f"torch {torch.__version__} ({blas}, {capability} kernels), load average "
+        f"{os.getloadavg()[0]:.1f}"
     )
 
 
@@ -253,7 +254,8 @@ def print_report(title: str, ref: Reference, rows: list[Row], notes: list[str] =
     for note in notes:
         print(note)
     print(
-        "| measure | value | vs the reference (its median photo) | vs its fastest photo | target | |"
+        "| measure | value | vs the reference (its median photo) | vs its fastest photo | target | "
+        "|"
     )
     print("|---|---|---|---|---|---|")
     for row in rows:
@@ -282,7 +284,8 @@ def _main() -> int:
         return 0
     times = Reference([reference.time_photo(image) for _ in range(args.photos)])
     print(
-        f"machine: {cpu_description()}\nreference: {times.describe()}, peak RSS {peak_rss_mb():.0f} MB"
+        f"machine: {cpu_description()}\nreference: {times.describe()}, peak RSS "
+        f"{peak_rss_mb():.0f} MB"
     )
     return 0
 

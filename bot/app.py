@@ -1,4 +1,5 @@
-"""Wiring: the worker (which owns the model), the Bot and the Dispatcher, and how they start and stop."""
+"""Wiring: the worker (which owns the model), the Bot and the Dispatcher, and how they start and
+stop."""
 
 from __future__ import annotations
 

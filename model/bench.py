@@ -49,7 +49,8 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _photo():
-    """A real photo for the out-of-domain path: scikit-image's chelsea where installed, else noise."""
+    """A real photo for the out-of-domain path: scikit-image's chelsea where installed, else
+    noise."""
     from model.nonscenes import noise, skimage_photos
 
     return skimage_photos().get("chelsea") or noise()
@@ -185,7 +186,8 @@ def main(weights_dir, repeats: int = 50) -> int:
         f"encoder: {runtime.describe() if runtime is not None else 'torch'}; "
         f"{torch.get_num_threads()} torch thread(s), a batch's images encoded side by side on "
         f"{len(os.sched_getaffinity(0))} cores (as the bot runs it)",
-        f"noise: the headline ratio per round ranged {min(round_ratios):.1f}x-{max(round_ratios):.1f}x "
+        "noise: the headline ratio per round ranged "
+        f"{min(round_ratios):.1f}x-{max(round_ratios):.1f}x "
         f"over {len(round_ratios)} rounds of 1 reference photo + {per_round} of ours "
         f"(our fastest: {min(latency):.1f} ms)",
     ]

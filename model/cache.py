@@ -112,7 +112,8 @@ def build_cache(
             for rows, images in loader:
                 grid = encoder(images.to(device)).cpu()
                 rows = rows.numpy()
-                # h5py writes a contiguous slice fastest; rows of a batch are consecutive but for resumes.
+                # h5py writes a contiguous slice fastest; rows of a batch are consecutive but for
+                # resumes.
                 for start, stop, offset in _runs(rows):
                     f["grid"][start:stop] = grid[offset : offset + stop - start].half().numpy()
                     f["pooled"][start:stop] = (

@@ -1,12 +1,12 @@
 """The captioning engine's small public API: load the weights, encode pictures, write captions.
 
     cap = Captioner.load("weights")
-    encoded = cap.encode([image1, image2])          # one encoder pass for the batch
-    cap.greedy(encoded, "attention")                # -> [Caption(text, tokens, alphas), ...]
-    cap.sample(encoded, n=5, temperature=0.8)       # -> [[str] * 5, [str] * 5]
-    cap.domain(encoded)                             # -> [DomainVerdict(in_domain, score, threshold), ...]
-    cap.imagenet_labels(encoded, k=5)               # -> [[Label(label, p)] * 5, ...]
-    cap.captions(encoded, n_samples=3)              # -> [Captions(attention, baseline, samples), ...]
+    encoded = cap.encode([image1, image2])     # one encoder pass for the batch
+    cap.greedy(encoded, "attention")           # -> [Caption(text, tokens, alphas), ...]
+    cap.sample(encoded, n=5, temperature=0.8)  # -> [[str] * 5, [str] * 5]
+    cap.domain(encoded)                        # -> [DomainVerdict(in_domain, score, threshold)]
+    cap.imagenet_labels(encoded, k=5)          # -> [[Label(label, p)] * 5, ...]
+    cap.captions(encoded, n_samples=3)         # -> [Captions(attention, baseline, samples), ...]
 
 `domain` says whether each picture looks like what the decoders were trained on (model/domain.py;
 `weights/domain.pt`; weights without it, e.g. COCO-trained ones, call every picture in domain).
@@ -194,12 +194,13 @@ class Captioner:
     # -- what the picture is -----------------------------------------------------------------
     @property
     def has_domain_check(self) -> bool:
-        """False when the weights declare no training domain (no domain.pt: COCO, Karpathy, untrained)."""
+        """False when the weights declare no training domain (no domain.pt: COCO, Karpathy,
+        untrained)."""
         return self.domain_check is not None
 
     def domain(self, encoded: Sequence[Encoded]) -> list[DomainVerdict]:
-        """Is each picture like the decoders' training pictures? About 0.2 ms per image, from the grid.
-        Without a domain check every picture is in domain (score 0, threshold infinite)."""
+        """Is each picture like the decoders' training pictures? About 0.2 ms per image, from the
+        grid. Without a domain check every picture is in domain (score 0, threshold infinite)."""
         if not encoded:
             return []
         if self.domain_check is None:
@@ -208,13 +209,15 @@ class Captioner:
 
     @property
     def has_imagenet_labels(self) -> bool:
-        """The labels need EfficientNet-Lite0's 14x14 grid (the default encoder), whose block-4 share they read."""
+        """The labels need EfficientNet-Lite0's 14x14 grid (the default encoder), whose block-4
+        share they read."""
         return self.encoder.config.backbone == "efficientnet_lite0" and self.grid == (14, 14)
 
     def imagenet_labels(self, encoded: Sequence[Encoded], k: int = 5) -> list[list[Label]]:
-        """The top k ImageNet classes of each picture, by the encoder's ORIGINAL (not fine-tuned) top
-        blocks and classifier run on the grid's block-4 share: a few ms per image, on the first call
-        also the time to load them (about 0.1 s). An empty list per image without has_imagenet_labels."""
+        """The top k ImageNet classes of each picture, by the encoder's ORIGINAL (not fine-tuned)
+        top blocks and classifier run on the grid's block-4 share: a few ms per image, on the first
+        call also the time to load them (about 0.1 s). An empty list per image without
+        has_imagenet_labels."""
         if not encoded or not self.has_imagenet_labels:
             return [[] for _ in encoded]
         with self._imagenet_lock:

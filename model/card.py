@@ -1,4 +1,5 @@
-"""`make weights`: train both decoders from nothing, fit the domain check, score them, and write the model card."""
+"""`make weights`: train both decoders from nothing, fit the domain check, score them, and write the
+model card."""
 
 from __future__ import annotations
 
@@ -71,10 +72,15 @@ def quality_bar(scores: dict) -> list[str]:
 
 
 DECODER_DESCRIPTIONS = {
-    "attention": "Show-Attend-Tell LSTM, location-aware additive attention queried by the state and the last word, "
-    "gated context, deep output",
-    "baseline": "Show-and-Tell LSTM, one layout-keeping image vector ({layout_side}x{layout_side} cells, each reduced "
-    "to {layout_dim} numbers by a two-layer network) in the initial state and beside every word",
+    "attention": (
+        "Show-Attend-Tell LSTM, location-aware additive attention queried by the state and the"
+        " last word, gated context, deep output"
+    ),
+    "baseline": (
+        "Show-and-Tell LSTM, one layout-keeping image vector ({layout_side}x{layout_side} cells,"
+        " each reduced to {layout_dim} numbers by a two-layer network) in the initial state and"
+        " beside every word"
+    ),
 }
 
 WHAT_WAS_TRIED = """\
@@ -182,13 +188,19 @@ def validation(cfg: dict, images: int) -> str:
 
 
 def reproducibility(threads: int) -> str:
-    """When `make weights` writes these very files again (the test suite checks it on a tiny run)."""
+    """When `make weights` writes these very files again (the test suite checks it on a tiny
+    run)."""
     return (
-        f"- Bit-identical weights: `make weights` on a CPU, with the same torch version and {threads} training"
-        " threads (`TrainConfig.threads`), writes files with exactly the sha256 below: training is seeded, runs"
-        " torch's deterministic algorithms on a fixed thread count, and rebuilds its feature cache whenever"
-        " the encoder's config or weights differ. Another torch version, another thread count, a CPU with"
-        " other vector instructions or a GPU (bfloat16 autocast) changes the last bits of the weights."
+        "- Bit-identical weights: `make weights` on a CPU, with the same torch version and "
+        f"{threads} training"
+        " threads (`TrainConfig.threads`), writes files with exactly the sha256 below: training is "
+        "seeded, runs"
+        " torch's deterministic algorithms on a fixed thread count, and rebuilds its feature cache "
+        "whenever"
+        " the encoder's config or weights differ. Another torch version, another thread count, a "
+        "CPU with"
+        " other vector instructions or a GPU (bfloat16 autocast) changes the last bits of the "
+        "weights."
     )
 
 
@@ -250,7 +262,10 @@ ENCODER_TOP_TRAINING = (
     " The encoder's top blocks train with the attention decoder at lr {lr_encoder_top}, from the"
     " cached block-4 maps; the baseline then trains on the tuned encoder's features."
 )
-ATTENTION_SIZES = ", attention {attention_dim}, {location_filters} location filters, doubly stochastic weight {alpha_c}"
+ATTENTION_SIZES = (
+    ", attention {attention_dim}, {location_filters} location filters,"
+    " doubly stochastic weight {alpha_c}"
+)
 
 
 def decoder_line(kind: str, config: dict, weights_dir: Path) -> str:
@@ -258,8 +273,10 @@ def decoder_line(kind: str, config: dict, weights_dir: Path) -> str:
     params = sum(t.numel() for t in state.values())
     sizes = ATTENTION_SIZES.format(**config) if kind == "attention" else ""
     return (
-        f"- `{kind}.pt`: {DECODER_DESCRIPTIONS[kind].format(**config)}; {params / 1e6:.2f} M parameters;"
-        f" embed {config['embed_dim']}, hidden {config['hidden_dim']}{sizes}, dropout {config['dropout']}."
+        f"- `{kind}.pt`: {DECODER_DESCRIPTIONS[kind].format(**config)}; {params / 1e6:.2f} M "
+        "parameters;"
+        f" embed {config['embed_dim']}, hidden {config['hidden_dim']}{sizes}, dropout "
+        f"{config['dropout']}."
     )
 
 
@@ -268,7 +285,8 @@ def training_line(kind: str, report: dict) -> str:
         (k[len("best_val_") :], v) for k, v in report.items() if k.startswith("best_val_")
     )
     return (
-        f"- {kind}: best epoch {report['best_epoch']} (validation {metric.replace('_', ' ')} {value:.3f}),"
+        f"- {kind}: best epoch {report['best_epoch']} (validation {metric.replace('_', ' ')} "
+        f"{value:.3f}),"
         f" {report['seconds']:.0f} s."
     )
 
@@ -278,7 +296,10 @@ def whole_run(training: dict) -> str:
         return ""
     minutes = f"{training['total_train_seconds'] / 60:.0f} min"
     if training.get("encode_note"):  # a reused feature cache: the whole run was not timed at once
-        return f" Whole `make weights` run: about {minutes} (the parts above and the scoring added up)."
+        return (
+            f" Whole `make weights` run: about {minutes}"
+            " (the parts above and the scoring added up)."
+        )
     return f" Whole `make weights` run: {minutes}."
 
 
@@ -350,7 +371,8 @@ def files_section(weights_dir: Path) -> list[str]:
 
 
 def domain_section(weights_dir: Path) -> list[str]:
-    """The domain check's card section (empty without domain.pt), from the rates domain-fit measured."""
+    """The domain check's card section (empty without domain.pt), from the rates domain-fit
+    measured."""
     if not (weights_dir / DOMAIN_FILE).exists():
         return []
     check = DomainCheck.load(weights_dir / DOMAIN_FILE)
@@ -360,31 +382,40 @@ def domain_section(weights_dir: Path) -> list[str]:
         "",
         "Says when a picture is unlike the training scenes, so that the bot can say so instead of",
         "captioning a photo with made-up shapes (model/domain.py). Score: the Mahalanobis distance",
-        f"of the grid's per-feature mean and spread over the cells ({info.get('features')} numbers) from those of",
-        f"{info.get('fit_images')} training renders (seeds 0.., at the training sizes and JPEG qualities), their covariance",
-        f"shrunk towards the identity by Ledoit-Wolf ({info.get('shrinkage')}) and kept to {info.get('components')} principal axes plus one",
+        f"of the grid's per-feature mean and spread over the cells ({info.get('features')} "
+        "numbers) from those of",
+        f"{info.get('fit_images')} training renders (seeds 0.., at the training sizes and JPEG "
+        "qualities), their covariance",
+        f"shrunk towards the identity by Ledoit-Wolf ({info.get('shrinkage')}) and kept to "
+        f"{info.get('components')} principal axes plus one",
         "variance for the rest. No photo is used to fit it.",
     ]
     if "calibration_renders" in info:
         lines += [
-            f"- Threshold {check.threshold:.3f}: the highest, over {len(info['calibration_renders'])} render conditions"
+            f"- Threshold {check.threshold:.3f}: the highest, over "
+            f"{len(info['calibration_renders'])} render conditions"
             f" ({', '.join(info['calibration_renders'])}),",
-            f"  of the score that rejects {100 * (1 - info['threshold_quantile']):.1f} % of {info['calibration_scenes']}"
+            f"  of the score that rejects {100 * (1 - info['threshold_quantile']):.1f} % of "
+            f"{info['calibration_scenes']}"
             f" held-out scenes (seeds from {CALIBRATION_SEED_BASE:,}) rendered that way.",
-            f"- Rejected, of the {info['test_scenes']} held-out test scenes (seeds from {TEST_SEED_BASE:,}): "
+            f"- Rejected, of the {info['test_scenes']} held-out test scenes (seeds from "
+            f"{TEST_SEED_BASE:,}): "
             + ", ".join(
                 f"{name} {100 * share:.1f} %" for name, share in info["test_rejected"].items()
             )
             + " (bar: at most 1 %).",
-            f"- Rejected, of {info['nonscenes']} pictures that are not scenes (every photo scikit-image bundles, the colour"
-            f" ones also in greyscale, a page of text, a bar chart, a pie chart, colour and grey noise; model/nonscenes.py):"
+            f"- Rejected, of {info['nonscenes']} pictures that are not scenes (every photo "
+            "scikit-image bundles, the colour"
+            " ones also in greyscale, a page of text, a bar chart, a pie chart, colour and grey "
+            "noise; model/nonscenes.py):"
             f" {100 * info['nonscenes_rejected']:.1f} % (bar: at least 95 %)"
             + (
                 f"; let through: {', '.join(info['nonscenes_accepted'])}."
                 if info["nonscenes_accepted"]
                 else "."
             ),
-            f"- Fitting, calibrating and measuring all this (`python -m model domain-fit`): {info['seconds'] / 60:.0f} min.",
+            "- Fitting, calibrating and measuring all this (`python -m model domain-fit`): "
+            f"{info['seconds'] / 60:.0f} min.",
         ]
     else:
         lines.append(f"- Threshold {check.threshold:.3f}. {info.get('provisional', '')}")

@@ -97,7 +97,8 @@ def caption_command(args) -> int:
 
 
 def domain_json(verdict) -> dict:
-    """A DomainVerdict as JSON; without a domain check (threshold infinite) score and threshold are null."""
+    """A DomainVerdict as JSON; without a domain check (threshold infinite) score and threshold are
+    null."""
     finite = math.isfinite(verdict.threshold)
     return {
         "in_domain": verdict.in_domain,
@@ -132,7 +133,8 @@ def _plain(entry: dict, decoders: list[str], beam: bool) -> str:
     for kind in decoders:
         part = entry[kind]
         lines.append(
-            f"  {kind:9s} {'beam' if beam else 'greedy'}: {part['beam'] if beam else part['greedy']}"
+            f"  {kind:9s} {'beam' if beam else 'greedy'}: "
+            f"{part['beam'] if beam else part['greedy']}"
         )
         lines += [f"  {'':9s} {i}. {text}" for i, text in enumerate(part["samples"], start=1)]
     if "heatmap" in entry:
@@ -210,7 +212,8 @@ def domain_fit_command(args) -> int:
     if (weights / "MODEL_CARD.md").exists():
         update_card(weights)
     print(
-        f"{weights / DOMAIN_FILE}: threshold {check.threshold:.3f}; rejected {check.info['test_rejected']} "
+        f"{weights / DOMAIN_FILE}: threshold {check.threshold:.3f}; rejected "
+        f"{check.info['test_rejected']} "
         f"of held-out scenes, {check.info['nonscenes_rejected']} of non-scenes"
     )
     return 0

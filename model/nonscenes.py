@@ -54,8 +54,8 @@ def _as_image(array: np.ndarray) -> Image.Image | None:
 
 
 def skimage_photos() -> dict[str, Image.Image]:
-    """name -> picture for every skimage.data photo present offline, plus `<name> (grey)` for colour ones.
-    Empty when scikit-image is not installed."""
+    """name -> picture for every skimage.data photo present offline, plus `<name> (grey)` for
+    colour ones. Empty when scikit-image is not installed."""
     try:
         import skimage.data as data
     except ImportError:

@@ -13,7 +13,7 @@ training and for GPUs.
     CAPTION_CACHE_DIR         where exported graphs go (default $XDG_CACHE_HOME/captionbot,
                               else ~/.cache/captionbot)
 
-    python -m model.onnx_encoder [--weights weights]    # build the cached graph now (Docker build, CI)
+    python -m model.onnx_encoder [--weights weights]  # build the cached graph now (Docker, CI)
 """
 
 from __future__ import annotations
@@ -89,11 +89,15 @@ class OnnxEncoder:
         return torch.from_numpy(self.session.run(None, {self.input_name: pixels})[0])
 
     def describe(self) -> str:
-        return f"ONNX Runtime {self._ort.__version__} ({self.path.name}, {self.threads} thread(s) per call)"
+        return (
+            f"ONNX Runtime {self._ort.__version__} ({self.path.name}, "
+            f"{self.threads} thread(s) per call)"
+        )
 
 
 def attach(encoder) -> str:
-    """Run `encoder` through ONNX Runtime where it can; returns a line saying which runtime is used."""
+    """Run `encoder` through ONNX Runtime where it can; returns a line saying which runtime is
+    used."""
     encoder.runtime = None
     wanted = os.environ.get(RUNTIME_ENV, "auto").strip().lower()
     if wanted == "torch":

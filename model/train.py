@@ -47,47 +47,57 @@ class TrainConfig:
     # fmt: off
     data: str = "scenes"                  # scenes | coco | karpathy
     decoder: str = "both"                 # baseline | attention | both
-    out_dir: str = "weights"              # where the weights go: vocab, encoder config, decoder checkpoints
+    out_dir: str = "weights"              # where the weights go: vocab, encoder config, decoder
+                                          # checkpoints
     work_dir: str = "runs/scenes"         # feature caches and logs
     backbone: str = "efficientnet_lite0"  # efficientnet_lite0 | resnet50 | resnet101 | inception_v3
-    cell_px: int = 16                     # 16 | 32: EfficientNet-Lite0 grid cells of 16 px (14x14 at 224 px)
-                                          # or 32 px (7x7, a 4x smaller cache); see EncoderConfig.cell_px
+    cell_px: int = 16                     # 16 | 32: EfficientNet-Lite0 grid cells of 16 px (14x14
+                                          # at 224 px) or 32 px (7x7, a 4x smaller cache); see
+                                          # EncoderConfig.cell_px
     # scenes
     train_scenes: int = 16_000            # training scenes
-    val_scenes: int = 500                 # validation scenes, each rendered once per val_renders entry
-    # Each validation scene is rendered once per (side, JPEG quality; 0: PNG) here, and the best epoch
-    # is the one with the best exact match over all of them: a caption should survive a small JPEG.
+    val_scenes: int = 500                 # validation scenes, each rendered once per val_renders
+                                          # entry
+    # Each validation scene is rendered once per (side, JPEG quality; 0: PNG) here, and the best
+    # epoch is the one with the best exact match over all of them: a caption should survive a small
+    # JPEG.
     val_renders: tuple = ((224, 0), (96, 70))
     # real datasets (paths the user brings)
     captions_json: str = ""               # COCO captions_train2017.json
     val_captions_json: str = ""           # COCO captions_val2017.json
     karpathy_json: str = ""               # dataset_coco.json / dataset_flickr8k.json
-    images_dir: str = ""                  # the training images (and the validation ones, if no other)
+    images_dir: str = ""                  # the training images (and the validation ones, if no
+                                          # other)
     val_images_dir: str = ""              # the validation images
     max_val_images: int = 1000            # photos kept for validation
     min_word_count: int = 5               # photos: rarer words become <unk>; scenes use every word
     # optimisation
-    epochs: int = 24                      # epochs of the baseline, and of the attention decoder unless
-                                          # --attention-epochs says otherwise
-    attention_epochs: int = 12            # each epoch also trains the encoder's top (below): 1.6x the time
+    epochs: int = 24                      # epochs of the baseline, and of the attention decoder
+                                          # unless --attention-epochs says otherwise
+    attention_epochs: int = 12            # each epoch also trains the encoder's top (below): 1.6x
+                                          # the time
     batch_size: int = 96
     lr: float = 1e-3                      # learning rate of the attention decoder (at 2e-3 its
                                           # validation score swung by 15 points)
     lr_baseline: float = 2e-3             # the simpler baseline learns steadily at twice the rate
-    lr_encoder_top: float = 3e-4          # learning rate of the encoder's last blocks (5-6), fine-tuned
-                                          # with the attention decoder; 0: frozen
+    lr_encoder_top: float = 3e-4          # learning rate of the encoder's last blocks (5-6),
+                                          # fine-tuned with the attention decoder; 0: frozen
     weight_decay: float = 0.0
-    warmup_steps: int = 200               # steps of linear warm-up before the cosine decay (warmup_cosine)
-    lr_floor: float = 0.05                # where the cosine decay ends, as a share of each learning rate
+    warmup_steps: int = 200               # steps of linear warm-up before the cosine decay
+                                          # (warmup_cosine)
+    lr_floor: float = 0.05                # where the cosine decay ends, as a share of each learning
+                                          # rate
     grad_clip: float = 5.0                # gradient norm clipped to this
     max_len: int = 18                     # words per caption in training (longer ones are cut)
-    patience: int = 30                    # epochs without a better validation score (the schedule ends
-                                          # at a low rate, where the best epochs are: stop late)
+    patience: int = 30                    # epochs without a better validation score (the schedule
+                                          # ends at a low rate, where the best epochs are: stop
+                                          # late)
     seed: int = 0
     device: str = "auto"                  # auto | cpu | cuda
     encode_batch: int = 32                # images per encoder pass while building the caches
     workers: int = 1                      # processes that render or read pictures for the caches
-    threads: int = 2                      # torch CPU threads while training: fixed, for bit-identical weights
+    threads: int = 2                      # torch CPU threads while training: fixed, for
+                                          # bit-identical weights
     decoder_overrides: dict = field(default_factory=dict)   # e.g. {"hidden_dim": 512}
     # fmt: on
 
@@ -200,7 +210,8 @@ def tunes_encoder_top(kind: str, config: TrainConfig) -> bool:
 
 
 def regrid_all(grid: torch.Tensor, top: EncoderTop, device, batch_size: int = 256) -> torch.Tensor:
-    """Every cached grid with its top share recomputed by `top` (no gradients), float16 on the CPU."""
+    """Every cached grid with its top share recomputed by `top` (no gradients), float16 on the
+    CPU."""
     top.eval()
     with torch.inference_mode():
         return torch.cat(
@@ -216,7 +227,8 @@ def train_decoder(
 ) -> dict:
     """Train one decoder. The attention decoder also fine-tunes the encoder's top blocks (unless
     lr_encoder_top is 0): ImageNet features of small, blurred objects named their shapes poorly,
-    and the top learns from the cache alone (EncoderTop.regrid). Its best state goes to encoder_top.pt."""
+    and the top learns from the cache alone (EncoderTop.regrid). Its best state goes to
+    encoder_top.pt."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     decoder_config = DecoderConfig(
@@ -316,7 +328,8 @@ def prepare(config: TrainConfig, device: torch.device, log=print):
     train_examples, val_examples = dataset_examples(config)
     work = Path(config.work_dir)
     log(
-        f"encoding {len(train_examples)} training and {len(val_examples)} validation images -> {work}"
+        f"encoding {len(train_examples)} training and {len(val_examples)} validation images -> "
+        f"{work}"
     )
     started = time.time()
     for name, examples in (("train", train_examples), ("val", val_examples)):

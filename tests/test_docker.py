@@ -261,7 +261,8 @@ def build(engine, tmp_path_factory, request):
     say(
         request,
         f"{TAG} built in {build_s:.0f} s from {base_image} ({prepared_s:.0f} s for the "
-        f"base image and the {'local wheels, offline build' if torch_wheel else 'context, online build'}); "
+        "base image and the "
+        f"{'local wheels, offline build' if torch_wheel else 'context, online build'}); "
         f"{size / 1e9:.2f} GB",
     )
     yield SimpleNamespace(tag=TAG, context=context, size=size, base=base_image)

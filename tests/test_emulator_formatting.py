@@ -28,7 +28,8 @@ def test_offsets_are_utf16_code_units():
 
 def test_html_nested_links_pre_and_escapes():
     text, entities = parse_formatted(
-        '<a href="https://example.org"><b>x</b>y</a> &lt;3 <pre><code class="language-python">p</code></pre>',
+        '<a href="https://example.org"><b>x</b>y</a> &lt;3 <pre><code '
+        'class="language-python">p</code></pre>',
         "HTML",
     )
     assert text == "xy <3 p"

@@ -55,7 +55,10 @@ def test_bot_process_does_not_pay_for_torchvision():
     import subprocess
     import sys
 
-    code = "import sys; from model.captioner import Captioner; Captioner.load(); print('torchvision' in sys.modules)"
+    code = (
+        "import sys; from model.captioner import Captioner; Captioner.load(); "
+        "print('torchvision' in sys.modules)"
+    )
     assert (
         subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True
@@ -86,7 +89,8 @@ def test_coarser_cells_average_the_same_features():
     fine = Encoder(EncoderConfig(cell_px=16))(image).view(1, 14, 14, -1)
     coarse = Encoder(EncoderConfig(cell_px=32))(image).view(1, 7, 7, -1)
     assert coarse.shape[-1] == fine.shape[-1]
-    # The 7x7 grid is the 14x14 one pooled 2x2 (the deepest map, 7x7 itself, repeated then averaged).
+    # The 7x7 grid is the 14x14 one pooled 2x2 (the deepest map, 7x7 itself, repeated then
+    # averaged).
     pooled = torch.nn.functional.avg_pool2d(fine.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
     torch.testing.assert_close(pooled, coarse, rtol=1e-4, atol=1e-4)
 

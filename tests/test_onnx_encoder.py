@@ -135,7 +135,8 @@ def test_runtime_torch_is_honoured(bare_encoder, monkeypatch):
 def test_serving_process_does_not_import_the_exporter(captioners, cache):
     code = (
         "import sys; from model.captioner import Captioner; c = Captioner.load(); "
-        "print(c.encoder.runtime is not None, any(m.split('.')[0] in ('onnx', 'onnxscript') for m in sys.modules))"
+        "print(c.encoder.runtime is not None, any(m.split('.')[0] in ('onnx', 'onnxscript') for m "
+        "in sys.modules))"
     )
     env = {**__import__("os").environ, onnx_encoder.CACHE_ENV: str(cache)}
     out = subprocess.run(

@@ -353,7 +353,8 @@ def drop_file(page, name: str, data: bytes) -> None:
             const transfer = new DataTransfer();
             transfer.items.add(new File([bytes], name, {type: "image/png"}));
             for (const type of ["dragenter", "dragover", "drop"]) {
-                document.body.dispatchEvent(new DragEvent(type, {dataTransfer: transfer, bubbles: true, cancelable: true}));
+                document.body.dispatchEvent(new DragEvent(type,
+                    {dataTransfer: transfer, bubbles: true, cancelable: true}));
             }
         }""",
         [name, base64.b64encode(data).decode()],
@@ -415,8 +416,10 @@ async def test_page_renders_what_the_bot_sends_safely():
                 sent = await bot.send_message(
                     chat,
                     '😀 <b>bold <i>both</i></b> <a href="https://example.org">link</a> '
-                    '<a href="javascript:alert(1)">js</a> <code>&lt;img src=x onerror=alert(1)&gt;</code> '
-                    '<tg-spoiler>secret</tg-spoiler>\n<pre><code class="language-python">print(1)</code></pre>'
+                    '<a href="javascript:alert(1)">js</a> <code>&lt;img src=x '
+                    "onerror=alert(1)&gt;</code> "
+                    "<tg-spoiler>secret</tg-spoiler>\n<pre><code "
+                    'class="language-python">print(1)</code></pre>'
                     "<u>end</u> /help",
                     parse_mode="HTML",
                     reply_to_message_id=start.message_id,

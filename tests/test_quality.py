@@ -128,7 +128,8 @@ def fresh(captioner) -> dict:
 def test_fresh_scenes_are_not_significantly_below_the_bar(fresh):
     base = fresh[BASE]
     for (decoder, measure), (comparison, bar) in BAR.items():
-        # Hallucination is a share of the named groups (about two per scene), the rest of the scenes.
+        # Hallucination is a share of the named groups (about two per scene), the rest of the
+        # scenes.
         n = FRESH * (2 if measure == "hallucination_rate" else 1)
         value = base[decoder][measure]
         assert meets(value, comparison, bar, Z * standard_error(bar, n)), (

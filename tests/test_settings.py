@@ -155,7 +155,8 @@ def test_webhook_mode_requires_url_secret_and_token():
 def test_environment_wins_over_the_dotenv_file(tmp_path):
     dotenv = tmp_path / ".env"
     dotenv.write_text(
-        f"TELEGRAM_BOT_TOKEN={TOKEN}\nQUEUE_MAX=7\nBATCH_MAX=4\n# comment\nALLOWED_USER_IDS=1, 2,3\n"
+        f"TELEGRAM_BOT_TOKEN={TOKEN}\nQUEUE_MAX=7\nBATCH_MAX=4\n# comment\nALLOWED_USER_IDS=1, "
+        "2,3\n"
     )
     settings = Settings.from_env({"BATCH_MAX": "2"}, dotenv_path=dotenv)
     assert settings.token == TOKEN and settings.queue_max == 7 and settings.batch_max == 2

@@ -47,7 +47,8 @@ def test_tiny_scene_training_lowers_the_loss_and_writes_loadable_weights(tmp_pat
         tmp_path / "run" / "training.json"
     ).exists()
 
-    # The attention decoder fine-tuned the encoder's top, and the baseline then read the tuned features.
+    # The attention decoder fine-tuned the encoder's top, and the baseline then read the tuned
+    # features.
     assert results["decoders"]["attention"]["tuned_encoder_top"]
     tuned = torch.load(tmp_path / "w" / TUNED_TOP_FILE, weights_only=True)
     pretrained = EncoderTop.pretrained().state_dict()

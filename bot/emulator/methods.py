@@ -480,7 +480,8 @@ def _inline_markup(markup: Any) -> dict[str, Any] | None:
         for button in row:
             if not isinstance(button, dict) or not button.get("text"):
                 raise bad_request(
-                    "can't parse inline keyboard button: Text buttons are unallowed in the inline keyboard"
+                    "can't parse inline keyboard button: Text buttons are unallowed in the inline "
+                    "keyboard"
                 )
             if "callback_data" in button:
                 size = len(str(button["callback_data"]).encode())
@@ -500,6 +501,7 @@ def _inline_markup(markup: Any) -> dict[str, Any] | None:
                 )
             ):
                 raise bad_request(
-                    "can't parse inline keyboard button: Text buttons are unallowed in the inline keyboard"
+                    "can't parse inline keyboard button: Text buttons are unallowed in the inline "
+                    "keyboard"
                 )
     return {"inline_keyboard": copy.deepcopy(rows)}

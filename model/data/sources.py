@@ -94,7 +94,8 @@ def dataset_examples(config: TrainConfig) -> tuple[list[Example], list[Example]]
     if config.data == "coco":
         if not (config.captions_json and config.images_dir):
             raise SystemExit(
-                "--data coco needs --captions-json and --images-dir (and --val-captions-json/--val-images-dir)"
+                "--data coco needs --captions-json and --images-dir (and "
+                "--val-captions-json/--val-images-dir)"
             )
         train = datasets.load_coco(config.captions_json, config.images_dir, "train")
         val = (
