@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: test run bench eval weights browser redis docker-engine docker-clean clean
+.PHONY: lint test run bench eval weights browser redis docker-engine docker-clean clean
 
 # torch/torchvision are pinned to the builds this project's machines carry on disk; the project's
 # own dependency ranges then accept them instead of downloading others.
@@ -55,7 +55,13 @@ docker-clean:
 	-docker image prune -f --filter label=org.opencontainers.image.title=captionbot
 	-docker rmi captionbot-base:bookworm-py3.11
 
-test: $(STAMP) browser redis docker-engine
+# Style, common bugs and types: a new finding fails `make test` (and CI) before any test runs.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint $(STAMP) browser redis docker-engine
 	$(PY) -m pytest
 
 run: $(STAMP)

@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,7 +205,8 @@ class Row:
         on a busy machine the reference's two-threaded run suffers most, and its median flatters us.
         against=0 judges it against the reference's median photo instead."""
         if self.need is not None:
-            return self.ratios(ref)[against] >= self.need
+            ratios = self.ratios(ref)  # None: a memory ratio without the reference's peak RSS
+            return None if ratios is None else ratios[against] >= self.need
         if self.limit is not None:
             return self.value <= self.limit
         if self.least is not None:
@@ -241,7 +243,7 @@ class Row:
         ]
 
 
-def print_report(title: str, ref: Reference, rows: list[Row], notes: list[str] = ()) -> bool:
+def print_report(title: str, ref: Reference, rows: list[Row], notes: Sequence[str] = ()) -> bool:
     """A markdown table: every figure, its ratios to the reference, its target, ok or MISSED."""
     print(f"\n{title}")
     print(f"machine: {cpu_description()}")

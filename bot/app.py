@@ -184,6 +184,7 @@ class BotApp:
         try:
             await self.dispatcher.emit_startup(bot=self.bot)
             await site.start()
+            assert settings.webhook_url is not None  # the settings require it in webhook mode
             await self.bot.set_webhook(
                 settings.webhook_url,
                 secret_token=settings.webhook_secret_value,

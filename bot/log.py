@@ -122,7 +122,7 @@ def setup_logging(log_format: str = "console", level: str = "INFO") -> None:
 
     log = structlog.get_logger("bot")
 
-    def log_uncaught(exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
+    def log_uncaught(exc_type, exc, tb) -> None:
         if issubclass(exc_type, KeyboardInterrupt):
             return
         log.critical("uncaught_exception", exc_info=(exc_type, exc, tb))

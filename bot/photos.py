@@ -159,7 +159,9 @@ async def download(bot: Bot, photo: PhotoRef, *, max_bytes: int, retry_budget_s:
     url = bot.session.api.file_url(bot.token, file.file_path)
 
     async def fetch() -> bytes:
-        session = await bot.session.create_session()
+        # the bot's session is aiogram's AiohttpSession (bot/app.py), which BaseSession's type
+        # does not promise
+        session = await bot.session.create_session()  # type: ignore[attr-defined]
         async with session.get(url, timeout=30) as response:
             if response.status >= 500:
                 raise _TransientDownloadError(f"HTTP {response.status}")

@@ -107,7 +107,8 @@ class RetryMiddleware(BaseRequestMiddleware):
         if isinstance(method, GetUpdates | SendChatAction):
             # Polling retries by itself; a late "typing..." after the reply is worse
             # than none, so chat actions are best-effort.
-            return await make_request(bot, method)
+            # narrowed by isinstance, which aiogram's generic middleware type cannot follow
+            return await make_request(bot, method)  # type: ignore[arg-type]
         budget = self.budget_s
         if isinstance(method, AnswerCallbackQuery):
             budget = min(budget, CALLBACK_ANSWER_BUDGET_S)

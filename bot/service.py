@@ -108,7 +108,7 @@ class CaptionService:
             reply = self._reply_to(reply_to)
             caption = texts.attention_caption(result)
             try:
-                sent = await self.bot.send_photo(
+                sent: Message | None = await self.bot.send_photo(
                     chat_id,
                     png,
                     caption=caption,

@@ -596,13 +596,13 @@ class InferenceWorker:
                 groups.setdefault((job.n, job.temperature), []).append(job)
         for (n, temperature), group in groups.items():
             group = _alive(group)
-            texts = self._batched(
-                group,
-                "sample",
-                lambda g, n=n, t=temperature: self._captioner.sample(
+
+            def sample(g: list[_Job], n: int = n, t: float = temperature) -> list[list[str]]:
+                return self._captioner.sample(
                     [job.encoded for job in g], n, decoder="attention", temperature=t
-                ),
-            )
+                )
+
+            texts = self._batched(group, "sample", sample)
             for job, samples in zip(group, texts):
                 job.samples = samples
 

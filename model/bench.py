@@ -153,6 +153,7 @@ def main(weights_dir, repeats: int = 50) -> int:
         )
     )
     caption = captioner.greedy(encoded, "attention")[0]
+    assert caption.alphas is not None  # the attention decoder's caption has its maps
     rows.append(
         Row(
             "attention figure",

@@ -37,7 +37,7 @@ from model.decoders import MAX_LEN, DecoderConfig, beam_search, build_decoder, s
 from model.devices import resolve_device
 from model.domain import DOMAIN_FILE, DomainCheck, DomainVerdict
 from model.encoder import TUNED_TOP_FILE, Encoder, EncoderConfig, preprocess
-from model.imagenet import Label
+from model.imagenet import ImageNetHead, Label
 from model.vocab import Vocabulary, with_articles
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -94,7 +94,7 @@ class Captioner:
         self.grid = encoder.grid
         self.domain_check = domain_check
         self._banned = (vocab.pad, vocab.unk)
-        self._imagenet = None  # ImageNetHead, built on first use (model/imagenet.py)
+        self._imagenet: ImageNetHead | None = None  # built on first use (model/imagenet.py)
         self._imagenet_lock = threading.Lock()
 
     @classmethod
@@ -222,8 +222,6 @@ class Captioner:
             return [[] for _ in encoded]
         with self._imagenet_lock:
             if self._imagenet is None:
-                from model.imagenet import ImageNetHead
-
                 self._imagenet = ImageNetHead()
         return self._imagenet.labels(torch.stack([e.grid for e in encoded]), k)
 

@@ -13,6 +13,7 @@ import textwrap
 import tokenize
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from model.captioner import DEFAULT_WEIGHTS_DIR
 
@@ -65,7 +66,7 @@ def caption_command(args) -> int:
         }
         for kind in decoders:
             greedy = captioner.greedy(encoded, kind)[0]
-            part = {"greedy": greedy.text}
+            part: dict[str, Any] = {"greedy": greedy.text}
             if kind == "attention":
                 part["tokens"], part["alphas"] = greedy.tokens, greedy.alphas
             if args.beam:
@@ -244,7 +245,9 @@ def train_options() -> list[tuple[str, type, str, list | None]]:
                 token.line.strip(),
             )
     helps = {}
-    for node in ast.parse(source).body[0].body:
+    (class_def,) = ast.parse(source).body
+    assert isinstance(class_def, ast.ClassDef)
+    for node in class_def.body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
         row, parts = node.lineno, []

@@ -71,6 +71,8 @@ class FeatureNorm(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
 
@@ -179,13 +181,14 @@ class ShowTellDecoder(nn.Module):
     def _weights(self) -> dict[str, torch.Tensor]:
         def build():
             embed = self.config.embed_dim
-            w_ih, lstm = self.lstm.weight_ih_l0, self.lstm
+            lstm = dict(self.lstm.named_parameters())  # weight_ih_l0, bias_hh_l0, ...
+            w_ih = lstm["weight_ih_l0"]
             return {
                 "word_gates": self.embedding.weight @ w_ih[:, :embed].T
-                + lstm.bias_ih_l0
-                + lstm.bias_hh_l0,  # (V, 4H)
+                + lstm["bias_ih_l0"]
+                + lstm["bias_hh_l0"],  # (V, 4H)
                 "image_gates": w_ih[:, embed:].contiguous(),  # (4H, H)
-                "from_h": torch.cat([self.fc.weight, lstm.weight_hh_l0]),  # (V + 4H, H)
+                "from_h": torch.cat([self.fc.weight, lstm["weight_hh_l0"]]),  # (V + 4H, H)
             }
 
         return _decoding_weights(self, build)
@@ -436,8 +439,12 @@ class ShowAttendTellDecoder(nn.Module):
         return self.config.alpha_c * ((1.0 - total) ** 2).mean()
 
 
-def build_decoder(config: DecoderConfig) -> nn.Module:
-    kinds = {"attention": ShowAttendTellDecoder, "baseline": ShowTellDecoder}
+def build_decoder(config: DecoderConfig) -> ShowTellDecoder | ShowAttendTellDecoder:
+    Decoder = type[ShowTellDecoder] | type[ShowAttendTellDecoder]
+    kinds: dict[str, Decoder] = {
+        "attention": ShowAttendTellDecoder,
+        "baseline": ShowTellDecoder,
+    }
     if config.kind not in kinds:
         raise ValueError(f"unknown decoder kind {config.kind!r}; choose from {sorted(kinds)}")
     return kinds[config.kind](config)
@@ -518,12 +525,12 @@ def sample(
         finished |= words == eos
         if finished.all():
             break
-    tokens = torch.stack(tokens, 1).tolist()  # (B, T)
+    words_of: list[list[int]] = torch.stack(tokens, 1).tolist()  # (B, T)
     stacked = torch.stack(maps, 1) if maps[0] is not None else None  # (B, T, N)
     ids, alphas = [], []
     for b in range(batch):
-        length = tokens[b].index(eos) if eos in tokens[b] else len(tokens[b])
-        ids.append(tokens[b][:length])
+        length = words_of[b].index(eos) if eos in words_of[b] else len(words_of[b])
+        ids.append(words_of[b][:length])
         alphas.append(stacked[b, :length].cpu() if stacked is not None else None)
     return ids, alphas
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from model.cache import Example
-from model.captioner import Captioner
+from model.captioner import Caption, Captioner
 from model.data.sources import TEST_SEED_BASE, load_image, scene_examples
 from model.metrics import bleu, cider
 from model.vocab import fold_articles, tokenize
@@ -29,7 +30,7 @@ def evaluate(
 ) -> dict:
     """Greedy-caption every example with each decoder and score the captions."""
     decoders = list(decoders or captioner.decoders)
-    captions = {kind: [] for kind in decoders}
+    captions: dict[str, list[Caption]] = {kind: [] for kind in decoders}
     started = time.perf_counter()
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -45,7 +46,7 @@ def evaluate(
         from model.data.scenes import make_scene
 
         scenes = [make_scene(int(e.key.split("/")[1])) for e in examples]
-    report = {"images": len(examples), "seconds": round(seconds, 1)}
+    report: dict[str, Any] = {"images": len(examples), "seconds": round(seconds, 1)}
     for kind in decoders:
         candidates = [fold_articles(c.tokens) for c in captions[kind]]
         scores = dict(zip(("bleu1", "bleu2", "bleu3", "bleu4"), bleu(candidates, references)))

@@ -38,7 +38,7 @@ GAP_COLOUR = (255, 255, 255)
 
 
 @lru_cache(maxsize=8)
-def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont:
+def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """Pillow's bundled TrueType font at `size` px: present wherever Pillow >= 10.1 is (no system
     fonts needed)."""
     try:
@@ -94,7 +94,7 @@ def upsample_map(alpha: np.ndarray, size: int) -> np.ndarray:
     )
     smooth = (
         Image.fromarray(levels, mode="L")
-        .resize((size, size), Image.BICUBIC)
+        .resize((size, size), Image.Resampling.BICUBIC)
         .filter(ImageFilter.GaussianBlur(radius=size / 20))
     )
     values = np.asarray(smooth, dtype=np.float32)
@@ -113,7 +113,7 @@ def attention_figure(image: Image.Image, tokens: Sequence[str], alphas) -> bytes
     alphas = np.asarray(alphas, dtype=np.float32)
     if len(tokens) != len(alphas):
         raise ValueError(f"{len(tokens)} tokens but {len(alphas)} attention maps")
-    photo = image.convert("RGB").resize((TILE, TILE), Image.BICUBIC, reducing_gap=2.0)
+    photo = image.convert("RGB").resize((TILE, TILE), Image.Resampling.BICUBIC, reducing_gap=2.0)
     base = np.asarray(photo, dtype=np.float32)
     columns, _ = layout(1 + len(tokens))
     canvas = Image.new("RGB", figure_size(len(tokens)), GAP_COLOUR)

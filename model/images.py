@@ -45,17 +45,15 @@ def open_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError(
                     f"the image is too large: {width}x{height} pixels "
                     f"({width * height / 1e6:.0f} megapixels, limit {max_pixels / 1e6:.0f})"
                 )
-            if image.format == "JPEG":
-                image.draft(
-                    "RGB", (DECODE_SIDE, DECODE_SIDE)
-                )  # decode at 1/2..1/8 scale: much faster
+            if image.format == "JPEG":  # decode at 1/2..1/8 scale: much faster
+                image.draft("RGB", (DECODE_SIDE, DECODE_SIDE))
             image.seek(0)  # the first frame of an animation
             image.load()
             image = ImageOps.exif_transpose(image)

@@ -27,7 +27,7 @@ def bleu(candidates, references, max_n: int = 4) -> list[float]:
         ref_len += min((abs(len(r) - len(cand)), len(r)) for r in refs)[1] if refs else 0
         for n in range(1, max_n + 1):
             counts = ngrams(cand, n)
-            most_in_any_ref = Counter()
+            most_in_any_ref: Counter[tuple[str, ...]] = Counter()
             for r in refs:
                 most_in_any_ref |= ngrams(r, n)  # | keeps the max count per n-gram
             matched[n - 1] += sum(min(c, most_in_any_ref[g]) for g, c in counts.items())
@@ -47,7 +47,7 @@ def bleu(candidates, references, max_n: int = 4) -> list[float]:
 
 
 def _all_ngrams(tokens: list[str], max_n: int) -> Counter:
-    counts = Counter()
+    counts: Counter[tuple[str, ...]] = Counter()
     for n in range(1, max_n + 1):
         counts.update(ngrams(tokens, n))
     return counts
@@ -63,14 +63,14 @@ def cider(candidates, references, max_n: int = 4, sigma: float = 6.0) -> float:
     if not candidates:
         return 0.0
     ref_counts = [[_all_ngrams(r, max_n) for r in refs] for refs in references]
-    doc_freq = Counter()
+    doc_freq: Counter[tuple[str, ...]] = Counter()
     for refs in ref_counts:
         doc_freq.update(set().union(*refs))  # an n-gram counts once per image
     log_images = math.log(len(references))
 
     def weigh(counts: Counter):
         """Per-order {ngram: tf * idf} and the norm of each order's vector."""
-        vecs = [dict() for _ in range(max_n)]
+        vecs: list[dict[tuple[str, ...], float]] = [{} for _ in range(max_n)]
         for gram, tf in counts.items():
             vecs[len(gram) - 1][gram] = tf * (log_images - math.log(max(1.0, doc_freq[gram])))
         norms = [math.sqrt(sum(w * w for w in v.values())) for v in vecs]

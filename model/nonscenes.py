@@ -84,7 +84,7 @@ def skimage_photos() -> dict[str, Image.Image]:
     return photos
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,7 +67,7 @@ class OnnxEncoder:
         import onnxruntime
 
         self.path, self._ort, self.threads = Path(path), onnxruntime, 0
-        self.session = None
+        self.session: Any = None  # an onnxruntime.InferenceSession once use_threads ran
         self.use_threads(threads)
 
     def use_threads(self, threads: int) -> None:
@@ -186,6 +187,7 @@ def export(encoder, out: Path) -> float:
         optimize=True,
         verbose=False,
     )
+    assert program is not None  # dynamo=True always builds an ONNXProgram
     program.save(str(out))
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     with torch.inference_mode():

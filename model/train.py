@@ -24,6 +24,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -242,7 +243,7 @@ def train_decoder(
     decoder.norm.fit(train.grid[:2000])
     decoder.to(device)
     captions = encode_captions(train.captions, vocab, config.max_len)
-    groups = [
+    groups: list[dict[str, Any]] = [
         {
             "params": list(decoder.parameters()),
             "lr": config.lr_baseline if kind == "baseline" else config.lr,

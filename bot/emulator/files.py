@@ -127,11 +127,11 @@ def image_info(data: bytes) -> tuple[int, int, str] | None:
 def _thumbnail(data: bytes, side: int) -> tuple[bytes, int, int]:
     with Image.open(io.BytesIO(data)) as image:
         image.draft("RGB", (side, side))  # JPEGs: decode at a reduced scale
-        image = image.convert("RGB")
-        image.thumbnail((side, side))
+        rgb = image.convert("RGB")
+        rgb.thumbnail((side, side))
         buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=80)
-        return buffer.getvalue(), image.width, image.height
+        rgb.save(buffer, format="JPEG", quality=80)
+        return buffer.getvalue(), rgb.width, rgb.height
 
 
 @dataclass(frozen=True)

@@ -148,8 +148,9 @@ class _HTMLEntityParser(HTMLParser):
         elif tag == "code" and self._open and self._open[-1][0] == "pre":
             # <pre><code class="language-x"> is one pre entity, with a language
             language = (attributes.get("class") or "").removeprefix("language-")
-            if language:
-                self._open[-1][1]["language"] = language
+            pre = self._open[-1][1]
+            if language and pre is not None:
+                pre["language"] = language
             self._open.append((tag, None))
             return
         elif tag in _SIMPLE_TAGS:

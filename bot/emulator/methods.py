@@ -369,7 +369,8 @@ class BotAPIMethods(EmulatorState):
     @bot_method("deleteMessage")
     async def _delete_message(self, params: Params) -> Any:
         chat = self._target_chat(params)
-        key = (chat["id"], params.get("message_id"))
+        # parameters are untyped JSON; a missing or odd message_id is simply not found
+        key: Any = (chat["id"], params.get("message_id"))
         if key not in self._messages:
             raise bad_request("message to delete not found")
         del self._messages[key]

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from .errors import bad_request
 
@@ -89,6 +89,8 @@ async def read_params(request: web.Request) -> dict[str, Any]:
         elif content_type == "multipart/form-data":
             reader = await request.multipart()
             async for part in reader:
+                if not isinstance(part, BodyPartReader):  # a nested multipart: not a field
+                    continue
                 if part.name is None:
                     continue
                 if part.filename is not None:

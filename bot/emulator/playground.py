@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from .files import prepare_photo
 from .methods import MAX_PHOTO_UPLOAD_BYTES
@@ -178,6 +178,8 @@ class Playground:
         upload: tuple[str, str, bytes] | None = None
         reader = await request.multipart()
         async for part in reader:
+            if not isinstance(part, BodyPartReader):  # a nested multipart: not a field
+                continue
             if part.name == "file" and part.filename is not None:
                 data = await _read_bounded(part, MAX_PAGE_UPLOAD_BYTES)
                 content_type = part.headers.get("Content-Type", "application/octet-stream")

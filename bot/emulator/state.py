@@ -286,7 +286,9 @@ class EmulatorState:
 
         def has_new() -> bool:
             events = self._chat_events.get(chat_id)
-            return bool(events) and events[-1]["seq"] > after
+            if not events:
+                return False
+            return events[-1]["seq"] > after
 
         await self._wait_until(has_new, timeout)
         return self.chat_events(chat_id, after)

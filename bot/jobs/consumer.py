@@ -23,7 +23,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from redis.exceptions import RedisError
@@ -215,7 +215,8 @@ class JobConsumer:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        released = [entries[task] for task in pending]
+        # typed list[Any]: xclaim's stub wants a list of every id type, and list is invariant
+        released: list[Any] = [entries[task] for task in pending]
         if released:
             try:  # idle as long as a dead consumer's jobs: the next reclaim takes them
                 await self.transport.client.xclaim(

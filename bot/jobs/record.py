@@ -5,7 +5,9 @@ its Telegram file_id; the worker fetches it itself with getFile)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from bot.photos import PhotoRef
 
@@ -36,7 +38,7 @@ class JobRecord:
         return {name: str(value) for name, value in asdict(self).items() if value is not None}
 
     @classmethod
-    def from_fields(cls, raw: dict[bytes | str, bytes | str]) -> JobRecord:
+    def from_fields(cls, raw: Mapping[Any, bytes | str]) -> JobRecord:
         """Parses what XREADGROUP returns; raises ValueError on a malformed entry."""
         text = {_str(key): _str(value) for key, value in raw.items()}
         values: dict[str, object] = {}

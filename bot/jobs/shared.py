@@ -111,7 +111,8 @@ class RedisEncodedCache(EncodedCache):
         if entry is not None:
             return entry
         try:
-            data = self.client.get(self._key(key))
+            # redis-py types replies as a union of every RESP type; this client returns bytes
+            data: Any = self.client.get(self._key(key))
         except RedisError as error:
             log.warning("shared_cache_unavailable", error=f"{type(error).__name__}: {error}")
             return None
@@ -138,7 +139,7 @@ class RedisEncodedCache(EncodedCache):
                 pipe.zcard(self.index)
                 size = pipe.execute()[-1]
             if size > self.capacity:
-                dropped = self.client.zpopmin(self.index, size - self.capacity)
+                dropped: Any = self.client.zpopmin(self.index, size - self.capacity)
                 if dropped:
                     self.client.delete(*(self._key(name.decode()) for name, _ in dropped))
         except RedisError as error:

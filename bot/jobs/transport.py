@@ -191,7 +191,8 @@ class RedisTransport:
 
     async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
         """Up to `count` new jobs, waiting at most `block_ms` for the first."""
-        reply = await self.client.xreadgroup(
+        # redis-py types replies as a union of every RESP type; their shapes are the commands'
+        reply: Any = await self.client.xreadgroup(
             GROUP,
             consumer,
             {self.stream: ">"},
@@ -224,7 +225,7 @@ class RedisTransport:
 
     async def delivery_counts(self, consumer: str, entry_ids: list[str]) -> dict[str, int]:
         ordered = sorted(entry_ids, key=_id_key)
-        pending = await self.client.xpending_range(
+        pending: Any = await self.client.xpending_range(
             self.stream,
             GROUP,
             min=ordered[0],
@@ -239,7 +240,7 @@ class RedisTransport:
         consumer took over meanwhile), so they are not reclaimed while they run."""
         if not entry_ids:
             return
-        mine = await self.client.xpending_range(
+        mine: Any = await self.client.xpending_range(
             self.stream,
             GROUP,
             min="-",
@@ -249,9 +250,9 @@ class RedisTransport:
         )
         held = {_str(p["message_id"]) for p in mine} & set(entry_ids)
         if held:
-            await self.client.xclaim(
-                self.stream, GROUP, consumer, 0, sorted(held, key=_id_key), justid=True
-            )
+            # typed list[Any]: xclaim's stub wants a list of every id type, and list is invariant
+            ordered: list[Any] = sorted(held, key=_id_key)
+            await self.client.xclaim(self.stream, GROUP, consumer, 0, ordered, justid=True)
 
     async def answered(self, update_id: int) -> bool:
         return bool(await self.client.exists(self.key("reply", update_id)))
@@ -269,7 +270,7 @@ class RedisTransport:
             await pipe.execute()
 
     async def dead_letter(self, delivery: Delivery, consumer: str, reason: str) -> None:
-        fields = {
+        fields: dict[Any, Any] = {
             **delivery.raw,
             "deliveries": str(delivery.deliveries),
             "reason": reason,

@@ -155,7 +155,7 @@ def _sample_kinds(rng: random.Random) -> list[tuple[str, str, str]]:
     """(colour, shape, size) of each object. Some objects repeat an earlier colour+shape
     so captions exercise merged groups ("two red circles")."""
     n = rng.choices((1, 2, 3), weights=(1, 1.5, 1.5))[0]
-    kinds = []
+    kinds: list[tuple[str, str, str]] = []
     for i in range(n):
         if i > 0 and rng.random() < 0.2:
             colour, shape, size = rng.choice(kinds)
@@ -175,7 +175,7 @@ def _single_group_same_size(kinds):
 
 
 def _place(rng: random.Random, kinds) -> list[SceneObject] | None:
-    objects = []
+    objects: list[SceneObject] = []
     for colour, shape, size in kinds:
         for _ in range(60):
             side = rng.uniform(*SIZE_RANGE[size])
@@ -190,9 +190,10 @@ def _place(rng: random.Random, kinds) -> list[SceneObject] | None:
         else:
             return None
         anchor = COLOURS[colour]
-        fill = tuple(
+        r, g, b = (
             int(min(255, max(0, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER)))) for c in anchor
         )
+        fill = (r, g, b)
         outline = rng.randint(1, 3) if rng.random() < 0.5 else 0
         objects.append(SceneObject(shape, colour, size, box, rotation, fill, outline))
     return objects
@@ -317,6 +318,7 @@ def _single_caption(group: Group, template: str) -> str:
 def make_captions(objects, rng: random.Random, n: int = 5) -> tuple[list[str], list[str]]:
     """n reference captions from n different templates (text distinct too)."""
     groups = order_groups(group_objects(objects))
+    candidates: list[tuple[str, str | None]]
     if len(groups) == 1:
         candidates = [(name, _single_caption(groups[0], name)) for name in _SINGLE_TEMPLATES]
     else:

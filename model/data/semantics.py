@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.data.scenes import COLOURS, SHAPES, Scene, group_objects, plural, relation
+from model.data.scenes import COLOURS, SHAPES, Group, Scene, group_objects, plural, relation
 
 NUMBER_VALUES = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
 SIZE_VALUES = {"small": "small", "little": "small", "large": "large", "big": "large"}
@@ -63,7 +63,8 @@ def _connector(between: list[str]) -> str:
 
 def parse(tokens: list[str]) -> tuple[list[Mention], list[str]]:
     """Mentions in order, and the connector between each consecutive pair."""
-    mentions, connectors = [], []
+    mentions: list[Mention] = []
+    connectors: list[str] = []
     number = size = colour = None
     gap_start = 0  # first token after the previous mention
     phrase_start = None  # first token of the phrase being built
@@ -94,7 +95,10 @@ def parse(tokens: list[str]) -> tuple[list[Mention], list[str]]:
 
 def judge(scene: Scene, caption: str) -> Judgement:
     mentions, connectors = parse(words(caption))
-    truth = {(g.colour, g.shape): g for g in group_objects(scene.objects)}
+    # keyed as mentions are: a mention without a colour (None) finds no group
+    truth: dict[tuple[str | None, str], Group] = {
+        (g.colour, g.shape): g for g in group_objects(scene.objects)
+    }
 
     named: dict[tuple, int] = {}
     for m in mentions:
@@ -147,7 +151,10 @@ def localisation(scene: Scene, tokens: list[str], alphas) -> tuple[int, int]:
     """(hits, total) over shape words naming a (colour, shape) group present in the scene:
     a hit when the argmax cell's centre lies in a member's box dilated by half a cell."""
     maps = _as_maps(alphas, len(tokens))
-    truth = {(g.colour, g.shape): g for g in group_objects(scene.objects)}
+    # keyed as mentions are: a mention without a colour (None) finds no group
+    truth: dict[tuple[str | None, str], Group] = {
+        (g.colour, g.shape): g for g in group_objects(scene.objects)
+    }
     hits = total = 0
     colour = None
     for i, tok in enumerate(tokens[: len(maps)]):

@@ -97,15 +97,11 @@ def dataset_examples(config: TrainConfig) -> tuple[list[Example], list[Example]]
                 "--data coco needs --captions-json and --images-dir (and "
                 "--val-captions-json/--val-images-dir)"
             )
-        train = datasets.load_coco(config.captions_json, config.images_dir, "train")
-        val = (
-            datasets.load_coco(
+        records = datasets.load_coco(config.captions_json, config.images_dir, "train")
+        if config.val_captions_json:
+            records += datasets.load_coco(
                 config.val_captions_json, config.val_images_dir or config.images_dir, "val"
             )
-            if config.val_captions_json
-            else []
-        )
-        records = train + val
     elif config.data == "karpathy":
         if not (config.karpathy_json and config.images_dir):
             raise SystemExit("--data karpathy needs --karpathy-json and --images-dir")
