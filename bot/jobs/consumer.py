@@ -40,7 +40,7 @@ log = get_logger("bot.jobs")
 # Test hook (the crash test): a worker started with this set holds the first batch it
 # reads, logging `test_holding_batch`, until it is killed.
 HOLD_BATCH_ENV = "CAPTIONBOT_TEST_HOLD_BATCH"
-IDLE_BLOCK_MS = 1000  # how long a read waits when nothing is in hand
+IDLE_BLOCK_MS = 1000  # how long a read waits for a new job at most
 
 T = TypeVar("T")
 
@@ -57,10 +57,10 @@ class JobConsumer:
         self.name = name or consumer_name()
         self.batch_max = settings.batch_max
         self.capacity = 2 * settings.batch_max
-        self.batch_wait_ms = max(1, settings.batch_wait_ms)  # BLOCK 0 would wait forever
         # Jobs in hand are re-claimed (their idle time reset) three times per idle period,
         # so no live worker's job looks dead; dead workers' jobs are looked for twice.
         self.claim_every_s = max(0.1, transport.claim_idle_ms / 3000)
+        self.read_block_ms = max(1, min(IDLE_BLOCK_MS, int(self.claim_every_s * 1000)))
         self.shutdown_timeout_s = settings.shutdown_timeout_s
         self._tasks: dict[asyncio.Task[None], Delivery] = {}
         self._hold = bool(os.environ.get(HOLD_BATCH_ENV))
@@ -92,9 +92,10 @@ class JobConsumer:
                     self._take(await self.transport.reclaim(self.name, self._room()))
                     if self.in_hand >= self.capacity:
                         continue
-                block = self.batch_wait_ms if self._tasks else min(
-                    IDLE_BLOCK_MS, int(self.claim_every_s * 1000))
-                batch = await self.transport.read(self.name, self._room(), block)
+                # A new job ends the wait at once, so a long one costs no latency; it
+                # only bounds how late the next keep/reclaim runs. (Short waits while jobs
+                # were in hand polled Redis 100 times a second beside the model.)
+                batch = await self.transport.read(self.name, self._room(), self.read_block_ms)
                 self._contact()
                 if batch and self._hold:
                     await self._hold_for_test(batch)
