@@ -11,7 +11,7 @@ micro-batching, the reply), then acknowledge it.
 - One visible answer: a job is acknowledged together with its reply record, and a
   redelivered job whose record exists is acknowledged without answering again.
 - Redis trouble: every call is retried with backoff and logged; the loop never exits
-  for it. On stop it finishes what it holds within the timeout and releases the rest
+  for it. A Redis that came back empty gets the consumer group made again. On stop it finishes what it holds within the timeout and releases the rest
   (marked idle, so another worker reclaims it at once).
 """
 
@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from bot import texts
 from bot.jobs.record import JobRecord
@@ -100,6 +100,17 @@ class JobConsumer:
                 if batch and self._hold:
                     await self._hold_for_test(batch)
                 self._take(batch)
+            except ResponseError as error:
+                if "NOGROUP" not in str(error):
+                    await self._lost_redis(error, stop)
+                    continue
+                # Redis lost its data (restarted without persistence, or the stream was
+                # deleted): the group is made again, and reads from the stream's start.
+                log.warning("consumer_group_missing", stream=self.transport.stream)
+                try:
+                    await self.transport.ensure_group()
+                except (RedisError, OSError) as lost:
+                    await self._lost_redis(lost, stop)
             except (RedisError, OSError) as error:
                 await self._lost_redis(error, stop)
         await self._drain()
