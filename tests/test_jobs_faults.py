@@ -120,6 +120,7 @@ async def test_a_worker_rides_out_a_redis_restart_with_backoff(emu, server, redi
                          "no answer after Redis came back")
         assert worker.proc.returncode is None and worker.events("redis_back")
         assert worker.events("consumer_group_missing")
+        await worker.wait_for_event("job_done", timeout=10, count=2)  # acked after replying
         assert (await redis.xpending(f"{PREFIX}:jobs", "workers"))["pending"] == 0
         assert [len(caption_answers(emu, chat, m["message_id"])) for m in (sent, later)] == [1, 1]
     finally:
@@ -151,6 +152,7 @@ async def test_sigterm_releases_a_workers_jobs_and_another_worker_answers_them_a
                          "the released jobs were not answered")
         # Released, not left for dead: taken within a reclaim round, not JOB_CLAIM_IDLE_MS.
         assert time.monotonic() - stopped < 6.0
+        await second.wait_for_event("job_done", timeout=10, count=len(chats))  # acked
         await asyncio.sleep(1.0)  # time for a duplicate to show up
         assert [len(caption_answers(emu, c, m)) for c, m in photos] == [1, 1]
         assert (await redis.xpending(f"{PREFIX}:jobs", "workers"))["pending"] == 0
