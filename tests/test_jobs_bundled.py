@@ -29,7 +29,7 @@ from bot_helpers import (  # noqa: F401 (emu: fixture)
     scene_png,
 )
 from redis_helpers import redis_server  # noqa: F401 (fixture)
-from test_bot_domain import chelsea_jpeg
+from test_bot_domain import chelsea_jpeg, send_photo
 from test_jobs_e2e import queue_env, start_role
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
@@ -55,13 +55,6 @@ async def roles(emu, redis_server, tmp_path_factory):
     for process in processes:
         dump_output(process)
     assert codes == [0, 0, 0], "\n".join(p.output[-1500:] for p in processes)
-
-
-async def send_photo(emu, chat: int, data: bytes) -> tuple[dict, dict]:
-    sent = emu.user_sends_photo(chat, data)
-    reply = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
-    assert reply_id(reply) == sent["message_id"]
-    return sent, reply
 
 
 async def test_sample_replying_to_the_first_photos_caption_samples_that_photo(emu, roles):
