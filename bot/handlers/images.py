@@ -16,5 +16,5 @@ async def image(message: Message, service: CaptionService) -> None:
     except NotAnImage:
         await service.tell(message.chat.id, message.message_id, texts.NOT_AN_IMAGE)
         return
-    service.photos.remember(message.chat.id, message.message_id, photo)
+    await service.photos.remember(message.chat.id, message.message_id, photo)
     await service.caption(message.chat.id, message.message_id, photo)
