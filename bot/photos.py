@@ -3,7 +3,9 @@
 `PhotoBook` remembers, per chat, recent photos by message id (the user's photo message
 and the bot's replies to it) and the chat's latest photo, so `/sample` and `/attention`
 can find "the photo it replies to, else the photo whose caption it is, else the chat's
-most recent photo". Everything is bounded: old entries fall out first.
+most recent photo". Everything is bounded: old entries fall out first. Its methods are
+coroutines so that `bot.jobs.shared.SharedPhotoBook` (QUEUE_URL) can keep the same book in
+Redis for every frontend and worker.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ class PhotoBook:
         while len(table) > capacity:
             table.popitem(last=False)
 
-    def remember(
+    async def remember(
         self, chat_id: int, message_id: int, photo: PhotoRef, *, latest: bool = True
     ) -> None:
         self._put(self._by_message, (chat_id, message_id), photo, self.capacity)
@@ -119,31 +121,31 @@ class PhotoBook:
         if latest:
             self._put(self._latest, chat_id, photo, self.capacity)
 
-    def link_reply(self, chat_id: int, bot_message_id: int, photo: PhotoRef) -> None:
+    async def link_reply(self, chat_id: int, bot_message_id: int, photo: PhotoRef) -> None:
         """The bot's reply about `photo`: replying to it later means the same photo."""
-        self.remember(chat_id, bot_message_id, photo, latest=False)
+        await self.remember(chat_id, bot_message_id, photo, latest=False)
 
-    def by_message(self, chat_id: int, message_id: int) -> PhotoRef | None:
+    async def by_message(self, chat_id: int, message_id: int) -> PhotoRef | None:
         return self._by_message.get((chat_id, message_id))
 
-    def by_key(self, chat_id: int, key: str) -> PhotoRef | None:
+    async def by_key(self, chat_id: int, key: str) -> PhotoRef | None:
         return self._by_key.get((chat_id, key))
 
-    def latest(self, chat_id: int) -> PhotoRef | None:
+    async def latest(self, chat_id: int) -> PhotoRef | None:
         return self._latest.get(chat_id)
 
-    def resolve(self, message: Message) -> PhotoRef | None:
+    async def resolve(self, message: Message) -> PhotoRef | None:
         """The photo a command means. Raises NotAnImage if it points at a non-image."""
         chat_id = message.chat.id
         replied = message.reply_to_message
         if replied is not None:
-            photo = photo_of(replied) or self.by_message(chat_id, replied.message_id)
+            photo = photo_of(replied) or await self.by_message(chat_id, replied.message_id)
             if photo is not None:
                 return photo
         own = photo_of(message)
         if own is not None:
             return own
-        return self.latest(chat_id)
+        return await self.latest(chat_id)
 
 
 async def download(bot: Bot, photo: PhotoRef, *, max_bytes: int, retry_budget_s: float) -> bytes:

@@ -130,7 +130,7 @@ class CaptionService:
                 log.error("reply_not_sent", error=f"{type(error).__name__}: {error}")
                 return
         if sent is not None:
-            self.photos.link_reply(chat_id, sent.message_id, photo)
+            await self.photos.link_reply(chat_id, sent.message_id, photo)
 
     async def tell(self, chat_id: int, reply_to: int | None, text: str) -> None:
         await self._deliver(
@@ -214,7 +214,7 @@ class CaptionService:
             )
         )
         if sent is not None:
-            self.photos.link_reply(chat_id, sent.message_id, photo)
+            await self.photos.link_reply(chat_id, sent.message_id, photo)
 
     @staticmethod
     async def _deliver(call: Awaitable[Message]) -> Message | None:

@@ -217,6 +217,29 @@ def image_bytes(
     return buffer.getvalue()
 
 
+def scene_png(colours_to_avoid: set[str], first_seed: int) -> tuple[set[str], bytes]:
+    """A one-colour scene (easy to caption) whose colour is none of `colours_to_avoid`."""
+    import itertools
+
+    from model.data.scenes import render_scene
+
+    for seed in itertools.count(first_seed):
+        scene, image = render_scene(seed, 224)
+        colours = {o.colour for o in scene.objects}
+        if len(colours) == 1 and not colours & colours_to_avoid:
+            buffer = io.BytesIO()
+            image.save(buffer, "PNG")
+            return colours, buffer.getvalue()
+    raise AssertionError("unreachable")
+
+
+def colours_named(text: str) -> set[str]:
+    """The colours a caption names."""
+    from model.data.semantics import parse, words
+
+    return {mention.colour for mention in parse(words(text))[0] if mention.colour}
+
+
 def numbered_lines(text: str) -> list[str]:
     """The "1. ...", "2. ..." lines of a reply, checked to be numbered 1..n in order."""
     lines = [line for line in text.splitlines() if line[:1].isdigit() and ". " in line]

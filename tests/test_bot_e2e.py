@@ -26,11 +26,13 @@ from bot_helpers import (  # noqa: F401 (emu: fixture)
     WEIGHTS,
     assert_caption_reply,
     assert_image_answered,
+    colours_named,
     dump_output,
     emu,
     image_bytes,
     numbered_lines,
     reply_id,
+    scene_png,
     start_bot,
 )
 from PIL import Image
@@ -38,7 +40,6 @@ from PIL import Image
 from bot.emulator import BotAPIEmulator
 from bot.texts import COMMANDS, EMPTY_CAPTION
 from model.data.scenes import render_scene
-from model.data.semantics import parse, words
 from model.figure import figure_size
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
@@ -222,20 +223,6 @@ async def test_sample_as_the_photos_own_caption(emu, bot):
     assert len(numbered_lines(reply["text"])) == 2
     assert "temperature 0.5" in reply["text"]
     await assert_silent(emu, chat)  # the command replaces the usual caption reply
-
-
-def scene_png(colours_to_avoid: set[str], first_seed: int) -> tuple[set[str], bytes]:
-    """A one-colour scene (easy to caption) whose colour is none of `colours_to_avoid`."""
-    for seed in itertools.count(first_seed):
-        scene, image = render_scene(seed, 224)
-        colours = {o.colour for o in scene.objects}
-        if len(colours) == 1 and not colours & colours_to_avoid:
-            return colours, _encoded(image, "PNG")
-    raise AssertionError("unreachable")
-
-
-def colours_named(text: str) -> set[str]:
-    return {mention.colour for mention in parse(words(text))[0] if mention.colour}
 
 
 @pytest.mark.skipif(not HAVE_WEIGHTS, reason="needs the trained weights to tell colours apart")

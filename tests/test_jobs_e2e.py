@@ -32,9 +32,7 @@ PREFIX = "captionbot:" + TOKEN.split(":")[0]  # keys are per bot
 
 
 def queue_env(emu, redis_server, tmp: Path, **overrides) -> dict[str, str]:
-    return bot_env(
-        emu.base_url,
-        tmp,
+    settings = dict(
         QUEUE_URL=redis_server.url,
         CAPTIONER="untrained",
         RATE_LIMIT_PER_MIN=0,
@@ -42,8 +40,8 @@ def queue_env(emu, redis_server, tmp: Path, **overrides) -> dict[str, str]:
         DEFAULT_SAMPLES=2,
         OMP_NUM_THREADS=1,
         INFERENCE_THREADS=1,
-        **overrides,
     )
+    return bot_env(emu.base_url, tmp, **{**settings, **overrides})
 
 
 async def start_role(role: str, env: dict[str, str], tmp: Path, ready: str) -> BotProcess:

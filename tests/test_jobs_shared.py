@@ -1,5 +1,6 @@
 """State shared through a real redis-server: the encoded-photo cache (any worker sees what
-another encoded; bounded; with a TTL), the rate limit and the allowlist's refusals across
+another encoded; bounded; with a TTL), the photo book (which photo a message means, across
+processes; bounded; with a TTL), the rate limit and the allowlist's refusals across
 frontends."""
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from redis_helpers import redis_server  # noqa: F401 (fixture)
 from bot.jobs.shared import (
     RedisEncodedCache,
     SharedAllowlist,
+    SharedPhotoBook,
     SharedRateLimit,
     dumps_entry,
     loads_entry,
 )
+from bot.photos import PhotoRef
 from bot.worker import _CacheEntry
 from model.captioner import Encoded
 
@@ -104,3 +107,45 @@ async def test_a_refused_user_is_refused_once_across_frontends(client):
     assert await one._first_refusal(9)
     assert not await two._first_refusal(9) and not await one._first_refusal(9)
     assert await two._first_refusal(10)
+
+
+def photo(n: int) -> PhotoRef:
+    return PhotoRef(f"file-{n}", f"key-{n}", 1000 + n)
+
+
+async def test_the_photo_book_is_shared_between_processes(client):
+    prefix = f"s{next(_prefixes)}"
+    frontend, worker, other = (SharedPhotoBook(client, prefix, ttl_s=60) for _ in range(3))
+    await frontend.remember(5, 10, photo(1))  # the user's photo
+    await worker.link_reply(5, 11, photo(1))  # the bot's caption, sent by a worker
+    await other.remember(5, 12, photo(2))  # a second photo, via another frontend
+    assert await frontend.by_message(5, 11) == photo(1)
+    assert await worker.by_key(5, "key-2") == photo(2)
+    assert await frontend.latest(5) == photo(2)  # the chat's latest is read from Redis
+    assert await frontend.latest(6) is None and await frontend.by_key(6, "key-1") is None
+    assert 0 < await client.ttl(f"{prefix}:photos:5") <= 60
+
+
+async def test_the_photo_book_keeps_a_bounded_number_of_entries(client):
+    prefix = f"s{next(_prefixes)}"
+    book = SharedPhotoBook(client, prefix, ttl_s=60, per_chat=4, chats=2)
+    for n in range(4):  # two fields (message and key) per photo: the first two fall out
+        await book.remember(7, 100 + n, photo(n), latest=n == 3)
+    reader = SharedPhotoBook(client, prefix, ttl_s=60)
+    found = [await reader.by_message(7, 100 + n) for n in range(4)]
+    assert found == [None, None, photo(2), photo(3)]
+    assert await reader.latest(7) == photo(3)
+    for chat in (8, 9):  # at most two chats: the least recently active one goes
+        await book.remember(chat, 1, photo(chat))
+    assert not await client.exists(f"{prefix}:photos:7", f"{prefix}:photos:7:order")
+    assert await client.zcard(f"{prefix}:photos") == 2
+
+
+async def test_without_redis_the_photo_book_is_local():
+    dead = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    book = SharedPhotoBook(dead, "x", ttl_s=60)
+    await book.remember(1, 2, photo(1))
+    await book.link_reply(1, 3, photo(1))
+    assert await book.by_message(1, 3) == photo(1) and await book.latest(1) == photo(1)
+    assert await book.by_key(1, "key-1") == photo(1) and await book.by_message(1, 9) is None
+    await dead.aclose()

@@ -21,7 +21,7 @@ async def photo_button(
     if message is None:  # too old: Telegram no longer says which message it was
         await _ack(query, texts.PHOTO_GONE, alert=True)
         return
-    photo = service.photos.by_key(message.chat.id, callback_data.key)
+    photo = await service.photos.by_key(message.chat.id, callback_data.key)
     if photo is None:
         # The bot restarted since: the button's message replies to the photo itself.
         try:

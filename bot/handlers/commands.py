@@ -32,7 +32,7 @@ async def attention(message: Message, service: CaptionService) -> None:
 async def _photo_for(message: Message, service: CaptionService) -> PhotoRef | None:
     """The photo the command means, replying with the reason when there is none."""
     try:
-        photo = service.photos.resolve(message)
+        photo = await service.photos.resolve(message)
     except NotAnImage:
         await service.tell(message.chat.id, message.message_id, texts.NOT_AN_IMAGE)
         return None
@@ -41,5 +41,5 @@ async def _photo_for(message: Message, service: CaptionService) -> PhotoRef | No
         return None
     if message.photo or message.document:
         # The command came as this photo's caption: it is now the chat's latest photo.
-        service.photos.remember(message.chat.id, message.message_id, photo)
+        await service.photos.remember(message.chat.id, message.message_id, photo)
     return photo

@@ -17,5 +17,5 @@ async def image(message: Message, service: CaptionService) -> None:
         await service.tell(message.chat.id, message.message_id, texts.NOT_AN_IMAGE)
         return
     assert photo is not None  # the filter lets only photos and documents in
-    service.photos.remember(message.chat.id, message.message_id, photo)
+    await service.photos.remember(message.chat.id, message.message_id, photo)
     await service.caption(message.chat.id, message.message_id, photo)

@@ -11,8 +11,9 @@ micro-batching, the reply), then acknowledge it.
 - One visible answer: a job is acknowledged together with its reply record, and a
   redelivered job whose record exists is acknowledged without answering again.
 - Redis trouble: every call is retried with backoff and logged; the loop never exits
-  for it. On stop it finishes what it holds within the timeout and releases the rest
-  (marked idle, so another worker reclaims it at once).
+  for it. A Redis that came back empty gets the consumer group made again. On stop it
+  finishes what it holds within the timeout and releases the rest (marked idle, so another
+  worker reclaims it at once).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from bot import texts
 from bot.jobs.record import JobRecord
@@ -41,7 +42,7 @@ log = get_logger("bot.jobs")
 # Test hook (the crash test): a worker started with this set holds the first batch it
 # reads, logging `test_holding_batch`, until it is killed.
 HOLD_BATCH_ENV = "CAPTIONBOT_TEST_HOLD_BATCH"
-IDLE_BLOCK_MS = 1000  # how long a read waits when nothing is in hand
+IDLE_BLOCK_MS = 1000  # how long a read waits for a new job at most
 
 T = TypeVar("T")
 
@@ -63,10 +64,10 @@ class JobConsumer:
         self.name = name or consumer_name()
         self.batch_max = settings.batch_max
         self.capacity = 2 * settings.batch_max
-        self.batch_wait_ms = max(1, settings.batch_wait_ms)  # BLOCK 0 would wait forever
         # Jobs in hand are re-claimed (their idle time reset) three times per idle period,
         # so no live worker's job looks dead; dead workers' jobs are looked for twice.
         self.claim_every_s = max(0.1, transport.claim_idle_ms / 3000)
+        self.read_block_ms = max(1, min(IDLE_BLOCK_MS, int(self.claim_every_s * 1000)))
         self.shutdown_timeout_s = settings.shutdown_timeout_s
         self._tasks: dict[asyncio.Task[None], Delivery] = {}
         self._hold = bool(os.environ.get(HOLD_BATCH_ENV))
@@ -101,16 +102,25 @@ class JobConsumer:
                     self._take(await self.transport.reclaim(self.name, self._room()))
                     if self.in_hand >= self.capacity:
                         continue
-                block = (
-                    self.batch_wait_ms
-                    if self._tasks
-                    else min(IDLE_BLOCK_MS, int(self.claim_every_s * 1000))
-                )
-                batch = await self.transport.read(self.name, self._room(), block)
+                # A new job ends the wait at once, so a long one costs no latency; it
+                # only bounds how late the next keep/reclaim runs. (Short waits while jobs
+                # were in hand polled Redis 100 times a second beside the model.)
+                batch = await self.transport.read(self.name, self._room(), self.read_block_ms)
                 self._contact()
                 if batch and self._hold:
                     await self._hold_for_test(batch)
                 self._take(batch)
+            except ResponseError as error:
+                if "NOGROUP" not in str(error):
+                    await self._lost_redis(error, stop)
+                    continue
+                # Redis lost its data (restarted without persistence, or the stream was
+                # deleted): the group is made again, and reads from the stream's start.
+                log.warning("consumer_group_missing", stream=self.transport.stream)
+                try:
+                    await self.transport.ensure_group()
+                except (RedisError, OSError) as lost:
+                    await self._lost_redis(lost, stop)
             except (RedisError, OSError) as error:
                 await self._lost_redis(error, stop)
         await self._drain()

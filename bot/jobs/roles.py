@@ -2,7 +2,8 @@
 
 - frontend: the dispatcher (polling or webhook); photos and commands become jobs.
 - worker: no dispatcher; loads the model, consumes jobs, answers them itself.
-- all: both in one process, through Redis (shared photo book, one model).
+- all: both in one process, through Redis (one model).
+Every role keeps the photo book (which photo a message means) in Redis.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ from bot.app import BotApp, build_bot, start_worker
 from bot.health import heartbeat
 from bot.jobs.consumer import JobConsumer
 from bot.jobs.frontend import EnqueueingService, UpdateGate
-from bot.jobs.shared import SharedAllowlist, SharedRateLimit, shared_cache
+from bot.jobs.shared import SharedAllowlist, SharedPhotoBook, SharedRateLimit, shared_cache
 from bot.jobs.transport import RedisTransport, UnreachableError, connect_client, wait_for_redis
 from bot.log import get_logger
 from bot.middlewares import AllowlistMiddleware, RateLimitMiddleware
-from bot.photos import PhotoBook
 from bot.service import CaptionService
 from bot.settings import Settings, SettingsError
 from bot.worker import InferenceWorker, StartupError
@@ -79,7 +79,7 @@ class QueuedBotApp(BotApp):
         self, settings: Settings, transport: RedisTransport, worker: InferenceWorker | None
     ) -> None:
         self.transport = transport
-        self.photos = PhotoBook()
+        self.photos = shared_photos(transport)
         super().__init__(settings, worker)
         self.gate = UpdateGate()
         self.bot.session.middleware(self.gate.request_middleware)
@@ -120,6 +120,11 @@ class QueuedBotApp(BotApp):
                 )
 
 
+def shared_photos(transport: RedisTransport) -> SharedPhotoBook:
+    """The photo book every frontend and worker of this bot shares through Redis."""
+    return SharedPhotoBook(transport.client, transport.prefix)
+
+
 def share_cache(worker: InferenceWorker, settings: Settings, transport: RedisTransport) -> None:
     """The worker's encoded-photo cache, shared with every other worker through Redis."""
     worker.cache = shared_cache(settings, transport.prefix)
@@ -132,7 +137,9 @@ async def run_worker(
         worker = await InferenceWorker.load(settings)
     share_cache(worker, settings, transport)
     bot = build_bot(settings)
-    consumer = JobConsumer(transport, CaptionService(bot, worker, PhotoBook(), settings), settings)
+    consumer = JobConsumer(
+        transport, CaptionService(bot, worker, shared_photos(transport), settings), settings
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -8,8 +8,10 @@
   from the inference thread, so it talks to Redis with a blocking client.
 - `SharedRateLimit` and `SharedAllowlist`: the per-user limit and the "refused once, then
   ignored" memory hold across every frontend.
-Redis trouble never fails a request here: the cache falls back to its local LRU, the
-limits to letting the request through (logged).
+- `SharedPhotoBook`: which photo a message (a user's photo, the bot's reply about it) or a
+  button means, and each chat's latest photo, for every frontend and worker.
+Redis trouble never fails a request here: the cache and the photo book fall back to their
+local copies, the limits to letting the request through (logged).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from redis.exceptions import RedisError
 
 from bot.log import get_logger
 from bot.middlewares import AllowlistMiddleware, RateLimitMiddleware
+from bot.photos import PhotoBook, PhotoRef
 from bot.worker import EncodedCache, _CacheEntry
 
 log = get_logger("bot.jobs")
@@ -195,3 +198,124 @@ async def _set_once(client: aioredis.Redis, key: str, seconds: float) -> bool:
     except RedisError as error:
         log.warning("shared_limits_unavailable", error=f"{type(error).__name__}: {error}")
         return True
+
+
+# ---- which photo a message means, across processes --------------------------------------
+
+# KEYS: the chat's hash, its fields in write order (numbered by the hash's '#seq'), the
+# index of chats. ARGV: now (ms), TTL (s), fields kept per chat, the chat id, then field,
+# value, ... Returns how many chats the index holds.
+_REMEMBER = """
+local now = tonumber(ARGV[1])
+for i = 5, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  if ARGV[i] ~= 'latest' then
+    redis.call('ZADD', KEYS[2], redis.call('HINCRBY', KEYS[1], '#seq', 1), ARGV[i])
+  end
+end
+local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
+if extra > 0 then
+  local old = redis.call('ZRANGE', KEYS[2], 0, extra - 1)
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1)
+  redis.call('HDEL', KEYS[1], unpack(old))
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], now, ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[2]) * 1000)
+return redis.call('ZCARD', KEYS[3])
+"""
+
+
+class SharedPhotoBook(PhotoBook):
+    """The PhotoBook in Redis, so a worker's reply links (and a frontend's "latest photo")
+    are seen by every frontend and worker.
+
+    Per chat one hash (`<prefix>:photos:<chat>`: `m:<message id>`, `k:<file_unique_id>`,
+    `latest`), at most `per_chat` message/key fields (oldest dropped first), kept `ttl_s`
+    after the chat's last photo; at most `chats` chats (the least recently active dropped).
+    A local book sits in front: what a message id or key means never changes, so those hits
+    skip Redis; the chat's latest photo is always read from Redis. Redis trouble falls
+    back to the local book (logged), never fails the update.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        prefix: str,
+        *,
+        ttl_s: int = 2 * 24 * 3600,
+        per_chat: int = 64,
+        chats: int = 10_000,
+        capacity: int = 10_000,
+    ) -> None:
+        super().__init__(capacity)
+        self.client = client
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self.per_chat = per_chat
+        self.chats = chats
+        self.index = f"{prefix}:photos"
+        self._script = client.register_script(_REMEMBER)
+
+    def _chat_key(self, chat_id: int) -> str:
+        return f"{self.index}:{chat_id}"
+
+    async def remember(
+        self, chat_id: int, message_id: int, photo: PhotoRef, *, latest: bool = True
+    ) -> None:
+        await super().remember(chat_id, message_id, photo, latest=latest)
+        value = json.dumps([photo.file_id, photo.key, photo.file_size])
+        args: list[Any] = [
+            int(time.time() * 1000),
+            self.ttl_s,
+            self.per_chat,
+            chat_id,
+            f"m:{message_id}",
+            value,
+            f"k:{photo.key}",
+            value,
+        ]
+        if latest:
+            args += ["latest", value]
+        chat_key = self._chat_key(chat_id)
+        try:
+            size = await self._script(keys=[chat_key, f"{chat_key}:order", self.index], args=args)
+            if int(size) > self.chats:
+                # redis-py types replies as a union of every RESP type: [(member, score)] here
+                dropped: Any = await self.client.zpopmin(self.index, int(size) - self.chats)
+                names = [self._chat_key(int(_str(chat))) for chat, _ in dropped]
+                if names:
+                    await self.client.delete(*names, *(f"{name}:order" for name in names))
+        except (RedisError, OSError) as error:
+            log.warning("shared_photos_unavailable", error=f"{type(error).__name__}: {error}")
+
+    async def by_message(self, chat_id: int, message_id: int) -> PhotoRef | None:
+        return await super().by_message(chat_id, message_id) or await self._read(
+            chat_id, f"m:{message_id}"
+        )
+
+    async def by_key(self, chat_id: int, key: str) -> PhotoRef | None:
+        return await super().by_key(chat_id, key) or await self._read(chat_id, f"k:{key}")
+
+    async def latest(self, chat_id: int) -> PhotoRef | None:
+        return await self._read(chat_id, "latest") or await super().latest(chat_id)
+
+    async def _read(self, chat_id: int, field: str) -> PhotoRef | None:
+        try:
+            raw = await self.client.hget(self._chat_key(chat_id), field)
+        except (RedisError, OSError) as error:
+            log.warning("shared_photos_unavailable", error=f"{type(error).__name__}: {error}")
+            return None
+        if raw is None:
+            return None
+        try:
+            file_id, key, size = json.loads(raw)
+            return PhotoRef(str(file_id), str(key), None if size is None else int(size))
+        except (ValueError, TypeError) as error:
+            log.warning("shared_photos_bad_entry", error=f"{type(error).__name__}: {error}")
+            return None
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
