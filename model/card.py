@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from model.captioner import Captioner
-from model.domain import CALIBRATION_SEED_BASE, DOMAIN_FILE, DomainCheck, fit_domain
+from model.domain import CALIBRATION_SEED_BASE, DOMAIN_FILE, DOMAIN_TRIALS, DomainCheck, fit_domain
 from model.encoder import TOP_FIRST_BLOCK, TUNED_TOP_FILE, EncoderConfig
 from model.evaluate import evaluate_scenes, format_table
 from model.train import (TEST_SEED_BASE, TRAINING_JPEG_QUALITY, TRAINING_JPEG_SHARE, TRAINING_SIZES, VAL_SEED_BASE,
@@ -281,7 +281,7 @@ def domain_section(weights_dir: Path) -> list[str]:
     if "calibration_renders" in info:
         lines += [
             f"- Threshold {check.threshold:.3f}: the highest, over {len(info['calibration_renders'])} render conditions"
-            f" ({', '.join(info['calibration_renders'])}),",
+            f" ({_render_grid(info['calibration_renders'])}),",
             f"  of the score that rejects {100 * (1 - info['threshold_quantile']):.1f} % of {info['calibration_scenes']}"
             f" held-out scenes (seeds from {CALIBRATION_SEED_BASE:,}) rendered that way.",
             f"- Rejected, of the {info['test_scenes']} held-out test scenes (seeds from {TEST_SEED_BASE:,}): "
@@ -290,11 +290,22 @@ def domain_section(weights_dir: Path) -> list[str]:
             f" ones also in greyscale, a page of text, a bar chart, a pie chart, colour and grey noise; model/nonscenes.py):"
             f" {100 * info['nonscenes_rejected']:.1f} % (bar: at least 95 %)"
             + (f"; let through: {', '.join(info['nonscenes_accepted'])}." if info["nonscenes_accepted"] else "."),
-            f"- Fitting, calibrating and measuring all this (`python -m model domain-fit`): {info['seconds'] / 60:.0f} min.",
+            f"- Fitting, calibrating and measuring all this (`python -m model domain-fit`, {info['fit_images']}"
+            f" + {len(info['calibration_renders']) * info['calibration_scenes']} + {len(info['test_rejected']) * info['test_scenes']}"
+            f" renders): {info['seconds'] / 60:.0f} min on this project's 2 CPU cores, shared with other jobs.",
         ]
     else:
         lines.append(f"- Threshold {check.threshold:.3f}. {info.get('provisional', '')}")
-    return lines + [""]
+    return lines + ["", "What was tried (model/domain.py):", *DOMAIN_TRIALS, ""]
+
+
+def _render_grid(names: list[str]) -> str:
+    """["96px PNG", "96px JPEG q60", ...] -> "96, ... and 1024 px, each as PNG and as JPEG q60, ..." """
+    sides = sorted({int(name.split("px")[0]) for name in names}, key=int)
+    kinds = list(dict.fromkeys(name.split(" ", 1)[1] for name in names))
+    jpeg = [kind.split()[1] for kind in kinds if kind.startswith("JPEG")]
+    return (", ".join(map(str, sides[:-1])) + f" and {sides[-1]} px, each as "
+            + ("PNG and as " if "PNG" in kinds else "") + "JPEG " + ", ".join(jpeg[:-1]) + f" and {jpeg[-1]}")
 
 
 def update_card(weights_dir: Path) -> Path:
