@@ -75,8 +75,11 @@ bench: $(STAMP) redis
 eval: $(STAMP)
 	$(PY) -m model eval
 
-# Reproduces weights/ from nothing: render + encode the scenes, train both decoders, score them,
-# write weights/MODEL_CARD.md. About 45 minutes on 2 CPU cores (44 measured, bit-identical weights).
+# Reproduces weights/ from nothing: render + encode the scenes, train both decoders, fit the domain
+# check, score them, write weights/MODEL_CARD.md. About 45 minutes on 2 CPU cores (44 measured,
+# bit-identical weights) before the domain check, which adds 37 minutes (measured with the 2 cores
+# shared with other jobs), nearly all of it rendering 7,200 scenes; to refit
+# only the domain check: .venv/bin/python -m model domain-fit.
 weights: $(STAMP)
 	$(PY) -m model weights --work-dir runs/scenes
 

@@ -51,9 +51,15 @@ def _percentile(values: list[float], q: float) -> float:
 def _photo():
     """A real photo for the out-of-domain path: scikit-image's chelsea where installed, else
     noise."""
-    from model.nonscenes import noise, skimage_photos
+    from PIL import Image
 
-    return skimage_photos().get("chelsea") or noise()
+    from model.nonscenes import noise
+
+    try:
+        import skimage.data
+    except ImportError:
+        return noise()
+    return Image.fromarray(skimage.data.chelsea())
 
 
 def main(weights_dir, repeats: int = 50) -> int:

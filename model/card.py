@@ -18,7 +18,13 @@ from model.data.sources import (
     TRAINING_SIZES,
     VAL_SEED_BASE,
 )
-from model.domain import CALIBRATION_SEED_BASE, DOMAIN_FILE, DomainCheck, fit_domain
+from model.domain import (
+    CALIBRATION_SEED_BASE,
+    DOMAIN_FILE,
+    DOMAIN_TRIALS,
+    DomainCheck,
+    fit_domain,
+)
 from model.encoder import TOP_FIRST_BLOCK, TUNED_TOP_FILE, EncoderConfig
 from model.evaluate import evaluate_scenes, format_table
 from model.train import TrainConfig, run
@@ -394,7 +400,7 @@ def domain_section(weights_dir: Path) -> list[str]:
         lines += [
             f"- Threshold {check.threshold:.3f}: the highest, over "
             f"{len(info['calibration_renders'])} render conditions"
-            f" ({', '.join(info['calibration_renders'])}),",
+            f" ({_render_grid(info['calibration_renders'])}),",
             f"  of the score that rejects {100 * (1 - info['threshold_quantile']):.1f} % of "
             f"{info['calibration_scenes']}"
             f" held-out scenes (seeds from {CALIBRATION_SEED_BASE:,}) rendered that way.",
@@ -414,12 +420,32 @@ def domain_section(weights_dir: Path) -> list[str]:
                 if info["nonscenes_accepted"]
                 else "."
             ),
-            "- Fitting, calibrating and measuring all this (`python -m model domain-fit`): "
-            f"{info['seconds'] / 60:.0f} min.",
+            "- Fitting, calibrating and measuring all this (`python -m model domain-fit`, "
+            f"{info['fit_images']}"
+            f" + {len(info['calibration_renders']) * info['calibration_scenes']}"
+            f" + {len(info['test_rejected']) * info['test_scenes']}"
+            f" renders): {info['seconds'] / 60:.0f} min on this project's 2 CPU cores, shared with"
+            " other jobs.",
         ]
     else:
         lines.append(f"- Threshold {check.threshold:.3f}. {info.get('provisional', '')}")
-    return lines + [""]
+    return lines + ["", "What was tried (model/domain.py):", *DOMAIN_TRIALS, ""]
+
+
+def _render_grid(names: list[str]) -> str:
+    """["96px PNG", "96px JPEG q60", ...]
+    -> "96, ... and 1024 px, each as PNG and as JPEG q60, ..." """
+    sides = sorted({int(name.split("px")[0]) for name in names}, key=int)
+    kinds = list(dict.fromkeys(name.split(" ", 1)[1] for name in names))
+    jpeg = [kind.split()[1] for kind in kinds if kind.startswith("JPEG")]
+    return (
+        ", ".join(map(str, sides[:-1]))
+        + f" and {sides[-1]} px, each as "
+        + ("PNG and as " if "PNG" in kinds else "")
+        + "JPEG "
+        + ", ".join(jpeg[:-1])
+        + f" and {jpeg[-1]}"
+    )
 
 
 def update_card(weights_dir: Path) -> Path:

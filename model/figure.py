@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import io
 import math
+import zlib
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import cast
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 TILE = 240  # width and height of every picture tile, px
 LABEL_HEIGHT = 44  # the strip under each tile that carries its word
@@ -75,16 +77,29 @@ def figure_size(words: int) -> tuple[int, int]:
     return columns * (TILE + GAP) - GAP, rows * (TILE + LABEL_HEIGHT + GAP) - GAP
 
 
-def heat_overlay(tile: np.ndarray, attention: np.ndarray) -> np.ndarray:
-    """tile (S, S, 3) float 0..255, attention (S, S) in 0..1 -> blended (S, S, 3)."""
-    a = attention[..., None]
-    heat = np.concatenate([np.ones_like(a), a, np.zeros_like(a)], axis=2) * 255  # red -> yellow
-    dimmed = tile * (0.3 + 0.7 * a)
-    return dimmed * (1 - 0.45 * a) + heat * (0.45 * a)
+# The blend, per level a of the smoothed map (0..255 for 0..1), as lookup tables: the photo dimmed
+# where attention is low, out = photo * DIM[a] / 255 + (HEAT_RED[a], HEAT_GREEN[a], 0), warming to
+# red and then yellow where it is high. In PIL's uint8 operations a tile takes a fraction of a ms.
+_A = np.arange(256) / 255
+DIM = ((0.3 + 0.7 * _A) * (1 - 0.45 * _A) * 255).round().astype(int).tolist()
+HEAT_RED = (255 * 0.45 * _A).round().astype(int).tolist()
+HEAT_GREEN = (255 * 0.45 * _A * _A).round().astype(int).tolist()
 
 
-def upsample_map(alpha: np.ndarray, size: int) -> np.ndarray:
-    """(rows, cols) attention -> (size, size) smooth map scaled to a peak of 1."""
+def heat_overlay(photo: Image.Image, levels: Image.Image) -> Image.Image:
+    """An RGB tile and its attention levels ("L", same size) -> the tile dimmed and warmed."""
+    dim = levels.point(DIM)
+    dimmed = ImageChops.multiply(photo, Image.merge("RGB", (dim, dim, dim)))
+    heat = Image.merge(
+        "RGB", (levels.point(HEAT_RED), levels.point(HEAT_GREEN), Image.new("L", levels.size))
+    )
+    return ImageChops.add(dimmed, heat)
+
+
+def upsample_map(alpha: np.ndarray, size: int) -> Image.Image:
+    """(rows, cols) attention -> a (size, size) "L" map, smooth, its peak at 255. Smoothed at a
+    quarter of the size (a Gaussian of a twentieth of the side), then enlarged: the same look for
+    a sixteenth of the blurring."""
     alpha = np.asarray(alpha, dtype=np.float32)
     peak = float(alpha.max())
     levels = (
@@ -92,13 +107,15 @@ def upsample_map(alpha: np.ndarray, size: int) -> np.ndarray:
         if peak > 0
         else np.zeros(alpha.shape, np.uint8)
     )
+    small = max(size // 4, 1)
     smooth = (
         Image.fromarray(levels, mode="L")
-        .resize((size, size), Image.Resampling.BICUBIC)
-        .filter(ImageFilter.GaussianBlur(radius=size / 20))
+        .resize((small, small), Image.Resampling.BICUBIC)
+        .filter(ImageFilter.GaussianBlur(radius=small / 20))
+        .resize((size, size), Image.Resampling.BILINEAR)
     )
-    values = np.asarray(smooth, dtype=np.float32)
-    return values / max(float(values.max()), 1.0)
+    _, top = cast(tuple[int, int], smooth.getextrema())  # an "L" image: (lowest, highest)
+    return smooth.point(lambda v: v * 255 // top) if 0 < top < 255 else smooth
 
 
 def _label(draw: ImageDraw.ImageDraw, centre: tuple[float, float], word: str, colour) -> None:
@@ -114,19 +131,12 @@ def attention_figure(image: Image.Image, tokens: Sequence[str], alphas) -> bytes
     if len(tokens) != len(alphas):
         raise ValueError(f"{len(tokens)} tokens but {len(alphas)} attention maps")
     photo = image.convert("RGB").resize((TILE, TILE), Image.Resampling.BICUBIC, reducing_gap=2.0)
-    base = np.asarray(photo, dtype=np.float32)
     columns, _ = layout(1 + len(tokens))
     canvas = Image.new("RGB", figure_size(len(tokens)), GAP_COLOUR)
     draw = ImageDraw.Draw(canvas)
     tiles = [(photo, "image", (90, 90, 90))]
     tiles += [
-        (
-            Image.fromarray(
-                heat_overlay(base, upsample_map(alpha, TILE)).clip(0, 255).astype(np.uint8)
-            ),
-            word,
-            (0, 0, 0),
-        )
+        (heat_overlay(photo, upsample_map(alpha, TILE)), word, (0, 0, 0))
         for word, alpha in zip(tokens, alphas)
     ]
     for index, (tile, word, colour) in enumerate(tiles):
@@ -135,5 +145,7 @@ def attention_figure(image: Image.Image, tokens: Sequence[str], alphas) -> bytes
         canvas.paste(tile, (x, y))
         _label(draw, (x + TILE / 2, y + TILE + LABEL_HEIGHT / 2), word, colour)
     buffer = io.BytesIO()
-    canvas.save(buffer, "PNG", compress_level=1)  # speed over a few kB
+    # Speed over size: deflate level 1 with run-length matching, 0.86 MB for 20 words (1.04 MB
+    # with the default matching, in the same time). Most of the time is PNG's row filtering.
+    canvas.save(buffer, "PNG", compress_level=1, compress_type=zlib.Z_RLE)
     return buffer.getvalue()
