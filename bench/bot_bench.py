@@ -38,6 +38,21 @@ TOKEN = "123456:BENCH"
 TARGETS = {"single": 8.0, "sustained": 40.0, "speedup": 1.5, "rss_mb": 800.0}
 
 
+# The domain check's reply to a picture unlike the training scenes (bot/texts.py). Its
+# threshold lets through all but about 0.5 % of renders, so a 200-photo run may meet one.
+OUTSIDE_DOMAIN = "doesn't look like the coloured-shape scenes"
+outside_replies = 0  # scenes answered with the honest reply instead of captions, this run
+
+
+def assert_answered(reply: dict) -> None:
+    """A scene's reply: its captions, or (rarely) the domain check's honest reply, counted."""
+    global outside_replies
+    text = reply["text"]
+    if "Baseline decoder:" not in text:
+        assert OUTSIDE_DOMAIN in text, text
+        outside_replies += 1
+
+
 def scene_jpeg(seed: int) -> bytes:
     _, image = render_scene(seed, side=224)
     buffer = io.BytesIO()
@@ -116,7 +131,7 @@ async def one_at_a_time(emu: BotAPIEmulator, count: int, warmup: int = 5) -> lis
         emu.user_sends_photo(chat, photo)
         reply = await emu.next_bot_message(chat, timeout=60)
         elapsed = (time.perf_counter() - started) * 1000
-        assert "Baseline decoder:" in reply["text"], reply["text"]
+        assert_answered(reply)
         if seed >= warmup:
             latencies.append(elapsed)
     return latencies
@@ -135,7 +150,7 @@ async def all_at_once(emu: BotAPIEmulator, chats: int, photos: int, seed0: int) 
     async def drain(chat: int, count: int) -> None:
         for _ in range(count):
             reply = await emu.next_bot_message(chat, timeout=300)
-            assert "Baseline decoder:" in reply["text"], reply["text"]
+            assert_answered(reply)
 
     await asyncio.gather(*(drain(100 + i, c) for i, c in enumerate(per_chat)))
     return photos / (time.perf_counter() - started)
@@ -211,6 +226,8 @@ def report(r: dict, args: argparse.Namespace) -> bool:
         f"{args.single} single photos, {args.photos} photos from {args.chats} chats; "
         f"the reference timed {len(ref.ms) // 2} photos before the bot's runs and "
         f"{len(ref.ms) // 2} after",
+        f"{outside_replies} of the scenes sent were answered with the domain check's honest "
+        "reply (labels, no captions) instead of captions",
         f"after the batching-on run: {on['rss_anon_mb']:.0f} MB heap + {on['rss_file_mb']:.0f} MB "
         "mapped "
         "files (shared libraries)",
