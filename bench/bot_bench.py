@@ -60,27 +60,34 @@ def scene_jpeg(seed: int) -> bytes:
     return buffer.getvalue()
 
 
+def bot_env(emu: BotAPIEmulator, captioner: str, **settings: object) -> dict[str, str]:
+    """The environment of a benchmarked `python -m bot` against the emulator: no rate limit,
+    a deep queue, JSON logs; `settings` add to or override it."""
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+    env.update(
+        {
+            "PYTHONPATH": str(REPO),
+            "TELEGRAM_BOT_TOKEN": TOKEN,
+            "TELEGRAM_API_BASE": emu.base_url,
+            "WEIGHTS_DIR": str(REPO / "weights"),
+            "CAPTIONER": captioner,
+            "DEVICE": "cpu",
+            "LOG_FORMAT": "json",
+            "LOG_LEVEL": "INFO",
+            "HEALTH_FILE": "off",
+            "RATE_LIMIT_PER_MIN": "0",
+            "QUEUE_MAX": "1000",
+        }
+    )
+    env.update({k: str(v) for k, v in settings.items()})
+    return env
+
+
 class Bot:
     """`python -m bot` against the emulator, with its JSON log lines collected."""
 
     def __init__(self, emu: BotAPIEmulator, captioner: str, **settings: object) -> None:
-        self.env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
-        self.env.update(
-            {
-                "PYTHONPATH": str(REPO),
-                "TELEGRAM_BOT_TOKEN": TOKEN,
-                "TELEGRAM_API_BASE": emu.base_url,
-                "WEIGHTS_DIR": str(REPO / "weights"),
-                "CAPTIONER": captioner,
-                "DEVICE": "cpu",
-                "LOG_FORMAT": "json",
-                "LOG_LEVEL": "WARNING",
-                "HEALTH_FILE": "off",
-                "RATE_LIMIT_PER_MIN": "0",
-                "QUEUE_MAX": "1000",
-            }
-        )
-        self.env.update({k: str(v) for k, v in settings.items()})
+        self.env = bot_env(emu, captioner, LOG_LEVEL="WARNING", **settings)
         self.proc: asyncio.subprocess.Process | None = None
         self.output: list[str] = []
 

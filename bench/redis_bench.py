@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import signal
 import statistics
@@ -38,6 +37,7 @@ import redis.asyncio as aioredis  # noqa: E402
 from bot_bench import (  # noqa: E402
     all_at_once,
     assert_answered,
+    bot_env,
     one_at_a_time,
     percentile,
     scene_jpeg,
@@ -53,24 +53,7 @@ CLAIM_IDLE_MS = 3000
 
 def role(emu: BotAPIEmulator, name: str, captioner: str, **settings: object) -> BotProcess:
     """`python -m bot --role NAME` against the emulator (started by `launch`)."""
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
-    env.update(
-        {
-            "PYTHONPATH": str(REPO),
-            "TELEGRAM_BOT_TOKEN": TOKEN,
-            "TELEGRAM_API_BASE": emu.base_url,
-            "WEIGHTS_DIR": str(REPO / "weights"),
-            "CAPTIONER": captioner,
-            "DEVICE": "cpu",
-            "LOG_FORMAT": "json",
-            "LOG_LEVEL": "INFO",
-            "HEALTH_FILE": "off",
-            "RATE_LIMIT_PER_MIN": "0",
-            "QUEUE_MAX": "1000",
-            "BATCH_MAX": "8",
-        }
-    )
-    env.update({k: str(v) for k, v in settings.items()})
+    env = bot_env(emu, captioner, **{"BATCH_MAX": 8, **settings})
     return BotProcess(env, cwd=REPO / "bench", args=("--role", name))
 
 
