@@ -276,22 +276,19 @@ def test_check_reports_the_settings_without_starting_the_bot(tmp_path):
         "HOME": str(tmp_path),
         "PLAYGROUND": "off",
     }
-    missing = subprocess.run(
-        [sys.executable, "-m", "bot", "--check"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "bot", "--check"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    missing = check()
     assert missing.returncode == 2 and "TELEGRAM_BOT_TOKEN is not set" in missing.stderr
     env["TELEGRAM_BOT_TOKEN"] = TOKEN
-    ok = subprocess.run(
-        [sys.executable, "-m", "bot", "--check"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    ok = check()
     assert ok.returncode == 0 and "settings OK" in ok.stdout, ok.stderr
