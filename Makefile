@@ -32,17 +32,21 @@ redis:
 	      || echo "make redis: could not install redis-server; the Redis tests will be skipped"; \
 	  else echo "make redis: redis-server missing and apt-get unusable; the Redis tests will be skipped"; fi; }
 
-# A Docker engine for the image test (tests/test_docker.py): Debian's docker.io, docker-compose
-# (v1) and debootstrap (the base image where python:3.11-slim cannot be pulled), installed as
-# root where apt-get works, and dockerd started when no engine answers. Otherwise the test skips
-# itself and says why.
+# A Docker engine for the image test (tests/test_docker.py): Debian's docker.io and debootstrap
+# (the base image where python:3.11-slim cannot be pulled), installed as root where apt-get works,
+# Compose v2 as the `docker compose` plugin (docker/compose-v2.sh: Debian trixie's static binary,
+# since bookworm ships only v1), and dockerd started when no engine answers. Otherwise the test
+# skips itself and says why.
 docker-engine:
-	@command -v dockerd >/dev/null 2>&1 && command -v docker-compose >/dev/null 2>&1 \
-	  && command -v debootstrap >/dev/null 2>&1 || { \
+	@command -v dockerd >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1 || { \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose debootstrap >/dev/null) \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap >/dev/null) \
 	      || echo "make docker-engine: could not install docker.io; the Docker test will be skipped"; \
 	  else echo "make docker-engine: dockerd missing and apt-get unusable; the Docker test will be skipped"; fi; }
+	@docker compose version >/dev/null 2>&1 || { \
+	  if command -v docker >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    docker/compose-v2.sh || echo "make docker-engine: could not install Compose v2; the compose tests will be skipped"; \
+	  else echo "make docker-engine: Compose v2 missing and not root; the compose tests will be skipped"; fi; }
 	@docker info >/dev/null 2>&1 || { \
 	  if command -v dockerd >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	    setsid dockerd >/tmp/dockerd.log 2>&1 < /dev/null & \
