@@ -31,10 +31,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--role",
-        choices=("all", "frontend", "worker"),
+        choices=("all", "frontend", "worker", "auto"),
         default="all",
         help="with QUEUE_URL: frontend (takes updates, enqueues jobs), worker "
-        "(runs the model on jobs, replies) or all (both; the default)",
+        "(runs the model on jobs, replies) or all (both; the default). auto: frontend if "
+        "QUEUE_URL's host resolves (compose's scale profile runs Redis), else all with the "
+        "in-process queue",
     )
     parser.add_argument(
         "--check",
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_format, settings.log_level)
     log = get_logger("bot")
 
-    playground = args.role == "all" and (
+    playground = args.role in ("all", "auto") and (
         args.playground
         or (settings.token is None and settings.mode == "polling" and settings.playground == "auto")
     )
@@ -100,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     # Until aiogram installs its own handlers (after the model has loaded), SIGTERM means
     # "stop now": nothing has been accepted yet, so exit cleanly like Ctrl+C does.
     signal.signal(signal.SIGTERM, _interrupt)
+    role = args.role
     try:
+        if role == "auto" and not playground:
+            settings, role = choose_role(settings)
         from bot.app import StartupError, run
     except KeyboardInterrupt:
         return 0
@@ -109,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         mode="playground" if playground else settings.mode,
         captioner=settings.captioner,
         device=settings.device,
-        role=args.role,
+        role=role,
         queue="redis" if settings.queue_url else "in-process",
     )
     try:
-        asyncio.run(run_playground(settings) if playground else run(settings, role=args.role))
+        asyncio.run(run_playground(settings) if playground else run(settings, role=role))
     except (SettingsError, StartupError) as error:
         log.error("cannot_start", reason=str(error))
         return 2
@@ -123,6 +128,20 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("crashed")
         return 1
     return 0
+
+
+def choose_role(settings: Settings) -> tuple[Settings, str]:
+    """--role auto: the settings and role to run with (bot/jobs/auto.py), logged with why."""
+    from bot.jobs.auto import choose_role as choose
+
+    choice = choose(settings.queue_url)
+    get_logger("bot").info(
+        "role_chosen",
+        role=choice.role,
+        queue="redis" if choice.queue_url else "in-process",
+        reason=choice.reason,
+    )
+    return settings.model_copy(update={"queue_url": choice.queue_url}), choice.role
 
 
 def _interrupt(_signum: int, _frame: object) -> None:
