@@ -57,6 +57,7 @@ docker-engine:
 # What the Docker test keeps to make its reruns short: the local base image and the layer cache.
 docker-clean:
 	-docker image prune -f --filter label=org.opencontainers.image.title=captionbot
+	-docker image prune -f --filter label=org.opencontainers.image.title=captionbot-redis
 	-docker rmi captionbot-base:bookworm-py3.11
 
 # Style, common bugs and types: a new finding fails `make test` (and CI) before any test runs.

@@ -162,7 +162,8 @@ def test_every_copy_source_exists_and_is_not_docker_ignored():
 def test_compose_file_parses_and_sets_the_operational_limits():
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     service = compose["services"]["bot"]
-    assert service["build"] == "." and (REPO / "Dockerfile").exists()
+    assert service["build"]["context"] == "." and (REPO / "Dockerfile").exists()
+    assert service["build"]["args"] == {"BASE_IMAGE": "${BASE_IMAGE:-python:3.11-slim}"}
     env_files = (
         service["env_file"] if isinstance(service["env_file"], list) else [service["env_file"]]
     )
@@ -176,7 +177,7 @@ def test_compose_file_parses_and_sets_the_operational_limits():
     assert check["image"] == service["image"] and check["env_file"] == service["env_file"]
     assert check["environment"] == service["environment"]
     assert check["command"] == ["python", "-m", "bot", "--check"] and check["restart"] == "no"
-    assert service["depends_on"] == {"settings": {"condition": "service_completed_successfully"}}
+    assert service["depends_on"]["settings"] == {"condition": "service_completed_successfully"}
     assert service["read_only"] is True
     assert any(mount.split(":")[0] == "/tmp" for mount in service["tmpfs"])
     assert service["mem_limit"]
@@ -184,6 +185,50 @@ def test_compose_file_parses_and_sets_the_operational_limits():
     # Long enough for the bot's own shutdown deadline.
     grace = int(service["stop_grace_period"].rstrip("s"))
     assert grace > Settings().shutdown_timeout_s
+
+
+def test_compose_scale_profile_redis_one_frontend_and_workers_without_a_second_poller():
+    """`docker compose --profile scale up --scale worker=N`: Redis (built here, append-only),
+    the bot as the one frontend, N workers. Plain `up` runs only settings and bot."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    default = {name for name, service in services.items() if "profiles" not in service}
+    assert default == {"settings", "bot"}
+    assert {name for name, s in services.items() if s.get("profiles") == ["scale"]} == {
+        "redis",
+        "worker",
+    }
+    # No --scale bot=0: the bot is the frontend when the profile's Redis runs, else the whole
+    # bot (bot/jobs/auto.py); it waits for Redis only where the profile is active.
+    bot = services["bot"]
+    assert bot["command"] == ["python", "-m", "bot", "--role", "auto"]
+    assert bot["depends_on"]["redis"] == {"condition": "service_healthy", "required": False}
+    assert bot["environment"]["QUEUE_URL"] == "redis://redis:6379/0"
+    worker = services["worker"]
+    assert worker["command"] == ["python", "-m", "bot", "--role", "worker"]
+    assert worker["environment"] == bot["environment"] and worker["image"] == bot["image"]
+    assert worker["depends_on"] == {
+        "settings": {"condition": "service_completed_successfully"},
+        "redis": {"condition": "service_healthy"},
+    }
+    assert int(worker["stop_grace_period"].rstrip("s")) > Settings().shutdown_timeout_s
+    # Redis from the bot's own base image (no Docker Hub image), its data in a volume.
+    redis = services["redis"]
+    assert redis["build"] == {
+        "context": "docker/redis",
+        "args": {"BASE_IMAGE": "${BASE_IMAGE:-python:3.11-slim}"},
+    }
+    assert redis["volumes"] == ["redis-data:/data"] and "redis-data" in compose["volumes"]
+    assert redis["restart"] == "unless-stopped" and redis["read_only"] is True
+    dockerfile = (REPO / "docker" / "redis" / "Dockerfile").read_text()
+    assert "FROM ${BASE_IMAGE}" in dockerfile and "apt-get install" in dockerfile
+    assert re.search(r"^USER redis$", dockerfile, re.M)
+    command = json.loads(re.search(r"^CMD (\[.*\])$", dockerfile.replace("\\\n", ""), re.M)[1])
+    assert command[0] == "redis-server"
+    options = dict(zip(command[1::2], command[2::2]))
+    assert options["--appendonly"] == "yes" and options["--appendfsync"] == "everysec"
+    assert options["--dir"] == "/data"
+    assert re.search(r"^HEALTHCHECK .*redis-cli ping", dockerfile.replace("\\\n", ""), re.M)
 
 
 def test_env_example_documents_every_setting_and_is_a_working_env_file(tmp_path):
