@@ -746,8 +746,8 @@ async def test_compose_scale_profile_one_poller_three_workers_and_a_killed_worke
     with open(env_file, "a") as handle:
         handle.write(
             f"\nTELEGRAM_BOT_TOKEN={TOKEN}\nTELEGRAM_API_BASE={emu.base_url}\n"
-            # A dead worker's jobs are taken over after 3 s; small batches spread a burst.
-            "JOB_CLAIM_IDLE_MS=3000\nBATCH_MAX=2\nINFERENCE_THREADS=1\nDEFAULT_SAMPLES=1\n"
+            # A dead worker's jobs are taken over after 5 s; small batches spread a burst.
+            "JOB_CLAIM_IDLE_MS=5000\nBATCH_MAX=2\nINFERENCE_THREADS=1\nDEFAULT_SAMPLES=1\n"
             "RATE_LIMIT_PER_MIN=0\nSEND_RETRY_TIMEOUT_S=8\n"
         )
     logs = None
