@@ -2,7 +2,11 @@
 
 Needs a Docker engine: `make docker-engine` (part of `make test`) installs one as root where
 apt-get works and starts dockerd; this module also starts dockerd itself if none answers (and
-stops it again). Without an engine every test here skips and says why.
+stops it again). Without an engine every test here skips and says why. The compose tests need
+Compose v2.20 or later (`make docker-engine` installs it: docker/compose-v2.sh), else they skip.
+They run the real docker-compose.yml: plain `up` (one process, no Redis) on the host network,
+and the scale profile (Redis built from docker/redis, the bot as the one frontend, three
+workers) on compose's own network, with the emulator served on Docker's bridge gateway.
 
 Where python:3.11-slim cannot be pulled, the base image is made locally (docker/base-image.sh,
 debootstrap); where a CPU torch wheel of the pinned version lies in pip's find-links, the build
