@@ -132,6 +132,9 @@ class CaptionerLike(Protocol):
     def sample(
         self, encoded: Sequence[Any], n: int, *, decoder: str = ..., temperature: float = ...
     ) -> list[list[str]]: ...
+    def captions(
+        self, encoded: Sequence[Any], n_samples: int = ..., *, temperature: float = ...
+    ) -> list[Any]: ...  # Captions(attention, baseline, samples) per encoding
     def domain(self, encoded: Sequence[Any]) -> list[Any]: ...  # DomainVerdict per encoding
     def imagenet_labels(self, encoded: Sequence[Any], k: int = ...) -> list[list[Any]]: ...
 
@@ -171,15 +174,20 @@ class _Job:
         return {**self.context, "chat_id": self.chat_id, "message_id": self.message_id}
 
 
-# The greedy decoders a batch runs, in order, and the job kinds each runs for: the attention
-# decoder's caption is the headline of a caption and the subject of an /attention figure.
-GREEDY_KINDS = {"attention": ("caption", "attention"), "baseline": ("caption",)}
 # ImageNet labels an out-of-domain photo's reply gives.
 LABELS_K = 3
 
 
 def _alive(jobs: Iterable[_Job]) -> list[_Job]:
     return [job for job in jobs if job.error is None]
+
+
+def _by_sampling(jobs: Iterable[_Job]) -> dict[tuple[int, float], list[_Job]]:
+    """The live jobs grouped by their (n, temperature): each group decodes as one batch."""
+    groups: dict[tuple[int, float], list[_Job]] = {}
+    for job in _alive(jobs):
+        groups.setdefault((job.n, job.temperature), []).append(job)
+    return groups
 
 
 def _labels_only(job: _Job) -> bool:
@@ -315,8 +323,8 @@ class InferenceWorker:
 
         def run() -> None:
             encoded = self._captioner.encode([image])
-            headline = self._captioner.greedy(encoded, "attention")[0]
-            self._captioner.greedy(encoded, "baseline")
+            headline = self._captioner.captions(encoded, 2)[0].attention
+            self._captioner.greedy(encoded, "attention")
             self._captioner.sample(encoded, 2, decoder="attention", temperature=1.0)
             self._attention_figure(image, list(headline.tokens), headline.alphas)
             if self.domain_check:  # labels load their own layers on first use
@@ -515,8 +523,8 @@ class InferenceWorker:
         self._encode(self._open_photos(jobs))
         self._check_domain(jobs)
         self._label(jobs)
-        for decoder in GREEDY_KINDS:
-            self._greedy(jobs, decoder)
+        self._caption(jobs)
+        self._greedy_attention(jobs)
         self._sample(jobs)
         return [self._result(job) if job.error is None else job.error for job in jobs]
 
@@ -575,35 +583,49 @@ class InferenceWorker:
         for job, found in zip(group, labels):
             job.labels = list(found)
 
-    def _greedy(self, jobs: list[_Job], decoder: str) -> None:
-        """`decoder`'s greedy captions, one call for the jobs of the kinds that need it."""
-        group = _alive(
-            job for job in jobs if job.kind in GREEDY_KINDS[decoder] and not _labels_only(job)
+    def _caption(self, jobs: list[_Job]) -> None:
+        """A caption's headline, baseline and samples: one `captions` call per distinct
+        (n, temperature), which decodes the attention decoder's greedy caption and its samples
+        as one batch (the decoder starts once per image)."""
+        groups = _by_sampling(
+            job for job in jobs if job.kind == "caption" and not _labels_only(job)
         )
+        for (n, temperature), group in groups.items():
+
+            def captions(g: list[_Job], n: int = n, t: float = temperature) -> list[Any]:
+                return self._captioner.captions([job.encoded for job in g], n, temperature=t)
+
+            for job, found in zip(group, self._batched(group, "captions", captions)):
+                if found is not None:
+                    job.greedy["attention"], job.greedy["baseline"] = (
+                        found.attention,
+                        found.baseline,
+                    )
+                    job.samples = list(found.samples)
+
+    def _greedy_attention(self, jobs: list[_Job]) -> None:
+        """The attention decoder's greedy captions for /attention, in one call."""
+        group = _alive(job for job in jobs if job.kind == "attention")
         captions = self._batched(
             group,
-            f"greedy_{decoder}",
-            lambda g: self._captioner.greedy([job.encoded for job in g], decoder),
+            "greedy_attention",
+            lambda g: self._captioner.greedy([job.encoded for job in g], "attention"),
         )
         for job, caption in zip(group, captions):
-            job.greedy[decoder] = caption
+            job.greedy["attention"] = caption
 
     def _sample(self, jobs: list[_Job]) -> None:
-        """Sampled captions: one call per distinct (n, temperature) in the batch."""
-        groups: dict[tuple[int, float], list[_Job]] = {}
-        for job in _alive(jobs):
-            if job.kind in ("caption", "samples") and job.n > 0 and not _labels_only(job):
-                groups.setdefault((job.n, job.temperature), []).append(job)
-        for (n, temperature), group in groups.items():
-            group = _alive(group)
+        """/sample's captions: one call per distinct (n, temperature) in the batch."""
+        for (n, temperature), group in _by_sampling(
+            job for job in jobs if job.kind == "samples"
+        ).items():
 
             def sample(g: list[_Job], n: int = n, t: float = temperature) -> list[list[str]]:
                 return self._captioner.sample(
                     [job.encoded for job in g], n, decoder="attention", temperature=t
                 )
 
-            texts = self._batched(group, "sample", sample)
-            for job, samples in zip(group, texts):
+            for job, samples in zip(group, self._batched(group, "sample", sample)):
                 job.samples = samples
 
     def _result(self, job: _Job) -> Any:

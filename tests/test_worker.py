@@ -52,6 +52,13 @@ class FakeLabel:
     p: float
 
 
+@dataclass(frozen=True)
+class FakeCaptions:
+    attention: FakeCaption
+    baseline: FakeCaption
+    samples: list[str]
+
+
 class FakeCaptioner:
     """Images are strings; a caption names its image so mix-ups are visible. Images whose
     name starts with "photo" are outside the domain; their labels name them too."""
@@ -60,6 +67,7 @@ class FakeCaptioner:
         self.encode_batches: list[list[str]] = []
         self.greedy_calls: list[tuple[str, int]] = []
         self.sample_calls: list[tuple[int, float, int]] = []
+        self.captions_calls: list[tuple[int, float, int]] = []
         self.domain_calls: list[int] = []
         self.label_calls: list[list[str]] = []
         self.gate = threading.Event()
@@ -74,20 +82,34 @@ class FakeCaptioner:
         self.encode_batches.append(list(images))
         return [f"enc({image})" for image in images]
 
+    @staticmethod
+    def _greedy(e, decoder):
+        alphas = [[[1.0]], [[1.0]]] if decoder == "attention" else None
+        return FakeCaption(f"{decoder} {e}", [decoder, e], alphas)
+
+    @staticmethod
+    def _samples(e, n, temperature):
+        return [f"sample{i} {e} t={temperature}" for i in range(n)]
+
     def greedy(self, encoded, decoder):
         self.greedy_calls.append((decoder, len(encoded)))
-        return [
-            FakeCaption(
-                f"{decoder} {e}",
-                [decoder, e],
-                [[[1.0]], [[1.0]]] if decoder == "attention" else None,
-            )
-            for e in encoded
-        ]
+        return [self._greedy(e, decoder) for e in encoded]
 
     def sample(self, encoded, n, *, decoder="attention", temperature=1.0):
         self.sample_calls.append((n, temperature, len(encoded)))
-        return [[f"sample{i} {e} t={temperature}" for i in range(n)] for e in encoded]
+        return [self._samples(e, n, temperature) for e in encoded]
+
+    def captions(self, encoded, n_samples=0, *, temperature=1.0):
+        """As the real one: both greedy captions and the samples of each image in one call."""
+        self.captions_calls.append((n_samples, temperature, len(encoded)))
+        return [
+            FakeCaptions(
+                self._greedy(e, "attention"),
+                self._greedy(e, "baseline"),
+                self._samples(e, n_samples, temperature),
+            )
+            for e in encoded
+        ]
 
     def domain(self, encoded):
         self.domain_calls.append(len(encoded))
@@ -155,9 +177,9 @@ async def test_jobs_waiting_together_share_one_encoder_call(make_worker):
     results = await asyncio.gather(first, *jobs)
 
     assert [len(batch) for batch in captioner.encode_batches] == [1, 8, 2]
-    # Decoders run once per batch too: attention + baseline greedy, one sample call.
-    assert captioner.greedy_calls[2:4] == [("attention", 8), ("baseline", 8)]
-    assert (2, 1.0, 8) in captioner.sample_calls
+    # Decoders run once per batch too: one `captions` call (both greedy captions + samples).
+    assert captioner.captions_calls == [(1, 1.0, 1), (2, 1.0, 8), (2, 1.0, 2)]
+    assert captioner.greedy_calls == [] and captioner.sample_calls == []
     for i, result in enumerate(results[1:]):
         assert isinstance(result, CaptionResult)
         assert result.headline == f"attention enc(img{i})"
@@ -266,7 +288,7 @@ async def test_samples_with_different_settings_in_one_batch_are_grouped(make_wor
     captioner.gate.set()
     await first
     await asyncio.gather(*tasks)
-    assert sorted(captioner.sample_calls[1:]) == [(3, 0.7, 2), (5, 1.5, 1)]
+    assert sorted(captioner.sample_calls) == [(3, 0.7, 2), (5, 1.5, 1)]
 
 
 async def test_jobs_arriving_within_the_batch_window_are_batched(make_worker):
@@ -430,8 +452,8 @@ async def test_a_photo_outside_the_domain_gets_labels_instead_of_captions(make_w
     # One domain call for the batch; labels only for the photo, decoders only for the scene.
     assert captioner.domain_calls[1:] == [2]
     assert captioner.label_calls == [["enc(photo-cat)"]]
-    assert captioner.greedy_calls[2:] == [("attention", 1), ("baseline", 1)]
-    assert captioner.sample_calls[1:] == [(2, 1.0, 1)]
+    assert captioner.captions_calls[1:] == [(2, 1.0, 1)]
+    assert captioner.greedy_calls == [] and captioner.sample_calls == []
 
 
 async def test_caption_anyway_samples_and_attention_run_the_decoders_and_carry_the_verdict(
