@@ -291,15 +291,30 @@ async def test_samples_with_different_settings_in_one_batch_are_grouped(make_wor
     assert sorted(captioner.sample_calls) == [(3, 0.7, 2), (5, 1.5, 1)]
 
 
-async def test_jobs_arriving_within_the_batch_window_are_batched(make_worker):
+async def test_a_lone_job_on_an_idle_worker_starts_without_waiting_for_the_window(make_worker):
     captioner = FakeCaptioner()
     worker = make_worker(captioner, batch_wait_ms=400)
     await worker.start()
     one = asyncio.create_task(worker.caption(photo("one"), n_samples=1))
     await asyncio.sleep(0.05)
     two = asyncio.create_task(worker.caption(photo("two"), n_samples=1))
-    await asyncio.gather(one, two)
-    assert captioner.encode_batches == [["one", "two"]]
+    await asyncio.wait_for(asyncio.gather(one, two), 0.3)  # well inside one window
+    assert captioner.encode_batches == [["one"], ["two"]]
+
+
+async def test_jobs_queuing_behind_a_busy_worker_wait_for_the_window_to_fill(make_worker):
+    captioner = FakeCaptioner()
+    worker = make_worker(captioner, batch_wait_ms=400)
+    await worker.start()
+    first = await hold_first_batch(worker, captioner)
+    queued = [asyncio.create_task(worker.caption(photo(n), n_samples=1)) for n in ("a", "b")]
+    await asyncio.sleep(0.05)
+    captioner.gate.set()
+    await first
+    await asyncio.sleep(0.05)  # the worker now holds a and b, waiting for the window
+    late = asyncio.create_task(worker.caption(photo("c"), n_samples=1))
+    await asyncio.gather(*queued, late)
+    assert captioner.encode_batches == [["first"], ["a", "b", "c"]]
 
 
 async def test_batching_off_runs_one_job_per_batch(make_worker):
