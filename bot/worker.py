@@ -284,8 +284,10 @@ class InferenceWorker:
         self._attention_figure = attention_figure
         self._image_errors = _image_error_types() if image_errors is None else image_errors
         self.domain_check = domain_check
-        # One thread: the model is not re-entrant, and torch parallelises inside a call.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        # Two stages, one thread each, so that one batch's encoding overlaps the previous
+        # batch's decoding on a second core: each stage handles one batch at a time, in order.
+        self._encoding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
+        self._decoding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
         self._in_flight: list[_Job] = []
@@ -333,7 +335,7 @@ class InferenceWorker:
                 self._captioner.imagenet_labels(encoded, k=LABELS_K)
 
         started = time.perf_counter()
-        await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        await asyncio.get_running_loop().run_in_executor(self._encoding, run)
         return time.perf_counter() - started
 
     @property
@@ -364,7 +366,8 @@ class InferenceWorker:
         for job in leftovers:
             self._settle(job, WorkerStopped("the bot is restarting"), 0.0, 0, "stopped")
         self._in_flight = []
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (self._encoding, self._decoding):
+            executor.shutdown(wait=False, cancel_futures=True)
 
     # ---- the API handlers use --------------------------------------------------------
 
@@ -434,13 +437,22 @@ class InferenceWorker:
     # ---- the batching loop (event loop side) -----------------------------------------
 
     async def _run(self) -> None:
-        while True:
-            batch = await self._next_batch()
-            # A handler that gave up (cancelled) no longer needs its job run.
-            live = [job for job in batch if not job.future.done()]
-            started = time.perf_counter()
-            outcomes = await self._infer(live)
-            self._finish(batch, live, outcomes, (time.perf_counter() - started) * 1000)
+        """Batch after batch: batch k+1 is read and encoded while batch k decodes."""
+        decoding: asyncio.Task[None] | None = None
+        try:
+            while True:
+                batch = await self._next_batch()
+                # A handler that gave up (cancelled) no longer needs its job run.
+                live = [job for job in batch if not job.future.done()]
+                self._in_flight.extend(live)
+                started = time.perf_counter()
+                await self._stage(self._encoding, self._front, live)
+                if decoding is not None:
+                    await decoding  # replies leave in batch order
+                decoding = asyncio.create_task(self._decode(batch, live, started))
+        finally:
+            if decoding is not None:
+                decoding.cancel()  # stop() fails its jobs, which are still in self._in_flight
 
     async def _next_batch(self) -> list[_Job]:
         """The next job and those queued behind it, up to `batch_max`; when there were any,
@@ -474,24 +486,32 @@ class InferenceWorker:
         except TimeoutError:
             return None
 
-    async def _infer(self, live: list[_Job]) -> list[Any]:
-        """Run the batch in the inference thread: a result or an exception per job."""
-        self._in_flight = live
+    async def _decode(self, batch: list[_Job], live: list[_Job], started: float) -> None:
+        outcomes = await self._stage(self._decoding, self._back, live)
+        self._finish(batch, live, outcomes, (time.perf_counter() - started) * 1000)
+
+    async def _stage(
+        self, executor: ThreadPoolExecutor, stage: Callable[[list[_Job]], Any], live: list[_Job]
+    ) -> list[Any]:
+        """`stage(live)` in its thread. Should the batch machinery itself break, every job of
+        the batch fails with InferenceFailed (one job's failure only fails that job: _batched)."""
         if not live:
             return []
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, self._run_batch, live)
+            return await asyncio.get_running_loop().run_in_executor(executor, stage, live)
         except asyncio.CancelledError:
             raise  # stop() gave up waiting: it fails the jobs still in self._in_flight
-        except Exception as error:  # the batch machinery itself broke: fail the batch
+        except Exception as error:
             log.exception("batch_failed", batch_size=len(live), **_batch_context(live))
-            return [InferenceFailed(str(error)) for _ in live]
+            for job in live:
+                job.error = job.error or InferenceFailed(str(error))
+            return [job.error for job in live]
 
     def _finish(
         self, batch: list[_Job], live: list[_Job], outcomes: list[Any], inference_ms: float
     ) -> None:
-        self._in_flight = []
+        done = {id(job) for job in live}
+        self._in_flight = [job for job in self._in_flight if id(job) not in done]
         for _ in batch:
             self._queue.task_done()
         self.batches_run += 1
@@ -529,11 +549,16 @@ class InferenceWorker:
 
     # ---- the batch itself (inference thread) -----------------------------------------
 
-    def _run_batch(self, jobs: list[_Job]) -> list[Any]:
-        """Run one batch; returns a result or an exception per job, in order."""
+    def _front(self, jobs: list[_Job]) -> None:
+        """The encoding stage: photos opened and encoded (or taken from the cache), the domain
+        check, and labels for the photos outside it. Failures are recorded on the jobs."""
         self._encode(self._open_photos(jobs))
         self._check_domain(jobs)
         self._label(jobs)
+
+    def _back(self, jobs: list[_Job]) -> list[Any]:
+        """The decoding stage: captions, samples and figures; a result or an exception per job,
+        in order."""
         self._caption(jobs)
         self._greedy_attention(jobs)
         self._sample(jobs)

@@ -72,6 +72,8 @@ class FakeCaptioner:
         self.label_calls: list[list[str]] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.decode_gate = threading.Event()  # holds `captions`, as `gate` holds `encode`
+        self.decode_gate.set()
         self.entered = threading.Event()
 
     def encode(self, images):
@@ -101,6 +103,7 @@ class FakeCaptioner:
 
     def captions(self, encoded, n_samples=0, *, temperature=1.0):
         """As the real one: both greedy captions and the samples of each image in one call."""
+        assert self.decode_gate.wait(10), "test decode gate never opened"
         self.captions_calls.append((n_samples, temperature, len(encoded)))
         return [
             FakeCaptions(
@@ -185,6 +188,29 @@ async def test_jobs_waiting_together_share_one_encoder_call(make_worker):
         assert result.headline == f"attention enc(img{i})"
         assert result.baseline == f"baseline enc(img{i})"
         assert result.samples == [f"sample{k} enc(img{i}) t=1.0" for k in range(2)]
+
+
+async def test_the_next_batch_is_encoded_while_the_previous_one_decodes(make_worker):
+    captioner = FakeCaptioner()
+    worker = make_worker(captioner)
+    await worker.start()
+    captioner.decode_gate.clear()
+    first = asyncio.create_task(worker.caption(photo("first"), n_samples=0))
+    second = asyncio.create_task(worker.caption(photo("second"), n_samples=0))
+    await asyncio.sleep(0.05)
+    third = asyncio.create_task(worker.caption(photo("third"), n_samples=0))
+    for _ in range(100):  # the third's encoding does not wait for the first batch's decoding
+        if len(captioner.encode_batches) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert captioner.encode_batches == [["first", "second"], ["third"]]
+    assert captioner.captions_calls == [] and not first.done()
+    captioner.decode_gate.set()
+    results = await asyncio.gather(first, second, third)
+    assert [r.headline for r in results] == [
+        f"attention enc({n})" for n in ("first", "second", "third")
+    ]
+    assert captioner.captions_calls == [(0, 1.0, 2), (0, 1.0, 1)]
 
 
 async def test_jobs_run_in_submission_order_and_each_gets_its_own_result(make_worker):
@@ -426,7 +452,7 @@ async def test_worker_log_lines_carry_the_submitting_updates_context(make_worker
         await submit(1, "ok")
         with pytest.raises(InferenceFailed):
             await submit(2, "poison")
-        monkeypatch.setattr(worker, "_run_batch", lambda jobs: 1 / 0)
+        monkeypatch.setattr(worker, "_back", lambda jobs: 1 / 0)
         with pytest.raises(InferenceFailed):
             await submit(3, "ok")
     lines = {(line["event"], line.get("update_id")): line for line in logs}
