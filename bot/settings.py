@@ -100,7 +100,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1024, description="Largest image, in pixels")
     queue_max: int = Field(100, ge=1, description="Jobs waiting for the model at most")
     batch_max: int = Field(8, ge=1, le=256, description="Jobs per model run (1: no batching)")
-    batch_wait_ms: int = Field(10, ge=0, le=10_000, description="Wait for a batch to fill")
+    batch_wait_ms: int = Field(
+        10, ge=0, le=10_000, description="Wait for a batch to fill while photos queue"
+    )
     inference_threads: int = Field(0, ge=0, le=256, description="CPU threads; 0: every core")
     encoded_cache_size: int = Field(128, ge=0, description="Encoded photos kept")
     rate_limit_per_min: int = Field(20, ge=0, description="Requests per user a minute; 0: off")

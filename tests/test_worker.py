@@ -52,6 +52,13 @@ class FakeLabel:
     p: float
 
 
+@dataclass(frozen=True)
+class FakeCaptions:
+    attention: FakeCaption
+    baseline: FakeCaption
+    samples: list[str]
+
+
 class FakeCaptioner:
     """Images are strings; a caption names its image so mix-ups are visible. Images whose
     name starts with "photo" are outside the domain; their labels name them too."""
@@ -60,10 +67,13 @@ class FakeCaptioner:
         self.encode_batches: list[list[str]] = []
         self.greedy_calls: list[tuple[str, int]] = []
         self.sample_calls: list[tuple[int, float, int]] = []
+        self.captions_calls: list[tuple[int, float, int]] = []
         self.domain_calls: list[int] = []
         self.label_calls: list[list[str]] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.decode_gate = threading.Event()  # holds `captions`, as `gate` holds `encode`
+        self.decode_gate.set()
         self.entered = threading.Event()
 
     def encode(self, images):
@@ -74,20 +84,35 @@ class FakeCaptioner:
         self.encode_batches.append(list(images))
         return [f"enc({image})" for image in images]
 
+    @staticmethod
+    def _greedy(e, decoder):
+        alphas = [[[1.0]], [[1.0]]] if decoder == "attention" else None
+        return FakeCaption(f"{decoder} {e}", [decoder, e], alphas)
+
+    @staticmethod
+    def _samples(e, n, temperature):
+        return [f"sample{i} {e} t={temperature}" for i in range(n)]
+
     def greedy(self, encoded, decoder):
         self.greedy_calls.append((decoder, len(encoded)))
-        return [
-            FakeCaption(
-                f"{decoder} {e}",
-                [decoder, e],
-                [[[1.0]], [[1.0]]] if decoder == "attention" else None,
-            )
-            for e in encoded
-        ]
+        return [self._greedy(e, decoder) for e in encoded]
 
     def sample(self, encoded, n, *, decoder="attention", temperature=1.0):
         self.sample_calls.append((n, temperature, len(encoded)))
-        return [[f"sample{i} {e} t={temperature}" for i in range(n)] for e in encoded]
+        return [self._samples(e, n, temperature) for e in encoded]
+
+    def captions(self, encoded, n_samples=0, *, temperature=1.0):
+        """As the real one: both greedy captions and the samples of each image in one call."""
+        assert self.decode_gate.wait(10), "test decode gate never opened"
+        self.captions_calls.append((n_samples, temperature, len(encoded)))
+        return [
+            FakeCaptions(
+                self._greedy(e, "attention"),
+                self._greedy(e, "baseline"),
+                self._samples(e, n_samples, temperature),
+            )
+            for e in encoded
+        ]
 
     def domain(self, encoded):
         self.domain_calls.append(len(encoded))
@@ -155,14 +180,37 @@ async def test_jobs_waiting_together_share_one_encoder_call(make_worker):
     results = await asyncio.gather(first, *jobs)
 
     assert [len(batch) for batch in captioner.encode_batches] == [1, 8, 2]
-    # Decoders run once per batch too: attention + baseline greedy, one sample call.
-    assert captioner.greedy_calls[2:4] == [("attention", 8), ("baseline", 8)]
-    assert (2, 1.0, 8) in captioner.sample_calls
+    # Decoders run once per batch too: one `captions` call (both greedy captions + samples).
+    assert captioner.captions_calls == [(1, 1.0, 1), (2, 1.0, 8), (2, 1.0, 2)]
+    assert captioner.greedy_calls == [] and captioner.sample_calls == []
     for i, result in enumerate(results[1:]):
         assert isinstance(result, CaptionResult)
         assert result.headline == f"attention enc(img{i})"
         assert result.baseline == f"baseline enc(img{i})"
         assert result.samples == [f"sample{k} enc(img{i}) t=1.0" for k in range(2)]
+
+
+async def test_the_next_batch_is_encoded_while_the_previous_one_decodes(make_worker):
+    captioner = FakeCaptioner()
+    worker = make_worker(captioner)
+    await worker.start()
+    captioner.decode_gate.clear()
+    first = asyncio.create_task(worker.caption(photo("first"), n_samples=0))
+    second = asyncio.create_task(worker.caption(photo("second"), n_samples=0))
+    await asyncio.sleep(0.05)
+    third = asyncio.create_task(worker.caption(photo("third"), n_samples=0))
+    for _ in range(100):  # the third's encoding does not wait for the first batch's decoding
+        if len(captioner.encode_batches) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert captioner.encode_batches == [["first", "second"], ["third"]]
+    assert captioner.captions_calls == [] and not first.done()
+    captioner.decode_gate.set()
+    results = await asyncio.gather(first, second, third)
+    assert [r.headline for r in results] == [
+        f"attention enc({n})" for n in ("first", "second", "third")
+    ]
+    assert captioner.captions_calls == [(0, 1.0, 2), (0, 1.0, 1)]
 
 
 async def test_jobs_run_in_submission_order_and_each_gets_its_own_result(make_worker):
@@ -266,18 +314,33 @@ async def test_samples_with_different_settings_in_one_batch_are_grouped(make_wor
     captioner.gate.set()
     await first
     await asyncio.gather(*tasks)
-    assert sorted(captioner.sample_calls[1:]) == [(3, 0.7, 2), (5, 1.5, 1)]
+    assert sorted(captioner.sample_calls) == [(3, 0.7, 2), (5, 1.5, 1)]
 
 
-async def test_jobs_arriving_within_the_batch_window_are_batched(make_worker):
+async def test_a_lone_job_on_an_idle_worker_starts_without_waiting_for_the_window(make_worker):
     captioner = FakeCaptioner()
     worker = make_worker(captioner, batch_wait_ms=400)
     await worker.start()
     one = asyncio.create_task(worker.caption(photo("one"), n_samples=1))
     await asyncio.sleep(0.05)
     two = asyncio.create_task(worker.caption(photo("two"), n_samples=1))
-    await asyncio.gather(one, two)
-    assert captioner.encode_batches == [["one", "two"]]
+    await asyncio.wait_for(asyncio.gather(one, two), 0.3)  # well inside one window
+    assert captioner.encode_batches == [["one"], ["two"]]
+
+
+async def test_jobs_queuing_behind_a_busy_worker_wait_for_the_window_to_fill(make_worker):
+    captioner = FakeCaptioner()
+    worker = make_worker(captioner, batch_wait_ms=400)
+    await worker.start()
+    first = await hold_first_batch(worker, captioner)
+    queued = [asyncio.create_task(worker.caption(photo(n), n_samples=1)) for n in ("a", "b")]
+    await asyncio.sleep(0.05)
+    captioner.gate.set()
+    await first
+    await asyncio.sleep(0.05)  # the worker now holds a and b, waiting for the window
+    late = asyncio.create_task(worker.caption(photo("c"), n_samples=1))
+    await asyncio.gather(*queued, late)
+    assert captioner.encode_batches == [["first"], ["a", "b", "c"]]
 
 
 async def test_batching_off_runs_one_job_per_batch(make_worker):
@@ -389,7 +452,7 @@ async def test_worker_log_lines_carry_the_submitting_updates_context(make_worker
         await submit(1, "ok")
         with pytest.raises(InferenceFailed):
             await submit(2, "poison")
-        monkeypatch.setattr(worker, "_run_batch", lambda jobs: 1 / 0)
+        monkeypatch.setattr(worker, "_back", lambda jobs: 1 / 0)
         with pytest.raises(InferenceFailed):
             await submit(3, "ok")
     lines = {(line["event"], line.get("update_id")): line for line in logs}
@@ -430,8 +493,8 @@ async def test_a_photo_outside_the_domain_gets_labels_instead_of_captions(make_w
     # One domain call for the batch; labels only for the photo, decoders only for the scene.
     assert captioner.domain_calls[1:] == [2]
     assert captioner.label_calls == [["enc(photo-cat)"]]
-    assert captioner.greedy_calls[2:] == [("attention", 1), ("baseline", 1)]
-    assert captioner.sample_calls[1:] == [(2, 1.0, 1)]
+    assert captioner.captions_calls[1:] == [(2, 1.0, 1)]
+    assert captioner.greedy_calls == [] and captioner.sample_calls == []
 
 
 async def test_caption_anyway_samples_and_attention_run_the_decoders_and_carry_the_verdict(
