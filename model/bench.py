@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from model.captioner import MAX_LEN, Captioner
+from model.captioner import Captioner
+from model.decoding import MAX_LEN
 from model.figure import attention_figure
 
 REPO = Path(__file__).resolve().parent.parent
