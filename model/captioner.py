@@ -259,12 +259,12 @@ class Captioner:
     def greedy(self, encoded: Sequence[Encoded], decoder: str = "attention") -> list[Caption]:
         if not encoded:
             return []
+        return self._greedy(self._stack(encoded), decoder)
+
+    def _greedy(self, grid: np.ndarray, decoder: str) -> list[Caption]:
+        steps = self._runtime(decoder)
         ids, alphas = decoding.decode(
-            self._runtime(decoder),
-            self._stack(encoded),
-            self.vocab.bos,
-            self.vocab.eos,
-            banned=self._banned,
+            steps, grid, self.vocab.bos, self.vocab.eos, banned=self._banned
         )
         return self._captions(ids, alphas)
 
@@ -343,7 +343,7 @@ class Captioner:
         headlines = self._captions(ids[:count], alphas[:count])
         texts = self._texts(ids[count:])
         baselines = (
-            self.greedy(encoded, "baseline") if "baseline" in self.runtimes else [None] * count
+            self._greedy(grid, "baseline") if "baseline" in self.runtimes else [None] * count
         )
         return [
             Captions(headlines[i], baselines[i], texts[i * n_samples : (i + 1) * n_samples])

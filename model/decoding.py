@@ -158,13 +158,14 @@ class BaselineRuntime:
         self.a = a
         self.hidden = self.config["hidden_dim"]
         self.from_h = Product(a["from_h"], mlas)  # h (B, H) -> (B, 4H + V): gates | logits
+        self.reduce = Product(a["reduce1_w"], mlas)  # (I*L*L, D) -> (I*L*L, R)
 
     def start(self, grid: np.ndarray, rows: np.ndarray | None = None) -> State:
         """grid (I, N, D) -> state for rows (B,) of images (default: one row per image)."""
         a, hidden = self.a, self.hidden
         pooled = np.matmul(a["pool"], grid)  # (L*L, N) @ (I, N, D) -> (I, L*L, D)
-        cells = np.tanh(pooled @ a["reduce1_w"] + a["reduce1_b"])  # (I, L*L, R)
-        cells = np.tanh(cells @ a["reduce2_w"] + a["reduce2_b"])  # (I, L*L, layout_dim)
+        cells = self.reduce(pooled.reshape(-1, pooled.shape[2])) + a["reduce1_b"]  # (I*L*L, R)
+        cells = np.tanh(np.tanh(cells, out=cells) @ a["reduce2_w"] + a["reduce2_b"])
         v = np.tanh(cells.reshape(len(grid), -1) @ a["image_w"] + a["image_b"])  # (I, H)
         hc = np.tanh(v @ a["init_w"] + a["init_b"])  # (I, 2H): h | c
         if rows is not None:
@@ -202,13 +203,19 @@ class AttentionRuntime:
         # h (B, H) -> (B, 4H + A + 1 + V): gates | query | gate | logits
         self.from_h = Product(a["from_h"], mlas)
         self.context = Product(a["context"], mlas)  # (B, C) -> (B, 4H + V): gates | logits
+        self.cells = Product(a["cells_w"], mlas)  # (I*N, D) -> (I*N, C)
+        self.keys = Product(a["keys_w"], mlas)  # (I*N, C) -> (I*N, A)
 
     def start(self, grid: np.ndarray, rows: np.ndarray | None = None) -> State:
         """grid (I, N, D) -> state for rows (B,) of images (default: one row per image). The
         cells and keys are kept once per image when all rows read one image."""
         a, hidden = self.a, self.hidden
-        cells = np.maximum(grid @ a["cells_w"] + a["cells_b"], 0.0) + a["position"]  # (I, N, C)
-        keys = cells @ a["keys_w"] + a["keys_b"]  # (I, N, A)
+        images, cells_n = len(grid), self.side**2
+        cells = self.cells(grid.reshape(images * cells_n, -1)) + a["cells_b"]  # (I*N, C)
+        np.maximum(cells, 0.0, out=cells)
+        cells = cells.reshape(images, cells_n, -1) + a["position"]  # (I, N, C)
+        keys = self.keys(cells.reshape(images * cells_n, -1)) + a["keys_b"]
+        keys = keys.reshape(images, cells_n, -1)  # (I, N, A)
         hc = np.tanh(cells.mean(axis=1) @ a["init_w"] + a["init_b"])  # (I, 2H): h | c
         if rows is not None:
             hc = hc[rows]
