@@ -345,8 +345,6 @@ def _attention_arrays(decoder: ShowAttendTellDecoder, p: dict) -> dict[str, np.n
     words, fc_w = p["embedding.weight"], p["fc.weight"]  # (V, E), (V, H)
     w_ih, w_query = p["lstm.weight_ih"], p["attention.query_proj.weight"]  # (4H, E+C), (A, H+E)
     cells_w, cells_b = _normalised(p, "cell_proj.0")
-    conv = p["attention.location_conv.weight"]  # (F, 2, K, K)
-    taps = conv.reshape(conv.shape[0], 2, -1)  # (F, 2, K*K): the last map, the sum of past maps
     word_logits = (
         words @ (fc_w @ p["word_out.weight"]).T
         + p["fc.bias"]
@@ -375,7 +373,8 @@ def _attention_arrays(decoder: ShowAttendTellDecoder, p: dict) -> dict[str, np.n
         "context": np.concatenate(  # (C, 4H + V): gates | logits
             [_ifog(w_ih[:, embed:].T), (fc_w @ p["context_out.weight"]).T], 1
         ),
-        "location_taps": np.concatenate([taps[:, 0].T, taps[:, 1].T], 1),  # (K*K, 2F)
+        # (F, 2, K, K): over the last map, over the sum of past maps
+        "location_conv": p["attention.location_conv.weight"],
         "location_w": p["attention.location_proj.weight"].T,  # (F, A)
         "score_w": p["attention.score.weight"][0],  # (A,); its bias cancels in the softmax
     }
