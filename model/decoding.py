@@ -359,8 +359,9 @@ class AttentionRuntime:
         return logits, alpha
 
     def select(self, state: State, index: np.ndarray) -> State:
-        """Rows `index` of the state; each must stay on its image (beam search's parents do)."""
-        return {**state, **{name: state[name][index] for name in self.per_row}}
+        """Rows `index` of the state (the cells and keys too where each row has its own)."""
+        names = self.per_row if len(state["cells"]) == 1 else (*self.per_row, "cells", "keys")
+        return {**state, **{name: state[name][index] for name in names}}
 
 
 Runtime = BaselineRuntime | AttentionRuntime
@@ -397,32 +398,59 @@ def decode(
     """Greedy decoding or ancestral sampling, all captions in one batch.
 
     grid (I, N, D) float32. rows: the image each caption reads, e.g. [0, 0, 0, 1, 1, 1] for three
-    samples of two images (the runtime starts once per image); default one caption per image.
-    greedy: True, False, or a bool per caption, so that greedy captions and samples decode
-    together: the sampling rows draw from `rng` as they would alone (every step draws one number
-    per sampling row, finished or not).
+    samples of two images; default one caption per image. greedy: True, False, or a bool per
+    caption, so that greedy captions and samples decode together: the sampling rows draw from
+    `rng` as they would alone (every step draws one number per sampling row, finished or not).
+
+    Captions that so far read the same image and wrote the same words share one row of the
+    runtime's batch, and finished captions have none: the runtime starts once per image, the
+    first step runs once per image, and the samples of a confident decoder, which often begin
+    alike, share their common beginning.
     """
-    state = runtime.start(grid, rows)
     batch = len(rows) if rows is not None else len(grid)
+    rows = rows if rows is not None else np.arange(batch)
+    images, first, owner = np.unique(rows, return_index=True, return_inverse=True)
+    state = runtime.start(grid, images)  # one runtime row per distinct caption so far
     sampled = np.flatnonzero(~np.broadcast_to(np.asarray(greedy, bool), (batch,)))  # (S,)
     rng = rng if rng is not None else np.random.default_rng()
     never = np.array(sorted({*banned, bos}), dtype=np.intp)
-    words = np.full(batch, bos, dtype=np.intp)
+    step_words = np.full(len(images), bos, dtype=np.intp)  # (U,)
     finished = np.zeros(batch, dtype=bool)
     tokens, maps = [], []
     for _ in range(max_len):
-        logits, alpha = runtime.step(words, state)  # (B, V), (B, N) | None
+        logits, alpha = runtime.step(step_words, state)  # (U, V), (U, N) | None
+        logits = logits[owner]  # (B, V)
         logits[:, never] = -np.inf
         words = logits.argmax(axis=1)
         if len(sampled):
             words[sampled] = _draw(logits[sampled], temperature, top_k, rng)
         words[finished] = eos
         tokens.append(words)
-        maps.append(alpha)
-        finished |= words == eos
-        if finished.all():
+        maps.append(alpha[owner] if alpha is not None else None)
+        ended = words == eos
+        if (finished | ended).all():
             break
+        if len(sampled) or (ended & ~finished).any():  # else every row stays as it is
+            count = len(first)
+            owner, first, parent = _distinct(owner, words, finished | ended, logits.shape[1])
+            if len(parent) != count or np.any(parent != np.arange(count)):
+                state = runtime.select(state, parent)
+        finished |= ended
+        step_words = words[first]  # (U,)
     return _captions(np.stack(tokens, axis=1), maps, eos)
+
+
+def _distinct(owner: np.ndarray, words: np.ndarray, finished: np.ndarray, vocab: int):
+    """The runtime rows of the next step: one per distinct (row, word) among unfinished captions.
+    Returns each caption's new row (B,) (0 for finished ones), and per new row (U,) its first
+    caption and its parent row."""
+    live = np.flatnonzero(~finished)
+    pairs, first, inverse = np.unique(
+        owner[live] * vocab + words[live], return_index=True, return_inverse=True
+    )
+    owner = np.zeros_like(owner)
+    owner[live] = inverse
+    return owner, live[first], pairs // vocab
 
 
 def _captions(tokens: np.ndarray, maps: list, eos: int):
