@@ -231,8 +231,10 @@ class Captioner:
     # -- decoding helpers ----------------------------------------------------------------------
     @staticmethod
     def _stack(encoded: Sequence[Encoded]) -> np.ndarray:
-        """The grids as one (I, N, D) float32 array; a grid may be a numpy array or a CPU tensor."""
-        return np.stack([np.asarray(e.grid) for e in encoded]).astype(np.float32)
+        """The grids as one (I, N, D) array, float16 as encoded (the decoders' first products
+        cast it) or float32; a grid may be a numpy array or a CPU tensor."""
+        grid = np.stack([np.asarray(e.grid) for e in encoded])
+        return grid if grid.dtype == np.float16 else grid.astype(np.float32)
 
     def _runtime(self, name: str) -> decoding.Runtime:
         if name not in self.runtimes:

@@ -119,6 +119,16 @@ def test_mlas_and_numpy_products_decode_alike(kind):
     )
 
 
+@pytest.mark.parametrize("mlas", [True, False])
+@pytest.mark.parametrize("kind", ["baseline", "attention"])
+def test_float16_grids_decode_as_their_float32_values(kind, mlas):
+    half = grids(4).astype(np.float16)
+    ids, alphas = decode(steps(kind, mlas=mlas), half, BOS, EOS)
+    ids32, alphas32 = decode(steps(kind, mlas=mlas), half.astype(np.float32), BOS, EOS)
+    assert ids == ids32
+    assert_maps_equal(alphas, alphas32)
+
+
 @pytest.mark.parametrize("kind", ["baseline", "attention"])
 def test_beam_of_width_one_is_greedy(kind):
     grid = grids(5)
