@@ -1,5 +1,5 @@
-"""Decoding without torch: both decoders' steps in numpy, and greedy decoding, sampling and beam
-search written once over them.
+"""Decoding without torch: both decoders' steps (numpy, and ONNX Runtime for the products), and
+greedy decoding, sampling and beam search written once over them.
 
 A decoder's decoding tables (`Tables`: its DecoderConfig as a dict and plain float32 arrays) are
 exported from the trained torch module by model/decoders.py's `decoder_tables` and can be saved
@@ -8,18 +8,22 @@ RSS on its own). Every runtime has the same incremental interface,
 
     state = runtime.start(grid, rows)            # grid (I, N, D) float32 or float16, rows (B,)
     logits, alpha = runtime.step(words, state)   # words (B,) -> logits (B, V), alpha (B, N) | None
-    state = runtime.select(state, index)         # (beam search) keep/reorder rows of one image
+    state = runtime.select(state, index)         # keep, repeat or reorder rows
 
 `step` updates `state` in place. The tables regroup every projection by what it reads (the
 previous word: a table row; the previous state h; the attended context), so that a step is one
 row lookup, the attention and two matrix products (model/decoders.py describes the folding). The
 results equal the teacher-forced torch pass to float rounding (tests/test_decoders.py).
 
-Matrix products with a weight matrix go through ONNX Runtime's MLAS (a one-node MatMul model
-per weight matrix, its constant right-hand side packed once), where onnxruntime is importable,
-else numpy. Measured on the 2-core AMD EPYC (AVX-512) of issue 13, one thread, (B, 384) @
-(384, 1706): MLAS 33 / 39 / 60 us at B = 1 / 6 / 8; numpy's OpenBLAS 32 / 168 / 141 us (its
-small-M kernels are slow, and B = 6 slower than B = 8), torch's MKL 32 / 146 / 156 us.
+Speed (issue 13). Every product with a weight matrix runs in ONNX Runtime's MLAS (a one-node
+MatMul model per weight matrix, its constant right-hand side packed once), and the attention of a
+step with the context's product as one small ONNX Runtime graph (`Attend`), where onnxruntime is
+importable, else in numpy. Measured on the 2-core AMD EPYC (AVX-512) of issue 13, one thread,
+(B, 384) @ (384, 1706): MLAS 33 / 39 / 60 us at B = 1 / 6 / 8; numpy's OpenBLAS 32 / 168 / 141
+us (its small-M kernels are slow, B = 6 slower than B = 8, and its threads stalled for ms on
+busy cores), torch's MKL 32 / 146 / 156 us. `decode` also runs one row per distinct caption so
+far: the samples of one image share the first step and often their first words, and finished
+captions drop out.
 """
 
 from __future__ import annotations
@@ -250,7 +254,7 @@ class Attend:
     alpha is the last map, covered the location filters' response to the sum of past maps (the
     convolution is linear, so only the last map is convolved and the sum's response is kept);
     K is 1 when every row reads one image, else B. One ONNX Runtime graph where onnxruntime is
-    importable (measured: 2x faster than the same in numpy at B = 6), else numpy."""
+    importable (measured about 2x faster than `_numpy` at B = 6), else numpy."""
 
     def __init__(self, a: Arrays, side: int, mlas: bool = True):
         conv = a["location_conv"]  # (F, 2, k, k): over the last map, over the sum of past maps
