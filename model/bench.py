@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-from model.captioner import Captioner
-from model.decoding import MAX_LEN
+from model.captioner import MAX_LEN, Captioner
 from model.figure import attention_figure
 
 REPO = Path(__file__).resolve().parent.parent

@@ -35,6 +35,7 @@ from PIL import Image
 
 from model import decoding, onnx_encoder
 from model.decoders import DecoderConfig, build_decoder, decoder_tables
+from model.decoding import MAX_LEN
 from model.devices import resolve_device
 from model.domain import DOMAIN_FILE, DomainCheck, DomainVerdict
 from model.encoder import TUNED_TOP_FILE, Encoder, EncoderConfig, preprocess
@@ -253,10 +254,6 @@ class Captioner:
             out.append(Caption(" ".join(tokens), tokens, maps))
         return out
 
-    @staticmethod
-    def _rng(seed: int | None) -> np.random.Generator:
-        return np.random.default_rng(seed)
-
     # -- decoding ----------------------------------------------------------------------------
     def greedy(self, encoded: Sequence[Encoded], decoder: str = "attention") -> list[Caption]:
         if not encoded:
@@ -306,7 +303,7 @@ class Captioner:
             greedy=False,
             temperature=temperature,
             top_k=top_k,
-            rng=self._rng(seed),
+            rng=np.random.default_rng(seed),
             banned=self._banned,
             rows=np.arange(len(encoded)).repeat(n),  # the decoder starts once per image
         )
@@ -338,7 +335,7 @@ class Captioner:
             greedy=np.arange(len(rows)) < count,
             temperature=temperature,
             top_k=top_k,
-            rng=self._rng(seed),
+            rng=np.random.default_rng(seed),
             banned=self._banned,
             rows=rows,
         )
@@ -362,4 +359,5 @@ __all__ = [
     "Label",
     "DEFAULT_WEIGHTS_DIR",
     "DECODERS",
+    "MAX_LEN",
 ]
