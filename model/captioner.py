@@ -29,11 +29,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
-from model import onnx_encoder
-from model.decoders import MAX_LEN, DecoderConfig, beam_search, build_decoder, sample
+from model import decoding, onnx_encoder
+from model.decoders import DecoderConfig, build_decoder, decoder_tables
+from model.decoding import MAX_LEN
 from model.devices import resolve_device
 from model.domain import DOMAIN_FILE, DomainCheck, DomainVerdict
 from model.encoder import TUNED_TOP_FILE, Encoder, EncoderConfig, preprocess
@@ -89,6 +91,8 @@ class Captioner:
     ):
         self.encoder = encoder.to(device)
         self.decoders = decoders
+        # Decoding runs on numpy tables built from the modules once (model/decoding.py).
+        self.runtimes = {kind: decoding.runtime(decoder_tables(d)) for kind, d in decoders.items()}
         self.vocab = vocab
         self.device = device
         self.grid = encoder.grid
@@ -226,13 +230,17 @@ class Captioner:
         return self._imagenet.labels(torch.stack([e.grid for e in encoded]), k)
 
     # -- decoding helpers ----------------------------------------------------------------------
-    def _stack(self, encoded: Sequence[Encoded]) -> torch.Tensor:
-        return torch.stack([e.grid for e in encoded]).to(self.device, torch.float32)
+    @staticmethod
+    def _stack(encoded: Sequence[Encoded]) -> np.ndarray:
+        """The grids as one (I, N, D) array, float16 as encoded (the decoders' first products
+        cast it) or float32; a grid may be a numpy array or a CPU tensor."""
+        grid = np.stack([np.asarray(e.grid) for e in encoded])
+        return grid if grid.dtype == np.float16 else grid.astype(np.float32)
 
-    def _decoder(self, name: str):
-        if name not in self.decoders:
-            raise ValueError(f"no {name!r} decoder loaded (have: {', '.join(self.decoders)})")
-        return self.decoders[name]
+    def _runtime(self, name: str) -> decoding.Runtime:
+        if name not in self.runtimes:
+            raise ValueError(f"no {name!r} decoder loaded (have: {', '.join(self.runtimes)})")
+        return self.runtimes[name]
 
     def _texts(self, ids) -> list[str]:
         return [" ".join(with_articles(self.vocab.decode(i))) for i in ids]
@@ -242,44 +250,38 @@ class Captioner:
         out = []
         for token_ids, alpha in zip(ids, alphas):
             tokens = with_articles(self.vocab.decode(token_ids))
-            maps = alpha.view(-1, rows, cols).tolist() if alpha is not None else None
+            maps = alpha.reshape(-1, rows, cols).tolist() if alpha is not None else None
             out.append(Caption(" ".join(tokens), tokens, maps))
         return out
 
     # -- decoding ----------------------------------------------------------------------------
-    @torch.inference_mode()
     def greedy(self, encoded: Sequence[Encoded], decoder: str = "attention") -> list[Caption]:
         if not encoded:
             return []
-        ids, alphas = sample(
-            self._decoder(decoder),
-            self._stack(encoded),
-            self.vocab.bos,
-            self.vocab.eos,
-            MAX_LEN,
-            greedy=True,
-            banned=self._banned,
+        return self._greedy(self._stack(encoded), decoder)
+
+    def _greedy(self, grid: np.ndarray, decoder: str) -> list[Caption]:
+        steps = self._runtime(decoder)
+        ids, alphas = decoding.decode(
+            steps, grid, self.vocab.bos, self.vocab.eos, banned=self._banned
         )
         return self._captions(ids, alphas)
 
-    @torch.inference_mode()
     def beam(
         self, encoded: Sequence[Encoded], width: int = 3, decoder: str = "attention"
     ) -> list[Caption]:
         if not encoded:
             return []
-        ids, alphas = beam_search(
-            self._decoder(decoder),
+        ids, alphas = decoding.beam_search(
+            self._runtime(decoder),
             self._stack(encoded),
             self.vocab.bos,
             self.vocab.eos,
             width,
-            MAX_LEN,
             banned=self._banned,
         )
         return self._captions(ids, alphas)
 
-    @torch.inference_mode()
     def sample(
         self,
         encoded: Sequence[Encoded],
@@ -293,26 +295,21 @@ class Captioner:
         """n sampled captions per image; all images' samples decode as one batch."""
         if not encoded or n < 1:
             return [[] for _ in encoded]
-        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
-        rows = torch.arange(len(encoded), device=self.device).repeat_interleave(
-            n
-        )  # the decoder starts once per image
-        ids, _ = sample(
-            self._decoder(decoder),
+        ids, _ = decoding.decode(
+            self._runtime(decoder),
             self._stack(encoded),
             self.vocab.bos,
             self.vocab.eos,
-            MAX_LEN,
+            greedy=False,
             temperature=temperature,
             top_k=top_k,
-            generator=generator,
+            rng=np.random.default_rng(seed),
             banned=self._banned,
-            rows=rows,
+            rows=np.arange(len(encoded)).repeat(n),  # the decoder starts once per image
         )
         texts = self._texts(ids)
         return [texts[i * n : (i + 1) * n] for i in range(len(encoded))]
 
-    @torch.inference_mode()
     def captions(
         self,
         encoded: Sequence[Encoded],
@@ -328,26 +325,24 @@ class Captioner:
         if not encoded:
             return []
         count, grid = len(encoded), self._stack(encoded)
-        images = torch.arange(count, device=self.device)
-        rows = torch.cat([images, images.repeat_interleave(max(0, n_samples))])
-        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
-        ids, alphas = sample(
-            self._decoder("attention"),
+        images = np.arange(count)
+        rows = np.concatenate([images, images.repeat(max(0, n_samples))])
+        ids, alphas = decoding.decode(
+            self._runtime("attention"),
             grid,
             self.vocab.bos,
             self.vocab.eos,
-            MAX_LEN,
+            greedy=np.arange(len(rows)) < count,
             temperature=temperature,
             top_k=top_k,
-            greedy=torch.arange(len(rows), device=self.device) < count,
-            generator=generator,
+            rng=np.random.default_rng(seed),
             banned=self._banned,
             rows=rows,
         )
         headlines = self._captions(ids[:count], alphas[:count])
         texts = self._texts(ids[count:])
         baselines = (
-            self.greedy(encoded, "baseline") if "baseline" in self.decoders else [None] * count
+            self._greedy(grid, "baseline") if "baseline" in self.runtimes else [None] * count
         )
         return [
             Captions(headlines[i], baselines[i], texts[i * n_samples : (i + 1) * n_samples])
@@ -364,4 +359,5 @@ __all__ = [
     "Label",
     "DEFAULT_WEIGHTS_DIR",
     "DECODERS",
+    "MAX_LEN",
 ]

@@ -1,4 +1,4 @@
-"""The two caption decoders and the decoding algorithms they share.
+"""The two caption decoders: their torch modules (training) and their decoding tables.
 
 Both read the encoder's grid of cell features, (B, N, D), and emit one word per step:
 
@@ -9,22 +9,10 @@ Both read the encoder's grid of cell features, (B, N, D), and emit one word per 
   scaled by a learned gate, is fed in beside the previous word. The weights are the
   attention maps that the bot draws.
 
-Every decoder exposes the same incremental interface,
-
-    state = decoder.start(grid)                        # grid (B, N, D)
-    logits, state, alpha = decoder.step(words, state)  # words (B,) -> logits (B, V),
-                                                       #   alpha (B, N) | None
-
-so greedy decoding, sampling and beam search (below) are written once, run one LSTM step per
-token (never re-running the prefix), and decode many images or many samples of one image in a
-single batch. `forward` is the teacher-forced pass used in training.
-
-When decoding (eval mode, no gradients) `start` also precomputes what every step would otherwise
-recompute, and `step` takes a fused path: the word's share of every projection (LSTM gates, the
-attention query, the output layer) is one row of a table built from the weights, so a step is one
-row lookup, the attention, and two matrix products (the context's projections, and the new state's,
-which gives this step's logits and the next step's gates together) where it was ten. Its results
-equal the teacher-forced pass to float rounding (tests/test_decoders.py).
+`forward` is the teacher-forced pass used in training. Decoding (greedy, sampling, beam search)
+runs without torch in model/decoding.py, from tables that `decoder_tables` exports here: every
+projection regrouped by what it reads, so that a decoding step is one table row, the attention
+and two matrix products. Its results equal `forward` to float rounding (tests/test_decoders.py).
 """
 
 from __future__ import annotations
@@ -33,12 +21,14 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.decoding import Tables
+
 State = dict[str, torch.Tensor]  # every tensor's first dimension is the batch
-MAX_LEN = 20  # words a caption may have at inference (and in validation)
 
 
 @dataclass
@@ -84,37 +74,6 @@ class FeatureNorm(nn.Module):
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         return (grid.float() - self.mean) / self.std
-
-
-def _decoding(module: nn.Module) -> bool:
-    """Inference: the fused decoding path applies (it has no gradients and no dropout)."""
-    return not module.training and not torch.is_grad_enabled()
-
-
-def _decoding_weights(module: nn.Module, build) -> dict[str, torch.Tensor]:
-    """`build()`'s weights, rearranged for decoding from the module's parameters, kept until a
-    parameter changes (an optimiser step or load_state_dict bumps its version; .to() its
-    address)."""
-    key = tuple((p.data_ptr(), p._version) for p in module.parameters())
-    cached = module.__dict__.get("_decoding_cache")
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            cached = (key, build())
-        module.__dict__["_decoding_cache"] = cached
-    return cached[1]
-
-
-def _lstm_cell(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An LSTM cell's update from its summed gate pre-activations (B, 4H), in torch's i, f, g, o
-    order."""
-    hidden = c.shape[1]
-    gate = torch.sigmoid(gates)  # i, f, -, o (the g quarter is wasted, one op for three)
-    c = torch.addcmul(
-        gate[:, hidden : 2 * hidden] * c,
-        gate[:, :hidden],
-        torch.tanh(gates[:, 2 * hidden : 3 * hidden]),
-    )
-    return gate[:, 3 * hidden :] * torch.tanh(c), c
 
 
 class ShowTellDecoder(nn.Module):
@@ -168,56 +127,9 @@ class ShowTellDecoder(nn.Module):
         v = self.image_vector(cells.flatten(1))  # (B, H)
         return {"v": v, "h": torch.tanh(self.init_h(v)), "c": torch.tanh(self.init_c(v))}
 
-    def start(self, grid: torch.Tensor) -> State:
-        state = self._initial(grid)
-        if _decoding(
-            self
-        ):  # the image's share of the gates once per image, the first step's h share
-            w = self._weights()
-            state["image_gates"] = F.linear(state["v"], w["image_gates"])  # (B, 4H)
-            state["from_h"] = F.linear(state["h"], w["from_h"])  # (B, V + 4H)
-        return state
-
-    def _weights(self) -> dict[str, torch.Tensor]:
-        def build():
-            embed = self.config.embed_dim
-            lstm = dict(self.lstm.named_parameters())  # weight_ih_l0, bias_hh_l0, ...
-            w_ih = lstm["weight_ih_l0"]
-            return {
-                "word_gates": self.embedding.weight @ w_ih[:, :embed].T
-                + lstm["bias_ih_l0"]
-                + lstm["bias_hh_l0"],  # (V, 4H)
-                "image_gates": w_ih[:, embed:].contiguous(),  # (4H, H)
-                "from_h": torch.cat([self.fc.weight, lstm["weight_hh_l0"]]),  # (V + 4H, H)
-            }
-
-        return _decoding_weights(self, build)
-
     def _inputs(self, words, v):
         e = self.embedding(words)
         return torch.cat([e, v.unsqueeze(1).expand(-1, e.shape[1], -1)], dim=2)
-
-    def step(self, words: torch.Tensor, state: State):
-        if "from_h" in state:
-            return self._fused_step(words, state)
-        x = self._inputs(words.unsqueeze(1), state["v"])  # (B, 1, E+H)
-        out, (h, c) = self.lstm(x, (state["h"].unsqueeze(0), state["c"].unsqueeze(0)))
-        logits = self.fc(self.dropout(out.squeeze(1)))  # (B, V)
-        return logits, {"v": state["v"], "h": h.squeeze(0), "c": c.squeeze(0)}, None
-
-    def _fused_step(self, words: torch.Tensor, state: State):
-        """`step` when decoding: one table row, one matrix product (logits and next gates at
-        once)."""
-        w, vocab = self._weights(), self.config.vocab_size
-        gates = (
-            w["word_gates"].index_select(0, words)
-            + state["image_gates"]
-            + state["from_h"][:, vocab:]
-        )
-        h, c = _lstm_cell(gates, state["c"])
-        from_h = F.linear(h, w["from_h"])  # (B, V + 4H)
-        logits = from_h[:, :vocab] + self.fc.bias
-        return logits, {**state, "h": h, "c": c, "from_h": from_h}, None
 
     def forward(self, grid: torch.Tensor, inputs: torch.Tensor):
         """Teacher forcing. inputs (B, T) starting with <bos> -> logits (B, T, V), alphas None.
@@ -319,55 +231,6 @@ class ShowAttendTellDecoder(nn.Module):
             "coverage": no_attention,
         }
 
-    def start(self, grid: torch.Tensor) -> State:
-        state = self._initial(grid)
-        if _decoding(
-            self
-        ):  # keys laid out (B, A, N) and doubled for the fused step; the first step's h share
-            state["keys"] = state["keys"].transpose(1, 2).mul(2.0)
-            state["from_h"] = F.linear(state["h"], self._weights()["from_h"])
-        return state
-
-    def _weights(self) -> dict[str, torch.Tensor]:
-        """Every projection regrouped by what it reads: the previous word (a table), the new state
-        h, the attended context. The output layer is folded into the context's and the word's shares
-        (fc(h + W_co ctx + W_wo e) = fc(h) + (fc W_co) ctx + (fc W_wo) e).
-
-        The attention's energy is doubled (keys, query, location weights) so that its tanh is a
-        sigmoid: w . tanh(e) + b = 2w . sigmoid(2e) + (b - sum w), and the constant drops out of
-        the softmax. torch's sigmoid is several times faster than its tanh on the CPUs measured,
-        and this is the step's largest elementwise pass (A x N per caption)."""
-
-        def build():
-            embed, hidden = self.config.embed_dim, self.config.hidden_dim
-            lstm, query, fc = self.lstm, self.attention.query_proj, self.fc
-            words = self.embedding.weight  # (V, E)
-            return {
-                "word": torch.cat(
-                    [
-                        words @ lstm.weight_ih[:, :embed].T
-                        + lstm.bias_ih
-                        + lstm.bias_hh,  # gates (4H)
-                        words @ (fc.weight @ self.word_out.weight).T
-                        + fc.bias
-                        + fc.weight @ (self.word_out.bias + self.context_out.bias),  # logits (V)
-                        2 * (words @ query.weight[:, hidden:].T + query.bias),  # query (A), doubled
-                    ],
-                    dim=1,
-                ),
-                "from_h": torch.cat(
-                    [fc.weight, lstm.weight_hh, 2 * query.weight[:, :hidden], self.gate.weight]
-                ),  # (V + 4H + A + 1, H)
-                "context": torch.cat(
-                    [lstm.weight_ih[:, embed:], fc.weight @ self.context_out.weight]
-                ),  # (4H + V, C)
-                "location": 2
-                * self.attention.location_proj.weight.unsqueeze(0),  # (1, A, F), doubled
-                "score": 2 * self.attention.score.weight.unsqueeze(0),  # (1, 1, A), doubled
-            }
-
-        return _decoding_weights(self, build)
-
     def _advance(self, embedded: torch.Tensor, state: State):
         query = torch.cat([state["h"], embedded], dim=1)  # (B, H+E)
         context, alpha = self.attention(
@@ -379,47 +242,6 @@ class ShowAttendTellDecoder(nn.Module):
         deep = h + self.context_out(context) + self.word_out(embedded)  # (B, H)
         state = {**state, "h": h, "c": c, "alpha": alpha, "coverage": state["coverage"] + alpha}
         return self.fc(self.dropout(deep)), state, alpha
-
-    def step(self, words: torch.Tensor, state: State):
-        if "from_h" in state:
-            return self._fused_step(words, state)
-        return self._advance(self.embedding(words), state)
-
-    def _fused_step(self, words: torch.Tensor, state: State):
-        """`_advance` when decoding, regrouped (see _weights); equal to float rounding."""
-        w, c = self._weights(), self.config
-        four_h, vocab = 4 * c.hidden_dim, c.vocab_size
-        word = w["word"].index_select(0, words)  # (B, 4H + V + A)
-        from_h = state["from_h"]  # (B, V + 4H + A + 1)
-        query = from_h[:, vocab + four_h : -1] + word[:, four_h + vocab :]  # (B, A)
-        batch, cells = state["alpha"].shape
-        side = math.isqrt(cells)
-        maps = torch.stack([state["alpha"], state["coverage"]], dim=1).unflatten(2, (side, side))
-        where = self.attention.location_conv(maps).flatten(2)  # (B, F, N)
-        # keys + W_l where + query in one product: the query rides as an extra column against ones
-        # (each (B, A, N) temporary is a pass over memory; at a batch of 32 this halved the step).
-        energy = torch.baddbmm(
-            state["keys"],
-            torch.cat([w["location"].expand(batch, -1, -1), query.unsqueeze(2)], dim=2),
-            torch.cat([where, where.new_ones(batch, 1, cells)], dim=1),
-        )  # (B, A, N), doubled
-        alpha = torch.matmul(w["score"], energy.sigmoid_()).squeeze(1).softmax(dim=1)  # (B, N)
-        context = torch.bmm(alpha.unsqueeze(1), state["cells"]).squeeze(1)  # (B, C)
-        beta = torch.sigmoid(from_h[:, -1:] + self.gate.bias)  # (B, 1)
-        from_context = F.linear(context, w["context"]) * beta  # (B, 4H + V)
-        gates = word[:, :four_h] + from_h[:, vocab : vocab + four_h] + from_context[:, :four_h]
-        h, cell = _lstm_cell(gates, state["c"])
-        from_h = F.linear(h, w["from_h"])
-        logits = from_h[:, :vocab] + from_context[:, four_h:] + word[:, four_h : four_h + vocab]
-        state = {
-            **state,
-            "h": h,
-            "c": cell,
-            "from_h": from_h,
-            "alpha": alpha,
-            "coverage": state["coverage"] + alpha,
-        }
-        return logits, state, alpha
 
     def forward(self, grid: torch.Tensor, inputs: torch.Tensor):
         """Teacher forcing. inputs (B, T) -> logits (B, T, V), alphas (B, T, N)."""
@@ -456,167 +278,103 @@ def save_decoder(decoder, path: str | Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Decoding. Results are token ids without <bos>/<eos>; alphas are (T, N) per caption or None.
+# Decoding tables (model/decoding.py): the weights regrouped, in float64 and stored as float32.
 
 
-def _never(logits: torch.Tensor, banned: tuple[int, ...]) -> torch.Tensor:
-    """Words a caption may not contain (<pad>, <bos>, <unk>) get zero probability."""
-    return (
-        logits.index_fill(1, torch.tensor(banned, device=logits.device), float("-inf"))
-        if banned
-        else logits
+def decoder_tables(decoder: ShowTellDecoder | ShowAttendTellDecoder) -> Tables:
+    """The decoder's decoding tables, for model/decoding.py's runtimes (which need no torch)."""
+    with torch.no_grad():
+        p = {
+            name: value.detach().cpu().double().numpy()
+            for name, value in decoder.state_dict().items()
+        }
+    exported = (
+        _attention_arrays(decoder, p)
+        if isinstance(decoder, ShowAttendTellDecoder)
+        else _baseline_arrays(decoder, p)
     )
+    arrays = {name: np.ascontiguousarray(a, np.float32) for name, a in exported.items()}
+    return Tables(decoder.config.to_dict(), arrays)
 
 
-def _select(state: State, index: torch.Tensor) -> State:
-    return {name: tensor.index_select(0, index) for name, tensor in state.items()}
+def _ifog(gates: np.ndarray) -> np.ndarray:
+    """An LSTM's gate columns (..., 4H) from torch's i, f, g, o to i, f, o, g, with i, f and o
+    halved (model/decoding.py's _lstm: sigmoid(x) = (1 + tanh(x / 2)) / 2)."""
+    i, f, g, o = np.split(gates, 4, axis=-1)
+    return np.concatenate([i / 2, f / 2, o / 2, g], axis=-1)
 
 
-@torch.no_grad()
-def sample(
-    decoder,
-    grid: torch.Tensor,
-    bos: int,
-    eos: int,
-    max_len: int = 20,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    greedy: bool | torch.Tensor = False,
-    generator: torch.Generator | None = None,
-    banned: tuple[int, ...] = (),
-    rows: torch.Tensor | None = None,
-):
-    """Greedy or ancestral sampling, all captions in one batch.
-
-    rows: the image (row of grid) each caption reads, e.g. [0, 0, 0, 1, 1, 1] for three samples
-    of two images; the decoder starts once per image. Default: one caption per row of grid.
-    greedy: True, False, or a bool per caption, so that greedy captions and samples decode
-    together (the samples draw from the generator as they would alone when the greedy rows come
-    first).
-    Returns (ids, alphas): one entry per caption; alphas[b] is a (T, N) tensor or None for
-    decoders without attention.
-    """
-    state = decoder.start(grid)
-    if rows is not None:
-        state = _select(state, rows)
-    batch = len(rows) if rows is not None else grid.shape[0]
-    if not isinstance(greedy, bool):
-        sampled = (~greedy).nonzero().squeeze(1)  # rows that sample
-        if len(sampled) in (0, batch):
-            greedy = len(sampled) == 0
-    words = torch.full((batch,), bos, dtype=torch.long, device=grid.device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=grid.device)
-    banned = tuple(banned) + (bos,)
-    tokens, maps = [], []
-    for _ in range(max_len):
-        logits, state, alpha = decoder.step(words, state)
-        logits = _never(logits, banned)
-        if greedy is True:
-            words = logits.argmax(dim=1)
-        elif greedy is False:
-            words = _draw(logits, temperature, top_k, generator)
-        else:
-            words = logits.argmax(dim=1).index_copy_(
-                0, sampled, _draw(logits.index_select(0, sampled), temperature, top_k, generator)
-            )
-        words = words.masked_fill(finished, eos)
-        tokens.append(words)
-        maps.append(alpha)
-        finished |= words == eos
-        if finished.all():
-            break
-    words_of: list[list[int]] = torch.stack(tokens, 1).tolist()  # (B, T)
-    stacked = torch.stack(maps, 1) if maps[0] is not None else None  # (B, T, N)
-    ids, alphas = [], []
-    for b in range(batch):
-        length = words_of[b].index(eos) if eos in words_of[b] else len(words_of[b])
-        ids.append(words_of[b][:length])
-        alphas.append(stacked[b, :length].cpu() if stacked is not None else None)
-    return ids, alphas
+def _normalised(p: dict, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """A Linear layer after FeatureNorm, folded into one: (D, out) weight and (out,) bias."""
+    w, b = p[f"{prefix}.weight"], p[f"{prefix}.bias"]  # (out, D), (out,)
+    scale = 1.0 / p["norm.std"]
+    return (w * scale).T, b - w @ (p["norm.mean"] * scale)
 
 
-def _draw(
-    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
-) -> torch.Tensor:
-    """One word per row, drawn from softmax(logits / temperature), within the top k if given."""
-    logits = logits / max(temperature, 1e-6)
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[1]), dim=1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=1), 1, generator=generator).squeeze(1)
+def _baseline_arrays(decoder: ShowTellDecoder, p: dict) -> dict[str, np.ndarray]:
+    c = decoder.config
+    side, layout = decoder.grid_side, decoder.layout_side
+    eye = torch.eye(side * side, dtype=torch.float64).view(-1, 1, side, side)
+    pool = F.adaptive_avg_pool2d(eye, layout).flatten(1).T.numpy()  # (L*L, N), linear
+    reduce1_w, reduce1_b = _normalised(p, "cell_reduce.0")  # pooling and norm commute
+    w_ih, embed = p["lstm.weight_ih_l0"], c.embed_dim  # (4H, E + H)
+    return {
+        "pool": pool,
+        "reduce1_w": reduce1_w,  # (D, R)
+        "reduce1_b": reduce1_b,
+        "reduce2_w": p["cell_reduce.2.weight"].T,  # (R, layout_dim)
+        "reduce2_b": p["cell_reduce.2.bias"],
+        "image_w": p["image_vector.0.weight"].T,  # (L*L*layout_dim, H)
+        "image_b": p["image_vector.0.bias"],
+        "init_w": np.concatenate([p["init_h.weight"], p["init_c.weight"]]).T,  # (H, 2H)
+        "init_b": np.concatenate([p["init_h.bias"], p["init_c.bias"]]),
+        "image_gates": _ifog(w_ih[:, embed:].T),  # (H, 4H)
+        "word_gates": _ifog(  # (V, 4H)
+            p["embedding.weight"] @ w_ih[:, :embed].T + p["lstm.bias_ih_l0"] + p["lstm.bias_hh_l0"]
+        ),
+        "from_h": np.concatenate([_ifog(p["lstm.weight_hh_l0"].T), p["fc.weight"].T], 1),
+        "fc_b": p["fc.bias"],  # (V,)
+    }
 
 
-@torch.no_grad()
-def beam_search(
-    decoder,
-    grid: torch.Tensor,
-    bos: int,
-    eos: int,
-    width: int = 3,
-    max_len: int = 20,
-    banned: tuple[int, ...] = (),
-):
-    """Beam search of `width` for each image of the batch, all beams in one batch of B*width.
-
-    Scores are summed log-probabilities; a hypothesis that emits <eos> is set aside. Returns
-    (ids, alphas) like `sample`: the best finished hypothesis per image (or the best unfinished
-    one when none finished within max_len).
-    """
-    batch, device = grid.shape[0], grid.device
-    state = decoder.start(grid)
-    # Start with one live beam per image (the others at -inf) so the first step does not pick
-    # `width` copies of the same word.
-    rows = torch.arange(batch, device=device).repeat_interleave(width)
-    state = _select(state, rows)
-    scores = torch.full((batch, width), float("-inf"), device=device)
-    scores[:, 0] = 0.0
-    words = torch.full((batch * width,), bos, dtype=torch.long, device=device)
-    history = torch.zeros(batch * width, 0, dtype=torch.long, device=device)  # (B*K, t)
-    alpha_history = None  # (B*K, t, N)
-    best: list[tuple[float, list[int], torch.Tensor | None]] = [(float("-inf"), [], None)] * batch
-    banned = tuple(banned) + (bos,)
-
-    for _ in range(max_len):
-        logits, state, alpha = decoder.step(words, state)
-        vocab = logits.shape[1]
-        total = scores.view(-1, 1) + _never(logits, banned).log_softmax(dim=1)  # (B*K, V)
-        top_scores, top_index = total.view(batch, -1).topk(width, dim=1)  # (B, K)
-        parent = top_index // vocab + torch.arange(batch, device=device).unsqueeze(1) * width
-        parent, words = parent.view(-1), (top_index % vocab).view(-1)
-        history = torch.cat([history.index_select(0, parent), words.unsqueeze(1)], dim=1)
-        if alpha is not None:
-            step_alpha = alpha.index_select(0, parent).unsqueeze(1)
-            alpha_history = (
-                step_alpha
-                if alpha_history is None
-                else torch.cat([alpha_history.index_select(0, parent), step_alpha], dim=1)
-            )
-        state = _select(state, parent)
-        scores = top_scores.clone()
-        ended = (words == eos).view(batch, width)
-        for b, k in ended.nonzero().tolist():
-            if scores[b, k] > best[b][0]:
-                row = b * width + k
-                best[b] = (
-                    scores[b, k].item(),
-                    history[row, :-1].tolist(),
-                    alpha_history[row, :-1].cpu() if alpha_history is not None else None,
-                )
-        scores = scores.masked_fill(ended, float("-inf"))
-        # An image is done when its best finished score beats every live beam (scores only fall).
-        live_best = scores.max(dim=1).values
-        if all(best[b][0] >= live_best[b].item() for b in range(batch)):
-            break
-
-    ids, alphas = [], []
-    for b in range(batch):
-        if best[b][0] == float("-inf"):  # nothing finished: take the best live beam
-            row = b * width + int(scores[b].argmax())
-            best[b] = (
-                0.0,
-                history[row].tolist(),
-                alpha_history[row].cpu() if alpha_history is not None else None,
-            )
-        ids.append(best[b][1])
-        alphas.append(best[b][2])
-    return ids, alphas
+def _attention_arrays(decoder: ShowAttendTellDecoder, p: dict) -> dict[str, np.ndarray]:
+    """The output layer is folded into the context's and the word's shares:
+    fc(h + W_co ctx + W_wo e) = fc(h) + (fc W_co) ctx + (fc W_wo) e + constants."""
+    c = decoder.config
+    embed, hidden = c.embed_dim, c.hidden_dim
+    words, fc_w = p["embedding.weight"], p["fc.weight"]  # (V, E), (V, H)
+    w_ih, w_query = p["lstm.weight_ih"], p["attention.query_proj.weight"]  # (4H, E+C), (A, H+E)
+    cells_w, cells_b = _normalised(p, "cell_proj.0")
+    word_logits = (
+        words @ (fc_w @ p["word_out.weight"]).T
+        + p["fc.bias"]
+        + fc_w @ (p["word_out.bias"] + p["context_out.bias"])
+    )
+    return {
+        "cells_w": cells_w,  # (D, C)
+        "cells_b": cells_b,  # (C,)
+        "position": p["position"],  # (N, C)
+        "keys_w": p["attention.cell_proj.weight"].T,  # (C, A)
+        "keys_b": p["attention.cell_proj.bias"],
+        "init_w": np.concatenate([p["init_h.weight"], p["init_c.weight"]]).T,  # (C, 2H)
+        "init_b": np.concatenate([p["init_h.bias"], p["init_c.bias"]]),
+        "word": np.concatenate(  # (V, 4H + A + V): gates | query | logits
+            [
+                _ifog(words @ w_ih[:, :embed].T + p["lstm.bias_ih"] + p["lstm.bias_hh"]),
+                words @ w_query[:, hidden:].T + p["attention.query_proj.bias"],
+                word_logits,
+            ],
+            axis=1,
+        ),
+        "from_h": np.concatenate(  # (H, 4H + A + 1 + V): gates | query | gate | logits
+            [_ifog(p["lstm.weight_hh"].T), w_query[:, :hidden].T, p["gate.weight"].T, fc_w.T], 1
+        ),
+        "gate_b": p["gate.bias"],  # (1,)
+        "context": np.concatenate(  # (C, 4H + V): gates | logits
+            [_ifog(w_ih[:, embed:].T), (fc_w @ p["context_out.weight"]).T], 1
+        ),
+        # (F, 2, K, K): over the last map, over the sum of past maps
+        "location_conv": p["attention.location_conv.weight"],
+        "location_w": p["attention.location_proj.weight"].T,  # (F, A)
+        "score_w": p["attention.score.weight"][0],  # (A,); its bias cancels in the softmax
+    }

@@ -29,9 +29,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from model import decoding
 from model.cache import build_cache, load_cache
 from model.data.sources import dataset_examples, load_image
-from model.decoders import MAX_LEN, DecoderConfig, build_decoder, sample, save_decoder
+from model.decoders import DecoderConfig, build_decoder, decoder_tables, save_decoder
 from model.devices import resolve_device
 from model.domain import DOMAIN_FILE
 from model.encoder import TUNED_TOP_FILE, Encoder, EncoderConfig, EncoderTop
@@ -164,19 +165,13 @@ def caption_loss(decoder, grid: torch.Tensor, ids: torch.Tensor, pad: int):
 def greedy_texts(
     decoder, grid: torch.Tensor, vocab: Vocabulary, device, batch_size: int = 256
 ) -> list[str]:
-    decoder.eval()
+    """The greedy captions of every grid, decoded as the Captioner decodes (model/decoding.py)."""
+    steps = decoding.runtime(decoder_tables(decoder))
     texts = []
-    with torch.inference_mode():
-        for start in range(0, grid.shape[0], batch_size):
-            ids, _ = sample(
-                decoder,
-                grid[start : start + batch_size].float().to(device),
-                vocab.bos,
-                vocab.eos,
-                MAX_LEN,
-                greedy=True,
-            )
-            texts += [" ".join(vocab.decode(i)) for i in ids]
+    for start in range(0, grid.shape[0], batch_size):
+        batch = grid[start : start + batch_size].float().cpu().numpy()
+        ids, _ = decoding.decode(steps, batch, vocab.bos, vocab.eos)
+        texts += [" ".join(vocab.decode(i)) for i in ids]
     return texts
 
 

@@ -1,0 +1,608 @@
+"""Decoding without torch: both decoders' steps (numpy, and ONNX Runtime for the products), and
+greedy decoding, sampling and beam search written once over them.
+
+A decoder's decoding tables (`Tables`: its DecoderConfig as a dict and plain float32 arrays) are
+exported from the trained torch module by model/decoders.py's `decoder_tables` and can be saved
+to and loaded from an .npz file, so a serving process decodes without importing torch (506 MB of
+RSS on its own). Every runtime has the same incremental interface,
+
+    state = runtime.start(grid, rows)            # grid (I, N, D) float32 or float16, rows (B,)
+    logits, alpha = runtime.step(words, state)   # words (B,) -> logits (B, V), alpha (B, N) | None
+    state = runtime.select(state, index)         # keep, repeat or reorder rows
+
+`step` updates `state` in place. The tables regroup every projection by what it reads (the
+previous word: a table row; the previous state h; the attended context), so that a step is one
+row lookup, the attention and two matrix products (model/decoders.py describes the folding). The
+results equal the teacher-forced torch pass to float rounding (tests/test_decoders.py).
+
+Speed (issue 13). Every product with a weight matrix runs in ONNX Runtime's MLAS (a one-node
+MatMul model per weight matrix, its constant right-hand side packed once), and the attention of a
+step with the context's product as one small ONNX Runtime graph (`Attend`), where onnxruntime is
+importable, else in numpy. Measured on the 2-core AMD EPYC (AVX-512) of issue 13, one thread,
+(B, 384) @ (384, 1706): MLAS 33 / 39 / 60 us at B = 1 / 6 / 8; numpy's OpenBLAS 32 / 168 / 141
+us (its small-M kernels are slow, B = 6 slower than B = 8, and its threads stalled for ms on
+busy cores), torch's MKL 32 / 146 / 156 us. `decode` also runs one row per distinct caption so
+far: the samples of one image share the first step and often their first words, and finished
+captions drop out.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+Arrays = dict[str, np.ndarray]
+State = dict[str, np.ndarray]  # per-row arrays have the batch first
+MAX_LEN = 20  # words a caption may have at inference (and in validation)
+_CONFIG = "__config__"  # the config's name in a tables .npz
+
+
+@dataclass
+class Tables:
+    """A decoder's decoding tables: `config` is its DecoderConfig as a dict (kind, sizes)."""
+
+    config: dict
+    arrays: Arrays
+
+
+def save_tables(tables: Tables, path: str | Path) -> None:
+    arrays: dict = {_CONFIG: np.array(json.dumps(tables.config)), **tables.arrays}
+    np.savez(path, **arrays)
+
+
+def load_tables(path: str | Path) -> Tables:
+    with np.load(path, allow_pickle=False) as saved:
+        arrays = {name: saved[name] for name in saved.files if name != _CONFIG}
+        return Tables(json.loads(str(saved[_CONFIG])), arrays)
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX Runtime graphs, written by hand (ModelProto's field numbers) so that serving needs no `onnx`
+# package (17 MB of RSS)
+
+
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative int64s as two's complement
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, value: int | str | bytes) -> bytes:
+    """One protobuf field: an int as a varint, text or bytes length-delimited."""
+    if isinstance(value, int):
+        return _varint(number << 3) + _varint(value)
+    data = value.encode() if isinstance(value, str) else value
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def _node(op: str, inputs: list[str], output: str, **attributes: int | list[int]) -> bytes:
+    """A NodeProto; attributes are ints or lists of ints."""
+
+    def attribute(name: str, value: int | list[int]) -> bytes:  # AttributeProto: INT 2, INTS 7
+        if isinstance(value, int):
+            return _field(1, name) + _field(3, value) + _field(20, 2)
+        return _field(1, name) + b"".join(_field(8, v) for v in value) + _field(20, 7)
+
+    return (
+        b"".join(_field(1, name) for name in inputs)
+        + _field(2, output)
+        + _field(4, op)
+        + b"".join(_field(5, attribute(k, v)) for k, v in attributes.items())
+    )
+
+
+def _model(
+    nodes: list[bytes], constants: Arrays, inputs: dict, outputs: dict, half: tuple[str, ...] = ()
+) -> bytes:
+    """A ModelProto (IR 8, opset 13). inputs, outputs: float32 tensors' names -> ranks (every
+    dimension symbolic), float16 for the inputs named in `half`; constants: float32 or int64
+    arrays."""
+
+    def value(name: str, rank: int) -> bytes:  # ValueInfoProto; FLOAT 1, FLOAT16 10
+        shape = b"".join(_field(1, _field(2, f"{name}_{d}")) for d in range(rank))
+        kind = 10 if name in half else 1
+        return _field(1, name) + _field(2, _field(1, _field(1, kind) + _field(2, shape)))
+
+    def tensor(name: str, array: np.ndarray) -> bytes:  # TensorProto: FLOAT 1, INT64 7
+        kind = 7 if array.dtype == np.int64 else 1
+        data = np.ascontiguousarray(array, np.int64 if kind == 7 else np.float32).tobytes()
+        dims = b"".join(_field(1, d) for d in array.shape)
+        return dims + _field(2, kind) + _field(8, name) + _field(9, data)
+
+    graph = (
+        b"".join(_field(1, node) for node in nodes)
+        + _field(2, "decoding")
+        + b"".join(_field(5, tensor(name, array)) for name, array in constants.items())
+        + b"".join(_field(11, value(name, rank)) for name, rank in inputs.items())
+        + b"".join(_field(12, value(name, rank)) for name, rank in outputs.items())
+    )
+    return _field(1, 8) + _field(7, graph) + _field(8, _field(2, 13))
+
+
+class _Graph:
+    """A graph of one input x, float32 or float16 (cast inside the graph: numpy took 113 us to
+    cast a 196 x 488 grid, as long as the product that reads it), its nodes reading it as "x_";
+    one ONNX Runtime session per input type, made on first use."""
+
+    def __init__(self, nodes: list[bytes], constants: Arrays, rank: int, outputs: dict):
+        self.nodes, self.constants, self.rank, self.outputs = nodes, constants, rank, outputs
+        self.sessions: dict = {}
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        half = x.dtype == np.float16
+        session = self.sessions.get(half) or self._start(half)
+        return session.run(None, {"x": np.ascontiguousarray(x, np.float16 if half else np.float32)})
+
+    def _start(self, half: bool):
+        cast = _node("Cast", ["x"], "x_", to=1) if half else _node("Identity", ["x"], "x_")
+        model = _model(
+            [cast, *self.nodes], self.constants, {"x": self.rank}, self.outputs, ("x",) * half
+        )
+        self.sessions[half] = session = _session(model)
+        return session
+
+
+class Product:
+    """x (..., K) -> x @ w (..., O) for one weight matrix w (K, O), x float32 or float16: by MLAS
+    where onnxruntime is importable and `mlas`, else numpy."""
+
+    def __init__(self, w: np.ndarray, mlas: bool = True):
+        self.w = np.ascontiguousarray(w, dtype=np.float32)
+        product = [_node("MatMul", ["x_", "w"], "y")]
+        self._graph = _Graph(product, {"w": self.w}, 2, {"y": 2}) if _mlas(mlas) else None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self._graph is None:
+            return x.astype(np.float32, copy=False) @ self.w
+        return self._graph(x.reshape(-1, x.shape[-1]))[0].reshape(*x.shape[:-1], -1)
+
+
+def _mlas(wanted: bool) -> bool:
+    return wanted and _onnxruntime() is not None
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime
+
+
+def _session(model: bytes):
+    """An ONNX Runtime session of `model` on one thread; None where onnxruntime is missing."""
+    ort = _onnxruntime()
+    if ort is None:
+        return None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # a product this small splits poorly; callers run in parallel
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The two decoders' steps
+
+
+def _lstm(gates: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An LSTM cell's update from its gate pre-activations (B, 4H), laid out i, f, o, g with the
+    i, f, o quarters halved by the tables: sigmoid(x) = (1 + tanh(x / 2)) / 2, so one tanh serves
+    all four gates. Overwrites `gates`."""
+    hidden = c.shape[1]
+    t = np.tanh(gates, out=gates)
+    s = t[:, : 3 * hidden]  # (B, 3H): i, f, o
+    s *= 0.5
+    s += 0.5
+    c = s[:, hidden : 2 * hidden] * c + s[:, :hidden] * t[:, 3 * hidden :]
+    return s[:, 2 * hidden :] * np.tanh(c), c
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    """Over the last axis, in place."""
+    x -= x.max(axis=-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=-1, keepdims=True)
+    return x
+
+
+class BaselineRuntime:
+    """ShowTellDecoder's steps: one image vector sets the LSTM's state and is fed at every step."""
+
+    per_row = ("image_gates", "c", "from_h")
+
+    def __init__(self, tables: Tables, mlas: bool = True):
+        self.config, a = tables.config, tables.arrays
+        self.a = a
+        self.hidden = self.config["hidden_dim"]
+        self.from_h = Product(a["from_h"], mlas)  # h (B, H) -> (B, 4H + V): gates | logits
+        # The image's share as one graph: 166 us per image, 238 us a product at a time, 390 us
+        # in numpy (whose multithreaded OpenBLAS also took 22 ms on 2 busy cores)
+        self._image = (
+            _Graph(*self._image_graph(a), 3, {"gates": 2, "hc": 2}) if _mlas(mlas) else None
+        )
+
+    @staticmethod
+    def _image_graph(a: Arrays) -> tuple[list[bytes], Arrays]:
+        def layer(x: str, w: str, b: str, out: str) -> list[bytes]:  # out = tanh(x @ w + b)
+            return [
+                _node("MatMul", [x, w], f"{out}_product"),
+                _node("Add", [f"{out}_product", b], f"{out}_sum"),
+                _node("Tanh", [f"{out}_sum"], out),
+            ]
+
+        nodes = [
+            _node("MatMul", ["pool", "x_"], "pooled"),  # (L*L, N) @ (I, N, D) -> (I, L*L, D)
+            *layer("pooled", "reduce1_w", "reduce1_b", "reduced1"),  # (I, L*L, R)
+            *layer("reduced1", "reduce2_w", "reduce2_b", "reduced2"),  # (I, L*L, layout_dim)
+            _node("Reshape", ["reduced2", "flat"], "layout"),  # (I, L*L*layout_dim)
+            *layer("layout", "image_w", "image_b", "v"),  # (I, H)
+            *layer("v", "init_w", "init_b", "hc"),  # (I, 2H): h | c
+            _node("MatMul", ["v", "image_gates"], "gates"),  # (I, 4H)
+        ]
+        names = ("pool", "reduce1_w", "reduce1_b", "reduce2_w", "reduce2_b", "image_w", "image_b")
+        constants = {name: a[name] for name in (*names, "init_w", "init_b", "image_gates")}
+        return nodes, {**constants, "flat": np.array([0, -1], np.int64)}
+
+    def _image_numpy(self, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        a = self.a
+        pooled = np.matmul(a["pool"], grid.astype(np.float32))  # (I, L*L, D)
+        cells = np.tanh(pooled @ a["reduce1_w"] + a["reduce1_b"])  # (I, L*L, R)
+        cells = np.tanh(cells @ a["reduce2_w"] + a["reduce2_b"])  # (I, L*L, layout_dim)
+        v = np.tanh(cells.reshape(len(grid), -1) @ a["image_w"] + a["image_b"])  # (I, H)
+        return v @ a["image_gates"], np.tanh(v @ a["init_w"] + a["init_b"])
+
+    def start(self, grid: np.ndarray, rows: np.ndarray | None = None) -> State:
+        """grid (I, N, D) -> state for rows (B,) of images (default: one row per image)."""
+        image = self._image(grid) if self._image is not None else self._image_numpy(grid)
+        gates, hc = image  # (I, 4H), (I, 2H)
+        if rows is not None:
+            gates, hc = gates[rows], hc[rows]
+        return {
+            "image_gates": gates,  # (B, 4H): the image's share of the gates
+            "c": np.ascontiguousarray(hc[:, self.hidden :]),  # (B, H)
+            "from_h": self.from_h(hc[:, : self.hidden]),  # (B, 4H + V)
+        }
+
+    def step(self, words: np.ndarray, state: State) -> tuple[np.ndarray, None]:
+        four_h = 4 * self.hidden
+        from_h = state["from_h"]
+        gates = self.a["word_gates"][words] + state["image_gates"] + from_h[:, :four_h]
+        h, state["c"] = _lstm(gates, state["c"])
+        state["from_h"] = from_h = self.from_h(h)
+        return from_h[:, four_h:] + self.a["fc_b"], None  # (B, V)
+
+    def select(self, state: State, index: np.ndarray) -> State:
+        return {name: state[name][index] for name in self.per_row}
+
+
+class Attend:
+    """The attention of one step, and the products that read its context:
+
+        alpha (B, N), covered (B, F, S, S), keys (K, A, N), query (B, A), cells (K, N, C),
+        beta (B,)  ->  alpha (B, N), covered (B, F, S, S), from_context (B, 4H + V)
+
+    alpha is the last map, covered the location filters' response to the sum of past maps (the
+    convolution is linear, so only the last map is convolved and the sum's response is kept);
+    K is 1 when every row reads one image, else B. One ONNX Runtime graph where onnxruntime is
+    importable (measured about 2x faster than `_numpy` at B = 6), else numpy."""
+
+    def __init__(self, a: Arrays, side: int, mlas: bool = True):
+        conv = a["location_conv"]  # (F, 2, k, k): over the last map, over the sum of past maps
+        self.filters, self.kernel, self.side = conv.shape[0], conv.shape[2], side
+        flat = conv.reshape(self.filters, 2, -1)  # (F, 2, k*k)
+        self.taps = np.ascontiguousarray(np.concatenate([flat[:, 0].T, flat[:, 1].T], 1))
+        self.location = np.ascontiguousarray(a["location_w"].T)  # (A, F)
+        self.score, self.context = a["score_w"], a["context"]  # (A,), (C, 4H + V)
+        self._session = _session(self._graph(conv)) if _mlas(mlas) else None
+
+    def _graph(self, conv: np.ndarray) -> bytes:
+        pads = [self.kernel // 2] * 4
+        nodes = [
+            _node("Conv", ["alpha", "conv_last"], "last", pads=pads),  # (B, F, S, S)
+            _node("Conv", ["alpha", "conv_past"], "grown", pads=pads),
+            _node("Add", ["covered", "grown"], "covered_out"),
+            _node("Add", ["last", "covered_out"], "where_map"),
+            _node("Reshape", ["where_map", "flat"], "where"),  # (B, F, N)
+            _node("MatMul", ["location", "where"], "energy_where"),  # (B, A, N)
+            _node("Add", ["energy_where", "keys"], "energy_keys"),
+            _node("Add", ["energy_keys", "query"], "energy"),
+            _node("Tanh", ["energy"], "activation"),
+            _node("MatMul", ["score", "activation"], "scores"),  # (B, 1, N)
+            _node("Softmax", ["scores"], "alpha_out"),
+            _node("MatMul", ["alpha_out", "cells"], "context"),  # (B, 1, C)
+            _node("Mul", ["context", "beta"], "gated"),
+            _node("MatMul", ["gated", "context_w"], "from_context"),  # (B, 1, 4H + V)
+        ]
+        constants = {
+            "conv_last": conv[:, :1],
+            "conv_past": conv[:, 1:],
+            "flat": np.array([0, self.filters, self.side**2], np.int64),
+            "location": self.location,
+            "score": self.score[None],
+            "context_w": self.context,
+        }
+        inputs = {"alpha": 4, "covered": 4, "keys": 3, "query": 3, "cells": 3, "beta": 3}
+        return _model(
+            nodes, constants, inputs, {"alpha_out": 3, "covered_out": 4, "from_context": 3}
+        )
+
+    def __call__(self, alpha, covered, keys, query, cells, beta):
+        batch, side = len(alpha), self.side
+        if self._session is None:
+            return self._numpy(alpha, covered, keys, query, cells, beta)
+        feeds = {
+            "alpha": alpha.reshape(batch, 1, side, side),
+            "covered": covered,
+            "keys": keys,
+            "query": np.ascontiguousarray(query)[:, :, None],
+            "cells": cells,
+            "beta": beta.reshape(batch, 1, 1).astype(np.float32),
+        }
+        alpha, covered, from_context = self._session.run(None, feeds)
+        return alpha.reshape(batch, -1), covered, from_context.reshape(batch, -1)
+
+    def _numpy(self, alpha, covered, keys, query, cells, beta):
+        batch, side, filters, pad = len(alpha), self.side, self.filters, self.kernel // 2
+        padded = np.pad(alpha.reshape(batch, side, side), ((0, 0), (pad, pad), (pad, pad)))
+        taps = sliding_window_view(padded, (self.kernel, self.kernel), axis=(1, 2))
+        response = taps.reshape(batch * side * side, -1) @ self.taps  # (B*N, 2F)
+        response = response.reshape(batch, side * side, 2 * filters).transpose(0, 2, 1)
+        covered = covered + response[:, filters:].reshape(covered.shape)  # (B, F, S, S)
+        where = response[:, :filters] + covered.reshape(batch, filters, -1)  # (B, F, N)
+        energy = np.tanh(self.location @ where + keys + query[:, :, None])  # (B, A, N)
+        alpha = _softmax(self.score @ energy)  # (B, N); the score's bias cancels
+        context = np.matmul(alpha[:, None, :], cells)[:, 0] * beta[:, None]  # (B, C)
+        return alpha, covered, context @ self.context
+
+
+class AttentionRuntime:
+    """ShowAttendTellDecoder's steps: location-aware additive attention, gated context."""
+
+    per_row = ("c", "from_h", "alpha", "covered")
+
+    def __init__(self, tables: Tables, mlas: bool = True):
+        self.config, a = tables.config, tables.arrays
+        self.a = a
+        self.hidden, self.attention = self.config["hidden_dim"], self.config["attention_dim"]
+        self.side = int(round(self.config["num_cells"] ** 0.5))
+        # h (B, H) -> (B, 4H + A + 1 + V): gates | query | gate | logits
+        self.from_h = Product(a["from_h"], mlas)
+        self.attend = Attend(a, self.side, mlas)
+        self.cells = Product(a["cells_w"], mlas)  # (I*N, D) -> (I*N, C)
+        self.keys = Product(a["keys_w"], mlas)  # (I*N, C) -> (I*N, A)
+        self.init = Product(a["init_w"], mlas)  # (I, C) -> (I, 2H): h | c
+
+    def start(self, grid: np.ndarray, rows: np.ndarray | None = None) -> State:
+        """grid (I, N, D) -> state for rows (B,) of images (default: one row per image). The
+        cells and keys are kept once per image when all rows read one image."""
+        a, hidden = self.a, self.hidden
+        images, cells_n = len(grid), self.side**2
+        cells = self.cells(grid.reshape(images * cells_n, -1)) + a["cells_b"]  # (I*N, C)
+        np.maximum(cells, 0.0, out=cells)
+        cells = cells.reshape(images, cells_n, -1) + a["position"]  # (I, N, C)
+        keys = self.keys(cells.reshape(images * cells_n, -1)) + a["keys_b"]
+        keys = keys.reshape(images, cells_n, -1).transpose(0, 2, 1)  # (I, A, N)
+        hc = np.tanh(self.init(cells.mean(axis=1)) + a["init_b"])  # (I, 2H): h | c
+        if rows is not None:
+            hc = hc[rows]
+            one = np.all(rows == rows[0])
+            cells, keys = (cells[rows[:1]], keys[rows[:1]]) if one else (cells[rows], keys[rows])
+        batch, filters = len(hc), self.attend.filters
+        return {
+            "cells": np.ascontiguousarray(cells),  # (B or 1, N, C)
+            "keys": np.ascontiguousarray(keys),  # (B or 1, A, N)
+            "c": np.ascontiguousarray(hc[:, hidden:]),  # (B, H)
+            "from_h": self.from_h(hc[:, :hidden]),  # (B, 4H + A + 1 + V)
+            "alpha": np.zeros((batch, cells_n), np.float32),  # the last attention map
+            "covered": np.zeros((batch, filters, self.side, self.side), np.float32),
+        }
+
+    def step(self, words: np.ndarray, state: State) -> tuple[np.ndarray, np.ndarray]:
+        a, four_h, attention = self.a, 4 * self.hidden, self.attention
+        word = a["word"][words]  # (B, 4H + A + V): gates | query | logits
+        from_h = state["from_h"]  # (B, 4H + A + 1 + V)
+        pre = from_h[:, : four_h + attention] + word[:, : four_h + attention]  # gates | query
+        beta = 1.0 / (1.0 + np.exp(-(from_h[:, four_h + attention] + a["gate_b"])))  # (B,)
+        alpha, state["covered"], from_context = self.attend(
+            state["alpha"], state["covered"], state["keys"], pre[:, four_h:], state["cells"], beta
+        )
+        gates = pre[:, :four_h] + from_context[:, :four_h]
+        h, state["c"] = _lstm(gates, state["c"])
+        state["from_h"] = from_h = self.from_h(h)
+        state["alpha"] = alpha
+        logits = from_h[:, four_h + attention + 1 :] + from_context[:, four_h:]
+        logits += word[:, four_h + attention :]
+        return logits, alpha
+
+    def select(self, state: State, index: np.ndarray) -> State:
+        """Rows `index` of the state (the cells and keys too where each row has its own)."""
+        names = self.per_row if len(state["cells"]) == 1 else (*self.per_row, "cells", "keys")
+        return {**state, **{name: state[name][index] for name in names}}
+
+
+Runtime = BaselineRuntime | AttentionRuntime
+
+
+def runtime(tables: Tables, mlas: bool = True) -> Runtime:
+    kind = tables.config["kind"]
+    if kind == "baseline":
+        return BaselineRuntime(tables, mlas)
+    if kind == "attention":
+        return AttentionRuntime(tables, mlas)
+    raise ValueError(f"unknown decoder kind {kind!r}; choose from ['attention', 'baseline']")
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding, written once for both runtimes. Results are token ids without <bos>/<eos>; alphas
+# are one (T, N) array per caption, or None for decoders without attention.
+
+
+def decode(
+    runtime: Runtime,
+    grid: np.ndarray,
+    bos: int,
+    eos: int,
+    max_len: int = MAX_LEN,
+    *,
+    greedy: bool | np.ndarray = True,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    rng: np.random.Generator | None = None,
+    banned: tuple[int, ...] = (),
+    rows: np.ndarray | None = None,
+) -> tuple[list[list[int]], list[np.ndarray | None]]:
+    """Greedy decoding or ancestral sampling, all captions in one batch.
+
+    grid (I, N, D) float32 or float16. rows: the image each caption reads, e.g. [0, 0, 0, 1, 1, 1]
+    for three samples of two images; default one caption per image. greedy: True, False, or a
+    bool per caption, so that greedy captions and samples decode together: the sampling rows draw
+    from `rng` as they would alone (every step draws one number per sampling row, finished or
+    not).
+
+    Captions that so far read the same image and wrote the same words share one row of the
+    runtime's batch, and finished captions have none: the runtime starts once per image, the
+    first step runs once per image, and the samples of a confident decoder, which often begin
+    alike, share their common beginning.
+    """
+    batch = len(rows) if rows is not None else len(grid)
+    rows = rows if rows is not None else np.arange(batch)
+    images, first, owner = np.unique(rows, return_index=True, return_inverse=True)
+    state = runtime.start(grid, images)  # one runtime row per distinct caption so far
+    sampled = np.flatnonzero(~np.broadcast_to(np.asarray(greedy, bool), (batch,)))  # (S,)
+    rng = rng if rng is not None else np.random.default_rng()
+    never = np.array(sorted({*banned, bos}), dtype=np.intp)
+    step_words = np.full(len(images), bos, dtype=np.intp)  # (U,)
+    finished = np.zeros(batch, dtype=bool)
+    tokens, maps = [], []
+    for _ in range(max_len):
+        logits, alpha = runtime.step(step_words, state)  # (U, V), (U, N) | None
+        logits = logits[owner]  # (B, V)
+        logits[:, never] = -np.inf
+        words = logits.argmax(axis=1)
+        if len(sampled):
+            words[sampled] = _draw(logits[sampled], temperature, top_k, rng)
+        words[finished] = eos
+        tokens.append(words)
+        maps.append(alpha[owner] if alpha is not None else None)
+        ended = words == eos
+        if (finished | ended).all():
+            break
+        if len(sampled) or (ended & ~finished).any():  # else every row stays as it is
+            count = len(first)
+            owner, first, parent = _distinct(owner, words, finished | ended, logits.shape[1])
+            if len(parent) != count or np.any(parent != np.arange(count)):
+                state = runtime.select(state, parent)
+        finished |= ended
+        step_words = words[first]  # (U,)
+    return _captions(np.stack(tokens, axis=1), maps, eos)
+
+
+def _distinct(owner: np.ndarray, words: np.ndarray, finished: np.ndarray, vocab: int):
+    """The runtime rows of the next step: one per distinct (row, word) among unfinished captions.
+    Returns each caption's new row (B,) (0 for finished ones), and per new row (U,) its first
+    caption and its parent row."""
+    live = np.flatnonzero(~finished)
+    pairs, first, inverse = np.unique(
+        owner[live] * vocab + words[live], return_index=True, return_inverse=True
+    )
+    owner = np.zeros_like(owner)
+    owner[live] = inverse
+    return owner, live[first], pairs // vocab
+
+
+def _captions(tokens: np.ndarray, maps: list, eos: int):
+    """tokens (B, T) -> ids up to <eos>, and each caption's (T, N) maps (or None)."""
+    stacked = np.stack(maps, axis=1) if maps[0] is not None else None  # (B, T, N)
+    ids, alphas = [], []
+    for b, row in enumerate(tokens.tolist()):
+        length = row.index(eos) if eos in row else len(row)
+        ids.append(row[:length])
+        alphas.append(stacked[b, :length] if stacked is not None else None)
+    return ids, alphas
+
+
+def _draw(
+    logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator
+) -> np.ndarray:
+    """One word per row of logits (S, V), from softmax(logits / temperature), within the top k if
+    given: the first word whose cumulative probability passes a uniform draw."""
+    logits = logits / max(temperature, 1e-6)
+    if top_k and top_k < logits.shape[1]:
+        kth = np.partition(logits, -top_k, axis=1)[:, -top_k, None]
+        logits[logits < kth] = -np.inf
+    cumulative = np.cumsum(_softmax(logits), axis=1)  # (S, V)
+    drawn = rng.random(len(logits))[:, None] * cumulative[:, -1:]
+    return np.minimum((cumulative <= drawn).sum(axis=1), logits.shape[1] - 1)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def beam_search(
+    runtime: Runtime,
+    grid: np.ndarray,
+    bos: int,
+    eos: int,
+    width: int = 3,
+    max_len: int = MAX_LEN,
+    banned: tuple[int, ...] = (),
+) -> tuple[list[list[int]], list[np.ndarray | None]]:
+    """Beam search of `width` for each image of grid (I, N, D), all beams in one batch of I*K.
+
+    Scores are summed log-probabilities; a hypothesis that emits <eos> is set aside. Returns
+    (ids, alphas) like `decode`: the best finished hypothesis per image (or the best unfinished
+    one when none finished within max_len).
+    """
+    images = len(grid)
+    state = runtime.start(grid, np.repeat(np.arange(images), width))
+    # One live beam per image at first (the others at -inf), so that the first step does not
+    # pick `width` copies of one word.
+    scores = np.full((images, width), -np.inf)
+    scores[:, 0] = 0.0
+    never = np.array(sorted({*banned, bos}), dtype=np.intp)
+    words = np.full(images * width, bos, dtype=np.intp)
+    history = np.zeros((images * width, 0), dtype=np.intp)  # (I*K, t)
+    maps = None  # (I*K, t, N)
+    best: list[tuple[float, list[int], np.ndarray | None]] = [(-np.inf, [], None)] * images
+    for _ in range(max_len):
+        logits, alpha = runtime.step(words, state)
+        logits[:, never] = -np.inf
+        total = (scores.reshape(-1, 1) + _log_softmax(logits)).reshape(images, -1)  # (I, K*V)
+        top = np.argsort(-total, axis=1, kind="stable")[:, :width]  # (I, K), ties: first
+        scores = np.take_along_axis(total, top, axis=1)
+        vocab = logits.shape[1]
+        parent = (top // vocab + np.arange(images)[:, None] * width).reshape(-1)
+        words = (top % vocab).reshape(-1)
+        history = np.concatenate([history[parent], words[:, None]], axis=1)
+        if alpha is not None:
+            step_maps = alpha[parent, None]
+            maps = step_maps if maps is None else np.concatenate([maps[parent], step_maps], 1)
+        state = runtime.select(state, parent)
+        ended = (words == eos).reshape(images, width)
+        for i, k in zip(*np.nonzero(ended)):
+            if scores[i, k] > best[i][0]:
+                row = i * width + k
+                found = maps[row, :-1] if maps is not None else None
+                best[i] = (float(scores[i, k]), history[row, :-1].tolist(), found)
+        scores[ended] = -np.inf
+        # An image is done when its best finished score beats every live beam (scores only fall).
+        if all(best[i][0] >= scores[i].max() for i in range(images)):
+            break
+    ids, alphas = [], []
+    for i in range(images):
+        if best[i][0] == -np.inf:  # nothing finished: the best live beam
+            row = i * width + int(scores[i].argmax())
+            best[i] = (0.0, history[row].tolist(), maps[row] if maps is not None else None)
+        ids.append(best[i][1])
+        alphas.append(best[i][2])
+    return ids, alphas
