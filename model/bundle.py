@@ -42,6 +42,7 @@ artifact's content changes for the same weights.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -149,7 +150,12 @@ def load_bundle(weights_dir: str | Path, build: bool = True) -> Bundle:
     if not (directory / MANIFEST).exists():
         if not build:
             raise FileNotFoundError(f"no serving bundle for {weights_dir} in {cache_dir()}")
-        build_bundle(weights_dir, directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        # One build at a time: the bot's workers start together, and each would build the same.
+        with open(directory.parent / f".{directory.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (directory / MANIFEST).exists():
+                build_bundle(weights_dir, directory)
     manifest = json.loads((directory / MANIFEST).read_text())
     if manifest.get("key") != key or manifest.get("version") != BUNDLE_VERSION:
         raise RuntimeError(f"{directory / MANIFEST} does not match its weights")
