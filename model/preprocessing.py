@@ -158,8 +158,8 @@ def colour_statistics_array(images: np.ndarray, config: EncoderConfig | None = N
     sums += np.bincount((base + (low + 1) % bins).ravel(), high.ravel(), size)
     histogram = sums.reshape(batch, rows * cols, bins).astype(np.float32)
     histogram /= np.float32(cell_h * cell_w)
-    rest = np.concatenate([pixels, chroma[:, None]], 1).reshape(
-        batch, 4, rows, cell_h, cols, cell_w
-    )
-    rest = rest.mean((3, 5), dtype=np.float32).reshape(batch, 4, rows * cols).transpose(0, 2, 1)
+    rest = np.concatenate([pixels, chroma[:, None]], 1)  # (B, 4, H, W)
+    # Cell means: the sum along each row of a cell first (contiguous), then down the cell.
+    rest = rest.reshape(batch, 4, rows, cell_h, cols, cell_w).sum(5).sum(3)
+    rest = (rest / np.float32(cell_h * cell_w)).reshape(batch, 4, rows * cols).transpose(0, 2, 1)
     return np.concatenate([histogram, rest], 2)
