@@ -190,3 +190,21 @@ def test_serving_process_does_not_import_the_exporter(captioners, cache):
         "any(m.split('.')[0] in ('onnx', 'onnxscript') for m in sys.modules))"
     )
     assert run_python(code, cache).split() == ["True", "False"]
+
+
+def test_one_more_artifact_is_one_more_entry(tmp_path, monkeypatch):
+    """How the decoders' numpy tables will join the bundle: a builder in ARTIFACTS (it runs in
+    the child), read back by Bundle.arrays; the key changes with the list, so old bundles are not
+    reused."""
+
+    def tables(weights_dir, path):
+        np.savez(path, w=np.arange(6, dtype=np.float32).reshape(2, 3))
+        return {"arrays": 1}
+
+    key = serving.bundle_key(DEFAULT_WEIGHTS_DIR)
+    monkeypatch.setattr(serving, "ARTIFACTS", {"decoders.npz": tables})
+    assert serving.bundle_key(DEFAULT_WEIGHTS_DIR) != key
+    manifest = serving.build_here(DEFAULT_WEIGHTS_DIR, tmp_path / "bundle")
+    bundle = serving.Bundle(tmp_path / "bundle", manifest)
+    assert bundle.has("decoders.npz") and not bundle.has("encoder.onnx")
+    assert bundle.arrays("decoders.npz")["w"].shape == (2, 3)
