@@ -268,6 +268,19 @@ def build_here(weights_dir: Path, out: Path) -> dict:
 
 
 @dataclass
+class Encoded:
+    """One image's encoder output: a numpy float16 array (num_cells, feature_dim); safe to cache.
+
+    float16 halves what a cache of them holds, and is what the decoders were trained on (the
+    HDF5 feature cache stores float16 too). numpy, not torch, and defined here rather than in
+    model/captioner.py (which re-exports it), so that the serving path and the bot's shared
+    cache need no torch.
+    """
+
+    grid: np.ndarray
+
+
+@dataclass
 class EncoderSide:
     """Pictures -> grids, and what the grids say: the domain check and ImageNet labels.
 

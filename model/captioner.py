@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from model import bundle as serving
+from model.bundle import Encoded
 from model.decoders import MAX_LEN, DecoderConfig, beam_search, build_decoder, sample
 from model.devices import resolve_device
 from model.domain import DOMAIN_FILE, DomainCheck, DomainVerdict
@@ -44,18 +45,6 @@ log = logging.getLogger("model.captioner")
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DECODERS = ("baseline", "attention")
-
-
-@dataclass
-class Encoded:
-    """One image's encoder output: a numpy float16 array (num_cells, feature_dim); safe to cache.
-
-    float16 halves what a cache of them holds, and is what the decoders were trained on (the
-    HDF5 feature cache stores float16 too). numpy, not torch: the serving path's encoder side
-    (model/bundle.py) runs without torch.
-    """
-
-    grid: np.ndarray
 
 
 @dataclass

@@ -79,7 +79,7 @@ def loads_entry(data: bytes) -> _CacheEntry:
     import numpy as np
     from PIL import Image
 
-    from model.captioner import Encoded
+    from model.bundle import Encoded
 
     if data[:4] != _MAGIC:
         raise ValueError("not an encoded-photo cache entry")
