@@ -207,3 +207,19 @@ def test_one_more_artifact_is_one_more_entry(tmp_path, monkeypatch):
     bundle = serving.Bundle(tmp_path / "bundle", manifest)
     assert bundle.has("decoders.npz") and not bundle.has("encoder.onnx")
     assert bundle.arrays("decoders.npz")["w"].shape == (2, 3)
+
+
+def test_the_docker_build_command_finds_or_builds_the_bundle(captioners, cache):
+    """The Dockerfile's `python -m model.onnx_encoder --weights weights` builds the bundle at
+    image build time; with the bundle cached it only names it."""
+    env = {**os.environ, serving.CACHE_ENV: str(cache)}
+    done = subprocess.run(
+        [sys.executable, "-m", "model.onnx_encoder", "--weights", str(DEFAULT_WEIGHTS_DIR)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    (built,) = cache.glob("bundle-*")
+    assert str(built) in done.stdout and "encoder.onnx" in done.stdout
