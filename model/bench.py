@@ -188,9 +188,8 @@ def main(weights_dir, repeats: int = 50) -> int:
         Row("peak RSS with the model loaded", rss_loaded, "MB", "memory", limit=RSS_LIMIT_MB)
     )
 
-    runtime = captioner.encoder.runtime
     notes = [
-        f"encoder: {runtime.describe() if runtime is not None else 'torch'}; "
+        f"encoder: {captioner.encoder.describe()}; "
         f"{torch.get_num_threads()} torch thread(s), a batch's images encoded side by side on "
         f"{len(os.sched_getaffinity(0))} cores (as the bot runs it)",
         "noise: the headline ratio per round ranged "

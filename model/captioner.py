@@ -23,8 +23,7 @@ where present, holds its last blocks as fine-tuned with the attention decoder (m
 from __future__ import annotations
 
 import json
-import math
-import threading
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,28 +32,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model import decoding, onnx_encoder
+from model import bundle as serving
+from model import decoding
+from model.bundle import Encoded
 from model.decoders import DecoderConfig, build_decoder, decoder_tables
 from model.decoding import MAX_LEN
 from model.devices import resolve_device
 from model.domain import DOMAIN_FILE, DomainCheck, DomainVerdict
-from model.encoder import TUNED_TOP_FILE, Encoder, EncoderConfig, preprocess
-from model.imagenet import ImageNetHead, Label
+from model.imagenet import Label
+from model.preprocessing import EncoderConfig
 from model.vocab import Vocabulary, with_articles
+
+log = logging.getLogger("model.captioner")
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DECODERS = ("baseline", "attention")
-
-
-@dataclass
-class Encoded:
-    """One image's encoder output: (num_cells, feature_dim) float16 on the CPU; safe to cache.
-
-    float16 halves what a cache of them holds, and is what the decoders were trained on (the
-    HDF5 feature cache stores float16 too).
-    """
-
-    grid: torch.Tensor
 
 
 @dataclass
@@ -83,23 +75,26 @@ def load_decoder(path: str | Path, device: torch.device):
 class Captioner:
     def __init__(
         self,
-        encoder: Encoder,
+        encoder,
         decoders: dict,
         vocab: Vocabulary,
         device: torch.device,
         domain_check: DomainCheck | None = None,
     ):
-        self.encoder = encoder.to(device)
+        """`encoder`: the encoder side (model/bundle.py's EncoderSide), or a torch `Encoder`
+        (model/encoder.py) with `domain_check` beside it."""
+        if not isinstance(encoder, serving.EncoderSide):
+            encoder = serving.EncoderSide.in_torch(encoder.to(device), domain_check)
+        self.side = encoder
+        self.encoder = encoder.encoder  # OnnxEncoder or torch Encoder: .describe() says which
         self.decoders = decoders
         # Decoding runs on numpy tables built from the modules once (model/decoding.py).
         self.runtimes = {kind: decoding.runtime(decoder_tables(d)) for kind, d in decoders.items()}
         self.vocab = vocab
         self.device = device
-        self.grid = encoder.grid
-        self.domain_check = domain_check
+        self.grid = encoder.config.grid
+        self.domain_check = encoder.domain_check
         self._banned = (vocab.pad, vocab.unk)
-        self._imagenet: ImageNetHead | None = None  # built on first use (model/imagenet.py)
-        self._imagenet_lock = threading.Lock()
 
     @classmethod
     def load(cls, weights_dir: str | Path = DEFAULT_WEIGHTS_DIR, device: str = "cpu") -> Captioner:
@@ -112,11 +107,6 @@ class Captioner:
                 f"{weights_dir} is not a weights directory (missing {', '.join(missing)})"
             )
         torch_device = resolve_device(device)
-        encoder = Encoder(EncoderConfig(**json.loads((weights_dir / "encoder.json").read_text())))
-        if (weights_dir / TUNED_TOP_FILE).exists():
-            encoder.load_tuned_top(weights_dir / TUNED_TOP_FILE)
-        if torch_device.type == "cpu":
-            onnx_encoder.attach(encoder)  # ONNX Runtime where it works, else torch (logged)
         decoders = {
             kind: load_decoder(weights_dir / f"{kind}.pt", torch_device)
             for kind in DECODERS
@@ -126,18 +116,14 @@ class Captioner:
             raise FileNotFoundError(
                 f"no decoder weights (baseline.pt, attention.pt) in {weights_dir}"
             )
-        domain = (
-            DomainCheck.load(weights_dir / DOMAIN_FILE)
-            if (weights_dir / DOMAIN_FILE).exists()
-            else None
-        )
-        return cls(
-            encoder, decoders, Vocabulary.load(weights_dir / "vocab.json"), torch_device, domain
-        )
+        side = encoder_side(weights_dir, torch_device)
+        return cls(side, decoders, Vocabulary.load(weights_dir / "vocab.json"), torch_device)
 
     @classmethod
     def untrained(cls, seed: int = 0, words: Sequence[str] | None = None) -> Captioner:
         """Random decoders over a small vocabulary: the full API, for tests of the plumbing."""
+        from model.encoder import Encoder
+
         torch.manual_seed(seed)
         vocab = Vocabulary(
             list(
@@ -175,7 +161,8 @@ class Captioner:
 
     def set_cpu_threads(self, threads: int) -> None:
         """Run the model on `threads` CPU threads by giving each image of a batch its own thread
-        (one torch thread each) instead of splitting every operation over all of them.
+        (one torch thread each) instead of splitting every operation over all of them; a single
+        image's encoder pass (ONNX Runtime) uses all `threads`.
 
         Small ops like these decoders' split poorly, and a server has other work for the spare
         cores: in the bot's benchmark on 2 cores this raised batched throughput from 24 to 33
@@ -185,15 +172,8 @@ class Captioner:
         self.encoder.use_cpu_workers(threads)
 
     # -- encoding ----------------------------------------------------------------------------
-    @torch.inference_mode()
     def encode(self, images: Sequence[Image.Image]) -> list[Encoded]:
-        if not images:
-            return []
-        batch = torch.stack([preprocess(image, self.encoder.config) for image in images]).to(
-            self.device
-        )
-        grid = self.encoder(batch).cpu().half()
-        return [Encoded(g) for g in grid]
+        return [Encoded(grid) for grid in self.side.encode(images)]
 
     # -- what the picture is -----------------------------------------------------------------
     @property
@@ -205,29 +185,19 @@ class Captioner:
     def domain(self, encoded: Sequence[Encoded]) -> list[DomainVerdict]:
         """Is each picture like the decoders' training pictures? About 0.2 ms per image, from the
         grid. Without a domain check every picture is in domain (score 0, threshold infinite)."""
-        if not encoded:
-            return []
-        if self.domain_check is None:
-            return [DomainVerdict(True, 0.0, math.inf) for _ in encoded]
-        return self.domain_check.verdicts(torch.stack([e.grid for e in encoded]))
+        return self.side.domain([e.grid for e in encoded])
 
     @property
     def has_imagenet_labels(self) -> bool:
         """The labels need EfficientNet-Lite0's 14x14 grid (the default encoder), whose block-4
         share they read."""
-        return self.encoder.config.backbone == "efficientnet_lite0" and self.grid == (14, 14)
+        return self.side.has_imagenet_labels
 
     def imagenet_labels(self, encoded: Sequence[Encoded], k: int = 5) -> list[list[Label]]:
         """The top k ImageNet classes of each picture, by the encoder's ORIGINAL (not fine-tuned)
         top blocks and classifier run on the grid's block-4 share: a few ms per image, on the first
-        call also the time to load them (about 0.1 s). An empty list per image without
-        has_imagenet_labels."""
-        if not encoded or not self.has_imagenet_labels:
-            return [[] for _ in encoded]
-        with self._imagenet_lock:
-            if self._imagenet is None:
-                self._imagenet = ImageNetHead()
-        return self._imagenet.labels(torch.stack([e.grid for e in encoded]), k)
+        call also the time to load them. An empty list per image without has_imagenet_labels."""
+        return self.side.imagenet_labels([e.grid for e in encoded], k)
 
     # -- decoding helpers ----------------------------------------------------------------------
     @staticmethod
@@ -348,6 +318,28 @@ class Captioner:
             Captions(headlines[i], baselines[i], texts[i * n_samples : (i + 1) * n_samples])
             for i in range(count)
         ]
+
+
+def encoder_side(weights_dir: Path, device: torch.device) -> serving.EncoderSide:
+    """The serving bundle's encoder side (ONNX Runtime, no torch) on CPUs, where it can be had;
+    else the torch encoder, its tuned top and domain.pt (logged)."""
+    if device.type == "cpu" and serving.wanted_runtime() == "auto":
+        try:
+            side = serving.EncoderSide.from_bundle(serving.load_bundle(weights_dir))
+            log.info("encoder on %s", side.encoder.describe())
+            return side
+        except Exception as error:  # no onnxruntime, the export, its check, a read-only cache...
+            reason = (str(error).strip().splitlines() or [""])[-1]
+            log.warning(
+                "encoder on torch: no serving bundle (%s: %s)", type(error).__name__, reason
+            )
+    from model.encoder import TUNED_TOP_FILE, Encoder
+
+    encoder = Encoder(EncoderConfig(**json.loads((weights_dir / "encoder.json").read_text())))
+    if (weights_dir / TUNED_TOP_FILE).exists():
+        encoder.load_tuned_top(weights_dir / TUNED_TOP_FILE)
+    domain = (weights_dir / DOMAIN_FILE).exists() and DomainCheck.load(weights_dir / DOMAIN_FILE)
+    return serving.EncoderSide.in_torch(encoder.to(device), domain or None)
 
 
 __all__ = [

@@ -23,13 +23,18 @@ model/nonscenes.py, each method's threshold at the highest 99.5th percentile of 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 DOMAIN_FILE = "domain.pt"
 MAX_REJECTED = 0.01  # of in-domain renders, per size and JPEG quality
@@ -64,81 +69,116 @@ class DomainVerdict:
     threshold: float  # in_domain is score <= threshold
 
 
-def domain_features(grids: torch.Tensor) -> torch.Tensor:
+def domain_features(grids: np.ndarray) -> np.ndarray:
     """(B, cells, D) grids -> (B, 2D) float32: every feature's mean and spread over the cells."""
-    grids = grids.float()
+    grids = np.asarray(grids, dtype=np.float32)
     cells = grids.shape[1]
-    # From sums: torch's mean and std over a middle dimension took 20 times as long (4 ms an image).
-    total, squares = grids.sum(1), grids.square().sum(1)
-    mean = total / cells
-    variance = (squares - total * mean).clamp_min(0) / max(cells - 1, 1)
-    return torch.cat([mean, variance.sqrt()], dim=1)
+    # From sums (one pass each, as the torch version this replaced: its mean and std over a middle
+    # dimension took 20 times as long).
+    total, squares = grids.sum(1), np.square(grids).sum(1)
+    mean = total / np.float32(cells)
+    variance = np.maximum(squares - total * mean, 0) / np.float32(max(cells - 1, 1))
+    return np.concatenate([mean, np.sqrt(variance)], axis=1)
 
 
 @dataclass
 class DomainCheck:
-    mean: torch.Tensor  # (F,) of the training features
-    scale: torch.Tensor  # (F,) their standard deviations: scores read standardised features
-    axes: torch.Tensor  # (F, K) orthonormal leading principal axes of the standardised features
-    variances: torch.Tensor  # (K,) their shrunk variances
+    """The fitted check, as numpy arrays: scoring needs no torch (the serving bundle keeps it as
+    domain.npz, model/bundle.py); only fitting and reading domain.pt import torch."""
+
+    mean: np.ndarray  # (F,) of the training features
+    scale: np.ndarray  # (F,) their standard deviations: scores read standardised features
+    axes: np.ndarray  # (F, K) orthonormal leading principal axes of the standardised features
+    variances: np.ndarray  # (K,) their shrunk variances
     rest_variance: float  # the shrunk variance of every other direction
     threshold: float = math.inf
     info: dict = field(default_factory=dict)  # how it was fitted and calibrated, measured rates
 
     # -- scoring -------------------------------------------------------------------------------
-    def scores(self, grids: torch.Tensor) -> torch.Tensor:
+    def scores(self, grids: np.ndarray) -> np.ndarray:
         """(B, cells, D) grids -> (B,) distances from the training domain."""
         return self.score_features(domain_features(grids))
 
-    @torch.inference_mode()
-    def score_features(self, features: torch.Tensor) -> torch.Tensor:
+    def score_features(self, features: np.ndarray) -> np.ndarray:
         """(B, F) domain features -> (B,) Mahalanobis distances per feature, sqrt(d^2 / F)."""
-        z = (features - self.mean) / self.scale
+        z = (np.asarray(features, dtype=np.float32) - self.mean) / self.scale
         projected = z @ self.axes  # (B, K)
-        leading = projected.square()
-        rest = (z.square().sum(1) - leading.sum(1)).clamp_min(0)  # the part off the leading axes
-        squared = (leading / self.variances).sum(1) + rest / self.rest_variance
-        return (squared / self.mean.numel()).sqrt()
+        leading = np.square(projected)
+        rest = np.maximum(np.square(z).sum(1) - leading.sum(1), 0)  # off the leading axes
+        squared = (leading / self.variances).sum(1) + rest / np.float32(self.rest_variance)
+        return np.sqrt(squared / np.float32(self.mean.size))
 
-    def verdicts(self, grids: torch.Tensor) -> list[DomainVerdict]:
+    def verdicts(self, grids: np.ndarray) -> list[DomainVerdict]:
         return [
             DomainVerdict(bool(s <= self.threshold), float(s), float(self.threshold))
             for s in self.scores(grids).tolist()
         ]
 
     # -- files -----------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        torch.save(
-            {
-                "mean": self.mean,
-                "scale": self.scale,
-                "axes": self.axes.half(),
-                "variances": self.variances,
-                "rest_variance": self.rest_variance,
-                "threshold": self.threshold,
-                "info": self.info,
-            },
-            path,
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "mean": self.mean.astype(np.float32),
+            "scale": self.scale.astype(np.float32),
+            "axes": self.axes.astype(np.float16),  # half the file; scores move by about 1e-3
+            "variances": self.variances.astype(np.float32),
+        }
+
+    @classmethod
+    def _from_arrays(cls, arrays, rest_variance, threshold, info) -> DomainCheck:
+        mean, scale, axes, variances = (
+            np.asarray(arrays[k], dtype=np.float32) for k in ("mean", "scale", "axes", "variances")
         )
+        return cls(
+            mean,
+            scale,
+            axes,
+            variances,
+            float(rest_variance),
+            float(threshold),
+            dict(info),
+        )
+
+    def save(self, path: str | Path) -> None:
+        """domain.pt, the weights directory's file (a torch pickle of tensors)."""
+        import torch
+
+        saved: dict = {k: torch.from_numpy(v) for k, v in self._arrays().items()}
+        saved.update(rest_variance=self.rest_variance, threshold=self.threshold, info=self.info)
+        torch.save(saved, path)
 
     @classmethod
     def load(cls, path: str | Path) -> DomainCheck:
+        import torch
+
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(
-            saved["mean"].float(),
-            saved["scale"].float(),
-            saved["axes"].float(),
-            saved["variances"].float(),
-            float(saved["rest_variance"]),
-            float(saved["threshold"]),
-            saved.get("info", {}),
+        arrays = {k: saved[k].float().numpy() for k in ("mean", "scale", "axes", "variances")}
+        return cls._from_arrays(
+            arrays, saved["rest_variance"], saved["threshold"], saved.get("info", {})
         )
 
+    def save_npz(self, path: str | Path) -> None:
+        """The same check as numpy arrays (the serving bundle's domain.npz): loads without torch."""
+        header: dict = {"rest_variance": self.rest_variance, "threshold": self.threshold}
+        header["info"] = self.info
+        arrays: dict[str, Any] = {"header": np.array(json.dumps(header)), **self._arrays()}
+        with open(path, "wb") as file:
+            np.savez(file, **arrays)
 
-def fit(features: torch.Tensor, components: int = COMPONENTS) -> DomainCheck:
+    @classmethod
+    def load_npz(cls, path: str | Path) -> DomainCheck:
+        with np.load(path, allow_pickle=False) as saved:
+            header = json.loads(str(saved["header"]))
+            return cls._from_arrays(
+                saved, header["rest_variance"], header["threshold"], header["info"]
+            )
+
+
+def fit(features: np.ndarray | torch.Tensor, components: int = COMPONENTS) -> DomainCheck:
     """A Ledoit-Wolf-shrunk Gaussian of standardised training-domain features (N, F); threshold
     unset."""
-    x = features.double()
+    import torch
+
+    x = torch.as_tensor(np.asarray(features)).double()
     n, dim = x.shape
     mean = x.mean(0)
     scale = x.std(0).clamp_min(1e-4)
@@ -161,10 +201,10 @@ def fit(features: torch.Tensor, components: int = COMPONENTS) -> DomainCheck:
     eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
     k = min(components, dim - 1)
     return DomainCheck(
-        mean.float(),
-        scale.float(),
-        eigenvectors[:, :k].float(),
-        eigenvalues[:k].float(),
+        mean.float().numpy(),
+        scale.float().numpy(),
+        eigenvectors[:, :k].float().numpy(),
+        eigenvalues[:k].float().numpy(),
         float(eigenvalues[k:].mean()),
         info={
             "method": "mahalanobis",
@@ -194,21 +234,21 @@ def render_name(side: int, quality: int) -> str:
     return f"{side}px " + (f"JPEG q{quality}" if quality else "PNG")
 
 
-def encode_features(captioner, images: Sequence, batch: int = 32) -> torch.Tensor:
+def encode_features(captioner, images: Sequence, batch: int = 32) -> np.ndarray:
     """Pictures -> their domain features, through the captioner's encoder (as at inference)."""
     chunks = []
     for start in range(0, len(images), batch):
         encoded = captioner.encode(images[start : start + batch])
-        chunks.append(domain_features(torch.stack([e.grid for e in encoded])))
-    return torch.cat(chunks) if chunks else torch.empty(0)
+        chunks.append(domain_features(np.stack([np.asarray(e.grid) for e in encoded])))
+    return np.concatenate(chunks) if chunks else np.empty((0, 0), np.float32)
 
 
-def render_features(captioner, keys: Sequence[str], batch: int = 32) -> torch.Tensor:
+def render_features(captioner, keys: Sequence[str], batch: int = 32) -> np.ndarray:
     """Scene recipes (model.data.sources.scene_key) -> domain features, rendering a batch at a
     time."""
     from model.data.sources import load_image
 
-    return torch.cat(
+    return np.concatenate(
         [
             encode_features(captioner, [load_image(k) for k in keys[start : start + batch]], batch)
             for start in range(0, len(keys), batch)
@@ -216,18 +256,18 @@ def render_features(captioner, keys: Sequence[str], batch: int = 32) -> torch.Te
     )
 
 
-def rejected_share(check: DomainCheck, features: torch.Tensor) -> float:
-    return float((check.score_features(features) > check.threshold).float().mean())
+def rejected_share(check: DomainCheck, features: np.ndarray) -> float:
+    return float((check.score_features(features) > check.threshold).mean())
 
 
 def calibrate(
-    check: DomainCheck, held_out: dict[str, torch.Tensor], max_rejected: float = MAX_REJECTED
+    check: DomainCheck, held_out: dict[str, np.ndarray], max_rejected: float = MAX_REJECTED
 ) -> float:
     """The threshold: the largest, over the render conditions, of the score that rejects
     max_rejected / 2 of that condition's held-out renders (half the allowed share: a margin for
     renders the calibration never saw)."""
     return max(
-        float(torch.quantile(check.score_features(features), 1 - max_rejected / 2))
+        float(np.quantile(check.score_features(features), 1 - max_rejected / 2))
         for features in held_out.values()
     )
 
@@ -282,7 +322,7 @@ def fit_domain(
             "test_scenes": report_scenes,
             "test_rejected": rejected,
             "nonscenes": len(others),
-            "nonscenes_rejected": round(float(verdicts.float().mean()), 4) if others else None,
+            "nonscenes_rejected": round(float(verdicts.mean()), 4) if others else None,
             "nonscenes_accepted": [name for name, out in zip(others, verdicts.tolist()) if not out],
             "seconds": round(time.time() - started, 1),
         }

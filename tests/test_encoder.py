@@ -1,5 +1,6 @@
 """The encoder: real ImageNet weights, the right preprocessing, a colour-aware grid."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -193,3 +194,51 @@ def test_tuned_top_loads_into_the_encoder(tmp_path):
         got = tuned(images)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(got, pretrained(images), atol=1e-2)
+
+
+def old_torch_preprocess(image: Image.Image, config: EncoderConfig) -> torch.Tensor:
+    """The torch preprocessing that model/preprocessing.py's numpy one replaced, verbatim."""
+    size = config.image_size
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    pixels = pixels.view(size, size, 3).permute(2, 0, 1).float().div_(255.0)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in config.normalisation)
+    return (pixels - mean) / std
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet50"])
+def test_numpy_preprocess_equals_the_old_torch_one(backbone):
+    from model.data.scenes import render_scene
+    from model.preprocessing import preprocess_array
+
+    config = EncoderConfig(backbone=backbone)
+    images = [
+        render_scene(7, 96)[1],
+        render_scene(8, 1024)[1],
+        Image.new("RGBA", (97, 311), (10, 200, 30, 128)),
+        Image.new("L", (640, 480), 77),
+    ]
+    for image in images:
+        got = preprocess_array(image, config)
+        assert got.dtype == np.float32 and got.shape == (3, 224, 224)
+        assert np.array_equal(got, old_torch_preprocess(image, config).numpy())
+
+
+def test_numpy_colour_statistics_equal_torch_ones():
+    from model.data.scenes import render_scene
+    from model.preprocessing import colour_statistics_array, preprocess_batch
+
+    images = [render_scene(seed)[1] for seed in range(3)] + [
+        Image.new("RGB", (224, 224), (128, 128, 128)),  # grey: no hue at all
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224, 3), np.uint8)),
+    ]
+    pixels = preprocess_batch(images)
+    expected = colour_statistics(
+        (torch.from_numpy(pixels) * 0.5 + 0.5).clamp(0, 1), (14, 14), hue_bins=12
+    )
+    got = colour_statistics_array(pixels)
+    assert got.shape == (5, 196, 16) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=2e-5)

@@ -5,7 +5,7 @@ import sys
 import pytest
 from PIL import Image
 
-from model.captioner import Captioner
+from model.captioner import DEFAULT_WEIGHTS_DIR, Captioner
 from model.imagenet import class_names
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -48,3 +48,31 @@ def test_the_model_package_does_not_import_torchvision_for_labels():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
     )
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_the_bundles_onnx_head_gives_torchs_top_5(tmp_path, monkeypatch):
+    """The serving bundle's imagenet_head.onnx (ONNX Runtime, no torch) against the torch head."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from model import bundle as serving
+    from model.data.scenes import render_scene
+    from model.imagenet import OnnxImageNetHead, TorchImageNetHead, block4_maps
+
+    monkeypatch.setenv(serving.CACHE_ENV, str(tmp_path))
+    captioner = Captioner.load()
+    assert isinstance(
+        captioner.side._imagenet or captioner.side.imagenet_factory(), OnnxImageNetHead
+    )
+    pictures = [
+        Image.fromarray(skimage_data.chelsea()),
+        Image.fromarray(skimage_data.coffee()),
+        Image.fromarray(skimage_data.astronaut()),
+        render_scene(30_000_000)[1],
+    ]
+    grids = np.stack([e.grid for e in captioner.encode(pictures)])
+    onnx = OnnxImageNetHead(serving.load_bundle(DEFAULT_WEIGHTS_DIR).file("imagenet_head.onnx"))
+    blocks = block4_maps(grids)
+    got, expected = onnx.logits(blocks), TorchImageNetHead().logits(blocks)
+    assert np.abs(got - expected).max() < 1e-3
+    assert (np.argsort(-got, 1)[:, :5] == np.argsort(-expected, 1)[:, :5]).all()

@@ -1,35 +1,41 @@
-"""The encoder through ONNX Runtime (model/onnx_encoder.py): the same grid and captions as torch,
-a cache keyed by the weights, and torch whenever the exported graph cannot be had."""
+"""The encoder through ONNX Runtime, from the serving bundle (model/onnx_encoder.py,
+model/bundle.py): the same grid and captions as torch, a bundle keyed by the weights and loaded
+without torch, and torch whenever the bundle cannot be had."""
 
+import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from model import onnx_encoder
-from model.captioner import Captioner
+from model import bundle as serving
+from model.captioner import DEFAULT_WEIGHTS_DIR, Captioner
 from model.data.scenes import render_scene
-from model.encoder import Encoder, preprocess
+from model.onnx_encoder import TOLERANCE, OnnxEncoder
+from model.preprocessing import preprocess_batch
 
 pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("onnx-cache")
+    return tmp_path_factory.mktemp("bundle-cache")
 
 
 @pytest.fixture(scope="module")
 def captioners(cache):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(onnx_encoder.CACHE_ENV, str(cache))
-        onnx = Captioner.load()  # builds the graph into the empty cache
-        mp.setenv(onnx_encoder.RUNTIME_ENV, "torch")
+        mp.setenv(serving.CACHE_ENV, str(cache))
+        onnx = Captioner.load()  # builds the bundle into the empty cache
+        mp.setenv(serving.RUNTIME_ENV, "torch")
         plain = Captioner.load()
-    assert onnx.encoder.runtime is not None and plain.encoder.runtime is None
+    assert isinstance(onnx.encoder, OnnxEncoder)
+    assert plain.encoder.describe() == "torch"
     return onnx, plain
 
 
@@ -44,102 +50,176 @@ def pictures() -> list[Image.Image]:
 
 def test_onnx_grid_equals_torch_within_tolerance(captioners):
     onnx, plain = captioners
-    batch = torch.stack([preprocess(image) for image in pictures()])
-    with torch.inference_mode():
-        got, expected = onnx.encoder(batch), plain.encoder(batch)
+    batch = preprocess_batch(pictures())
+    got, expected = onnx.encoder.encode_array(batch), plain.encoder.encode_array(batch)
     assert got.shape == expected.shape == (len(batch), 196, 488)
-    torch.testing.assert_close(got, expected, rtol=0, atol=onnx_encoder.TOLERANCE)
+    assert got.dtype == expected.dtype == np.float32
+    assert np.abs(got - expected).max() <= TOLERANCE
 
 
-def test_captions_are_the_same_with_either_runtime(captioners):
+def test_captions_domain_and_labels_are_the_same_with_either_runtime(captioners):
     onnx, plain = captioners
     images = pictures()
+    fast, slow = onnx.encode(images), plain.encode(images)
+    assert all(e.grid.dtype == np.float16 and e.grid.shape == (196, 488) for e in fast)
     for kind in ("attention", "baseline"):
-        assert [c.text for c in onnx.greedy(onnx.encode(images), kind)] == [
-            c.text for c in plain.greedy(plain.encode(images), kind)
+        assert [c.text for c in onnx.greedy(fast, kind)] == [
+            c.text for c in plain.greedy(slow, kind)
         ]
+    np.testing.assert_allclose(
+        [v.score for v in onnx.domain(fast)], [v.score for v in plain.domain(slow)], rtol=1e-3
+    )
+    assert [v.in_domain for v in onnx.domain(fast)] == [v.in_domain for v in plain.domain(slow)]
+    assert [[label.label for label in labels] for labels in onnx.imagenet_labels(fast)] == [
+        [label.label for label in labels] for labels in plain.imagenet_labels(slow)
+    ]
 
 
-def test_second_load_uses_the_cached_graph(captioners, cache, monkeypatch):
-    assert len(list(cache.glob("encoder-*.onnx"))) == 1
-    monkeypatch.setenv(onnx_encoder.CACHE_ENV, str(cache))
-    monkeypatch.setattr(onnx_encoder, "build", lambda *a: pytest.fail("rebuilt a cached graph"))
-    encoder = captioners[1].encoder
-    try:
-        assert onnx_encoder.attach(encoder).startswith("ONNX Runtime")
-    finally:
-        encoder.runtime = None
-
-
-def test_cache_key_is_the_weights(captioners):
-    onnx, plain = captioners
-    assert onnx_encoder.weights_key(onnx.encoder) == onnx_encoder.weights_key(plain.encoder)
-    weight = plain.encoder.network._blocks[12]._project_conv.weight
-    with torch.no_grad():
-        weight[0, 0, 0, 0] += 1e-3
-        changed = onnx_encoder.weights_key(plain.encoder)
-        weight[0, 0, 0, 0] -= 1e-3
-    assert changed != onnx_encoder.weights_key(onnx.encoder)
-
-
-def test_threads_follow_the_worker_pool(captioners):
+def test_side_by_side_encoding_gives_the_same_grid(captioners):
     encoder = captioners[0].encoder
+    batch = preprocess_batch(pictures()[:3])
     try:
-        encoder.use_cpu_workers(2)  # images side by side: one thread each
-        assert encoder.runtime.threads == 1
         encoder.use_cpu_workers(1)
-        assert encoder.runtime.threads == torch.get_num_threads()
+        alone = encoder.encode_array(batch)
+        encoder.use_cpu_workers(2)
+        assert "side by side on 2" in encoder.describe()
+        side_by_side = encoder.encode_array(batch)
+        one = encoder.encode_array(batch[:1])  # the CNN on a worker, the colours on this thread
     finally:
         encoder.use_cpu_workers(1)
+    assert np.array_equal(side_by_side, alone) and np.array_equal(one, alone[:1])
 
 
-@pytest.fixture
-def bare_encoder():
-    return Encoder()
+def test_second_load_uses_the_cached_bundle(captioners, cache, monkeypatch):
+    assert len(list(cache.glob("bundle-*"))) == 1
+    monkeypatch.setenv(serving.CACHE_ENV, str(cache))
+    monkeypatch.setattr(serving, "build_bundle", lambda *a: pytest.fail("rebuilt a cached bundle"))
+    bundle = serving.load_bundle(DEFAULT_WEIGHTS_DIR)
+    assert set(bundle.manifest["artifacts"]) == {"encoder.onnx", "imagenet_head.onnx", "domain.npz"}
+    assert bundle.manifest["artifacts"]["encoder.onnx"]["largest_difference"] <= TOLERANCE
 
 
-def test_failed_export_falls_back_to_torch_and_says_why(
-    bare_encoder, tmp_path, monkeypatch, caplog
-):
-    monkeypatch.setenv(onnx_encoder.CACHE_ENV, str(tmp_path))
-
-    def broken(encoder, path):
-        raise RuntimeError("export failed: no exporter here")
-
-    monkeypatch.setattr(onnx_encoder, "build", broken)
-    with caplog.at_level(logging.WARNING, logger="model.onnx_encoder"):
-        assert onnx_encoder.attach(bare_encoder).startswith("torch")
-    assert bare_encoder.runtime is None
-    assert "no exporter here" in caplog.text
-
-
-def test_corrupt_cached_graph_falls_back_to_torch(bare_encoder, tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv(onnx_encoder.CACHE_ENV, str(tmp_path))
-    (tmp_path / f"encoder-{onnx_encoder.weights_key(bare_encoder)}.onnx").write_bytes(
-        b"not a graph"
-    )
-    with caplog.at_level(logging.WARNING, logger="model.onnx_encoder"):
-        assert onnx_encoder.attach(bare_encoder).startswith("torch")
-    assert bare_encoder.runtime is None and "encoder on torch" in caplog.text
+def test_bundle_key_is_the_weight_files(tmp_path):
+    weights = tmp_path / "weights"
+    shutil.copytree(DEFAULT_WEIGHTS_DIR, weights)
+    key = serving.bundle_key(weights)
+    assert key == serving.bundle_key(DEFAULT_WEIGHTS_DIR)
+    (weights / "scores.json").write_text("{}")  # the card's scores: not an input
+    assert serving.bundle_key(weights) == key
+    top = weights / "encoder_top.pt"
+    data = bytearray(top.read_bytes())
+    data[-100] ^= 1
+    top.write_bytes(bytes(data))
+    assert serving.bundle_key(weights) != key
 
 
-def test_runtime_torch_is_honoured(bare_encoder, monkeypatch):
-    monkeypatch.setenv(onnx_encoder.RUNTIME_ENV, "torch")
+def test_failed_build_falls_back_to_torch_and_says_why(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(serving.CACHE_ENV, str(tmp_path))
+
+    def broken(weights_dir, directory):
+        raise RuntimeError("bundle build failed: no exporter here")
+
+    monkeypatch.setattr(serving, "build_bundle", broken)
+    with caplog.at_level(logging.WARNING, logger="model.captioner"):
+        captioner = Captioner.load()
+    assert captioner.encoder.describe() == "torch" and "no exporter here" in caplog.text
+    assert captioner.has_domain_check  # domain.pt, read by torch
+
+
+def test_corrupt_cached_graph_falls_back_to_torch(captioners, cache, tmp_path, monkeypatch, caplog):
+    (built,) = cache.glob("bundle-*")
+    broken = tmp_path / built.name
+    shutil.copytree(built, broken)
+    (broken / "encoder.onnx").write_bytes(b"not a graph")
+    monkeypatch.setenv(serving.CACHE_ENV, str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="model.captioner"):
+        captioner = Captioner.load()
+    assert captioner.encoder.describe() == "torch" and "encoder on torch" in caplog.text
+
+
+def test_runtime_torch_is_honoured(tmp_path, monkeypatch):
+    monkeypatch.setenv(serving.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(serving.RUNTIME_ENV, "torch")
     monkeypatch.setattr(
-        onnx_encoder, "build", lambda *a: pytest.fail("exported although torch was asked for")
+        serving, "build_bundle", lambda *a: pytest.fail("built although torch was asked for")
     )
-    assert onnx_encoder.attach(bare_encoder) == f"torch ({onnx_encoder.RUNTIME_ENV}=torch)"
-    assert bare_encoder.runtime is None
+    assert Captioner.load().encoder.describe() == "torch"
+
+
+def run_python(code: str, cache) -> str:
+    env = {**os.environ, serving.CACHE_ENV: str(cache)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_encoder_side_runs_from_the_bundle_without_torch(captioners, cache):
+    """The serving path's encoder side: preprocess, encode, domain check and ImageNet labels, with
+    numpy and onnxruntime only (import torch alone costs about 500 MB of resident memory)."""
+    code = (
+        "import json, sys\n"
+        "from PIL import Image\n"
+        "from model.bundle import EncoderSide, load_bundle\n"
+        "from model.data.scenes import render_scene\n"
+        "import skimage.data\n"
+        "side = EncoderSide.from_bundle(load_bundle('weights', build=False))\n"
+        "side.encoder.use_cpu_workers(2)\n"
+        "images = [render_scene(30_000_000)[1], Image.fromarray(skimage.data.chelsea())]\n"
+        "grids = side.encode(images)\n"
+        "verdicts = side.domain(grids)\n"
+        "labels = side.imagenet_labels(grids, 3)\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'shape': list(grids[0].shape),\n"
+        "    'dtype': str(grids[0].dtype), 'in_domain': [v.in_domain for v in verdicts],\n"
+        "    'cat': [label.label for label in labels[1]]}))\n"
+    )
+    pytest.importorskip("skimage")
+    out = json.loads(run_python(code, cache).strip().splitlines()[-1])
+    assert out["torch"] is False
+    assert out["shape"] == [196, 488] and out["dtype"] == "float16"
+    assert out["in_domain"] == [True, False]
+    assert out["cat"][0] == "Egyptian cat"
 
 
 def test_serving_process_does_not_import_the_exporter(captioners, cache):
     code = (
         "import sys; from model.captioner import Captioner; c = Captioner.load(); "
-        "print(c.encoder.runtime is not None, any(m.split('.')[0] in ('onnx', 'onnxscript') for m "
-        "in sys.modules))"
+        "print(c.encoder.describe().startswith('ONNX Runtime'), "
+        "any(m.split('.')[0] in ('onnx', 'onnxscript') for m in sys.modules))"
     )
-    env = {**__import__("os").environ, onnx_encoder.CACHE_ENV: str(cache)}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    assert run_python(code, cache).split() == ["True", "False"]
+
+
+def test_one_more_artifact_is_one_more_entry(tmp_path, monkeypatch):
+    """How the decoders' numpy tables will join the bundle: a builder in ARTIFACTS (it runs in
+    the child), read back by Bundle.arrays; the key changes with the list, so old bundles are not
+    reused."""
+
+    def tables(weights_dir, path):
+        np.savez(path, w=np.arange(6, dtype=np.float32).reshape(2, 3))
+        return {"arrays": 1}
+
+    key = serving.bundle_key(DEFAULT_WEIGHTS_DIR)
+    monkeypatch.setattr(serving, "ARTIFACTS", {"decoders.npz": tables})
+    assert serving.bundle_key(DEFAULT_WEIGHTS_DIR) != key
+    manifest = serving.build_here(DEFAULT_WEIGHTS_DIR, tmp_path / "bundle")
+    bundle = serving.Bundle(tmp_path / "bundle", manifest)
+    assert bundle.has("decoders.npz") and not bundle.has("encoder.onnx")
+    assert bundle.arrays("decoders.npz")["w"].shape == (2, 3)
+
+
+def test_the_docker_build_command_finds_or_builds_the_bundle(captioners, cache):
+    """The Dockerfile's `python -m model.onnx_encoder --weights weights` builds the bundle at
+    image build time; with the bundle cached it only names it."""
+    env = {**os.environ, serving.CACHE_ENV: str(cache)}
+    done = subprocess.run(
+        [sys.executable, "-m", "model.onnx_encoder", "--weights", str(DEFAULT_WEIGHTS_DIR)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
-    assert out.stdout.split() == ["True", "False"]
+    assert done.returncode == 0, done.stderr
+    (built,) = cache.glob("bundle-*")
+    assert str(built) in done.stdout and "encoder.onnx" in done.stdout

@@ -53,11 +53,17 @@ return math.max(1, tonumber(oldest[2]) + tonumber(ARGV[2]) - tonumber(ARGV[1]))
 
 
 def dumps_entry(entry: _CacheEntry) -> bytes | None:
-    """Bytes for an entry whose encoding is a float16 `grid` tensor; None for others."""
+    """Bytes for an entry whose encoding is a float16 `grid` (a numpy array, or a torch tensor
+    from older code); None for others."""
+    import numpy as np
+
     grid = getattr(entry.encoded, "grid", None)
-    if grid is None or not hasattr(grid, "numpy"):
+    if isinstance(grid, np.ndarray):
+        array = np.ascontiguousarray(grid)
+    elif grid is not None and hasattr(grid, "numpy"):
+        array = grid.detach().cpu().numpy()
+    else:
         return None
-    array = grid.detach().cpu().numpy()
     thumbnail = b""
     if hasattr(entry.thumbnail, "save"):
         buffer = io.BytesIO()
@@ -71,10 +77,9 @@ def dumps_entry(entry: _CacheEntry) -> bytes | None:
 
 def loads_entry(data: bytes) -> _CacheEntry:
     import numpy as np
-    import torch
     from PIL import Image
 
-    from model.captioner import Encoded
+    from model.bundle import Encoded
 
     if data[:4] != _MAGIC:
         raise ValueError("not an encoded-photo cache entry")
@@ -86,7 +91,7 @@ def loads_entry(data: bytes) -> _CacheEntry:
     thumbnail = Image.open(io.BytesIO(body[split:])) if header["thumbnail"] else None
     if thumbnail is not None:
         thumbnail.load()
-    return _CacheEntry(Encoded(grid=torch.from_numpy(array.copy())), thumbnail)
+    return _CacheEntry(Encoded(grid=array.copy()), thumbnail)
 
 
 class RedisEncodedCache(EncodedCache):
