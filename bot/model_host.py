@@ -45,7 +45,7 @@ def load_captioner(settings: Settings) -> Any:
 
 
 def _use_cpu_threads(captioner: Any, settings: Settings) -> Any:
-    if captioner.device.type == "cpu":
+    if captioner.device == "cpu":
         threads = settings.inference_threads or len(os.sched_getaffinity(0))
         captioner.set_cpu_threads(threads)
         log.info("inference_threads", threads=threads)

