@@ -448,6 +448,23 @@ def _render_grid(names: list[str]) -> str:
     )
 
 
+def rescore_card(weights_dir: Path, scores: dict) -> Path:
+    """After the serving path changed (not the weights): write the new scores to scores.json and
+    the card's two score sections, keep the rest."""
+    (weights_dir / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+    card = weights_dir / "MODEL_CARD.md"
+    text = card.read_text()
+    for heading, body in (
+        ("## Scores on the held-out scenes", format_table(scores)),
+        ("## Against the project's quality bar", "\n".join(quality_bar(scores))),
+    ):
+        start = text.index("\n\n", text.index(heading)) + 2  # the section's first table row
+        end = text.index("\n\n", start)  # its last
+        text = text[:start] + body.rstrip("\n") + text[end:]
+    card.write_text(text)
+    return card
+
+
 def update_card(weights_dir: Path) -> Path:
     """After `python -m model domain-fit`: rewrite the card's domain-check section and file table,
     keep the rest (the decoders' training and scores are unchanged)."""

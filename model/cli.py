@@ -184,6 +184,12 @@ def eval_command(args) -> int:
         captioner, count=args.count, log=lambda line: print(line, file=sys.stderr)
     )
     print(json.dumps(results, indent=1) if args.json else format_table(results))
+    if args.card:
+        from model.card import rescore_card
+
+        if args.count != 1000:
+            raise SystemExit("--card needs the card's 1,000 scenes per render (--count 1000)")
+        print(f"rewrote {rescore_card(Path(args.weights), results)}", file=sys.stderr)
     return 0
 
 
@@ -333,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--card",
+        action="store_true",
+        help="write the scores to scores.json and the model card (after a serving-path change)",
+    )
     p.set_defaults(run=eval_command)
 
     p = commands.add_parser(

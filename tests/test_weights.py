@@ -38,3 +38,26 @@ def test_card_says_when_the_weights_are_bit_identical():
     card = (WEIGHTS / "MODEL_CARD.md").read_text()
     threads = int(re.search(r"^- Machine: .*?, (\d+) threads", card, flags=re.MULTILINE).group(1))
     assert reproducibility(threads) in card.splitlines()
+
+
+def test_rescoring_rewrites_only_the_cards_scores(tmp_path):
+    import json
+    import shutil
+
+    from model.card import quality_bar, rescore_card
+
+    for name in ("MODEL_CARD.md", "scores.json"):
+        shutil.copy(WEIGHTS / name, tmp_path / name)
+    original = (tmp_path / "MODEL_CARD.md").read_text()
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    rescore_card(tmp_path, scores)
+    assert (tmp_path / "MODEL_CARD.md").read_text() == original  # the same scores: the same card
+
+    scores["1024px JPEG q70"]["baseline"]["exact_match"] = 0.5
+    card = rescore_card(tmp_path, scores).read_text()
+    assert json.loads((tmp_path / "scores.json").read_text()) == scores
+    assert "| 1024px JPEG q70 | baseline | 0.500 |" in card
+    loss_line = quality_bar(scores)[-1]
+    assert loss_line.endswith("/ 32.1 | missed |") and loss_line in card
+    changed = [a for a, b in zip(original.splitlines(), card.splitlines()) if a != b]
+    assert len(changed) == 2 and len(card.splitlines()) == len(original.splitlines())
