@@ -142,7 +142,12 @@ def reference_peak_rss_mb(timeout: float = 600) -> float:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak RSS: VmHWM, not getrusage's ru_maxrss, which Linux carries across
+    exec, so a child started by a big parent would report at least the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no /proc: KiB too
 
 
 # ----------------------------------------------------------------------------------------------
