@@ -61,70 +61,41 @@ def load_tables(path: str | Path) -> Tables:
 
 
 # ----------------------------------------------------------------------------------------------
-# ONNX Runtime graphs, written by hand (ModelProto's field numbers) so that serving needs no `onnx`
-# package (17 MB of RSS)
+# ONNX Runtime graphs, built with the onnx package's helpers (imported on first use)
 
 
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # negative int64s as two's complement
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+def _node(op: str, inputs: list[str], output: str, **attributes: int | list[int]):
+    """A NodeProto with one output; attributes are ints or lists of ints."""
+    from onnx import helper
 
-
-def _field(number: int, value: int | str | bytes) -> bytes:
-    """One protobuf field: an int as a varint, text or bytes length-delimited."""
-    if isinstance(value, int):
-        return _varint(number << 3) + _varint(value)
-    data = value.encode() if isinstance(value, str) else value
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
-def _node(op: str, inputs: list[str], output: str, **attributes: int | list[int]) -> bytes:
-    """A NodeProto; attributes are ints or lists of ints."""
-
-    def attribute(name: str, value: int | list[int]) -> bytes:  # AttributeProto: INT 2, INTS 7
-        if isinstance(value, int):
-            return _field(1, name) + _field(3, value) + _field(20, 2)
-        return _field(1, name) + b"".join(_field(8, v) for v in value) + _field(20, 7)
-
-    return (
-        b"".join(_field(1, name) for name in inputs)
-        + _field(2, output)
-        + _field(4, op)
-        + b"".join(_field(5, attribute(k, v)) for k, v in attributes.items())
-    )
+    return helper.make_node(op, inputs, [output], **attributes)  # type: ignore[arg-type]
 
 
 def _model(
-    nodes: list[bytes], constants: Arrays, inputs: dict, outputs: dict, half: tuple[str, ...] = ()
+    nodes: list, constants: Arrays, inputs: dict, outputs: dict, half: tuple[str, ...] = ()
 ) -> bytes:
-    """A ModelProto (IR 8, opset 13). inputs, outputs: float32 tensors' names -> ranks (every
-    dimension symbolic), float16 for the inputs named in `half`; constants: float32 or int64
+    """A serialized ModelProto (IR 8, opset 13). inputs, outputs: float32 tensors' names -> ranks
+    (every dimension symbolic), float16 for the inputs named in `half`; constants: float32 or int64
     arrays."""
+    from onnx import TensorProto, helper, numpy_helper
 
-    def value(name: str, rank: int) -> bytes:  # ValueInfoProto; FLOAT 1, FLOAT16 10
-        shape = b"".join(_field(1, _field(2, f"{name}_{d}")) for d in range(rank))
-        kind = 10 if name in half else 1
-        return _field(1, name) + _field(2, _field(1, _field(1, kind) + _field(2, shape)))
+    def value(name: str, rank: int):
+        kind = TensorProto.FLOAT16 if name in half else TensorProto.FLOAT
+        return helper.make_tensor_value_info(name, kind, [f"{name}_{d}" for d in range(rank)])
 
-    def tensor(name: str, array: np.ndarray) -> bytes:  # TensorProto: FLOAT 1, INT64 7
-        kind = 7 if array.dtype == np.int64 else 1
-        data = np.ascontiguousarray(array, np.int64 if kind == 7 else np.float32).tobytes()
-        dims = b"".join(_field(1, d) for d in array.shape)
-        return dims + _field(2, kind) + _field(8, name) + _field(9, data)
+    def tensor(name: str, array: np.ndarray):
+        kind = np.int64 if array.dtype == np.int64 else np.float32
+        return numpy_helper.from_array(np.ascontiguousarray(array, kind), name)
 
-    graph = (
-        b"".join(_field(1, node) for node in nodes)
-        + _field(2, "decoding")
-        + b"".join(_field(5, tensor(name, array)) for name, array in constants.items())
-        + b"".join(_field(11, value(name, rank)) for name, rank in inputs.items())
-        + b"".join(_field(12, value(name, rank)) for name, rank in outputs.items())
+    graph = helper.make_graph(
+        nodes,
+        "decoding",
+        [value(name, rank) for name, rank in inputs.items()],
+        [value(name, rank) for name, rank in outputs.items()],
+        [tensor(name, array) for name, array in constants.items()],
     )
-    return _field(1, 8) + _field(7, graph) + _field(8, _field(2, 13))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    return model.SerializeToString()
 
 
 class _Graph:
@@ -132,7 +103,7 @@ class _Graph:
     cast a 196 x 488 grid, as long as the product that reads it), its nodes reading it as "x_";
     one ONNX Runtime session per input type, made on first use."""
 
-    def __init__(self, nodes: list[bytes], constants: Arrays, rank: int, outputs: dict):
+    def __init__(self, nodes: list, constants: Arrays, rank: int, outputs: dict):
         self.nodes, self.constants, self.rank, self.outputs = nodes, constants, rank, outputs
         self.sessions: dict = {}
 
@@ -230,8 +201,8 @@ class BaselineRuntime:
         )
 
     @staticmethod
-    def _image_graph(a: Arrays) -> tuple[list[bytes], Arrays]:
-        def layer(x: str, w: str, b: str, out: str) -> list[bytes]:  # out = tanh(x @ w + b)
+    def _image_graph(a: Arrays) -> tuple[list, Arrays]:
+        def layer(x: str, w: str, b: str, out: str) -> list:  # out = tanh(x @ w + b)
             return [
                 _node("MatMul", [x, w], f"{out}_product"),
                 _node("Add", [f"{out}_product", b], f"{out}_sum"),
