@@ -140,7 +140,15 @@ class CaptionService:
     # ---- plumbing --------------------------------------------------------------------
 
     def _action(self, chat_id: int, action: ChatAction) -> ChatActionSender:
-        return ChatActionSender(bot=self.bot, chat_id=chat_id, action=action)
+        """ "typing..." while a reply is prepared, from CHAT_ACTION_DELAY_MS on: a faster reply
+        arrives before anyone would see it, and each action is one more Bot API call (in the bot
+        benchmark, one of four per photo)."""
+        return ChatActionSender(
+            bot=self.bot,
+            chat_id=chat_id,
+            action=action,
+            initial_sleep=self.settings.chat_action_delay_ms / 1000,
+        )
 
     @staticmethod
     def _reply_to(message_id: int | None) -> ReplyParameters | None:

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     default_samples: int = Field(3, ge=0, le=50, description="Sampled captions per reply")
     max_samples: int = Field(10, ge=1, le=50, description="Largest N for /sample N")
     readme_url: str | None = Field(None, description="Where /help points for retraining")
+    chat_action_delay_ms: int = Field(
+        500, ge=0, le=60_000, description="Show typing only for replies slower than this"
+    )
     # --- Limits
     max_image_bytes: int = Field(BOT_API_DOWNLOAD_LIMIT, ge=1024, description="Largest file")
     max_image_pixels: int = Field(40_000_000, ge=1024, description="Largest image, in pixels")

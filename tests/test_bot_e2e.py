@@ -7,6 +7,7 @@ own chat so they don't see each other's messages. Assertions are about structure
 
 from __future__ import annotations
 
+import asyncio
 import io
 import itertools
 import json
@@ -46,6 +47,9 @@ pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)
 
 MAX_PIXELS = 4_000_000
 REPLY_TIMEOUT = 30
+# "typing..." shows for replies slower than this (CHAT_ACTION_DELAY_MS); long enough that a photo
+# alone is always answered before it, even on a loaded machine.
+CHAT_ACTION_DELAY_S = 2
 _chats = itertools.count(2001)
 
 
@@ -62,6 +66,7 @@ async def bot(emu, tmp_path_factory):
         MAX_IMAGE_PIXELS=MAX_PIXELS,
         DEFAULT_SAMPLES=3,
         MAX_SAMPLES=10,
+        CHAT_ACTION_DELAY_MS=CHAT_ACTION_DELAY_S * 1000,
     )
     yield process
     code = await process.stop()
@@ -118,6 +123,8 @@ async def test_plain_text_gets_a_hint_to_send_a_photo(emu, bot):
 
 async def test_a_photo_is_answered_as_a_reply_with_captions_and_buttons(emu, bot):
     chat = new_chat()
+    # A slow download makes a slow reply, during which "typing..." shows.
+    emu.inject_fault("getFile", delay=CHAT_ACTION_DELAY_S + 0.5)
     sent = emu.user_sends_photo(chat, image_bytes("JPEG", (640, 480)))
     reply = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
     assert reply_id(reply) == sent["message_id"]
@@ -134,6 +141,16 @@ async def test_a_photo_is_answered_as_a_reply_with_captions_and_buttons(emu, bot
     for field in ("queue_wait_ms", "inference_ms", "batch_size", "outcome"):
         assert field in mine[0]
     assert mine[0]["outcome"] == "ok"
+
+
+async def test_a_fast_reply_shows_no_typing(emu, bot):
+    chat = new_chat()
+    started = time.monotonic()
+    emu.user_sends_photo(chat, image_bytes("JPEG", (640, 480)))
+    assert_caption_reply(await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT))
+    assert time.monotonic() - started < CHAT_ACTION_DELAY_S  # else this machine is too slow
+    await asyncio.sleep(CHAT_ACTION_DELAY_S)  # an action sent late would have come by now
+    assert [e for e in emu.chat_events(chat) if e["type"] == "chat_action"] == []
 
 
 @pytest.mark.parametrize(
@@ -307,6 +324,7 @@ async def test_attention_sends_a_png_with_one_tile_per_word(emu, bot):
     chat = new_chat()
     _, caption_reply = await send_photo_and_caption(emu, chat)
     headline = caption_reply["text"].splitlines()[0]
+    emu.inject_fault("sendPhoto", delay=CHAT_ACTION_DELAY_S + 0.5)  # slow: "sending a photo..."
     command = emu.user_sends_text(chat, "/attention")
     figure = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
     assert reply_id(figure) == command["message_id"]
