@@ -109,6 +109,7 @@ class PlaygroundProcess:
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         env.setdefault("OMP_NUM_THREADS", "2")  # shared CPUs: keep torch from oversubscribing
+        env["CHAT_ACTION_DELAY_MS"] = "0"  # "typing..." at once: the page's indicator is checked
         have_weights = all((REPO / "weights" / name).exists() for name in WEIGHT_FILES)
         if "CAPTIONER" not in env and not have_weights:
             # A checkout without trained weights still shows the whole conversation.
