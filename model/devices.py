@@ -24,6 +24,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 def serving_device(device: str = "auto") -> str:
     """`resolve_device` for inference, as a string, without importing torch (506 MB of resident
     memory) where there is no NVIDIA GPU to ask CUDA about: "auto" is then "cpu"."""
-    if device in ("auto", "cpu") and not (NVIDIA_GPUS.is_dir() and any(NVIDIA_GPUS.iterdir())):
+    if device == "cpu" or (
+        device == "auto" and not (NVIDIA_GPUS.is_dir() and any(NVIDIA_GPUS.iterdir()))
+    ):
         return "cpu"
     return str(resolve_device(device))
