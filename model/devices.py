@@ -21,6 +21,20 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def require_torch(what: str):
+    """torch, or a RuntimeError that says `what` needs it where this install leaves it out (a
+    serving-only install such as the Docker image, which serves from a prebuilt bundle)."""
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError(
+            f"{what} needs torch, which this install leaves out: it serves only the weights "
+            "whose serving bundle was built in (the Docker image builds it from weights/; "
+            "rebuild the image with the weights you want, or install torch)"
+        ) from None
+    return torch
+
+
 def serving_device(device: str = "auto") -> str:
     """`resolve_device` for inference, as a string, without importing torch (506 MB of resident
     memory) where there is no NVIDIA GPU to ask CUDA about: "auto" is then "cpu"."""

@@ -243,11 +243,11 @@ def test_one_more_artifact_is_one_more_entry(tmp_path, monkeypatch):
 
 
 def test_the_docker_build_command_finds_or_builds_the_bundle(captioners, cache):
-    """The Dockerfile's `python -m model.onnx_encoder --weights weights` builds the bundle at
-    image build time; with the bundle cached it only names it."""
+    """The Dockerfile's `python -m model.bundle --weights weights` builds the bundle at image
+    build time; with the bundle cached it only names it."""
     env = {**os.environ, serving.CACHE_ENV: str(cache)}
     done = subprocess.run(
-        [sys.executable, "-m", "model.onnx_encoder", "--weights", str(DEFAULT_WEIGHTS_DIR)],
+        [sys.executable, "-m", "model.bundle", "--weights", str(DEFAULT_WEIGHTS_DIR)],
         capture_output=True,
         text=True,
         env=env,
@@ -256,3 +256,46 @@ def test_the_docker_build_command_finds_or_builds_the_bundle(captioners, cache):
     assert done.returncode == 0, done.stderr
     (built,) = cache.glob("bundle-*")
     assert str(built) in done.stdout and "encoder.onnx" in done.stdout
+
+
+def without_torch(tmp_path) -> dict[str, str]:
+    """An environment where `import torch` fails, as where torch is not installed (the Docker
+    image): a package named torch first on the path that raises what a missing one raises."""
+    fake = tmp_path / "no-torch" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
+    )
+    path = os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def test_a_cached_bundle_serves_where_torch_is_not_installed(captioners, cache, tmp_path):
+    code = (
+        "from model.captioner import Captioner; from model.data.scenes import render_scene\n"
+        "c = Captioner.load()\n"
+        "print(c.greedy(c.encode([render_scene(30_000_000)[1]]), 'attention')[0].text)\n"
+    )
+    env = {**without_torch(tmp_path), serving.CACHE_ENV: str(cache)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    _, plain = captioners
+    expected = plain.greedy(plain.encode([render_scene(30_000_000)[1]]), "attention")[0].text
+    assert done.stdout.strip().splitlines()[-1] == expected
+
+
+def test_without_torch_and_without_a_bundle_the_error_says_what_is_missing(tmp_path):
+    env = {**without_torch(tmp_path), serving.CACHE_ENV: str(tmp_path / "empty")}
+    done = subprocess.run(
+        [sys.executable, "-c", "from model.captioner import Captioner; Captioner.load()"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: serving ") and "without a serving bundle needs " in last
+    assert "rebuild the image" in last
