@@ -10,6 +10,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from bot.log import get_logger
+from model.devices import TorchMissing
 
 if TYPE_CHECKING:
     from bot.settings import Settings
@@ -24,14 +25,20 @@ class StartupError(RuntimeError):
 def load_captioner(settings: Settings) -> Any:
     from model.captioner import Captioner
 
+    try:
+        return _load(Captioner, settings)
+    except TorchMissing as error:  # the Docker image serves the bundle it was built with only
+        raise StartupError(str(error)) from None
+
+
+def _load(Captioner: Any, settings: Settings) -> Any:
     if settings.captioner == "untrained":
         log.warning("untrained_captioner", note="random decoders: captions are nonsense")
-        try:
-            return _use_cpu_threads(Captioner.untrained(seed=0), settings)
-        except RuntimeError as error:  # no torch (the Docker image serves its bundle only)
-            raise StartupError(f"CAPTIONER=untrained: {error}") from None
+        return _use_cpu_threads(Captioner.untrained(seed=0), settings)
     try:  # Captioner.load resolves DEVICE=auto itself
         captioner = Captioner.load(weights_dir=str(settings.weights_dir), device=settings.device)
+    except TorchMissing:
+        raise
     except Exception as error:  # missing, partial or corrupt files: all mean "no usable weights"
         raise StartupError(
             f"cannot load the captioning weights from WEIGHTS_DIR={settings.weights_dir}: "

@@ -21,13 +21,17 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+class TorchMissing(RuntimeError):
+    """Something needs torch, and this install leaves it out; str() says what and what to do."""
+
+
 def require_torch(what: str):
-    """torch, or a RuntimeError that says `what` needs it where this install leaves it out (a
+    """torch, or a TorchMissing error that says `what` needs it where this install leaves it out (a
     serving-only install such as the Docker image, which serves from a prebuilt bundle)."""
     try:
         import torch
     except ImportError:
-        raise RuntimeError(
+        raise TorchMissing(
             f"{what} needs torch, which this install leaves out: it serves only the weights "
             "whose serving bundle was built in (the Docker image builds it from weights/; "
             "rebuild the image with the weights you want, or install torch)"

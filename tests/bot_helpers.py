@@ -34,6 +34,17 @@ HAVE_WEIGHTS = all(
 )
 
 
+def without_torch(tmp: Path) -> str:
+    """A PYTHONPATH where `import torch` fails as where torch is not installed (the Docker
+    image): first on it, a package named torch that raises what a missing one raises."""
+    fake = tmp / "no-torch" / "torch"
+    fake.mkdir(parents=True, exist_ok=True)
+    (fake / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
+    )
+    return os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")]))
+
+
 def bot_env(base_url: str, tmp: Path, **overrides: Any) -> dict[str, str]:
     env = {
         key: value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import socket
 import subprocess
@@ -11,7 +12,7 @@ import sys
 
 import aiohttp
 import pytest
-from bot_helpers import TOKEN, BotProcess, bot_env, dump_output, image_bytes
+from bot_helpers import TOKEN, BotProcess, bot_env, dump_output, image_bytes, without_torch
 
 from bot.emulator import BotAPIEmulator
 
@@ -257,6 +258,22 @@ def test_partial_or_corrupt_weights_are_a_clear_start_up_error(tmp_path):
     result = run_bot_sync(env, tmp_path)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "cannot_start" in result.stdout and "WEIGHTS_DIR" in result.stdout
+
+
+def test_weights_without_a_bundle_where_torch_is_missing_are_a_clear_start_up_error(tmp_path):
+    """As in the Docker image (no torch) with other weights mounted: no bundle can be built."""
+    env = bot_env("http://127.0.0.1:9", tmp_path, CAPTIONER="bundled")
+    env["PYTHONPATH"] = os.pathsep.join([without_torch(tmp_path), env["PYTHONPATH"]])
+    env["CAPTION_CACHE_DIR"] = str(tmp_path / "empty-cache")
+    result = run_bot_sync(env, tmp_path)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    record = next(
+        json.loads(line)
+        for line in result.stdout.splitlines()
+        if line.startswith("{") and "cannot_start" in line
+    )
+    assert "needs torch" in record["reason"] and "rebuild the image" in record["reason"]
+    assert SECRET_PART not in result.stdout + result.stderr
 
 
 async def test_an_unreachable_api_is_retried_then_reported_without_the_token(tmp_path):

@@ -308,21 +308,25 @@ def test_the_image_is_pinned_small_and_serves_without_torch(build):
     assert "encoder.onnx" in artifacts and "attention.npz" in artifacts
 
 
-def test_what_needs_torch_says_so_in_the_image(build):
-    probe = docker(
+def test_what_needs_torch_stops_the_bot_at_start_and_says_so(build):
+    """CAPTIONER=untrained builds random torch decoders; without torch in the image the bot
+    exits 2 at start with the reason and what to do, before it talks to Telegram."""
+    result = docker(
         "run",
         "--rm",
         "--label",
         LABEL,
+        "-e",
+        f"TELEGRAM_BOT_TOKEN={TOKEN}",
+        "-e",
+        "CAPTIONER=untrained",
         build.tag,
-        "python",
-        "-c",
-        "from model.captioner import Captioner; Captioner.untrained()",
+        timeout=120,
     )
-    assert probe.returncode == 1
-    assert "RuntimeError: an untrained captioner (random torch decoders) needs torch" in (
-        probe.stderr
-    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "cannot_start" in output and "needs torch" in output and "rebuild the image" in output
+    assert TOKEN not in output
 
 
 def test_without_a_token_it_exits_2_with_the_message(build):

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from bot_helpers import without_torch
 from PIL import Image
 
 from model import bundle as serving
@@ -258,25 +259,13 @@ def test_the_docker_build_command_finds_or_builds_the_bundle(captioners, cache):
     assert str(built) in done.stdout and "encoder.onnx" in done.stdout
 
 
-def without_torch(tmp_path) -> dict[str, str]:
-    """An environment where `import torch` fails, as where torch is not installed (the Docker
-    image): a package named torch first on the path that raises what a missing one raises."""
-    fake = tmp_path / "no-torch" / "torch"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text(
-        "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
-    )
-    path = os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path}
-
-
 def test_a_cached_bundle_serves_where_torch_is_not_installed(captioners, cache, tmp_path):
     code = (
         "from model.captioner import Captioner; from model.data.scenes import render_scene\n"
         "c = Captioner.load()\n"
         "print(c.greedy(c.encode([render_scene(30_000_000)[1]]), 'attention')[0].text)\n"
     )
-    env = {**without_torch(tmp_path), serving.CACHE_ENV: str(cache)}
+    env = {**os.environ, "PYTHONPATH": without_torch(tmp_path), serving.CACHE_ENV: str(cache)}
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     )
@@ -287,7 +276,11 @@ def test_a_cached_bundle_serves_where_torch_is_not_installed(captioners, cache, 
 
 
 def test_without_torch_and_without_a_bundle_the_error_says_what_is_missing(tmp_path):
-    env = {**without_torch(tmp_path), serving.CACHE_ENV: str(tmp_path / "empty")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": without_torch(tmp_path),
+        serving.CACHE_ENV: str(tmp_path / "empty"),
+    }
     done = subprocess.run(
         [sys.executable, "-c", "from model.captioner import Captioner; Captioner.load()"],
         capture_output=True,
@@ -297,5 +290,6 @@ def test_without_torch_and_without_a_bundle_the_error_says_what_is_missing(tmp_p
     )
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("RuntimeError: serving ") and "without a serving bundle needs " in last
+    assert last.startswith("model.devices.TorchMissing: serving ")
+    assert "without a serving bundle needs torch" in last
     assert "rebuild the image" in last
