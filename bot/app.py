@@ -25,7 +25,12 @@ from bot import texts
 from bot.handlers import routers
 from bot.health import heartbeat
 from bot.log import get_logger
-from bot.middlewares import AllowlistMiddleware, RateLimitMiddleware, UpdateContextMiddleware
+from bot.middlewares import (
+    AllowlistMiddleware,
+    ChatActionMiddleware,
+    RateLimitMiddleware,
+    UpdateContextMiddleware,
+)
 from bot.photos import PhotoBook
 from bot.retry import RetryMiddleware
 from bot.service import CaptionService
@@ -65,6 +70,7 @@ def build_bot(settings: Settings, retry: RetryMiddleware | None = None) -> Bot:
     else:
         session = AiohttpSession()
     session.middleware(keep_response_types)
+    session.middleware(ChatActionMiddleware())
     session.middleware(retry or RetryMiddleware(budget_s=settings.send_retry_timeout_s))
     return Bot(token=token, session=session)
 
