@@ -8,6 +8,8 @@
 - `RateLimitMiddleware` (inner, only handlers flagged `inference`): at most N requests
   per user per sliding minute; the first request over the limit gets a polite answer,
   the rest of that minute is ignored so a flood doesn't become a flood of replies.
+- `ChatActionMiddleware` (the Bot API session, every call): a chat action ("typing...") that the
+  chat is still showing is not sent again.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import structlog
-from aiogram import BaseMiddleware
+from aiogram import BaseMiddleware, Bot
+from aiogram.client.session.middlewares.base import BaseRequestMiddleware, NextRequestMiddlewareType
 from aiogram.dispatcher.flags import get_flag
+from aiogram.methods import SendChatAction, TelegramMethod
+from aiogram.methods.base import Response, TelegramType
 from aiogram.types import CallbackQuery, Message, TelegramObject, Update, User
 
 from bot import texts
@@ -170,3 +175,61 @@ class RateLimitMiddleware(BaseMiddleware):
             if not stamps or now - stamps[-1] >= self.WINDOW_S:
                 del self._recent[uid]
                 self._noticed_until.pop(uid, None)
+
+
+class ChatActionMiddleware(BaseRequestMiddleware):
+    """Sends a chat action only if the chat is not showing it already.
+
+    Telegram shows an action for 5 seconds, or until the bot's next message arrives in the chat.
+    Each photo's reply shows "typing..." while it takes long (bot/service.py), so a chat with
+    several photos in flight sent the same action once per photo: one Bot API call in four
+    when photos queue (bench/bot_bench.py). The same action to the same chat (and thread) within
+    `shown_s` of the last one, with no other call to that chat since, is answered True at once.
+    Any other call naming the chat forgets its action once it is answered, whatever it was:
+    at worst an action is sent that the chat still showed, as it always was.
+    """
+
+    def __init__(self, shown_s: float = 4.0) -> None:
+        self.shown_s = shown_s  # under Telegram's 5 s, for the time a request takes
+        # chat_id -> (action, thread, business connection, when it was sent)
+        self._shown: dict[int | str, tuple[str, int | None, str | None, float]] = {}
+
+    async def __call__(
+        self,
+        make_request: NextRequestMiddlewareType[TelegramType],
+        bot: Bot,
+        method: TelegramMethod[TelegramType],
+    ) -> Response[TelegramType]:
+        if isinstance(method, SendChatAction):
+            return await self._action(make_request, bot, method)
+        chat_id = getattr(method, "chat_id", None)
+        if chat_id is None:
+            return await make_request(bot, method)
+        try:
+            return await make_request(bot, method)
+        finally:
+            self._shown.pop(chat_id, None)  # a message may have ended the action
+
+    async def _action(
+        self, make_request: NextRequestMiddlewareType[Any], bot: Bot, method: SendChatAction
+    ) -> Any:
+        now = time.monotonic()
+        what = (method.action, method.message_thread_id, method.business_connection_id)
+        shown = self._shown.get(method.chat_id)
+        if shown is not None and shown[:3] == what and now - shown[3] < self.shown_s:
+            return True  # what Telegram answers: the chat shows the action
+        if len(self._shown) > 10_000:
+            self._forget_old(now)
+        record = (*what, now)
+        self._shown[method.chat_id] = record  # before the call: actions sent together go once
+        try:
+            return await make_request(bot, method)
+        except BaseException:
+            if self._shown.get(method.chat_id) == record:
+                del self._shown[method.chat_id]
+            raise
+
+    def _forget_old(self, now: float) -> None:
+        for chat_id, shown in list(self._shown.items()):
+            if now - shown[3] >= self.shown_s:
+                del self._shown[chat_id]

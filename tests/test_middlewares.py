@@ -1,4 +1,5 @@
-"""The allowlist's ignore period, and the health check's view of a dead worker (in process)."""
+"""The allowlist's ignore period, chat actions sent once while shown, and the health check's view
+of a dead worker (in process)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import time
 
 import pytest
 import structlog.testing
+from aiogram.exceptions import TelegramNetworkError
+from aiogram.methods import GetFile, SendChatAction, SendMessage
 from aiogram.types import User
 from bot_helpers import REPO
 
 from bot import health
-from bot.middlewares import AllowlistMiddleware
+from bot.middlewares import AllowlistMiddleware, ChatActionMiddleware
 from bot.worker import InferenceWorker
 
 pytestmark = pytest.mark.timeout(30)
@@ -45,6 +48,52 @@ async def test_a_refused_user_is_refused_again_once_the_ignore_period_is_over(mo
     assert await update_from(2) == ["refused_not_allowed"]
     assert await update_from(2) == ["ignored_not_allowed"]
     assert await update_from(1) == [] and handled == [1]
+
+
+async def test_a_chat_action_the_chat_still_shows_is_not_sent_again(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("bot.middlewares.time.monotonic", lambda: clock[0])
+    actions = ChatActionMiddleware(shown_s=4)
+    sent: list[str] = []
+    failing = [False]
+
+    async def make_request(bot, method):
+        if failing[0]:
+            raise TelegramNetworkError(method=method, message="down")
+        sent.append(f"{type(method).__name__} {getattr(method, 'chat_id', '')}")
+        return True
+
+    async def call(method) -> None:
+        await actions(make_request, None, method)
+
+    def typing(chat: int = 1, action: str = "typing") -> SendChatAction:
+        return SendChatAction(chat_id=chat, action=action)
+
+    await call(typing())
+    await call(typing())  # still shown: answered without a call
+    await call(typing(chat=2))  # another chat
+    await call(typing(action="upload_photo"))  # another action replaces the first
+    await call(GetFile(file_id="x"))  # names no chat
+    await call(typing(action="upload_photo"))
+    assert sent == [
+        "SendChatAction 1",
+        "SendChatAction 2",
+        "SendChatAction 1",
+        "GetFile ",
+    ]
+    await call(SendMessage(chat_id=1, text="captions"))  # the message ends the action
+    await call(typing())
+    clock[0] += 4  # Telegram's indicator has (nearly) run out: sent again
+    await call(typing())
+    await call(typing())
+    assert sent[4:] == ["SendMessage 1", "SendChatAction 1", "SendChatAction 1"]
+
+    failing[0] = True  # an action that was not sent is not shown
+    with pytest.raises(TelegramNetworkError):
+        await call(typing(chat=3))
+    failing[0] = False
+    await call(typing(chat=3))
+    assert sent[-1] == "SendChatAction 3"
 
 
 class IdleCaptioner:

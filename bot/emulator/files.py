@@ -117,9 +117,9 @@ def image_info(data: bytes) -> tuple[int, int, str] | None:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > MAX_PHOTO_PIXELS:
                 return None
+            info = image.width, image.height, image.format or ""
             image.verify()
-        with Image.open(io.BytesIO(data)) as image:
-            return image.width, image.height, image.format or ""
+        return info
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         return None
 

@@ -3,7 +3,6 @@ Telegram's name, with the checks and error texts of the real API."""
 
 from __future__ import annotations
 
-import copy
 import mimetypes
 import re
 import time
@@ -14,7 +13,7 @@ from .errors import BotAPIError, bad_request
 from .files import GETFILE_MAX_BYTES, image_info
 from .formatting import parse_formatted, utf16_len, with_detected_entities
 from .params import UploadedFile
-from .state import EmulatorState, Params, _document_json, _extension, _without_reply
+from .state import EmulatorState, Params, _document_json, _extension, _without_reply, clone
 
 MethodImpl = Callable[["BotAPIMethods", Params], Awaitable[Any]]
 
@@ -80,7 +79,7 @@ class BotAPIMethods(EmulatorState):
         if markup is not None:
             message["reply_markup"] = markup
         self._record_message(message)
-        return copy.deepcopy(message)
+        return clone(message)
 
     def _replied_message(self, chat_id: int, params: Params) -> dict[str, Any] | None:
         reply = params.get("reply_parameters")
@@ -154,8 +153,8 @@ class BotAPIMethods(EmulatorState):
         edited["edit_date"] = int(time.time())
         message.clear()
         message.update(edited)
-        self._chat_event(message["chat"]["id"], "edited_message", message=copy.deepcopy(message))
-        return copy.deepcopy(message)
+        self._chat_event(message["chat"]["id"], "edited_message", message=clone(message))
+        return clone(message)
 
     # --- Bot API methods -----------------------------------------------------------------
 
@@ -201,7 +200,7 @@ class BotAPIMethods(EmulatorState):
                 "Conflict: terminated by other getUpdates request; "
                 "make sure that only one bot instance is running",
             )
-        return self._deliverable()[:limit]
+        return [clone(update) for update in self._deliverable()[:limit]]
 
     def _confirm_updates(self, offset: int) -> None:
         if offset > 0:
@@ -210,6 +209,9 @@ class BotAPIMethods(EmulatorState):
             self._updates = self._updates[offset:]
 
     def _deliverable(self) -> list[dict[str, Any]]:
+        """The pending updates the bot wants, oldest first (not copied: callers copy what they
+        hand out)."""
+
         def allowed(update: dict[str, Any]) -> bool:
             kind = next(k for k in update if k != "update_id")
             if self._allowed_updates is None:
@@ -218,7 +220,7 @@ class BotAPIMethods(EmulatorState):
 
         # Updates of types the bot does not want are dropped, never delivered later.
         self._updates = [u for u in self._updates if allowed(u)]
-        return copy.deepcopy(self._updates)
+        return self._updates
 
     @bot_method("setWebhook")
     async def _set_webhook(self, params: Params) -> Any:
@@ -271,7 +273,7 @@ class BotAPIMethods(EmulatorState):
                 raise bad_request("PHOTO_INVALID_DIMENSIONS")
             sizes = self._store_photo_set(photo.data)
         elif isinstance(photo, str) and photo in self._photo_sets:
-            sizes = copy.deepcopy(self._photo_sets[photo])
+            sizes = clone(self._photo_sets[photo])
         elif photo:
             raise bad_request("wrong file identifier/HTTP URL specified")
         else:
@@ -505,4 +507,4 @@ def _inline_markup(markup: Any) -> dict[str, Any] | None:
                     "can't parse inline keyboard button: Text buttons are unallowed in the inline "
                     "keyboard"
                 )
-    return {"inline_keyboard": copy.deepcopy(rows)}
+    return {"inline_keyboard": clone(rows)}

@@ -1,4 +1,4 @@
-from aiogram import F, Router
+from aiogram import Router
 from aiogram.types import Message
 
 from bot import texts
@@ -9,7 +9,15 @@ from bot.service import CaptionService
 router = Router(name="images")
 
 
-@router.message(F.photo | F.document, flags={INFERENCE_FLAG: True})
+async def carries_image(message: Message) -> bool:
+    """A photo, or a document (the handler tells the non-image ones apart).
+
+    A coroutine on purpose: aiogram runs a plain function or an `F` filter in a worker thread
+    (asyncio.to_thread), a thread hop for every message this router sees."""
+    return bool(message.photo) or message.document is not None
+
+
+@router.message(carries_image, flags={INFERENCE_FLAG: True})
 async def image(message: Message, service: CaptionService) -> None:
     try:
         photo = photo_of(message)
