@@ -231,7 +231,15 @@ class Captioner:
         Small ops like these decoders' split poorly, and a server has other work for the spare
         cores: in the bot's benchmark on 2 cores this raised batched throughput from 24 to 33
         photos/s and lowered single-photo latency. torch's thread count is process-wide.
+
+        numpy's BLAS (OpenBLAS) gets one thread too, process-wide: by default it starts one per
+        core, and they spin between products. In the bot's sustained benchmark on 2 cores its
+        thread burnt 7.6 ms of CPU per photo, a third of the process's (24.1 -> 16.6 ms per
+        photo with one BLAS thread; 69-73 -> 88-89 photos/s), while a lone photo took as long.
         """
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1, user_api="blas")  # a call, not a `with`: it stays
         if "torch" in sys.modules:  # the torch encoder; the bundle's needs no torch
             sys.modules["torch"].set_num_threads(1)
         self.encoder.use_cpu_workers(threads)

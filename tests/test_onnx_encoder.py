@@ -293,3 +293,24 @@ def test_without_torch_and_without_a_bundle_the_error_says_what_is_missing(tmp_p
     assert last.startswith("model.devices.TorchMissing: serving ")
     assert "without a serving bundle needs torch" in last
     assert "rebuild the image" in last
+
+
+def test_serving_runs_numpy_products_on_one_blas_thread(captioners, cache):
+    """set_cpu_threads (as the bot calls it) leaves numpy's BLAS one thread: its own pool spun
+    on the cores the worker's threads need."""
+    code = (
+        "import json, os\n"
+        "from threadpoolctl import threadpool_info\n"
+        "from model.captioner import Captioner\n"
+        "def blas():\n"
+        "    return [p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas']\n"
+        "c = Captioner.load()\n"
+        "before = blas()\n"
+        "cores = len(os.sched_getaffinity(0))\n"
+        "c.set_cpu_threads(cores)\n"
+        "print(json.dumps({'before': before, 'after': blas(), 'cores': cores}))\n"
+    )
+    out = json.loads(run_python(code, cache).strip().splitlines()[-1])
+    assert out["after"] and set(out["after"]) == {1}
+    if out["cores"] > 1:  # where BLAS would use several, it did before the call
+        assert max(out["before"]) > 1
