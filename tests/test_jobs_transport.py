@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import types
 
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 from redis_helpers import free_port, redis_server  # noqa: F401 (fixture)
 
+from bot.jobs.consumer import JobConsumer
 from bot.jobs.record import JobRecord
 from bot.jobs.transport import QueueFullError, RedisTransport, UnreachableError, wait_for_redis
 
@@ -177,3 +179,39 @@ async def test_a_job_kept_by_its_live_consumer_is_not_reclaimed(client):
     [claimed] = await transport.reclaim("other", count=8)
     await transport.keep("slow", [delivery.entry_id])  # too late: it is not taken back
     assert (await transport.delivery_counts("other", [claimed.entry_id])) == {claimed.entry_id: 2}
+
+
+class _StuckService:
+    """A CaptionService whose every caption waits until `release` is set."""
+
+    def __init__(self) -> None:
+        self.started: list[int] = []
+        self.release = asyncio.Event()
+
+    async def caption(self, chat_id, reply_to, photo, *, anyway=False):
+        self.started.append(reply_to)
+        await self.release.wait()
+
+
+async def test_a_consumer_holds_three_batches_one_decoding_one_encoding_one_downloading(
+    client,
+):
+    transport = await make(client, claim_idle_ms=3000)
+    for update_id in range(20):
+        await transport.enqueue(job(update_id))
+    service = _StuckService()
+    settings = types.SimpleNamespace(batch_max=4, shutdown_timeout_s=5)
+    consumer = JobConsumer(transport, service, settings, name="c")
+    stop = asyncio.Event()
+    running = asyncio.create_task(consumer.run(stop))
+    while len(service.started) < 12:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)  # a few more turns of its loop: it takes no more
+    assert (len(service.started), consumer.in_hand, await transport.pending()) == (12, 12, 12)
+    service.release.set()
+    while consumer.jobs_done < 20:
+        await asyncio.sleep(0.01)
+    stop.set()
+    await running
+    assert sorted(service.started) == [100 + update_id for update_id in range(20)]
+    assert await transport.pending() == 0
