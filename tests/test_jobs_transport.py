@@ -15,7 +15,14 @@ from redis_helpers import free_port, redis_server  # noqa: F401 (fixture)
 
 from bot.jobs.consumer import JobConsumer
 from bot.jobs.record import JobRecord
-from bot.jobs.transport import QueueFullError, RedisTransport, UnreachableError, wait_for_redis
+from bot.jobs.transport import (
+    MAX_CONNECTIONS,
+    QueueFullError,
+    RedisTransport,
+    UnreachableError,
+    connect_client,
+    wait_for_redis,
+)
 
 pytestmark = pytest.mark.timeout(30)
 _prefixes = itertools.count()
@@ -215,3 +222,16 @@ async def test_a_consumer_holds_three_batches_one_decoding_one_encoding_one_down
     await running
     assert sorted(service.started) == [100 + update_id for update_id in range(20)]
     assert await transport.pending() == 0
+
+
+async def test_a_client_waits_for_one_of_its_connections_rather_than_opening_more(
+    redis_server, client
+):
+    bounded = connect_client(redis_server.url)
+    before = (await client.info("stats"))["total_connections_received"]
+    keys = [f"t{next(_prefixes)}:k{i}" for i in range(100)]
+    await asyncio.gather(*(bounded.set(key, i) for i, key in enumerate(keys)))
+    assert [int(v) for v in await bounded.mget(keys)] == list(range(100))
+    opened = (await client.info("stats"))["total_connections_received"] - before
+    await bounded.aclose()
+    assert 1 <= opened <= MAX_CONNECTIONS
