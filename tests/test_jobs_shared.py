@@ -86,6 +86,19 @@ def test_the_shared_cache_keeps_at_most_its_capacity(sync_client):
     assert sync_client.zcard(f"{prefix}:encoded") == 3
 
 
+def test_writes_still_land_after_redis_forgot_the_eviction_script(sync_client):
+    prefix = f"s{next(_prefixes)}"
+    cache = RedisEncodedCache(2, sync_client, prefix=prefix, ttl_s=60)
+    cache.put("p0", entry(0))
+    cache.flush()
+    sync_client.script_flush()  # as after a restart
+    for index in (1, 2):
+        cache.put(f"p{index}", entry(index))
+    cache.flush()
+    other = RedisEncodedCache(2, sync_client, prefix=prefix, ttl_s=60)
+    assert [f"p{i}" in other for i in range(3)] == [False, True, True]
+
+
 def test_a_put_never_waits_for_redis_and_drops_writes_beyond_its_backlog(sync_client):
     prefix = f"s{next(_prefixes)}"
     cache = RedisEncodedCache(8, sync_client, prefix=prefix, ttl_s=60, backlog=1)
