@@ -188,6 +188,16 @@ async def test_a_job_kept_by_its_live_consumer_is_not_reclaimed(client):
     assert (await transport.delivery_counts("other", [claimed.entry_id])) == {claimed.entry_id: 2}
 
 
+async def until(condition, limit_s: float = 20) -> None:
+    """Wait for `condition()`; fail (rather than hang) if it never holds."""
+
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), limit_s)
+
+
 class _StuckService:
     """A CaptionService whose every caption waits until `release` is set."""
 
@@ -211,15 +221,16 @@ async def test_a_consumer_holds_three_batches_one_decoding_one_encoding_one_down
     consumer = JobConsumer(transport, service, settings, name="c")
     stop = asyncio.Event()
     running = asyncio.create_task(consumer.run(stop))
-    while len(service.started) < 12:
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.3)  # a few more turns of its loop: it takes no more
-    assert (len(service.started), consumer.in_hand, await transport.pending()) == (12, 12, 12)
-    service.release.set()
-    while consumer.jobs_done < 20:
-        await asyncio.sleep(0.01)
-    stop.set()
-    await running
+    try:
+        await until(lambda: len(service.started) >= 12)
+        await asyncio.sleep(0.3)  # a few more turns of its loop: it takes no more
+        assert (len(service.started), consumer.in_hand, await transport.pending()) == (12, 12, 12)
+        service.release.set()
+        await until(lambda: consumer.jobs_done == 20)
+    finally:
+        service.release.set()
+        stop.set()
+        await asyncio.wait_for(running, 20)
     assert sorted(service.started) == [100 + update_id for update_id in range(20)]
     assert await transport.pending() == 0
 
