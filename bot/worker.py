@@ -223,6 +223,10 @@ class EncodedCache:
             return len(self._entries)
 
     def get(self, key: str) -> _CacheEntry | None:
+        return self.get_local(key)
+
+    def get_local(self, key: str) -> _CacheEntry | None:
+        """This process's entry only (a shared cache never asks elsewhere here)."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
@@ -568,7 +572,11 @@ class InferenceWorker:
         """Cached encodings, or the downloaded bytes decoded; returns the jobs to encode."""
         to_encode: list[_Job] = []
         for job in jobs:
-            entry = self.cache.get(job.photo.key)
+            # With the bytes at hand the handler already found no entry: only a local one
+            # (this process encoded the photo meanwhile) is looked for, never a shared cache's
+            # (a Redis GET that missed per new photo, in the encoding stage).
+            cache = self.cache.get if job.photo.data is None else self.cache.get_local
+            entry = cache(job.photo.key)
             if entry is not None:
                 job.encoded, job.thumbnail, job.from_cache = entry.encoded, entry.thumbnail, True
             elif job.photo.data is None:

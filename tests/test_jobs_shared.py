@@ -6,6 +6,7 @@ frontends."""
 from __future__ import annotations
 
 import itertools
+import threading
 
 import numpy as np
 import pytest
@@ -67,6 +68,7 @@ def test_a_photo_encoded_by_one_worker_is_cached_for_another(sync_client):
     second = RedisEncodedCache(4, sync_client, prefix=prefix, ttl_s=60)
     assert "photo" not in second and second.get("photo") is None
     first.put("photo", entry(1))
+    first.flush()
     assert "photo" in second
     got = second.get("photo")
     assert np.array_equal(got.encoded.grid, entry(1).encoded.grid)
@@ -78,15 +80,53 @@ def test_the_shared_cache_keeps_at_most_its_capacity(sync_client):
     cache = RedisEncodedCache(3, sync_client, prefix=prefix, ttl_s=60)
     for index in range(5):
         cache.put(f"p{index}", entry(index))
+    cache.flush()
     other = RedisEncodedCache(3, sync_client, prefix=prefix, ttl_s=60)
     assert [f"p{i}" in other for i in range(5)] == [False, False, True, True, True]
     assert sync_client.zcard(f"{prefix}:encoded") == 3
+
+
+def test_writes_still_land_after_redis_forgot_the_eviction_script(sync_client):
+    prefix = f"s{next(_prefixes)}"
+    cache = RedisEncodedCache(2, sync_client, prefix=prefix, ttl_s=60)
+    cache.put("p0", entry(0))
+    cache.flush()
+    sync_client.script_flush()  # as after a restart
+    for index in (1, 2):
+        cache.put(f"p{index}", entry(index))
+    cache.flush()
+    other = RedisEncodedCache(2, sync_client, prefix=prefix, ttl_s=60)
+    assert [f"p{i}" in other for i in range(3)] == [False, True, True]
+
+
+def test_a_put_never_waits_for_redis_and_drops_writes_beyond_its_backlog(sync_client):
+    prefix = f"s{next(_prefixes)}"
+    cache = RedisEncodedCache(8, sync_client, prefix=prefix, ttl_s=60, backlog=1)
+    writing, release = threading.Event(), threading.Event()
+    write = cache._write
+
+    def stalled_write(key, value):
+        writing.set()
+        release.wait(10)
+        write(key, value)
+
+    cache._write = stalled_write
+    cache.put("p0", entry(0))
+    assert writing.wait(10)  # the writer holds p0
+    cache.put("p1", entry(1))  # waits in the backlog
+    cache.put("p2", entry(2))  # the backlog is full: dropped
+    assert all(f"p{i}" in cache for i in range(3))  # locally, at once
+    release.set()
+    cache.flush()
+    other = RedisEncodedCache(8, sync_client, prefix=prefix, ttl_s=60)
+    assert [f"p{i}" in other for i in range(3)] == [True, True, False]
 
 
 def test_without_redis_the_cache_is_local_only():
     dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
     cache = RedisEncodedCache(3, dead, prefix="x", ttl_s=60)
     cache.put("p", entry(1))
+    cache.flush()  # the write failed (logged)
     assert "p" in cache and cache.get("p") is not None and "q" not in cache
 
 

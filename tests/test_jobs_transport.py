@@ -6,14 +6,23 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import types
 
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 from redis_helpers import free_port, redis_server  # noqa: F401 (fixture)
 
+from bot.jobs.consumer import JobConsumer
 from bot.jobs.record import JobRecord
-from bot.jobs.transport import QueueFullError, RedisTransport, UnreachableError, wait_for_redis
+from bot.jobs.transport import (
+    MAX_CONNECTIONS,
+    QueueFullError,
+    RedisTransport,
+    UnreachableError,
+    connect_client,
+    wait_for_redis,
+)
 
 pytestmark = pytest.mark.timeout(30)
 _prefixes = itertools.count()
@@ -177,3 +186,63 @@ async def test_a_job_kept_by_its_live_consumer_is_not_reclaimed(client):
     [claimed] = await transport.reclaim("other", count=8)
     await transport.keep("slow", [delivery.entry_id])  # too late: it is not taken back
     assert (await transport.delivery_counts("other", [claimed.entry_id])) == {claimed.entry_id: 2}
+
+
+async def until(condition, limit_s: float = 20) -> None:
+    """Wait for `condition()`; fail (rather than hang) if it never holds."""
+
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), limit_s)
+
+
+class _StuckService:
+    """A CaptionService whose every caption waits until `release` is set."""
+
+    def __init__(self) -> None:
+        self.started: list[int] = []
+        self.release = asyncio.Event()
+
+    async def caption(self, chat_id, reply_to, photo, *, anyway=False):
+        self.started.append(reply_to)
+        await self.release.wait()
+
+
+async def test_a_consumer_holds_three_batches_one_decoding_one_encoding_one_downloading(
+    client,
+):
+    transport = await make(client, claim_idle_ms=3000)
+    for update_id in range(20):
+        await transport.enqueue(job(update_id))
+    service = _StuckService()
+    settings = types.SimpleNamespace(batch_max=4, shutdown_timeout_s=5)
+    consumer = JobConsumer(transport, service, settings, name="c")
+    stop = asyncio.Event()
+    running = asyncio.create_task(consumer.run(stop))
+    try:
+        await until(lambda: len(service.started) >= 12)
+        await asyncio.sleep(0.3)  # a few more turns of its loop: it takes no more
+        assert (len(service.started), consumer.in_hand, await transport.pending()) == (12, 12, 12)
+        service.release.set()
+        await until(lambda: consumer.jobs_done == 20)
+    finally:
+        service.release.set()
+        stop.set()
+        await asyncio.wait_for(running, 20)
+    assert sorted(service.started) == [100 + update_id for update_id in range(20)]
+    assert await transport.pending() == 0
+
+
+async def test_a_client_waits_for_one_of_its_connections_rather_than_opening_more(
+    redis_server, client
+):
+    bounded = connect_client(redis_server.url)
+    before = (await client.info("stats"))["total_connections_received"]
+    keys = [f"t{next(_prefixes)}:k{i}" for i in range(100)]
+    await asyncio.gather(*(bounded.set(key, i) for i, key in enumerate(keys)))
+    assert [int(v) for v in await bounded.mget(keys)] == list(range(100))
+    opened = (await client.info("stats"))["total_connections_received"] - before
+    await bounded.aclose()
+    assert 1 <= opened <= MAX_CONNECTIONS

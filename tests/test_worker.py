@@ -17,6 +17,7 @@ from bot.worker import (
     AttentionResult,
     BadImage,
     CaptionResult,
+    EncodedCache,
     InferenceFailed,
     InferenceWorker,
     NotCached,
@@ -374,6 +375,31 @@ async def test_encoded_photos_are_cached_by_key_and_reused_without_bytes(make_wo
     await worker.samples(photo("a", data=False), n=1)
     await worker.caption(photo("c"), n_samples=0)
     assert worker.is_cached("a") and worker.is_cached("c") and not worker.is_cached("b")
+
+
+class AskingCache(EncodedCache):
+    """A cache that records each lookup beyond the local entries (a shared cache's GET)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.asked: list[str] = []
+
+    def get(self, key: str):
+        self.asked.append(key)
+        return super().get(key)
+
+
+async def test_a_photo_with_its_bytes_is_never_looked_up_beyond_the_local_cache(make_worker):
+    captioner = FakeCaptioner()
+    worker = make_worker(captioner)
+    worker.cache = AskingCache(16)
+    await worker.start()
+    await worker.caption(photo("a"), n_samples=1)
+    await worker.caption(photo("a"), n_samples=1)  # the local entry, still no lookup
+    assert worker.cache.asked == []
+    assert captioner.encode_batches == [["a"]]
+    await worker.samples(photo("a", data=False), n=1)  # no bytes: the shared cache may have it
+    assert worker.cache.asked == ["a"]
 
 
 async def test_a_full_queue_is_refused_at_once(make_worker):
