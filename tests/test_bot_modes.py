@@ -234,19 +234,23 @@ def test_settings_come_from_a_dotenv_file_in_the_working_directory(tmp_path):
     assert result.returncode == 2 and "QUEUE_MAX" in result.stderr
 
 
-def test_missing_weights_are_a_clear_start_up_error(tmp_path):
-    env = bot_env(
-        "http://127.0.0.1:9", tmp_path, CAPTIONER="bundled", WEIGHTS_DIR=tmp_path / "nowhere"
-    )
-    result = run_bot_sync(env, tmp_path)
-    assert result.returncode == 2
-    record = next(
+def start_up_error(result: subprocess.CompletedProcess) -> dict:
+    """The `cannot_start` log record of a bot that exited 2 at start, its token never shown."""
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert SECRET_PART not in result.stdout + result.stderr
+    return next(
         json.loads(line)
         for line in result.stdout.splitlines()
         if line.startswith("{") and "cannot_start" in line
     )
+
+
+def test_missing_weights_are_a_clear_start_up_error(tmp_path):
+    env = bot_env(
+        "http://127.0.0.1:9", tmp_path, CAPTIONER="bundled", WEIGHTS_DIR=tmp_path / "nowhere"
+    )
+    record = start_up_error(run_bot_sync(env, tmp_path))
     assert "WEIGHTS_DIR" in record["reason"] and "CAPTIONER=untrained" in record["reason"]
-    assert SECRET_PART not in result.stdout + result.stderr
 
 
 def test_partial_or_corrupt_weights_are_a_clear_start_up_error(tmp_path):
@@ -265,15 +269,8 @@ def test_weights_without_a_bundle_where_torch_is_missing_are_a_clear_start_up_er
     env = bot_env("http://127.0.0.1:9", tmp_path, CAPTIONER="bundled")
     env["PYTHONPATH"] = os.pathsep.join([without_torch(tmp_path), env["PYTHONPATH"]])
     env["CAPTION_CACHE_DIR"] = str(tmp_path / "empty-cache")
-    result = run_bot_sync(env, tmp_path)
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    record = next(
-        json.loads(line)
-        for line in result.stdout.splitlines()
-        if line.startswith("{") and "cannot_start" in line
-    )
+    record = start_up_error(run_bot_sync(env, tmp_path))
     assert "needs torch" in record["reason"] and "rebuild the image" in record["reason"]
-    assert SECRET_PART not in result.stdout + result.stderr
 
 
 async def test_an_unreachable_api_is_retried_then_reported_without_the_token(tmp_path):
