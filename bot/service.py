@@ -169,7 +169,7 @@ class CaptionService:
         Every failure becomes a specific reply; returns None after such a reply.
         """
         try:
-            if self.worker.is_cached(photo.key):
+            if await self.worker.is_cached(photo.key):
                 try:
                     return await job(PhotoInput(photo.key))
                 except NotCached:  # evicted between the check and the job

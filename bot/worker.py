@@ -218,6 +218,10 @@ class EncodedCache:
         with self._lock:
             return key in self._entries
 
+    async def holds(self, key: str) -> bool:
+        """`key in self`, for the event loop: a cache that asks elsewhere does so off it."""
+        return key in self
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
@@ -375,8 +379,8 @@ class InferenceWorker:
 
     # ---- the API handlers use --------------------------------------------------------
 
-    def is_cached(self, key: str) -> bool:
-        return key in self.cache
+    async def is_cached(self, key: str) -> bool:
+        return await self.cache.holds(key)
 
     async def caption(
         self,

@@ -75,6 +75,25 @@ def test_a_photo_encoded_by_one_worker_is_cached_for_another(sync_client):
     assert 0 < sync_client.ttl(f"{prefix}:encoded:photo") <= 60
 
 
+async def test_the_event_loop_asks_redis_whether_a_photo_is_cached_from_a_thread(sync_client):
+    prefix = f"s{next(_prefixes)}"
+    first = RedisEncodedCache(4, sync_client, prefix=prefix, ttl_s=60)
+    second = RedisEncodedCache(4, sync_client, prefix=prefix, ttl_s=60)
+    first.put("photo", entry(1))
+    first.flush()
+    asked_from = []
+    exists = sync_client.exists
+
+    def recording_exists(*keys):
+        asked_from.append(threading.get_ident())
+        return exists(*keys)
+
+    sync_client.exists = recording_exists
+    assert await second.holds("photo") and not await second.holds("never")
+    assert await first.holds("photo")  # its own entry: Redis is not asked
+    assert len(asked_from) == 2 and threading.get_ident() not in asked_from
+
+
 def test_the_shared_cache_keeps_at_most_its_capacity(sync_client):
     prefix = f"s{next(_prefixes)}"
     cache = RedisEncodedCache(3, sync_client, prefix=prefix, ttl_s=60)

@@ -361,7 +361,7 @@ async def test_encoded_photos_are_cached_by_key_and_reused_without_bytes(make_wo
     worker = make_worker(captioner, cache_size=2)
     await worker.start()
     await worker.caption(photo("a"), n_samples=1)
-    assert worker.is_cached("a")
+    assert await worker.is_cached("a")
     samples = await worker.samples(photo("a", data=False), n=2)
     figure = await worker.attention(photo("a", data=False))
     assert samples.samples == ["sample0 enc(a) t=1.0", "sample1 enc(a) t=1.0"]
@@ -374,7 +374,8 @@ async def test_encoded_photos_are_cached_by_key_and_reused_without_bytes(make_wo
     await worker.caption(photo("b"), n_samples=0)
     await worker.samples(photo("a", data=False), n=1)
     await worker.caption(photo("c"), n_samples=0)
-    assert worker.is_cached("a") and worker.is_cached("c") and not worker.is_cached("b")
+    assert await worker.is_cached("a") and await worker.is_cached("c")
+    assert not await worker.is_cached("b")
 
 
 class AskingCache(EncodedCache):
