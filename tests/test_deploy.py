@@ -70,9 +70,17 @@ def test_dockerfile_base_user_healthcheck_and_command():
     # PyTorch's CPU index (the PyPI wheels bundle gigabytes of CUDA), PyPI for the rest; the
     # build arguments only change where the wheels come from.
     assert steps[0] == ("ARG", "BASE_IMAGE=python:3.11-slim")
-    assert [rest.split()[0] for keyword, rest in steps if keyword == "FROM"] == [
-        "${BASE_IMAGE}"
-    ] * 2
+    # Stages: the pinned environment with torch, the serving bundle built with it, the
+    # environment without torch, and the image, on the same base as the first.
+    assert [rest for keyword, rest in steps if keyword == "FROM"] == [
+        "${BASE_IMAGE} AS build",
+        "build AS bundle",
+        "build AS serving",
+        "${BASE_IMAGE}",
+    ]
+    copies = [rest for keyword, rest in final_stage() if keyword == "COPY"]
+    assert "--from=serving /opt/venv /opt/venv" in copies
+    assert "--from=bundle /app/.cache/ /app/.cache/" in copies
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     assert args["PYPI_INDEX_URL"] == "https://pypi.org/simple"
     assert re.fullmatch(r"\d+\.\d+\.\d+", args["TORCH_VERSION"]), "torch is pinned to one release"
