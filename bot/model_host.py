@@ -23,15 +23,15 @@ class StartupError(RuntimeError):
 
 
 def load_captioner(settings: Settings) -> Any:
-    from model.captioner import Captioner
-
     try:
-        return _load(Captioner, settings)
+        return _load(settings)
     except TorchMissing as error:  # the Docker image serves the bundle it was built with only
         raise StartupError(str(error)) from None
 
 
-def _load(Captioner: Any, settings: Settings) -> Any:
+def _load(settings: Settings) -> Any:
+    from model.captioner import Captioner
+
     if settings.captioner == "untrained":
         log.warning("untrained_captioner", note="random decoders: captions are nonsense")
         return _use_cpu_threads(Captioner.untrained(seed=0), settings)
