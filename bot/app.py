@@ -8,15 +8,11 @@ import contextlib
 import gc
 import signal
 import time
-from typing import Any
 
 from aiogram import Bot, Dispatcher
 from aiogram.client.session.aiohttp import AiohttpSession
-from aiogram.client.session.middlewares.base import NextRequestMiddlewareType
 from aiogram.client.telegram import TelegramAPIServer
 from aiogram.exceptions import TelegramAPIError
-from aiogram.methods import TelegramMethod
-from aiogram.methods.base import Response, TelegramType
 from aiogram.types import BotCommand
 from aiogram.webhook.aiohttp_server import SimpleRequestHandler
 from aiohttp import web
@@ -30,6 +26,7 @@ from bot.middlewares import (
     ChatActionMiddleware,
     RateLimitMiddleware,
     UpdateContextMiddleware,
+    keep_response_types,
 )
 from bot.photos import PhotoBook
 from bot.retry import RetryMiddleware
@@ -42,25 +39,6 @@ log = get_logger("bot")
 # After the shutdown deadline, jobs that didn't run are failed; give their handlers
 # this long to tell the users to resend before the HTTP session closes.
 LAST_WORDS_S = 5.0
-
-
-# aiogram validates every Bot API reply with the pydantic model `Response[<what the method
-# returns>]`, which pydantic keeps in a weak cache only: once the garbage collector takes it, the
-# next reply rebuilds the model and its validator (1-5 ms on the event loop). In the bot benchmark
-# that was about a tenth of the event loop's CPU per photo. Holding each one used keeps it built.
-_response_types: dict[Any, type] = {}
-
-
-async def keep_response_types(
-    make_request: NextRequestMiddlewareType[TelegramType],
-    bot: Bot,
-    method: TelegramMethod[TelegramType],
-) -> Response[TelegramType]:
-    """Session middleware: keeps `Response[...]` for each Bot API method's result type alive."""
-    returning = method.__returning__
-    if returning not in _response_types:
-        _response_types[returning] = Response[returning]  # type: ignore[valid-type]
-    return await make_request(bot, method)
 
 
 def build_bot(settings: Settings, retry: RetryMiddleware | None = None) -> Bot:

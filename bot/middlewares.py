@@ -233,3 +233,22 @@ class ChatActionMiddleware(BaseRequestMiddleware):
         for chat_id, shown in list(self._shown.items()):
             if now - shown[3] >= self.shown_s:
                 del self._shown[chat_id]
+
+
+# aiogram validates every Bot API reply with the pydantic model `Response[<what the method
+# returns>]`, which pydantic keeps in a weak cache only: once the garbage collector takes it, the
+# next reply rebuilds the model and its validator (1-5 ms on the event loop). In the bot benchmark
+# that was about a tenth of the event loop's CPU per photo. Holding each one used keeps it built.
+_response_types: dict[Any, type] = {}
+
+
+async def keep_response_types(
+    make_request: NextRequestMiddlewareType[TelegramType],
+    bot: Bot,
+    method: TelegramMethod[TelegramType],
+) -> Response[TelegramType]:
+    """Session middleware: keeps `Response[...]` for each Bot API method's result type alive."""
+    returning = method.__returning__
+    if returning not in _response_types:
+        _response_types[returning] = Response[returning]  # type: ignore[valid-type]
+    return await make_request(bot, method)
