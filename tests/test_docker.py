@@ -865,6 +865,7 @@ async def test_compose_scale_profile_one_poller_three_workers_and_a_killed_worke
             assert len(replies) == 1 or (len(replies) == 2 and victim_ip["IPAddress"] in senders), (
                 replies
             )
+
         # What the killed worker held was taken over: run again, by another worker. A job's
         # record is written just after its answer is sent, so wait until none is pending.
         async def none_pending() -> bool:

@@ -191,6 +191,12 @@ async def test_sigkilled_worker_and_frontend_lose_no_photo_and_answer_each_once(
         )
         processes.append(frontend)
         await wait_until(lambda: answered() == len(photos), 120, "some photos were never answered")
+        # A job is acknowledged just after its answer is sent.
+        await wait_until(
+            lambda: len({e["update_id"] for p in workers for e in p.events("job_done")}) == 100,
+            30,
+            "some jobs were never acknowledged",
+        )
         await asyncio.sleep(1.0)  # time for a late duplicate to show up
         counts = [len(caption_answers(emu, chat, mid)) for chat, mid in photos]
         assert len(photos) == 100 and counts == [1] * 100
