@@ -237,7 +237,8 @@ class EncodedCache:
                 self._entries.move_to_end(key)
             return entry
 
-    def put(self, key: str, entry: _CacheEntry) -> None:
+    def put(self, key: str, entry: _CacheEntry, source: bytes | None = None) -> None:
+        """`source`: the photo's bytes, for a cache that stores the entry elsewhere too."""
         if self.capacity <= 0:
             return
         with self._lock:
@@ -607,7 +608,7 @@ class InferenceWorker:
     def _cache(self, job: _Job) -> None:
         job.thumbnail = _thumbnail(job.image)
         job.image = None  # the full-size decode is no longer needed
-        self.cache.put(job.photo.key, _CacheEntry(job.encoded, job.thumbnail))
+        self.cache.put(job.photo.key, _CacheEntry(job.encoded, job.thumbnail), job.photo.data)
 
     def _check_domain(self, jobs: list[_Job]) -> None:
         """The domain check's verdict on every encoding, in one call (when it is on)."""

@@ -5,6 +5,7 @@ frontends."""
 
 from __future__ import annotations
 
+import io
 import itertools
 import threading
 
@@ -17,6 +18,7 @@ from PIL import Image
 from redis_helpers import redis_server  # noqa: F401 (fixture)
 
 from bot.jobs.shared import (
+    SOURCE_MAX_BYTES,
     RedisEncodedCache,
     SharedAllowlist,
     SharedPhotoBook,
@@ -60,6 +62,25 @@ def test_an_entry_round_trips_compactly_and_exactly():
     assert np.array_equal(back.encoded.grid, original.encoded.grid)
     assert back.thumbnail.size == (384, 288)
     assert dumps_entry(_CacheEntry("not a tensor", None)) is None
+
+
+def test_a_small_photo_is_stored_as_itself_and_opened_as_the_worker_opened_it():
+    from bot.worker import _thumbnail
+    from model.images import open_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (500, 300), (20, 140, 60)).save(buffer, format="PNG")
+    source = buffer.getvalue()
+    data = dumps_entry(entry(4), source)
+    assert source in data  # no JPEG re-encoded: the photo's bytes as they came
+    back = loads_entry(data).thumbnail
+    expected = _thumbnail(open_image(source))
+    assert back.size == expected.size == (384, 230)
+    assert np.array_equal(np.asarray(back), np.asarray(expected))
+    # A large file (a document) is not stored whole: its thumbnail is, as JPEG.
+    large = dumps_entry(entry(4), source + bytes(SOURCE_MAX_BYTES))
+    assert len(large) < 196 * 488 * 2 + 30_000
+    assert loads_entry(large).thumbnail.size == (384, 288)
 
 
 def test_a_photo_encoded_by_one_worker_is_cached_for_another(sync_client):
@@ -124,10 +145,10 @@ def test_a_put_never_waits_for_redis_and_drops_writes_beyond_its_backlog(sync_cl
     writing, release = threading.Event(), threading.Event()
     write = cache._write
 
-    def stalled_write(key, value):
+    def stalled_write(key, value, source):
         writing.set()
         release.wait(10)
-        write(key, value)
+        write(key, value, source)
 
     cache._write = stalled_write
     cache.put("p0", entry(0))

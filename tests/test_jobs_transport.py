@@ -10,17 +10,20 @@ import types
 
 import pytest
 import pytest_asyncio
+import redis
 import redis.asyncio as aioredis
 from redis_helpers import free_port, redis_server  # noqa: F401 (fixture)
 
 from bot.jobs.consumer import JobConsumer
 from bot.jobs.record import JobRecord
+from bot.jobs.shared import RedisEncodedCache, SharedPhotoBook
 from bot.jobs.transport import (
     MAX_CONNECTIONS,
     QueueFullError,
     RedisTransport,
     UnreachableError,
     connect_client,
+    encoded_key,
     wait_for_redis,
 )
 
@@ -208,6 +211,64 @@ class _StuckService:
     async def caption(self, chat_id, reply_to, photo, *, anyway=False):
         self.started.append(reply_to)
         await self.release.wait()
+
+
+async def test_the_photo_books_writes_go_with_the_enqueue_even_after_a_script_flush(client):
+    transport = await make(client)
+    book = SharedPhotoBook(client, transport.prefix, ttl_s=60)
+    chat_key = f"{transport.prefix}:photos:10"
+    await client.set(encoded_key(transport.prefix, "U2"), b"an entry")  # photo 2 was encoded
+    async with book.writes_deferred():
+        await book.remember(10, 100, job(1).photo)
+        await book.remember(10, 101, job(2).photo)
+        assert not await client.exists(chat_key)  # the writes wait for the job
+        writes = book.take_writes()
+        assert len(writes) == 2 and book.take_writes() == []
+        await client.script_flush()  # Redis restarted: EVALSHA answers NOSCRIPT, then EVAL
+        await transport.enqueue(job(1), writes)
+        await transport.enqueue(job(2))
+    reader = SharedPhotoBook(client, transport.prefix, ttl_s=60)
+    assert await reader.by_message(10, 100) == job(1).photo
+    assert await reader.latest(10) == job(2).photo
+    # Each job says whether the photo's encoding was in the shared cache when enqueued.
+    read = await transport.read("w", count=8, block_ms=10)
+    assert [(d.job.update_id, d.job.cached) for d in read] == [(1, False), (2, True)]
+
+
+async def test_a_worker_links_its_reply_with_the_finish_and_trusts_the_enqueues_cache_answer(
+    client, redis_server
+):
+    transport = await make(client)
+    photos = SharedPhotoBook(client, transport.prefix, ttl_s=60)
+    sync = redis.Redis.from_url(redis_server.url)
+    cache = RedisEncodedCache(4, sync, prefix=transport.prefix, ttl_s=60)
+    seen: list[tuple[int, bool, bool]] = []
+
+    class LinkingService:
+        def __init__(self) -> None:
+            self.photos = photos
+
+        async def caption(self, chat_id, reply_to, photo, *, anyway=False):
+            await self.photos.link_reply(chat_id, reply_to + 1000, photo)
+            linked = await client.hexists(f"{transport.prefix}:photos:{chat_id}", "m:1101")
+            seen.append((reply_to, await cache.holds(photo.key), linked))
+
+    await transport.enqueue(job(1))
+    await client.set(encoded_key(transport.prefix, "U1"), b"written after the enqueue")
+    consumer = JobConsumer(transport, LinkingService(), types.SimpleNamespace(
+        batch_max=4, shutdown_timeout_s=5), name="c")  # fmt: skip
+    stop = asyncio.Event()
+    running = asyncio.create_task(consumer.run(stop))
+    try:
+        await until(lambda: consumer.jobs_done == 1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 20)
+        sync.close()
+    # Not cached at the enqueue: no second question to Redis. The link waited for the finish.
+    assert seen == [(101, False, False)]
+    assert await SharedPhotoBook(client, transport.prefix).by_message(11, 1101) == job(1).photo
+    assert await transport.pending() == 0 and await transport.answered(1)
 
 
 async def test_a_consumer_holds_three_batches_one_decoding_one_encoding_one_downloading(

@@ -35,6 +35,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from bot import texts
 from bot.jobs.record import JobRecord
+from bot.jobs.shared import known_in_redis, photo_writes_deferred
 from bot.jobs.transport import GROUP, Delivery, RedisTransport, retry_redis
 from bot.log import get_logger
 from bot.retry import backoff_delay
@@ -175,17 +176,21 @@ class JobConsumer:
             if delivery.deliveries > self.transport.max_deliveries:
                 await self._give_up(delivery, job)
                 return
-            if delivery.deliveries > 1 and await self._retrying(
-                lambda: self.transport.answered(job.update_id)
-            ):
-                log.info("job_already_answered", deliveries=delivery.deliveries)
-            else:
-                try:
-                    await self._perform(job)
-                except Exception:  # a bug or an outage: leave it pending, it is retried
-                    log.exception("job_error", kind=job.kind, deliveries=delivery.deliveries)
-                    return
-            await self._retrying(lambda: self.transport.finish(delivery, self.name))
+            # The photo book's writes (the reply's link to its photo) go with the finish.
+            async with photo_writes_deferred(getattr(self.service, "photos", None)) as take:
+                if delivery.deliveries > 1 and await self._retrying(
+                    lambda: self.transport.answered(job.update_id)
+                ):
+                    log.info("job_already_answered", deliveries=delivery.deliveries)
+                else:
+                    try:
+                        with known_in_redis(job.file_unique_id, job.cached):
+                            await self._perform(job)
+                    except Exception:  # a bug or an outage: leave it pending, it is retried
+                        log.exception("job_error", kind=job.kind, deliveries=delivery.deliveries)
+                        return
+                writes = take()
+                await self._retrying(lambda: self.transport.finish(delivery, self.name, writes))
             self.jobs_done += 1
             log.info(
                 "job_done",

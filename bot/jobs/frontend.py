@@ -26,6 +26,7 @@ from aiogram.types import TelegramObject, Update, User
 
 from bot import texts
 from bot.jobs.record import JobRecord
+from bot.jobs.shared import SharedPhotoBook, photo_writes_deferred
 from bot.jobs.transport import QueueFullError, RedisTransport, retry_redis
 from bot.log import get_logger
 from bot.photos import PhotoBook, PhotoRef
@@ -80,8 +81,12 @@ class EnqueueingService(CaptionService):
             file_size=photo.file_size,
             **args,
         )
+        # The photo book's writes for this update go in the same round trip.
+        writes = self.photos.take_writes() if isinstance(self.photos, SharedPhotoBook) else []
         try:  # retried until it is in the stream: the update must not be confirmed before
-            entry_id = await retry_redis(lambda: self.transport.enqueue(job), role="frontend")
+            entry_id = await retry_redis(
+                lambda: self.transport.enqueue(job, writes), role="frontend"
+            )
         except QueueFullError:
             log.warning("queue_full")
             await self.tell(chat_id, reply_to, texts.QUEUE_FULL)
@@ -91,11 +96,13 @@ class EnqueueingService(CaptionService):
 
 class UpdateGate:
     """Counts the updates each getUpdates returned until their handlers finish; the next
-    getUpdates (which confirms them) waits for that."""
+    getUpdates (which confirms them) waits for that. While an update is handled, the photo
+    book's writes wait to go out with its job (or at its end)."""
 
-    def __init__(self) -> None:
+    def __init__(self, photos: PhotoBook | None = None) -> None:
         self._outstanding: set[int] = set()
         self._changed = asyncio.Event()
+        self.photos = photos
         self.request_middleware = _HoldGetUpdates(self)
         self.update_middleware = _TrackUpdate(self)
 
@@ -151,7 +158,8 @@ class _TrackUpdate(BaseMiddleware):
         user: User | None = data.get("event_from_user")
         token = _current_update.set((event.update_id, user.id if user else 0))
         try:
-            return await handler(event, data)
+            async with photo_writes_deferred(self.gate.photos):
+                return await handler(event, data)
         finally:
             _current_update.reset(token)
             self.gate.handled(event.update_id)

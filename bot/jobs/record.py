@@ -27,6 +27,8 @@ class JobRecord:
     n: int = 0  # samples: how many
     temperature: float = 1.0
     anyway: bool = False  # caption: the "Caption anyway" button (a photo outside the domain)
+    # Set by the enqueue script: the photo's encoding was in the shared cache then.
+    cached: bool | None = None
     enqueued_at: float = field(default_factory=time.time)
 
     @property

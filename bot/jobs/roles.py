@@ -81,7 +81,7 @@ class QueuedBotApp(BotApp):
         self.transport = transport
         self.photos = shared_photos(transport)
         super().__init__(settings, worker)
-        self.gate = UpdateGate()
+        self.gate = UpdateGate(self.photos)
         self.bot.session.middleware(self.gate.request_middleware)
         self.dispatcher.update.outer_middleware(self.gate.update_middleware)
         self.consumer: JobConsumer | None = None

@@ -4,9 +4,9 @@
   so any worker can answer a command about a photo another worker encoded. Each process
   keeps its local LRU in front; Redis holds at most ENCODED_CACHE_SIZE entries (oldest
   dropped first) for ENCODED_CACHE_TTL_S each. An entry is the float16 grid as raw bytes
-  plus the thumbnail as JPEG (about 190 KB + 20 KB with the bundled encoder). It is used
-  from the inference thread, so it talks to Redis with a blocking client; its writes leave
-  from a thread of their own.
+  plus the photo's own bytes, or for a large file its thumbnail as JPEG (about 190 KB +
+  20-60 KB with the bundled encoder). It is used from the inference thread, so it talks to
+  Redis with a blocking client; its writes leave from a thread of their own.
 - `SharedRateLimit` and `SharedAllowlist`: the per-user limit and the "refused once, then
   ignored" memory hold across every frontend.
 - `SharedPhotoBook`: which photo a message (a user's photo, the bot's reply about it) or a
@@ -18,21 +18,26 @@ local copies, the limits to letting the request through (logged).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
+from bot.jobs.scripts import ScriptCall, run_calls
+from bot.jobs.transport import encoded_key
 from bot.log import get_logger
 from bot.middlewares import AllowlistMiddleware, RateLimitMiddleware
 from bot.photos import PhotoBook, PhotoRef
-from bot.worker import EncodedCache, _CacheEntry
+from bot.worker import EncodedCache, _CacheEntry, _thumbnail
 
 log = get_logger("bot.jobs")
 
@@ -76,9 +81,16 @@ return math.max(extra, 0)
 """
 
 
-def dumps_entry(entry: _CacheEntry) -> bytes | None:
+# A photo's own bytes up to this size stand in for its thumbnail in a stored entry: re-encoding
+# the thumbnail as JPEG cost the writer 0.3-0.45 ms per photo, and a Telegram photo (the
+# 384 px size, bot/photos.py) is 20-60 KB. Larger files (documents) are re-encoded.
+SOURCE_MAX_BYTES = 128 * 1024
+
+
+def dumps_entry(entry: _CacheEntry, source: bytes | None = None) -> bytes | None:
     """Bytes for an entry whose encoding is a float16 `grid` (a numpy array, or a torch tensor
-    from older code); None for others."""
+    from older code); None for others. `source`: the photo's bytes, kept instead of a JPEG of
+    the thumbnail when small enough."""
     import numpy as np
 
     grid = getattr(entry.encoded, "grid", None)
@@ -88,13 +100,20 @@ def dumps_entry(entry: _CacheEntry) -> bytes | None:
         array = grid.detach().cpu().numpy()
     else:
         return None
-    thumbnail = b""
-    if hasattr(entry.thumbnail, "save"):
+    thumbnail, kind = b"", "jpeg"
+    if source is not None and len(source) <= SOURCE_MAX_BYTES:
+        thumbnail, kind = source, "source"
+    elif hasattr(entry.thumbnail, "save"):
         buffer = io.BytesIO()
         entry.thumbnail.convert("RGB").save(buffer, format="JPEG", quality=90)
         thumbnail = buffer.getvalue()
     header = json.dumps(
-        {"shape": list(array.shape), "dtype": str(array.dtype), "thumbnail": len(thumbnail)}
+        {
+            "shape": list(array.shape),
+            "dtype": str(array.dtype),
+            "thumbnail": len(thumbnail),
+            "thumbnail_is": kind,
+        }
     ).encode()
     return b"".join((_MAGIC, len(header).to_bytes(4, "big"), header, array.tobytes(), thumbnail))
 
@@ -104,6 +123,7 @@ def loads_entry(data: bytes) -> _CacheEntry:
     from PIL import Image
 
     from model.bundle import Encoded
+    from model.images import open_image
 
     if data[:4] != _MAGIC:
         raise ValueError("not an encoded-photo cache entry")
@@ -112,8 +132,12 @@ def loads_entry(data: bytes) -> _CacheEntry:
     body = data[8 + size :]
     split = len(body) - header["thumbnail"]
     array = np.frombuffer(body[:split], dtype=header["dtype"]).reshape(header["shape"])
-    thumbnail = Image.open(io.BytesIO(body[split:])) if header["thumbnail"] else None
-    if thumbnail is not None:
+    thumbnail = None
+    if header["thumbnail"] and header.get("thumbnail_is") == "source":
+        # opened as the worker opened it before encoding (draft decode, EXIF rotation)
+        thumbnail = _thumbnail(open_image(body[split:]))
+    elif header["thumbnail"]:
+        thumbnail = Image.open(io.BytesIO(body[split:]))
         thumbnail.load()
     return _CacheEntry(Encoded(grid=array.copy()), thumbnail)
 
@@ -137,12 +161,14 @@ class RedisEncodedCache(EncodedCache):
         self.ttl_s = ttl_s
         self.index = f"{prefix}:encoded"
         self._evict = client.register_script(_EVICT)
-        self._writes: queue.Queue[tuple[str, _CacheEntry]] = queue.Queue(maxsize=backlog)
+        self._writes: queue.Queue[tuple[str, _CacheEntry, bytes | None]] = queue.Queue(
+            maxsize=backlog
+        )
         self._writer: threading.Thread | None = None
         self._writer_lock = threading.Lock()
 
     def _key(self, key: str) -> str:
-        return f"{self.index}:{key}"
+        return encoded_key(self.prefix, key)
 
     def __contains__(self, key: str) -> bool:
         if super().__contains__(key):
@@ -154,10 +180,16 @@ class RedisEncodedCache(EncodedCache):
             return False
 
     async def holds(self, key: str) -> bool:
-        """This process's entries first; Redis from a thread, since the client blocks: on the
-        event loop, a loaded redis-server's reply stalled everything else (py-spy: 15 % of a
+        """This process's entries first; then what the job's enqueue found in Redis (see
+        `known_in_redis`); else Redis, from a thread, since the client blocks: on the event
+        loop, a loaded redis-server's reply stalled everything else (py-spy: 15 % of a
         worker's event-loop samples waited in this EXISTS, at 2 cores under full load)."""
-        return super().__contains__(key) or await asyncio.to_thread(self.__contains__, key)
+        if super().__contains__(key):
+            return True
+        known = _known.get()
+        if known is not None and known[0] == key:
+            return known[1]
+        return await asyncio.to_thread(self.__contains__, key)
 
     def get(self, key: str) -> _CacheEntry | None:
         entry = super().get(key)
@@ -179,13 +211,15 @@ class RedisEncodedCache(EncodedCache):
         super().put(key, entry)
         return entry
 
-    def put(self, key: str, entry: _CacheEntry) -> None:
+    def put(self, key: str, entry: _CacheEntry, source: bytes | None = None) -> None:
         super().put(key, entry)
         if self.capacity <= 0:
             return
         self._start_writer()
+        if source is not None and len(source) > SOURCE_MAX_BYTES:
+            source = None  # not held in the backlog: the thumbnail is stored instead
         try:
-            self._writes.put_nowait((key, entry))
+            self._writes.put_nowait((key, entry, source))
         except queue.Full:
             log.warning("shared_cache_backlog_full", backlog=self._writes.maxsize)
 
@@ -203,16 +237,16 @@ class RedisEncodedCache(EncodedCache):
 
     def _write_loop(self) -> None:
         while True:
-            key, entry = self._writes.get()
+            key, entry, source = self._writes.get()
             try:
-                self._write(key, entry)
+                self._write(key, entry, source)
             except Exception:  # a bug here must not end the thread
                 log.exception("shared_cache_write_failed")
             finally:
                 self._writes.task_done()
 
-    def _write(self, key: str, entry: _CacheEntry) -> None:
-        if (data := dumps_entry(entry)) is None:
+    def _write(self, key: str, entry: _CacheEntry, source: bytes | None) -> None:
+        if (data := dumps_entry(entry, source)) is None:
             return
         try:
             try:
@@ -230,6 +264,22 @@ class RedisEncodedCache(EncodedCache):
                 self._evict.sha, 1, self.index, self.ttl_s, time.time(), self.capacity, key
             )
             pipe.execute()
+
+
+# (photo key, whether its entry was in Redis when the job was enqueued), set by the worker
+# around each job: `holds` then needs no round trip for a new photo (its entry is never
+# there). An entry evicted since is a NotCached, and the photo is downloaded after all.
+_known: ContextVar[tuple[str, bool] | None] = ContextVar("known_in_redis", default=None)
+
+
+@contextlib.contextmanager
+def known_in_redis(key: str, cached: bool | None) -> Iterator[None]:
+    """Within: `RedisEncodedCache.holds(key)` takes `cached` as Redis's answer (None: asks)."""
+    token = _known.set(None if cached is None else (key, cached))
+    try:
+        yield
+    finally:
+        _known.reset(token)
 
 
 def shared_cache(settings: Any, prefix: str) -> RedisEncodedCache:
@@ -286,11 +336,11 @@ async def _set_once(client: aioredis.Redis, key: str, seconds: float) -> bool:
 # ---- which photo a message means, across processes --------------------------------------
 
 # KEYS: the chat's hash, its fields in write order (numbered by the hash's '#seq'), the
-# index of chats. ARGV: now (ms), TTL (s), fields kept per chat, the chat id, then field,
-# value, ... Returns how many chats the index holds.
+# index of chats. ARGV: now (ms), TTL (s), fields kept per chat, chats kept, the chat id,
+# then field, value, ... Returns how many chats it dropped (the least recently active).
 _REMEMBER = """
 local now = tonumber(ARGV[1])
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   if ARGV[i] ~= 'latest' then
     redis.call('ZADD', KEYS[2], redis.call('HINCRBY', KEYS[1], '#seq', 1), ARGV[i])
@@ -304,10 +354,29 @@ if extra > 0 then
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-redis.call('ZADD', KEYS[3], now, ARGV[4])
+redis.call('ZADD', KEYS[3], now, ARGV[5])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[2]) * 1000)
-return redis.call('ZCARD', KEYS[3])
+local over = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[4])
+if over <= 0 then return 0 end
+for _, chat in ipairs(redis.call('ZRANGE', KEYS[3], 0, over - 1)) do
+  redis.call('DEL', KEYS[3] .. ':' .. chat, KEYS[3] .. ':' .. chat .. ':order')
+end
+redis.call('ZREMRANGEBYRANK', KEYS[3], 0, over - 1)
+return over
 """
+
+
+class _Deferred:
+    """The photo book's writes made while a job is handled, waiting to go out with the job's
+    own write (SharedPhotoBook.writes_deferred). Closed once that ends: a task started
+    within and still running (it has a copy of the context) then writes at once."""
+
+    def __init__(self) -> None:
+        self.calls: list[ScriptCall] = []
+        self.open = True
+
+
+_deferred: ContextVar[_Deferred | None] = ContextVar("deferred_photo_writes", default=None)
 
 
 class SharedPhotoBook(PhotoBook):
@@ -320,6 +389,9 @@ class SharedPhotoBook(PhotoBook):
     A local book sits in front: what a message id or key means never changes, so those hits
     skip Redis; the chat's latest photo is always read from Redis. Redis trouble falls
     back to the local book (logged), never fails the update.
+
+    Within `writes_deferred()` (a frontend's update, a worker's job) writes wait for
+    `take_writes()`, which hands them to the job's enqueue or finish: one round trip.
     """
 
     def __init__(
@@ -339,7 +411,6 @@ class SharedPhotoBook(PhotoBook):
         self.per_chat = per_chat
         self.chats = chats
         self.index = f"{prefix}:photos"
-        self._script = client.register_script(_REMEMBER)
 
     def _chat_key(self, chat_id: int) -> str:
         return f"{self.index}:{chat_id}"
@@ -349,29 +420,46 @@ class SharedPhotoBook(PhotoBook):
     ) -> None:
         await super().remember(chat_id, message_id, photo, latest=latest)
         value = json.dumps([photo.file_id, photo.key, photo.file_size])
-        args: list[Any] = [
-            int(time.time() * 1000),
-            self.ttl_s,
-            self.per_chat,
-            chat_id,
-            f"m:{message_id}",
-            value,
-            f"k:{photo.key}",
-            value,
-        ]
+        args: list[Any] = [int(time.time() * 1000), self.ttl_s, self.per_chat, self.chats]
+        args += [chat_id, f"m:{message_id}", value, f"k:{photo.key}", value]
         if latest:
             args += ["latest", value]
         chat_key = self._chat_key(chat_id)
+        call = ScriptCall(_REMEMBER, (chat_key, f"{chat_key}:order", self.index), tuple(args))
+        deferred = _deferred.get()
+        if deferred is not None and deferred.open:
+            deferred.calls.append(call)
+        else:
+            await self._write([call])
+
+    @contextlib.asynccontextmanager
+    async def writes_deferred(self) -> AsyncIterator[None]:
+        """Writes inside wait for `take_writes`; what nobody took is written on the way out."""
+        deferred = _Deferred()
+        token = _deferred.set(deferred)
         try:
-            size = await self._script(keys=[chat_key, f"{chat_key}:order", self.index], args=args)
-            if int(size) > self.chats:
-                # redis-py types replies as a union of every RESP type: [(member, score)] here
-                dropped: Any = await self.client.zpopmin(self.index, int(size) - self.chats)
-                names = [self._chat_key(int(_str(chat))) for chat, _ in dropped]
-                if names:
-                    await self.client.delete(*names, *(f"{name}:order" for name in names))
-        except (RedisError, OSError) as error:
-            log.warning("shared_photos_unavailable", error=f"{type(error).__name__}: {error}")
+            yield
+        finally:
+            deferred.open = False
+            _deferred.reset(token)
+            await self._write(deferred.calls)
+
+    def take_writes(self) -> list[ScriptCall]:
+        """The deferred writes so far, for the caller to send (with its own, in one pipeline)."""
+        deferred = _deferred.get()
+        if deferred is None:
+            return []
+        taken, deferred.calls = deferred.calls, []
+        return taken
+
+    async def _write(self, calls: list[ScriptCall]) -> None:
+        try:
+            results = await run_calls(self.client, calls)
+        except (RedisError, OSError) as lost:
+            results = [lost]
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("shared_photos_unavailable", error=f"{type(result).__name__}: {result}")
 
     async def by_message(self, chat_id: int, message_id: int) -> PhotoRef | None:
         return await super().by_message(chat_id, message_id) or await self._read(
@@ -400,5 +488,12 @@ class SharedPhotoBook(PhotoBook):
             return None
 
 
-def _str(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+@contextlib.asynccontextmanager
+async def photo_writes_deferred(book: object) -> AsyncIterator[Callable[[], list[ScriptCall]]]:
+    """`writes_deferred()` of a SharedPhotoBook, yielding its `take_writes`; any other book
+    writes nothing to Redis, so there is nothing to defer."""
+    if not isinstance(book, SharedPhotoBook):
+        yield list
+        return
+    async with book.writes_deferred():
+        yield book.take_writes

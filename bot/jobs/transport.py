@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from bot.jobs.record import JobRecord
+from bot.jobs.scripts import ScriptCall, run_calls
 from bot.log import get_logger
 from bot.retry import backoff_delay
 
@@ -35,14 +36,25 @@ GROUP = "workers"
 # than Telegram keeps an unconfirmed update (24 h).
 DEDUPE_TTL_S = 2 * 24 * 3600
 
-# KEYS: dedupe key, stream. ARGV: dedupe TTL, queue max (0: none), then field, value, ...
-# Returns the entry id, 0 for a duplicate, -1 when the queue is full.
+# KEYS: dedupe key, stream, the photo's shared encoded-cache entry. ARGV: dedupe TTL, queue
+# max (0: none), then field, value, ... Returns the entry id, 0 for a duplicate, -1 when the
+# queue is full. The job records whether the photo's encoding was in the shared cache, so
+# the worker need not ask Redis again (an EXISTS per job, from a thread).
 _ENQUEUE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local limit = tonumber(ARGV[2])
 if limit > 0 and redis.call('XLEN', KEYS[2]) >= limit then return -1 end
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
-return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+local cached = redis.call('EXISTS', KEYS[3]) == 1 and 'True' or 'False'
+return redis.call('XADD', KEYS[2], '*', 'cached', cached, unpack(ARGV, 3))
+"""
+
+# KEYS: the job's reply record, stream. ARGV: the record, its TTL (s), the group, the entry
+# id. The record, the XACK and the XDEL happen together (a script is atomic).
+_FINISH = """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('XACK', KEYS[2], ARGV[3], ARGV[4])
+return redis.call('XDEL', KEYS[2], ARGV[4])
 """
 
 
@@ -155,7 +167,6 @@ class RedisTransport:
         self.claim_idle_ms = claim_idle_ms
         self.max_deliveries = max_deliveries
         self.queue_max = queue_max
-        self._enqueue = client.register_script(_ENQUEUE)
 
     @classmethod
     def from_settings(cls, client: aioredis.Redis, settings: Any) -> RedisTransport:
@@ -182,15 +193,20 @@ class RedisTransport:
 
     # ---- the frontend side -----------------------------------------------------------
 
-    async def enqueue(self, job: JobRecord) -> str | None:
+    async def enqueue(self, job: JobRecord, writes: Sequence[ScriptCall] = ()) -> str | None:
         """The new entry's id, or None if this update_id was enqueued before.
-        Raises QueueFullError when QUEUE_MAX jobs are waiting."""
+        Raises QueueFullError when QUEUE_MAX jobs are waiting. `writes` (the photo book's)
+        go in the same round trip, first."""
         args: list[Any] = [DEDUPE_TTL_S, self.queue_max]
         for name, value in job.to_fields().items():
-            args += [name, value]
-        result = await self._enqueue(
-            keys=[self.key("update", job.update_id), self.stream], args=args
+            if name != "cached":  # the script sets it
+                args += [name, value]
+        keys = (
+            self.key("update", job.update_id),
+            self.stream,
+            encoded_key(self.prefix, job.file_unique_id),
         )
+        result = await self._run(writes, ScriptCall(_ENQUEUE, keys, tuple(args)))
         if result == 0:
             return None
         if result == -1:
@@ -267,17 +283,27 @@ class RedisTransport:
     async def answered(self, update_id: int) -> bool:
         return bool(await self.client.exists(self.key("reply", update_id)))
 
-    async def finish(self, delivery: Delivery, consumer: str) -> None:
-        """The job is answered: remember that, then ack and delete its entry (atomically)."""
+    async def finish(
+        self, delivery: Delivery, consumer: str, writes: Sequence[ScriptCall] = ()
+    ) -> None:
+        """The job is answered: remember that, then ack and delete its entry (atomically).
+        `writes` (the photo book's) go in the same round trip, first."""
+        assert delivery.job is not None, "a malformed entry is dead-lettered, not finished"
         record = {"deliveries": delivery.deliveries, "by": consumer, "at": round(time.time(), 3)}
-        async with self.client.pipeline(transaction=True) as pipe:
-            if delivery.job is not None:
-                pipe.set(
-                    self.key("reply", delivery.job.update_id), json.dumps(record), ex=DEDUPE_TTL_S
-                )
-            pipe.xack(self.stream, GROUP, delivery.entry_id)
-            pipe.xdel(self.stream, delivery.entry_id)
-            await pipe.execute()
+        keys = (self.key("reply", delivery.job.update_id), self.stream)
+        args = (json.dumps(record), DEDUPE_TTL_S, GROUP, delivery.entry_id)
+        await self._run(writes, ScriptCall(_FINISH, keys, args))
+
+    async def _run(self, writes: Sequence[ScriptCall], call: ScriptCall) -> Any:
+        """`call`'s result, after `writes` in the same pipeline. A write that failed in Redis
+        is logged (those are best effort); `call` failing raises."""
+        *written, result = await run_calls(self.client, [*writes, call])
+        for error in written:
+            if isinstance(error, Exception):
+                log.warning("shared_write_failed", error=f"{type(error).__name__}: {error}")
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     async def dead_letter(self, delivery: Delivery, consumer: str, reason: str) -> None:
         fields: dict[Any, Any] = {
@@ -312,6 +338,11 @@ def _delivery(entry_id: bytes | str, raw: dict[Any, Any], deliveries: int) -> De
         log.error("bad_job_entry", entry_id=_str(entry_id), error=str(error))
         job = None
     return Delivery(_str(entry_id), job, deliveries, text)
+
+
+def encoded_key(prefix: str, photo_key: str) -> str:
+    """The shared encoded-photo cache's Redis key for a photo's file_unique_id."""
+    return f"{prefix}:encoded:{photo_key}"
 
 
 def _str(value: bytes | str) -> str:
