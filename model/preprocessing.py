@@ -116,8 +116,9 @@ def colour_statistics_array(images: np.ndarray, config: EncoderConfig | None = N
 
     Why not in the ONNX graph: there the triangular binning ran over a (B, bins, S, S) tensor and
     the nested `where`s of the hue were slow, 1.7 ms of the encoder's 6.6 ms per image (EPYC, one
-    thread); here each pixel adds to its two nearest bins by `bincount`, 0.9 ms, and it can run
-    beside the graph.
+    thread); here each pixel adds to its two nearest bins by `bincount`, and it can run beside
+    the graph. Measured per 224 px image on the same EPYC: 1.1 ms (2.3 ms on a noisy photo
+    before the hue's branches became 0/1 factors; see `_hue6`), of which 0.25 ms `bincount`.
     """
     config = config or EncoderConfig()
     bins = config.hue_bins
@@ -135,31 +136,49 @@ def colour_statistics_array(images: np.ndarray, config: EncoderConfig | None = N
     r, g, b = pixels[:, 0], pixels[:, 1], pixels[:, 2]
     max_c = np.maximum(np.maximum(r, g), b)
     chroma = max_c - np.minimum(np.minimum(r, g), b)
-    # Hue in [0, 6) by the usual hexcone formula.
-    is_r, is_g = max_c == r, max_c == g
-    numerator = np.where(is_r, g - b, np.where(is_g, b - r, r - g))
-    offset = np.where(is_r, np.float32(0), np.where(is_g, np.float32(2), np.float32(4)))
-    hue6 = numerator / np.maximum(chroma, np.float32(1e-6)) + offset
-    hue6[hue6 < 0] += np.float32(6)
     # Triangular soft binning: the bins' centres are k / bins of the circle, so a pixel at
     # position p (in bins) gives 1 - frac(p) of its chroma to bin floor(p), frac(p) to the next.
-    position = hue6 * np.float32(bins / 6)
-    low = position.astype(np.int32)  # floor: position >= 0
+    position = _hue6(r, g, b, max_c, chroma)
+    position *= np.float32(bins / 6)
+    low = position.astype(np.intp)  # floor: position >= 0; intp, as bincount wants it
     share = position - low
-    low %= bins
-    cell = (np.arange(height, dtype=np.int32)[:, None] // cell_h) * cols + (
-        np.arange(width, dtype=np.int32)[None, :] // cell_w
+    low -= bins * (low >= bins)
+    cell = (np.arange(height, dtype=np.intp)[:, None] // cell_h) * cols + (
+        np.arange(width, dtype=np.intp)[None, :] // cell_w
     )
-    base = np.arange(batch, dtype=np.int32)[:, None, None] * (rows * cols) + cell
-    base *= bins
+    index = np.arange(batch, dtype=np.intp)[:, None, None] * (rows * cols) + cell
+    index *= bins
+    index += low  # each pixel's lower bin ...
     high = share * chroma
     size = batch * rows * cols * bins
-    sums = np.bincount((base + low).ravel(), (chroma - high).ravel(), size)
-    sums += np.bincount((base + (low + 1) % bins).ravel(), high.ravel(), size)
+    sums = np.bincount(index.ravel(), (chroma - high).ravel(), size)
+    index += 1 - bins * (low == bins - 1)  # ... and the next one, round the circle
+    sums += np.bincount(index.ravel(), high.ravel(), size)
     histogram = sums.reshape(batch, rows * cols, bins).astype(np.float32)
     histogram /= np.float32(cell_h * cell_w)
     rest = np.concatenate([pixels, chroma[:, None]], 1)  # (B, 4, H, W)
-    # Cell means: the sum along each row of a cell first (contiguous), then down the cell.
-    rest = rest.reshape(batch, 4, rows, cell_h, cols, cell_w).sum(5).sum(3)
+    # Cell sums as two products with 0/1 pooling matrices: 0.11 ms against 0.23 ms for
+    # reshape + sum over the cells' short axes.
+    down = (np.arange(height)[None, :] // cell_h == np.arange(rows)[:, None]).astype(np.float32)
+    across = (np.arange(width)[:, None] // cell_w == np.arange(cols)[None, :]).astype(np.float32)
+    rest = down @ (rest @ across)  # (B, 4, rows, cols)
     rest = (rest / np.float32(cell_h * cell_w)).reshape(batch, 4, rows * cols).transpose(0, 2, 1)
     return np.concatenate([histogram, rest], 2)
+
+
+def _hue6(r: np.ndarray, g: np.ndarray, b: np.ndarray, max_c: np.ndarray, chroma: np.ndarray):
+    """Hue in [0, 6) by the usual hexcone formula, with 0/1 factors for "which channel is the
+    largest" instead of nested `np.where`s: products and sums with them are exact, and
+    `np.where` branches per pixel, 0.4 ms for each of the two on a noisy photo's 50,176 pixels."""
+    is_r = (max_c == r).astype(np.float32)
+    is_g = (max_c == g).astype(np.float32)
+    is_g -= is_g * is_r  # red wins a tie
+    is_b = np.float32(1) - is_r - is_g
+    numerator = (g - b) * is_r
+    numerator += (b - r) * is_g
+    numerator += (r - g) * is_b
+    hue6 = numerator / np.maximum(chroma, np.float32(1e-6))
+    hue6 += is_g * np.float32(2)
+    hue6 += is_b * np.float32(4)
+    hue6 += (hue6 < 0) * np.float32(6)
+    return hue6
