@@ -5,6 +5,7 @@ frontends."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import itertools
 import threading
@@ -219,6 +220,27 @@ async def test_the_photo_book_keeps_a_bounded_number_of_entries(client):
         await book.remember(chat, 1, photo(chat))
     assert not await client.exists(f"{prefix}:photos:7", f"{prefix}:photos:7:order")
     assert await client.zcard(f"{prefix}:photos") == 2
+
+
+async def test_deferred_writes_wait_for_the_job_and_none_is_lost(client):
+    prefix = f"s{next(_prefixes)}"
+    book = SharedPhotoBook(client, prefix, ttl_s=60)
+    reader = SharedPhotoBook(client, prefix, ttl_s=60)
+    release = asyncio.Event()
+
+    async def late() -> None:  # a task started within, still running after the job
+        await release.wait()
+        await book.link_reply(5, 12, photo(1))
+
+    async with book.writes_deferred():
+        await book.remember(5, 10, photo(1))
+        assert await reader.latest(5) is None  # not yet in Redis
+        started = asyncio.create_task(late())
+        await book.link_reply(5, 11, photo(1))  # nobody takes it: written on the way out
+    assert await reader.latest(5) == photo(1) and await reader.by_message(5, 11) == photo(1)
+    release.set()
+    await started
+    assert await reader.by_message(5, 12) == photo(1)  # after the job: written at once
 
 
 async def test_without_redis_the_photo_book_is_local():
