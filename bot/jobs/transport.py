@@ -2,13 +2,16 @@
 
 - `enqueue` adds a job once per update_id (a Lua script: a dedupe key set with NX and the
   XADD happen together, or neither does), or refuses it when QUEUE_MAX jobs are waiting.
+  The job notes whether the photo's encoding is in the shared cache.
 - `read` is XREADGROUP COUNT n BLOCK ms: new jobs, delivered to this consumer only.
 - `reclaim` is XAUTOCLAIM: jobs another consumer has held for JOB_CLAIM_IDLE_MS (it died,
   or hangs) move to this one; each comes with its delivery count from XPENDING.
-- `finish` writes the job's reply record, XACKs and XDELs it in one transaction;
+- `finish` writes the job's reply record, XACKs and XDELs it in one Lua script;
   `answered` reads that record, so a job retried after its answer was sent is not
   answered again. `dead_letter` moves a job that used up its deliveries to the
   dead-letter stream.
+Both `enqueue` and `finish` take the photo book's writes along, in the same round trip
+(bot/jobs/scripts.py).
 """
 
 from __future__ import annotations
