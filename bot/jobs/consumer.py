@@ -35,7 +35,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from bot import texts
 from bot.jobs.record import JobRecord
-from bot.jobs.shared import known_in_redis, photo_writes_deferred
+from bot.jobs.shared import known_in_redis, photo_writes_deferred, take_photo_writes
 from bot.jobs.transport import GROUP, Delivery, RedisTransport, retry_redis
 from bot.log import get_logger
 from bot.retry import backoff_delay
@@ -177,7 +177,8 @@ class JobConsumer:
                 await self._give_up(delivery, job)
                 return
             # The photo book's writes (the reply's link to its photo) go with the finish.
-            async with photo_writes_deferred(getattr(self.service, "photos", None)) as take:
+            book = getattr(self.service, "photos", None)
+            async with photo_writes_deferred(book):
                 if delivery.deliveries > 1 and await self._retrying(
                     lambda: self.transport.answered(job.update_id)
                 ):
@@ -189,7 +190,7 @@ class JobConsumer:
                     except Exception:  # a bug or an outage: leave it pending, it is retried
                         log.exception("job_error", kind=job.kind, deliveries=delivery.deliveries)
                         return
-                writes = take()
+                writes = take_photo_writes(book)
                 await self._retrying(lambda: self.transport.finish(delivery, self.name, writes))
             self.jobs_done += 1
             log.info(

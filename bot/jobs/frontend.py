@@ -26,7 +26,7 @@ from aiogram.types import TelegramObject, Update, User
 
 from bot import texts
 from bot.jobs.record import JobRecord
-from bot.jobs.shared import SharedPhotoBook, photo_writes_deferred
+from bot.jobs.shared import photo_writes_deferred, take_photo_writes
 from bot.jobs.transport import QueueFullError, RedisTransport, retry_redis
 from bot.log import get_logger
 from bot.photos import PhotoBook, PhotoRef
@@ -82,7 +82,7 @@ class EnqueueingService(CaptionService):
             **args,
         )
         # The photo book's writes for this update go in the same round trip.
-        writes = self.photos.take_writes() if isinstance(self.photos, SharedPhotoBook) else []
+        writes = take_photo_writes(self.photos)
         try:  # retried until it is in the stream: the update must not be confirmed before
             entry_id = await retry_redis(
                 lambda: self.transport.enqueue(job, writes), role="frontend"

@@ -24,7 +24,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -489,11 +489,16 @@ class SharedPhotoBook(PhotoBook):
 
 
 @contextlib.asynccontextmanager
-async def photo_writes_deferred(book: object) -> AsyncIterator[Callable[[], list[ScriptCall]]]:
-    """`writes_deferred()` of a SharedPhotoBook, yielding its `take_writes`; any other book
-    writes nothing to Redis, so there is nothing to defer."""
-    if not isinstance(book, SharedPhotoBook):
-        yield list
-        return
-    async with book.writes_deferred():
-        yield book.take_writes
+async def photo_writes_deferred(book: object) -> AsyncIterator[None]:
+    """`writes_deferred()` of a SharedPhotoBook; any other book writes nothing to Redis, so
+    there is nothing to defer."""
+    if isinstance(book, SharedPhotoBook):
+        async with book.writes_deferred():
+            yield
+    else:
+        yield
+
+
+def take_photo_writes(book: object) -> list[ScriptCall]:
+    """`take_writes()` of a SharedPhotoBook; nothing for any other book."""
+    return book.take_writes() if isinstance(book, SharedPhotoBook) else []
