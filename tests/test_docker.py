@@ -828,7 +828,10 @@ async def test_compose_scale_profile_one_poller_three_workers_and_a_killed_worke
         for chat, message_id in photos.items():
             assert len(answers(emu, chat, message_id)) == 1, emu.chat_history(chat)
 
-        # Another, and a worker SIGKILLed while it holds some of it.
+        # Another, and a worker SIGKILLed while it holds some of it. Its getFile calls are held
+        # 4 s, so the workers hold their jobs that long: the test pauses one meanwhile (the
+        # workers once answered a whole burst between two looks).
+        emu.inject_fault("getFile", delay=4, times=12)
         burst = {}
         for chat, seed in zip(range(6311, 6323), range(525252, 525264)):
             burst[chat] = emu.user_sends_photo(chat, scene_png(seed)[1])["message_id"]
