@@ -16,6 +16,7 @@ from redis_helpers import free_port, redis_server  # noqa: F401 (fixture)
 
 from bot.jobs.consumer import JobConsumer
 from bot.jobs.record import JobRecord
+from bot.jobs.scripts import ScriptCall, run_calls, sent
 from bot.jobs.shared import RedisEncodedCache, SharedPhotoBook
 from bot.jobs.transport import (
     MAX_CONNECTIONS,
@@ -307,3 +308,39 @@ async def test_a_client_waits_for_one_of_its_connections_rather_than_opening_mor
     opened = (await client.info("stats"))["total_connections_received"] - before
     await bounded.aclose()
     assert 1 <= opened <= MAX_CONNECTIONS
+
+
+async def test_enqueues_made_together_share_one_pipeline_and_each_gets_its_own_answer(client):
+    transport = await make(client)
+    await transport.enqueue(job(0))
+    pipelines, calls = sent(client)
+    # As the frontend does with the updates of one getUpdates: one task per update.
+    ids = await asyncio.gather(*(transport.enqueue(job(u)) for u in [0, 1, 2, 3, 2]))
+    assert sent(client) == (pipelines + 1, calls + 5)
+    assert ids[0] is None  # enqueued before
+    assert ids[1] is not None and ids[2] is not None and ids[3] is not None
+    assert ids[4] is None and len(set(ids[1:4])) == 3  # update 2 twice in one pipeline: one job
+    read = await transport.read("w", count=10, block_ms=10)
+    assert [d.job.update_id for d in read] == [0, 1, 2, 3]
+    assert [d.entry_id for d in read[1:]] == ids[1:4]
+
+
+async def test_calls_sent_together_fail_together_when_redis_is_gone():
+    gone = aioredis.Redis(port=free_port(), socket_connect_timeout=1)
+    call = ScriptCall("return 1", ("k",), ())
+    outcomes = await asyncio.gather(
+        *(run_calls(gone, [call]) for _ in range(3)), return_exceptions=True
+    )
+    await gone.aclose()
+    assert sent(gone)[0] == 1
+    assert all(isinstance(outcome, redis.ConnectionError) for outcome in outcomes), outcomes
+
+
+async def test_a_caller_cancelled_while_its_pipeline_runs_leaves_the_others_their_answers(client):
+    calls = [ScriptCall("return ARGV[1]", (), (str(i),)) for i in range(3)]
+    tasks = [asyncio.create_task(run_calls(client, [call])) for call in calls]
+    await asyncio.sleep(0)  # every call is waiting for the pipeline
+    tasks[1].cancel()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    assert done[0] == [b"0"] and done[2] == [b"2"]
+    assert isinstance(done[1], asyncio.CancelledError)
