@@ -4,9 +4,11 @@ after idle, dead letter after the last delivery, idempotent enqueue, queue limit
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
 import types
+import weakref
 
 import pytest
 import pytest_asyncio
@@ -334,6 +336,11 @@ async def test_calls_sent_together_fail_together_when_redis_is_gone():
     await gone.aclose()
     assert sent(gone)[0] == 1
     assert all(isinstance(outcome, redis.ConnectionError) for outcome in outcomes), outcomes
+    # The batching keeps no client alive once its owner has let it go.
+    collected = weakref.ref(gone)
+    del gone, outcomes  # (their tracebacks hold the client too)
+    gc.collect()
+    assert collected() is None
 
 
 async def test_a_caller_cancelled_while_its_pipeline_runs_leaves_the_others_their_answers(client):

@@ -51,8 +51,8 @@ async def run_calls(client: aioredis.Redis, calls: Sequence[ScriptCall]) -> list
         return []
     batcher = _batchers.get(client)
     if batcher is None:
-        batcher = _batchers[client] = _Batcher(client)
-    return await batcher.run(list(calls))
+        batcher = _batchers[client] = _Batcher()
+    return await batcher.run(client, list(calls))
 
 
 def sent(client: aioredis.Redis) -> tuple[int, int]:
@@ -63,33 +63,34 @@ def sent(client: aioredis.Redis) -> tuple[int, int]:
 
 class _Batcher:
     """One client's script calls, gathered over one round of the event loop and then sent
-    in one pipeline."""
+    in one pipeline. (It does not keep the client: `_batchers` holds it weakly.)"""
 
-    def __init__(self, client: aioredis.Redis) -> None:
-        self.client = client
+    def __init__(self) -> None:
         self.waiting: list[tuple[list[ScriptCall], asyncio.Future[list[Any]]]] = []
         self.pipelines = self.calls = 0  # what was sent so far (tests, measurements)
 
-    async def run(self, calls: list[ScriptCall]) -> list[Any]:
+    async def run(self, client: aioredis.Redis, calls: list[ScriptCall]) -> list[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         self.waiting.append((calls, future))
         if len(self.waiting) == 1:  # the first of this round: send after the round
-            loop.call_soon(self._send)
+            loop.call_soon(self._send, client)
         return await future
 
-    def _send(self) -> None:
+    def _send(self, client: aioredis.Redis) -> None:
         waiting, self.waiting = self.waiting, []
-        task = asyncio.create_task(self._execute(waiting))
+        task = asyncio.create_task(self._execute(client, waiting))
         _sending.add(task)
         task.add_done_callback(_sending.discard)
 
-    async def _execute(self, waiting: list[tuple[list[ScriptCall], asyncio.Future]]) -> None:
+    async def _execute(
+        self, client: aioredis.Redis, waiting: list[tuple[list[ScriptCall], asyncio.Future]]
+    ) -> None:
         calls = [call for batch, _ in waiting for call in batch]
         self.pipelines += 1
         self.calls += len(calls)
         try:
-            results = await _pipeline(self.client, calls)
+            results = await _pipeline(client, calls)
         except asyncio.CancelledError:  # the loop is closing
             for _, future in waiting:
                 future.cancel()
