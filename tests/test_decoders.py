@@ -155,6 +155,17 @@ def test_batched_greedy_equals_one_image_at_a_time():
     assert together == alone
 
 
+def test_rows_in_any_image_order_attend_their_own_images_cells_kept_once():
+    attention, grid = steps("attention"), grids(3)
+    rows = np.array([2, 0, 0, 2, 1, 2])  # runs of one image: 2 | 0 0 | 2 | 1 | 2
+    ids, alphas = decode(attention, grid, BOS, EOS, rows=rows)
+    alone = [decode(attention, grid[i : i + 1], BOS, EOS) for i in range(3)]
+    assert ids == [alone[i][0][0] for i in rows]
+    assert_maps_equal(alphas, [alone[i][1][0] for i in rows])
+    state = attention.select(attention.start(grid), np.repeat(np.arange(3), 16))
+    assert len(state["c"]) == 48 and len(state["cells"]) == len(state["keys"]) == 3
+
+
 def test_samples_of_one_image_decode_in_one_batch_and_vary():
     grid = grids(1)
     ids, alphas = decode(
