@@ -397,18 +397,14 @@ class AttentionRuntime:
         """The attention of every row, one `Attend` call per run of rows that read one image
         (decode and beam search keep rows in image order: one run per image)."""
         image, alpha, covered = state["image"], state["alpha"], state["covered"]
-        starts = np.flatnonzero(np.diff(image)) + 1
-        if not len(starts):
-            i = image[0]
-            cells, keys = state["cells"][i : i + 1], state["keys"][i : i + 1]
-            return self.attend(alpha, covered, keys, query, cells, beta)
+        bounds = [0, *(np.flatnonzero(np.diff(image)) + 1), len(image)]
         runs = []
-        for lo, hi in zip([0, *starts], [*starts, len(image)]):
-            i = image[lo]
-            cells, keys = state["cells"][i : i + 1], state["keys"][i : i + 1]
-            run = slice(lo, hi)
-            runs.append(self.attend(alpha[run], covered[run], keys, query[run], cells, beta[run]))
-        return tuple(np.concatenate(parts) for parts in zip(*runs))
+        for lo, hi in zip(bounds[:-1], bounds[1:]):  # row slices are views: nothing copied
+            one = slice(image[lo], image[lo] + 1)  # (1, ...): that image's cells and keys
+            rows = slice(lo, hi)
+            keys, cells, q = state["keys"][one], state["cells"][one], query[rows]
+            runs.append(self.attend(alpha[rows], covered[rows], keys, q, cells, beta[rows]))
+        return runs[0] if len(runs) == 1 else tuple(np.concatenate(part) for part in zip(*runs))
 
     def select(self, state: State, index: np.ndarray) -> State:
         """Rows `index` of the state (the cells and keys are the images', shared)."""
