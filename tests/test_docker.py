@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ipaddress
 import json
 import os
 import re
@@ -696,11 +697,18 @@ class WatchedEmulator(BotAPIEmulator):
 
 
 def bridge_gateway() -> str | None:
-    """The host's address on Docker's default bridge: containers reach it from any network."""
+    """The host's address on Docker's default bridge: containers reach it from any network.
+    Docker 20.10 lists it in the bridge's IPAM config on some hosts and only the subnet on
+    others; the gateway is then the subnet's first address, as Docker assigns it."""
     result = docker("network", "inspect", "bridge", "--format", "{{json .IPAM.Config}}")
     if result.returncode != 0:
         return None
-    return next((c["Gateway"] for c in json.loads(result.stdout) if c.get("Gateway")), None)
+    for config in json.loads(result.stdout) or []:
+        if config.get("Gateway"):
+            return config["Gateway"]
+        if config.get("Subnet") and ":" not in config["Subnet"]:
+            return str(next(ipaddress.ip_network(config["Subnet"]).hosts()))
+    return None
 
 
 def answers(emu: BotAPIEmulator, chat: int, message_id: int) -> list[dict]:
