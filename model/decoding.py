@@ -262,8 +262,9 @@ class Attend:
 
     alpha is the last map, covered the location filters' response to the sum of past maps (the
     convolution is linear, so only the last map is convolved and the sum's response is kept);
-    K is 1 when every row reads one image, else B. One ONNX Runtime graph where onnxruntime is
-    importable (measured about 2x faster than `_numpy` at B = 6), else numpy."""
+    K is 1 (AttentionRuntime calls it once per run of rows that read one image) or B. One ONNX
+    Runtime graph where onnxruntime is importable (measured about 2x faster than `_numpy` at
+    B = 6), else numpy."""
 
     def __init__(self, a: Arrays, side: int, mlas: bool = True):
         conv = a["location_conv"]  # (F, 2, k, k): over the last map, over the sum of past maps
