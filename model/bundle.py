@@ -185,7 +185,7 @@ def build_bundle(weights_dir: Path, directory: Path) -> None:
 def _torch_encoder(weights_dir: Path):
     from model.encoder import Encoder
 
-    config = EncoderConfig(**json.loads((weights_dir / "encoder.json").read_text()))
+    config = EncoderConfig.of_weights(weights_dir)
     encoder = Encoder(config)
     if (weights_dir / TUNED_TOP_FILE).exists():
         encoder.load_tuned_top(weights_dir / TUNED_TOP_FILE)
@@ -204,11 +204,12 @@ def _build_imagenet_head(weights_dir: Path, path: Path) -> dict | None:
     from model import onnx_encoder
     from model.encoder import ImageNetHead
 
-    config = EncoderConfig(**json.loads((weights_dir / "encoder.json").read_text()))
-    if config.backbone != "efficientnet_lite0" or config.grid != (14, 14):
-        return None  # the labels read the block-4 share of the 14x14 grid
+    config = EncoderConfig.of_weights(weights_dir)
+    if not config.block4_on_grid:
+        return None  # the labels read the grid's block-4 share
     head = ImageNetHead()
-    block4 = torch.rand(2, 112, 14, 14, generator=torch.Generator().manual_seed(0)) * 3
+    rows, cols = config.grid
+    block4 = torch.rand(2, 112, rows, cols, generator=torch.Generator().manual_seed(0)) * 3
     onnx_encoder.export_module(head, block4, path, "block4", "logits")
     difference = onnx_encoder.largest_difference(path, head, block4)
     if not difference <= HEAD_TOLERANCE:
@@ -324,8 +325,7 @@ class EncoderSide:
     def in_torch(cls, encoder, domain_check: DomainCheck | None = None) -> EncoderSide:
         """A torch `Encoder` (model/encoder.py) and the torch ImageNet head."""
         config = encoder.config
-        labels = config.backbone == "efficientnet_lite0" and config.grid == (14, 14)
-        return cls(encoder, domain_check, TorchImageNetHead if labels else None)
+        return cls(encoder, domain_check, TorchImageNetHead if config.block4_on_grid else None)
 
     @property
     def config(self) -> EncoderConfig:

@@ -28,7 +28,6 @@ CAPTION_ENCODER_RUNTIME=torch, a bundle that cannot be built, or `from_modules` 
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -155,7 +154,7 @@ class Captioner:
         from model.encoder import TUNED_TOP_FILE, Encoder
 
         torch_device = resolve_device(device)
-        encoder = Encoder(EncoderConfig(**json.loads((weights_dir / "encoder.json").read_text())))
+        encoder = Encoder(EncoderConfig.of_weights(weights_dir))
         if (weights_dir / TUNED_TOP_FILE).exists():
             encoder.load_tuned_top(weights_dir / TUNED_TOP_FILE)
         domain = (weights_dir / DOMAIN_FILE).exists() and DomainCheck.load(

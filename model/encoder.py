@@ -268,10 +268,8 @@ class Encoder(nn.Module):
 
     def top(self) -> EncoderTop:
         """The top blocks as a module sharing this encoder's parameters."""
-        if self.config.backbone != "efficientnet_lite0" or self.grid != (14, 14):
-            raise ValueError(
-                "only EfficientNet-Lite0 with the 14x14 grid (cell_px 16) has a tunable top"
-            )
+        if not self.config.block4_on_grid:
+            raise ValueError("only EfficientNet-Lite0 with 16 px cells has a tunable top")
         return EncoderTop(nn.ModuleList(self.network._blocks[TOP_FIRST_BLOCK:]))
 
     def load_tuned_top(self, path) -> None:

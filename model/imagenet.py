@@ -38,8 +38,8 @@ def class_names() -> tuple[str, ...]:
 
 
 def block4_maps(grids: np.ndarray) -> np.ndarray:
-    """grids (B, 196, D) of the 14x14 EfficientNet-Lite0 layout -> their block-4 maps
-    (B, 112, 14, 14) float32, the head's input."""
+    """grids (B, S*S, D) of EfficientNet-Lite0's 16 px cells -> their block-4 maps
+    (B, 112, S, S) float32, the head's input."""
     grids = np.asarray(grids)
     first, channels = BLOCK4
     batch, cells, _ = grids.shape

@@ -11,9 +11,11 @@ the encoder the very same numbers.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -29,10 +31,15 @@ class EncoderConfig:
     # where at 32 px (7x7) a cell often held parts of two neighbouring objects and the decoder
     # swapped their colours and shapes.
     cell_px: int = 16
+    # Input side in pixels (EfficientNet-Lite0 only; a multiple of 32, and of cell_px). Weights
+    # saved before this field existed were trained at 224, hence the default.
+    input_px: int = 224
 
     @property
     def image_size(self) -> int:
-        return 299 if self.backbone == "inception_v3" else 224
+        if self.backbone == "inception_v3":
+            return 299
+        return self.input_px if self.backbone == "efficientnet_lite0" else 224
 
     @property
     def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -49,6 +56,12 @@ class EncoderConfig:
         return (8, 8) if self.backbone == "inception_v3" else (7, 7)
 
     @property
+    def block4_on_grid(self) -> bool:
+        """Whether the grid keeps EfficientNet-Lite0's block-4 map cell for cell (16 px cells,
+        at any input side): what the ImageNet labels and the tunable encoder top read."""
+        return self.backbone == "efficientnet_lite0" and self.cell_px == 16
+
+    @property
     def feature_dim(self) -> int:
         """Features per grid cell: the CNN's taps, then the colour statistics."""
         cnn = 40 + 112 + 320 if self.backbone == "efficientnet_lite0" else 2048
@@ -56,6 +69,11 @@ class EncoderConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def of_weights(cls, weights_dir: str | Path) -> EncoderConfig:
+        """The config saved beside a weights directory's decoders (encoder.json)."""
+        return cls(**json.loads((Path(weights_dir) / "encoder.json").read_text()))
 
 
 def resized_rgb(image: Image.Image, size: int) -> Image.Image:

@@ -7,9 +7,11 @@ import sys
 import pytest
 from PIL import Image
 
+from model.captioner import DEFAULT_WEIGHTS_DIR
 from model.data.scenes import make_scene, render_scene
 from model.data.semantics import judge
 from model.figure import figure_size
+from model.preprocessing import EncoderConfig
 
 pytestmark = pytest.mark.slow
 SEEDS = (30_000_001, 30_000_002)
@@ -56,6 +58,7 @@ def test_json_output_matches_the_schema_and_bad_files_fail_alone(pictures, tmp_p
     assert any("broken.jpg" in line and "corrupt or truncated" in line for line in errors)
     documents = json.loads(result.stdout)
     assert [d["image"] for d in documents] == [str(first), str(second)]
+    rows, cols = EncoderConfig.of_weights(DEFAULT_WEIGHTS_DIR).grid
     for seed, document in zip(SEEDS, documents):
         baseline, attention = document["baseline"], document["attention"]
         # The scenes are known: the attention decoder (19 in 20 exactly right) names them.
@@ -68,7 +71,7 @@ def test_json_output_matches_the_schema_and_bad_files_fail_alone(pictures, tmp_p
         assert attention["tokens"] == attention["greedy"].split()
         assert len(attention["alphas"]) == len(attention["tokens"])
         for grid in attention["alphas"]:
-            assert len(grid) == 14 and all(len(row) == 14 for row in grid)  # 16 px cells of 224
+            assert len(grid) == rows and all(len(row) == cols for row in grid)
             assert sum(map(sum, grid)) == pytest.approx(1.0, abs=1e-4)
         assert len(attention["samples"]) == 2
         figure = Image.open(document["heatmap"])

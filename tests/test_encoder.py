@@ -10,6 +10,7 @@ from model.encoder import (
     Encoder,
     EncoderConfig,
     EncoderTop,
+    ImageNetHead,
     colour_statistics,
     load_efficientnet_lite0,
     preprocess,
@@ -179,6 +180,27 @@ def test_top_changes_only_the_last_blocks_share_of_each_cell(encoder):
     low, mid, high = LITE0_TAP_CHANNELS
     assert changed[low + mid : low + mid + high].float().mean() > 0.5
     assert not changed[: low + mid].any() and not changed[low + mid + high :].any()
+
+
+def test_a_smaller_input_gives_a_coarser_grid_that_the_top_and_the_labels_still_read():
+    """input_px 160 (the size issue 13 measured): 10x10 cells of 16 px; the tunable top rebuilds
+    the grid from its block-4 share, and the ImageNet head reading that share classifies as the
+    whole network does."""
+    from model.data.scenes import render_scene
+    from model.imagenet import block4_maps
+
+    config = EncoderConfig(input_px=160)
+    encoder = Encoder(config)
+    images = torch.stack([preprocess(render_scene(seed, 224)[1], config) for seed in range(2)])
+    assert images.shape == (2, 3, 160, 160)
+    with torch.inference_mode():
+        grid = encoder(images)
+        assert grid.shape == (2, 100, encoder.feature_dim) and config.grid == (10, 10)
+        rebuilt = EncoderTop.pretrained().eval().regrid(grid)
+        logits = ImageNetHead()(torch.from_numpy(block4_maps(grid.numpy())))
+        expected = encoder.classify(images)
+    torch.testing.assert_close(rebuilt, grid, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, expected, rtol=1e-3, atol=1e-3)
 
 
 def test_tuned_top_loads_into_the_encoder(tmp_path):
