@@ -59,15 +59,17 @@ class OnnxEncoder:
 
     One session, one intra-op thread. With `use_cpu_workers(n)` (Captioner.set_cpu_threads) the
     images of a batch are encoded side by side, one per worker thread (ONNX Runtime and numpy
-    release the GIL), and a single image's colour statistics are computed on the calling thread
-    while a worker runs its CNN.
+    release the GIL), and a lone image's CNN runs on a second session of n intra-op threads,
+    its colour statistics on the calling thread meanwhile.
 
     Measured for one 224 px image on 2 cores of an EPYC, at rest, medians of 300 interleaved
     runs: the CNN on one thread beside the numpy colour statistics 4.9 ms; the CNN on a
     two-thread session (spinning off, as the bot's event loop shares the cores) beside them
     4.9-5.2 ms, sequentially 4.7-5.4; the previous whole graph (colour statistics inside) on one
-    thread 5.9-6.0 ms. Two intra-op threads barely helped the CNN (4.65 -> 4.62 ms median; the
-    whole graph: 5.8 -> 6.3) and a second session costs 19 MB, so there is one.
+    thread 5.9-6.0 ms. There two intra-op threads barely helped the CNN (4.65 -> 4.62 ms median),
+    but on the slower EPYC of a later session they did: a lone photo's encoding and captions took
+    19.3 against 21.9 ms (p50 of 320 photos each, in alternating blocks of 40). The second session
+    costs 19 MB.
     """
 
     def __init__(
@@ -87,15 +89,20 @@ class OnnxEncoder:
         self.feature_dim = self.config.feature_dim
         self.threads = max(1, threads)  # the session's intra-op threads
         self.colour_in_numpy = self.config.colour_stats and not colour_in_graph
-        self.session: Any = onnxruntime.InferenceSession(  # a broken file fails now
-            str(self.path), session_options(self.threads), providers=["CPUExecutionProvider"]
-        )
+        self.session: Any = self._session(self.threads)  # a broken file fails now
         self.input_name = self.session.get_inputs()[0].name
         self._pool: ThreadPoolExecutor | None = None
+        self._solo: Any = None  # the lone image's session: `workers` intra-op threads
         self.workers = 1
 
+    def _session(self, threads: int) -> Any:
+        return self._ort.InferenceSession(
+            str(self.path), session_options(threads), providers=["CPUExecutionProvider"]
+        )
+
     def use_cpu_workers(self, workers: int) -> None:
-        """Encode a batch's images `workers` at a time, side by side."""
+        """Encode a batch's images `workers` at a time, side by side, and a lone image on
+        `workers` intra-op threads."""
         if self._pool is not None:
             self._pool.shutdown(wait=False)
         self.workers = max(1, workers)
@@ -104,9 +111,11 @@ class OnnxEncoder:
             if self.workers > 1
             else None
         )
+        solo = self.workers > self.threads
+        self._solo = self._session(self.workers) if solo else None
 
-    def _cnn(self, pixels: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: pixels})[0]
+    def _cnn(self, pixels: np.ndarray, session: Any = None) -> np.ndarray:
+        return (session or self.session).run(None, {self.input_name: pixels})[0]
 
     def _encode(self, pixels: np.ndarray) -> np.ndarray:
         cnn = self._cnn(pixels)
@@ -120,8 +129,8 @@ class OnnxEncoder:
             return self._encode(pixels)
         if len(pixels) == 1:
             if not self.colour_in_numpy:
-                return self._cnn(pixels)
-            cnn = self._pool.submit(self._cnn, pixels)
+                return self._cnn(pixels, self._solo)
+            cnn = self._pool.submit(self._cnn, pixels, self._solo)
             colour = colour_statistics_array(pixels, self.config)  # meanwhile, on this thread
             return np.concatenate([cnn.result(), colour], 2)
         # One image per call: the activations of one stay in cache (a whole batch's spilled to
@@ -130,7 +139,10 @@ class OnnxEncoder:
         return np.concatenate(list(self._pool.map(lambda i: self._encode(pixels[i : i + 1]), rows)))
 
     def describe(self) -> str:
-        side_by_side = f"; a batch's images side by side on {self.workers} threads"
+        side_by_side = (
+            f"; a batch's images side by side on {self.workers} threads, a lone image on "
+            f"{self.workers if self._solo else self.threads}"
+        )
         return (
             f"ONNX Runtime {self._ort.__version__} ({self.path.name}, {self.threads} thread(s) "
             f"per image{side_by_side if self.workers > 1 else ''})"

@@ -18,7 +18,7 @@ from model import bundle as serving
 from model.captioner import DEFAULT_WEIGHTS_DIR, Captioner
 from model.data.scenes import render_scene
 from model.onnx_encoder import TOLERANCE, OnnxEncoder
-from model.preprocessing import preprocess_batch
+from model.preprocessing import EncoderConfig, preprocess_batch
 
 pytest.importorskip("onnxruntime")
 
@@ -40,6 +40,12 @@ def captioners(cache):
     return onnx, plain
 
 
+def cells() -> int:
+    """The bundled weights' grid cells (100 at their 160 px input)."""
+    rows, cols = EncoderConfig.of_weights(DEFAULT_WEIGHTS_DIR).grid
+    return rows * cols
+
+
 def pictures() -> list[Image.Image]:
     images = [render_scene(30_000_000 + seed)[1] for seed in range(6)]
     skimage_data = pytest.importorskip("skimage.data")
@@ -51,9 +57,9 @@ def pictures() -> list[Image.Image]:
 
 def test_onnx_grid_equals_torch_within_tolerance(captioners):
     onnx, plain = captioners
-    batch = preprocess_batch(pictures())
+    batch = preprocess_batch(pictures(), onnx.side.config)
     got, expected = onnx.encoder.encode_array(batch), plain.encoder.encode_array(batch)
-    assert got.shape == expected.shape == (len(batch), 196, 488)
+    assert got.shape == expected.shape == (len(batch), cells(), 488)
     assert got.dtype == expected.dtype == np.float32
     assert np.abs(got - expected).max() <= TOLERANCE
 
@@ -62,7 +68,7 @@ def test_captions_domain_and_labels_are_the_same_with_either_runtime(captioners)
     onnx, plain = captioners
     images = pictures()
     fast, slow = onnx.encode(images), plain.encode(images)
-    assert all(e.grid.dtype == np.float16 and e.grid.shape == (196, 488) for e in fast)
+    assert all(e.grid.dtype == np.float16 and e.grid.shape == (cells(), 488) for e in fast)
     for kind in ("attention", "baseline"):
         assert [c.text for c in onnx.greedy(fast, kind)] == [
             c.text for c in plain.greedy(slow, kind)
@@ -78,12 +84,12 @@ def test_captions_domain_and_labels_are_the_same_with_either_runtime(captioners)
 
 def test_side_by_side_encoding_gives_the_same_grid(captioners):
     encoder = captioners[0].encoder
-    batch = preprocess_batch(pictures()[:3])
+    batch = preprocess_batch(pictures()[:3], encoder.config)
     try:
         encoder.use_cpu_workers(1)
         alone = encoder.encode_array(batch)
         encoder.use_cpu_workers(2)
-        assert "side by side on 2" in encoder.describe()
+        assert "side by side on 2 threads, a lone image on 2" in encoder.describe()
         side_by_side = encoder.encode_array(batch)
         one = encoder.encode_array(batch[:1])  # the CNN on a worker, the colours on this thread
     finally:
@@ -184,7 +190,7 @@ def test_the_encoder_side_runs_from_the_bundle_without_torch(captioners, cache):
     pytest.importorskip("skimage")
     out = json.loads(run_python(code, cache).strip().splitlines()[-1])
     assert out["torch"] is False
-    assert out["shape"] == [196, 488] and out["dtype"] == "float16"
+    assert out["shape"] == [cells(), 488] and out["dtype"] == "float16"
     assert out["in_domain"] == [True, False]
     assert out["cat"][0] == "Egyptian cat"
 
