@@ -58,7 +58,7 @@ class TrainConfig:
                                           # EncoderConfig.cell_px
     input_px: int = 224                   # EfficientNet-Lite0's input side, a multiple of 32
                                           # (160 px: 10x10 cells, 0.6x the encoder's time, but
-                                          # 2.2 points less exact match at 96 px; model card)
+                                          # 5.6 points less exact match at 96 px; model card)
     # scenes
     train_scenes: int = 16_000            # training scenes
     val_scenes: int = 500                 # validation scenes, each rendered once per val_renders
