@@ -264,7 +264,7 @@ def build_here(weights_dir: Path, out: Path) -> dict:
         "version": BUNDLE_VERSION,
         "key": bundle_key(weights_dir),
         "weights_dir": str(weights_dir.resolve()),
-        "encoder_config": json.loads((weights_dir / "encoder.json").read_text()),
+        "encoder_config": EncoderConfig.of_weights(weights_dir).to_dict(),
         "artifacts": artifacts,
         "torch": torch.__version__,
         "seconds": round(time.perf_counter() - started, 1),
