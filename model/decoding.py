@@ -17,11 +17,11 @@ results equal the teacher-forced torch pass to float rounding (tests/test_decode
 
 Speed (issue 13). Every product with a weight matrix runs in ONNX Runtime's MLAS (a one-node
 MatMul model per weight matrix, its constant right-hand side packed once), and the attention of a
-step with the context's product as one small ONNX Runtime graph (`Attend`), where onnxruntime is
-importable, else in numpy. Measured on the 2-core AMD EPYC (AVX-512) of issue 13, one thread,
-(B, 384) @ (384, 1706): MLAS 33 / 39 / 60 us at B = 1 / 6 / 8; numpy's OpenBLAS 32 / 168 / 141
-us (its small-M kernels are slow, B = 6 slower than B = 8, and its threads stalled for ms on
-busy cores), torch's MKL 32 / 146 / 156 us. `decode` also runs one row per distinct caption so
+step as one small ONNX Runtime graph (`Attend`), where onnxruntime is importable, else in numpy.
+Measured on the 2-core AMD EPYC (AVX-512) of issue 13, one thread, (B, 384) @ (384, 1706): MLAS
+33 / 39 / 60 us at B = 1 / 6 / 8; numpy's OpenBLAS 32 / 168 / 141 us (its small-M kernels are
+slow, B = 6 slower than B = 8, and its threads stalled for ms on busy cores), torch's MKL 32 /
+146 / 156 us. `decode` also runs one row per distinct caption so
 far: the samples of one image share the first step and often their first words, and finished
 captions drop out.
 """
@@ -255,16 +255,18 @@ class BaselineRuntime:
 
 
 class Attend:
-    """The attention of one step, and the products that read its context:
+    """The attention of one step and its gated context:
 
         alpha (B, N), covered (B, F, S, S), keys (K, A, N), query (B, A), cells (K, N, C),
-        beta (B,)  ->  alpha (B, N), covered (B, F, S, S), from_context (B, 4H + V)
+        beta (B,)  ->  alpha (B, N), covered (B, F, S, S), context (B, C)
 
     alpha is the last map, covered the location filters' response to the sum of past maps (the
     convolution is linear, so only the last map is convolved and the sum's response is kept);
     K is 1 (AttentionRuntime calls it once per run of rows that read one image) or B. One ONNX
     Runtime graph where onnxruntime is importable (measured about 2x faster than `_numpy` at
-    B = 6), else numpy."""
+    B = 6), else numpy. The product that reads the context is AttentionRuntime's, once for the
+    rows of every image: inside this graph its 2.4 MB matrix was read once per image a step
+    (a batch of 8 photos with 3 samples each: 9.9 -> 9.3 ms per photo when it left)."""
 
     def __init__(self, a: Arrays, side: int, mlas: bool = True):
         conv = a["location_conv"]  # (F, 2, k, k): over the last map, over the sum of past maps
@@ -272,7 +274,7 @@ class Attend:
         flat = conv.reshape(self.filters, 2, -1)  # (F, 2, k*k)
         self.taps = np.ascontiguousarray(np.concatenate([flat[:, 0].T, flat[:, 1].T], 1))
         self.location = np.ascontiguousarray(a["location_w"].T)  # (A, F)
-        self.score, self.context = a["score_w"], a["context"]  # (A,), (C, 4H + V)
+        self.score = a["score_w"]  # (A,)
         self._session = _session(self._graph(conv)) if _mlas(mlas) else None
 
     def _graph(self, conv: np.ndarray) -> bytes:
@@ -291,7 +293,6 @@ class Attend:
             _node("Softmax", ["scores"], "alpha_out"),
             _node("MatMul", ["alpha_out", "cells"], "context"),  # (B, 1, C)
             _node("Mul", ["context", "beta"], "gated"),
-            _node("MatMul", ["gated", "context_w"], "from_context"),  # (B, 1, 4H + V)
         ]
         constants = {
             "conv_last": conv[:, :1],
@@ -299,12 +300,9 @@ class Attend:
             "flat": np.array([0, self.filters, self.side**2], np.int64),
             "location": self.location,
             "score": self.score[None],
-            "context_w": self.context,
         }
         inputs = {"alpha": 4, "covered": 4, "keys": 3, "query": 3, "cells": 3, "beta": 3}
-        return _model(
-            nodes, constants, inputs, {"alpha_out": 3, "covered_out": 4, "from_context": 3}
-        )
+        return _model(nodes, constants, inputs, {"alpha_out": 3, "covered_out": 4, "gated": 3})
 
     def __call__(self, alpha, covered, keys, query, cells, beta):
         batch, side = len(alpha), self.side
@@ -318,8 +316,8 @@ class Attend:
             "cells": cells,
             "beta": beta.reshape(batch, 1, 1).astype(np.float32),
         }
-        alpha, covered, from_context = self._session.run(None, feeds)
-        return alpha.reshape(batch, -1), covered, from_context.reshape(batch, -1)
+        alpha, covered, context = self._session.run(None, feeds)
+        return alpha.reshape(batch, -1), covered, context.reshape(batch, -1)
 
     def _numpy(self, alpha, covered, keys, query, cells, beta):
         batch, side, filters, pad = len(alpha), self.side, self.filters, self.kernel // 2
@@ -332,7 +330,7 @@ class Attend:
         energy = np.tanh(self.location @ where + keys + query[:, :, None])  # (B, A, N)
         alpha = _softmax(self.score @ energy)  # (B, N); the score's bias cancels
         context = np.matmul(alpha[:, None, :], cells)[:, 0] * beta[:, None]  # (B, C)
-        return alpha, covered, context @ self.context
+        return alpha, covered, context
 
 
 class AttentionRuntime:
@@ -353,21 +351,48 @@ class AttentionRuntime:
         # h (B, H) -> (B, 4H + A + 1 + V): gates | query | gate | logits
         self.from_h = Product(a["from_h"], mlas)
         self.attend = Attend(a, self.side, mlas)
-        self.cells = Product(a["cells_w"], mlas)  # (I*N, D) -> (I*N, C)
-        self.keys = Product(a["keys_w"], mlas)  # (I*N, C) -> (I*N, A)
-        self.init = Product(a["init_w"], mlas)  # (I, C) -> (I, 2H): h | c
+        self.context = Product(a["context"], mlas)  # gated context (B, C) -> (B, 4H + V)
+        # What each image gives every row that reads it, as one graph: 1.33 against 1.47 ms per
+        # image a product at a time with numpy between them (10.9 against 13.5 ms for 8 images)
+        names = ("cells_w", "cells_b", "position", "keys_w", "keys_b", "init_w", "init_b")
+        self._images = (
+            _Graph(self._images_graph(), {name: a[name] for name in names}, 3, self._IMAGES)
+            if _mlas(mlas)
+            else None
+        )
+
+    _IMAGES = {"cells": 3, "keys": 3, "hc": 2}  # the image graph's outputs and their ranks
+
+    @staticmethod
+    def _images_graph() -> list:
+        return [
+            _node("MatMul", ["x_", "cells_w"], "cells_product"),  # (I, N, D) -> (I, N, C)
+            _node("Add", ["cells_product", "cells_b"], "cells_sum"),
+            _node("Relu", ["cells_sum"], "cells_relu"),
+            _node("Add", ["cells_relu", "position"], "cells"),
+            _node("MatMul", ["cells", "keys_w"], "keys_product"),  # (I, N, A)
+            _node("Add", ["keys_product", "keys_b"], "keys_sum"),
+            _node("Transpose", ["keys_sum"], "keys", perm=[0, 2, 1]),  # (I, A, N)
+            _node("ReduceMean", ["cells"], "mean", axes=[1], keepdims=0),  # (I, C)
+            _node("MatMul", ["mean", "init_w"], "init_product"),
+            _node("Add", ["init_product", "init_b"], "init_sum"),
+            _node("Tanh", ["init_sum"], "hc"),  # (I, 2H): h | c
+        ]
+
+    def _images_numpy(self, grid: np.ndarray) -> list[np.ndarray]:
+        a = self.a
+        cells = np.maximum(grid.astype(np.float32) @ a["cells_w"] + a["cells_b"], 0.0)
+        cells += a["position"]  # (I, N, C)
+        keys = (cells @ a["keys_w"] + a["keys_b"]).transpose(0, 2, 1)  # (I, A, N)
+        return [cells, keys, np.tanh(cells.mean(axis=1) @ a["init_w"] + a["init_b"])]
 
     def start(self, grid: np.ndarray, rows: np.ndarray | None = None) -> State:
         """grid (I, N, D) -> state for rows (B,) of images (default: one row per image)."""
-        a, hidden = self.a, self.hidden
-        images, cells_n = len(grid), self.side**2
+        hidden, images = self.hidden, len(grid)
         rows = np.arange(images) if rows is None else np.asarray(rows, dtype=np.intp)
-        cells = self.cells(grid.reshape(images * cells_n, -1)) + a["cells_b"]  # (I*N, C)
-        np.maximum(cells, 0.0, out=cells)
-        cells = cells.reshape(images, cells_n, -1) + a["position"]  # (I, N, C)
-        keys = self.keys(cells.reshape(images * cells_n, -1)) + a["keys_b"]
-        keys = keys.reshape(images, cells_n, -1).transpose(0, 2, 1)  # (I, A, N)
-        hc = np.tanh(self.init(cells.mean(axis=1)) + a["init_b"])[rows]  # (B, 2H): h | c
+        image = self._images(grid) if self._images is not None else self._images_numpy(grid)
+        cells, keys, hc = image
+        hc = hc[rows]  # (B, 2H): h | c
         batch, filters = len(hc), self.attend.filters
         return {
             "cells": np.ascontiguousarray(cells),  # (I, N, C)
@@ -375,7 +400,7 @@ class AttentionRuntime:
             "image": rows,  # (B,): the image each row reads
             "c": np.ascontiguousarray(hc[:, hidden:]),  # (B, H)
             "from_h": self.from_h(hc[:, :hidden]),  # (B, 4H + A + 1 + V)
-            "alpha": np.zeros((batch, cells_n), np.float32),  # the last attention map
+            "alpha": np.zeros((batch, self.side**2), np.float32),  # the last attention map
             "covered": np.zeros((batch, filters, self.side, self.side), np.float32),
         }
 
@@ -385,7 +410,8 @@ class AttentionRuntime:
         from_h = state["from_h"]  # (B, 4H + A + 1 + V)
         pre = from_h[:, : four_h + attention] + word[:, : four_h + attention]  # gates | query
         beta = 1.0 / (1.0 + np.exp(-(from_h[:, four_h + attention] + a["gate_b"])))  # (B,)
-        alpha, state["covered"], from_context = self._attend(state, pre[:, four_h:], beta)
+        alpha, state["covered"], context = self._attend(state, pre[:, four_h:], beta)
+        from_context = self.context(context)  # (B, 4H + V): gates | logits
         gates = pre[:, :four_h] + from_context[:, :four_h]
         h, state["c"] = _lstm(gates, state["c"])
         state["from_h"] = from_h = self.from_h(h)
