@@ -21,9 +21,8 @@ step as one small ONNX Runtime graph (`Attend`), where onnxruntime is importable
 Measured on the 2-core AMD EPYC (AVX-512) of issue 13, one thread, (B, 384) @ (384, 1706): MLAS
 33 / 39 / 60 us at B = 1 / 6 / 8; numpy's OpenBLAS 32 / 168 / 141 us (its small-M kernels are
 slow, B = 6 slower than B = 8, and its threads stalled for ms on busy cores), torch's MKL 32 /
-146 / 156 us. `decode` also runs one row per distinct caption so
-far: the samples of one image share the first step and often their first words, and finished
-captions drop out.
+146 / 156 us. `decode` also runs one row per distinct caption so far: the samples of one image
+share the first step and often their first words, and finished captions drop out.
 """
 
 from __future__ import annotations
@@ -390,8 +389,8 @@ class AttentionRuntime:
         """grid (I, N, D) -> state for rows (B,) of images (default: one row per image)."""
         hidden, images = self.hidden, len(grid)
         rows = np.arange(images) if rows is None else np.asarray(rows, dtype=np.intp)
-        image = self._images(grid) if self._images is not None else self._images_numpy(grid)
-        cells, keys, hc = image
+        graph = self._images
+        cells, keys, hc = graph(grid) if graph is not None else self._images_numpy(grid)
         hc = hc[rows]  # (B, 2H): h | c
         batch, filters = len(hc), self.attend.filters
         return {
