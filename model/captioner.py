@@ -137,8 +137,10 @@ class Captioner:
         """Everything from the serving bundle: no torch."""
         side = serving.EncoderSide.from_bundle(bundle)
         log.info("encoder on %s", side.encoder.describe())
+        # int8: the attention decoder's product of h (model/decoding.py, `Product`); the model
+        # card's scores moved by at most 0.1 points from float32's (README, benchmark section)
         runtimes = {
-            kind: decoding.runtime(decoding.load_tables(bundle.file(f"{kind}.npz")))
+            kind: decoding.runtime(decoding.load_tables(bundle.file(f"{kind}.npz")), int8=True)
             for kind in kinds
         }
         return cls(side, runtimes, vocab)
