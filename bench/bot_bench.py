@@ -5,11 +5,11 @@
 
 Measures, from the moment an update is queued in the emulator to the moment the bot's
 reply reaches it, each figure also as a ratio to the original bot's inference path
-(bench/reference.py), timed in this process before and after the bot's runs:
+(bench/reference.py), timed in this process before, between and after the bot's runs:
   * latency (p50/p95) of one photo at a time (caption reply, no /attention);
   * sustained photos/s when `--chats` chats send `--photos` photos at once, with
-    micro-batching on (BATCH_MAX=8) and off (BATCH_MAX=1);
-  * the bot process's peak RSS (VmHWM) in each run.
+    micro-batching on (BATCH_MAX=8) and off (BATCH_MAX=1): two bots, run in alternating rounds;
+  * the bot processes' peak RSS (VmHWM).
 The emulator runs in this process and the bot in a child; both are pinned to `--cpus`.
 """
 
@@ -178,38 +178,62 @@ def time_reference(reference: ReferenceCaptioner, times: Reference, photos: int)
     times.ms += [reference.time_photo(image) for _ in range(photos)]
 
 
+SETTINGS = {"batching on": 8, "batching off": 1}  # BATCH_MAX of each bot
+
+
 async def run(args: argparse.Namespace) -> dict:
+    """Both bots (batching on and off) run side by side, and the sustained runs alternate between
+    them in `--rounds` rounds with a reference photo after each, so that the machine's drift (its
+    speed changed by up to half within minutes on this project's VMs) reaches both alike."""
     results: dict = {"captioner": args.captioner, "cpus": sorted(os.sched_getaffinity(0))}
     reference, ref = ReferenceCaptioner(), Reference()
     time_reference(reference, Reference(), 1)  # warm-up
     time_reference(reference, ref, args.reference_photos)
-    for label, batch_max in (("batching on", 8), ("batching off", 1)):
-        emu = BotAPIEmulator(bot_token=TOKEN, max_files=4 * args.photos + 100)
-        await emu.start("127.0.0.1", 0)
-        bot = Bot(emu, args.captioner, BATCH_MAX=batch_max)
-        try:
-            await bot.start(emu)
-            row: dict = {}
-            if batch_max == 8:
-                latencies = await one_at_a_time(emu, args.single)
-                row["p50_ms"] = statistics.median(latencies)
-                row["p95_ms"] = percentile(latencies, 95)
-            await all_at_once(emu, args.chats, min(20, args.photos), seed0=50_000)  # warm-up
-            row["photos_per_s"] = await all_at_once(emu, args.chats, args.photos, seed0=60_000)
-            row["peak_rss_mb"] = bot.memory_mb("VmHWM")
-            row["rss_anon_mb"] = bot.memory_mb("RssAnon")
-            row["rss_file_mb"] = bot.memory_mb("RssFile")
-            results[label] = row
-        finally:
-            await bot.stop()
+    bots: dict[str, tuple[BotAPIEmulator, Bot]] = {}
+    try:
+        for label, batch_max in SETTINGS.items():
+            emu = BotAPIEmulator(bot_token=TOKEN, max_files=4 * args.photos * args.rounds + 100)
+            await emu.start("127.0.0.1", 0)
+            bots[label] = (emu, Bot(emu, args.captioner, BATCH_MAX=batch_max))
+            await bots[label][1].start(emu)
+        latencies = await one_at_a_time(bots["batching on"][0], args.single)
+        rates = await alternating_rounds(bots, args, reference, ref)
+        for label, (_, bot) in bots.items():
+            results[label] = {
+                "photos_per_s": statistics.median(rates[label]),
+                "rounds": rates[label],
+                "peak_rss_mb": bot.memory_mb("VmHWM"),
+                "rss_anon_mb": bot.memory_mb("RssAnon"),
+                "rss_file_mb": bot.memory_mb("RssFile"),
+            }
+    finally:
+        for emu, bot in bots.values():
+            if bot.proc:
+                await bot.stop()
             await emu.stop()
     time_reference(reference, ref, args.reference_photos)
+    results["batching on"].update(p50_ms=statistics.median(latencies))
+    results["batching on"].update(p95_ms=percentile(latencies, 95))
     results["reference_ms"] = ref.ms
     results["reference_rss_mb"] = reference_peak_rss_mb()
-    results["speedup"] = (
-        results["batching on"]["photos_per_s"] / results["batching off"]["photos_per_s"]
-    )
+    pairs = zip(rates["batching on"], rates["batching off"])
+    results["speedup"] = statistics.median(on / off for on, off in pairs)  # paired by round
     return results
+
+
+async def alternating_rounds(bots: dict, args, reference, ref: Reference) -> dict[str, list]:
+    """Each round: the same photos to each bot in turn (the first one alternating), then one
+    reference photo. Returns each bot's photos/s per round."""
+    for emu, _ in bots.values():
+        await all_at_once(emu, args.chats, min(20, args.photos), seed0=50_000)  # warm-up
+    rates: dict[str, list] = {label: [] for label in bots}
+    for round_ in range(args.rounds):
+        order = list(bots) if round_ % 2 == 0 else list(reversed(bots))
+        for label in order:
+            seed0 = 60_000 + round_ * args.photos
+            rates[label].append(await all_at_once(bots[label][0], args.chats, args.photos, seed0))
+        time_reference(reference, ref, 1)
+    return rates
 
 
 def report(r: dict, args: argparse.Namespace) -> bool:
@@ -236,15 +260,21 @@ def report(r: dict, args: argparse.Namespace) -> bool:
         f"captioner={r['captioner']}, CPUs {r['cpus']} (the emulator and the reference share "
         "them), "
         f"{args.single} single photos, {args.photos} photos from {args.chats} chats; "
-        f"the reference timed {len(ref.ms) // 2} photos before the bot's runs and "
-        f"{len(ref.ms) // 2} after",
+        f"the reference timed {args.reference_photos} photos before the bot's runs, one after "
+        f"each of the {args.rounds} rounds and {args.reference_photos} after",
+        "sustained: the median of the rounds, batching on and off alternating (photos/s per "
+        f"round: on {_rounds(on)}; off {_rounds(off)}); the speed-up: the median of the rounds' "
+        "ratios",
         f"{outside_replies} of the scenes sent were answered with the domain check's honest "
         "reply (labels, no captions) instead of captions",
-        f"after the batching-on run: {on['rss_anon_mb']:.0f} MB heap + {on['rss_file_mb']:.0f} MB "
-        "mapped "
-        "files (shared libraries)",
+        f"the batching-on bot after its rounds: {on['rss_anon_mb']:.0f} MB heap + "
+        f"{on['rss_file_mb']:.0f} MB mapped files (shared libraries)",
     ]
     return print_report("Bot benchmark (bench/bot_bench.py)", ref, rows, notes)
+
+
+def _rounds(row: dict) -> str:
+    return ", ".join(f"{rate:.1f}" for rate in row["rounds"])
 
 
 def main() -> int:
@@ -260,6 +290,9 @@ def main() -> int:
     parser.add_argument("--single", type=int, default=40, help="photos for the latency run")
     parser.add_argument("--photos", type=int, default=200)
     parser.add_argument("--chats", type=int, default=50)
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="sustained runs of each bot, alternating"
+    )
     parser.add_argument(
         "--reference-photos",
         dest="reference_photos",
