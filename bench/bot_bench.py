@@ -8,7 +8,8 @@ reply reaches it, each figure also as a ratio to the original bot's inference pa
 (bench/reference.py), timed in this process before, between and after the bot's runs:
   * latency (p50/p95) of one photo at a time (caption reply, no /attention);
   * sustained photos/s when `--chats` chats send `--photos` photos at once, with
-    micro-batching on (BATCH_MAX=8) and off (BATCH_MAX=1): two bots, run in alternating rounds;
+    micro-batching on (BATCH_MAX's default) and off (BATCH_MAX=1): two bots, in alternating
+    rounds;
   * the bot processes' peak RSS (VmHWM).
 The emulator runs in this process and the bot in a child; both are pinned to `--cpus`.
 """
@@ -31,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from bench.reference import Reference, ReferenceCaptioner, Row, print_report, reference_peak_rss_mb  # noqa: E402
 from bot.emulator import BotAPIEmulator  # noqa: E402
 from bot.emulator.files import prepare_photo  # noqa: E402
+from bot.settings import Settings  # noqa: E402
 from model.data.scenes import render_scene  # noqa: E402
 
 TOKEN = "123456:BENCH"
@@ -178,7 +180,8 @@ def time_reference(reference: ReferenceCaptioner, times: Reference, photos: int)
     times.ms += [reference.time_photo(image) for _ in range(photos)]
 
 
-SETTINGS = {"batching on": 8, "batching off": 1}  # BATCH_MAX of each bot
+# Each bot's BATCH_MAX: the default, and 1
+SETTINGS = {"batching on": Settings.model_fields["batch_max"].default, "batching off": 1}
 
 
 async def run(args: argparse.Namespace) -> dict:

@@ -274,7 +274,7 @@ class InferenceWorker:
         captioner: CaptionerLike,
         *,
         queue_max: int = 100,
-        batch_max: int = 8,
+        batch_max: int = 16,
         batch_wait_ms: float = 10,
         cache_size: int = 128,
         max_image_pixels: int = 40_000_000,

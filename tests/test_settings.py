@@ -18,9 +18,8 @@ def test_defaults_match_the_documented_limits():
     assert settings.mode == "polling" and settings.device == "auto"
     assert settings.default_samples == 3 and settings.max_samples == 10
     assert settings.max_image_bytes == 20 * 1024 * 1024
-    assert (
-        settings.batch_max == 8 and settings.batch_wait_ms == 10 and settings.inference_threads == 0
-    )
+    assert settings.batch_max == 16 and settings.batch_wait_ms == 10
+    assert settings.inference_threads == 0
     assert settings.rate_limit_per_min == 20 and settings.allowed_user_ids == frozenset()
     assert settings.shutdown_timeout_s == 30 and settings.playground_port == 8080
     assert settings.telegram_api_base is None and settings.weights_dir == Path("weights")
