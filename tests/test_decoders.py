@@ -261,7 +261,12 @@ def test_greedy_captions_and_samples_decode_together_as_they_would_apart(int8):
     assert_maps_equal(alphas[:2], greedy_alphas)
 
 
-def test_captioner_captions_equal_its_separate_calls():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_captioner_captions_equal_its_separate_calls(threads, monkeypatch):
+    """With two threads (as the bot sets them) a lone photo's baseline caption is written on a
+    thread of its own, beside the attention decoder's captions; a batch's on the calling one."""
+    import threading
+
     from model.captioner import Captioner
     from model.data.scenes import render_scene
 
@@ -270,8 +275,26 @@ def test_captioner_captions_equal_its_separate_calls():
         for decoder in untrained.modules.values():  # random decoders: end captions early
             decoder.fc.bias[untrained.vocab.eos] += 2.0
     captioner = Captioner.from_modules(untrained.encoder, untrained.modules, untrained.vocab)
+    torch_threads = torch.get_num_threads()
+    try:
+        captioner.set_cpu_threads(threads)
+    finally:
+        torch.set_num_threads(torch_threads)  # set_cpu_threads sets it process-wide
+    decoding_threads = []
+    greedy = captioner._greedy
+
+    def recorded(grid, decoder):
+        decoding_threads.append((decoder, threading.current_thread() is threading.main_thread()))
+        return greedy(grid, decoder)
+
+    monkeypatch.setattr(captioner, "_greedy", recorded)
     encoded = captioner.encode([render_scene(seed)[1] for seed in range(3)])
+    lone = captioner.captions(encoded[:1], 4, temperature=1.3, seed=9)
+    assert decoding_threads == [("baseline", threads == 1)]
+    assert lone[0].baseline == captioner.greedy(encoded[:1], "baseline")[0]
+    decoding_threads.clear()
     together = captioner.captions(encoded, 4, temperature=1.3, seed=9)
+    assert decoding_threads == [("baseline", True)]
     headlines = captioner.greedy(encoded, "attention")
     assert [c.attention.tokens for c in together] == [c.tokens for c in headlines]
     assert [c.attention.alphas for c in together] == [c.alphas for c in headlines]
