@@ -229,7 +229,8 @@ class Captioner:
     def set_cpu_threads(self, threads: int) -> None:
         """Run the model on `threads` CPU threads by giving each image of a batch its own thread
         (one torch thread each) instead of splitting every operation over all of them; a single
-        image's encoder pass (ONNX Runtime) uses all `threads`.
+        image's encoder pass (ONNX Runtime) uses all `threads`, and its baseline caption is
+        written on a thread of its own beside the attention decoder's (`_meanwhile`).
 
         Small ops like these decoders' split poorly, and a server has other work for the spare
         cores: in the bot's benchmark on 2 cores this raised batched throughput from 24 to 33
