@@ -215,8 +215,9 @@ async def run(args: argparse.Namespace) -> dict:
                 await bot.stop()
             await emu.stop()
     time_reference(reference, ref, args.reference_photos)
-    results["batching on"].update(p50_ms=statistics.median(latencies))
-    results["batching on"].update(p95_ms=percentile(latencies, 95))
+    results["batching on"].update(
+        p50_ms=statistics.median(latencies), p95_ms=percentile(latencies, 95)
+    )
     results["reference_ms"] = ref.ms
     results["reference_rss_mb"] = reference_peak_rss_mb()
     pairs = zip(rates["batching on"], rates["batching off"])

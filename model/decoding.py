@@ -24,7 +24,7 @@ slow, B = 6 slower than B = 8, and its threads stalled for ms on busy cores), to
 146 / 156 us. `decode` also runs one row per distinct caption so far: the samples of one image
 share the first step and often their first words, and finished captions drop out. Serving runs
 the attention decoder's product of h in int8 (`Product`, `runtime(..., int8=True)`): from 6 rows
-on a product is bound by arithmetic, which int8 has 4 times as much of on this CPU.
+on a product is bound by arithmetic, and in int8 it ran 1.6-2.6 times as fast.
 """
 
 from __future__ import annotations
