@@ -104,24 +104,24 @@ class CaptionService:
             )
             if result is None:
                 return
-            png = BufferedInputFile(result.png, filename="attention.png")
+            figure = BufferedInputFile(result.figure, filename="attention.jpg")
             reply = self._reply_to(reply_to)
             caption = texts.attention_caption(result)
             try:
                 sent: Message | None = await self.bot.send_photo(
                     chat_id,
-                    png,
+                    figure,
                     caption=caption,
                     reply_parameters=reply,
                 )
             except TelegramBadRequest as error:
                 # Telegram rejects photos whose sides are very unequal (a long caption makes
-                # a wide strip); the same PNG as a file always goes through.
+                # a wide strip); the same JPEG as a file always goes through.
                 log.warning("attention_as_document", error=str(error))
                 sent = await self._deliver(
                     self.bot.send_document(
                         chat_id,
-                        png,
+                        figure,
                         caption=caption,
                         reply_parameters=reply,
                     )

@@ -117,7 +117,7 @@ class SamplesResult:
 class AttentionResult:
     caption: str
     words: int  # tiles in the figure besides the photo itself
-    png: bytes
+    figure: bytes  # JPEG
     verdict: Any = None
 
     @property
@@ -699,8 +699,8 @@ class InferenceWorker:
         """The /attention figure, drawn from the thumbnail and the headline's weights."""
         headline = job.greedy["attention"]
         tokens = list(headline.tokens)
-        png = self._attention_figure(job.thumbnail, tokens, headline.alphas)
-        return AttentionResult(headline.text, len(tokens), png, job.verdict)
+        figure = self._attention_figure(job.thumbnail, tokens, headline.alphas)
+        return AttentionResult(headline.text, len(tokens), figure, job.verdict)
 
     def _batched(
         self,

@@ -85,7 +85,7 @@ def caption_command(args) -> int:
             )
             entry[kind] = part
             if kind == "attention" and heatmap_dir:
-                figure = heatmap_dir / f"{Path(path).stem}_attention.png"
+                figure = heatmap_dir / f"{Path(path).stem}_attention.jpg"
                 figure.write_bytes(attention_figure(image, greedy.tokens, greedy.alphas))
                 entry["heatmap"] = str(figure)
         results.append(entry)
@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=None, help="make the samples reproducible")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    p.add_argument("--heatmap-dir", help="write each image's attention figure (PNG) here")
+    p.add_argument("--heatmap-dir", help="write each image's attention figure (JPEG) here")
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS_DIR))
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.set_defaults(run=caption_command)

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = REPO / "weights"
 TOKEN = "123456789:AAH-bot_token_SECRET_part_0123456789"
 
-# End-to-end tests only check structure (numbering, counts, reply ids, PNG sizes), so
+# End-to-end tests only check structure (numbering, counts, reply ids, figure sizes), so
 # they hold for any captioner; the trained weights are used once they exist.
 HAVE_WEIGHTS = all(
     (WEIGHTS / name).exists()

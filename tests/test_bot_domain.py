@@ -115,7 +115,7 @@ async def test_a_real_photo_gets_an_honest_reply_and_captions_only_when_asked(em
 
     press(emu, chat, reply, "Attention map")
     figure = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
-    assert Image.open(io.BytesIO(figure["photo_bytes"])).format == "PNG"
+    assert Image.open(io.BytesIO(figure["photo_bytes"])).format == "JPEG"
     assert assert_marked(figure["caption"]).strip()
 
 

@@ -2,7 +2,7 @@
 
 One bot for the whole module (loading the model takes seconds); every test talks in its
 own chat so they don't see each other's messages. Assertions are about structure
-(reply ids, numbering, counts, PNG sizes), so they hold for any captioner.
+(reply ids, numbering, counts, figure sizes), so they hold for any captioner.
 """
 
 from __future__ import annotations
@@ -309,18 +309,18 @@ async def test_commands_without_any_photo_ask_for_one(emu, bot):
 # ---- /attention and the buttons ----------------------------------------------------------
 
 
-def assert_attention_png(message: dict, headline: str) -> None:
+def assert_attention_figure(message: dict, headline: str) -> None:
     if headline == EMPTY_CAPTION:  # the decoder said nothing: a figure of the photo alone
         headline = ""
     assert message.get("caption", "") == headline
     figure = Image.open(io.BytesIO(message["photo_bytes"]))
-    assert figure.format == "PNG"
+    assert figure.format == "JPEG"
     # A grid of the photo and one tile per word, readable on a phone.
     assert figure.size == figure_size(len(headline.split()))
     assert 0.5 <= figure.width / figure.height <= 2
 
 
-async def test_attention_sends_a_png_with_one_tile_per_word(emu, bot):
+async def test_attention_sends_a_jpeg_with_one_tile_per_word(emu, bot):
     chat = new_chat()
     _, caption_reply = await send_photo_and_caption(emu, chat)
     headline = caption_reply["text"].splitlines()[0]
@@ -328,7 +328,7 @@ async def test_attention_sends_a_png_with_one_tile_per_word(emu, bot):
     command = emu.user_sends_text(chat, "/attention")
     figure = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
     assert reply_id(figure) == command["message_id"]
-    assert_attention_png(figure, headline)
+    assert_attention_figure(figure, headline)
     await emu.wait_for_call(
         "sendChatAction",
         lambda p: p.get("chat_id") == chat and p.get("action") == "upload_photo",
@@ -370,7 +370,7 @@ async def test_attention_as_a_photo_caption(emu, bot, tmp_path):
     assert cli.returncode == 0, cli.stderr
     expected = json.loads(cli.stdout)[0]["attention"]["greedy"]
     assert expected
-    assert_attention_png(figure, expected)
+    assert_attention_figure(figure, expected)
 
 
 async def test_both_inline_buttons_do_what_the_commands_do(emu, bot):
@@ -390,7 +390,7 @@ async def test_both_inline_buttons_do_what_the_commands_do(emu, bot):
 
     query = emu.user_presses_button(chat, caption_reply["message_id"], attention)
     figure = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
-    assert_attention_png(figure, headline)
+    assert_attention_figure(figure, headline)
     await emu.wait_for_call(
         "answerCallbackQuery", lambda p: p.get("callback_query_id") == query, timeout=5
     )

@@ -74,7 +74,7 @@ def test_the_photo_comes_first_and_each_word_tile_is_warm_where_its_map_peaks():
     alphas = np.zeros((3, 7, 7))
     alphas[0, 0, 0] = alphas[1, 6, 6] = alphas[2, 3, 3] = 1.0
     figure = Image.open(io.BytesIO(attention_figure(photo, tokens, alphas)))
-    assert figure.format == "PNG"
+    assert figure.format == "JPEG"
     columns, _ = layout(4)
     pixels = np.asarray(figure.convert("RGB"), dtype=int)
     cell = TILE / 7

@@ -134,7 +134,7 @@ def fake_open(data: bytes, max_pixels: int) -> str:
 
 
 def fake_figure(image, tokens, alphas) -> bytes:
-    return f"PNG {image} {' '.join(tokens)}".encode()
+    return f"JPEG {image} {' '.join(tokens)}".encode()
 
 
 @pytest.fixture
@@ -246,7 +246,7 @@ async def test_jobs_run_in_submission_order_and_each_gets_its_own_result(make_wo
         else:
             assert isinstance(result, AttentionResult)
             assert result.words == 2
-            assert result.png == f"PNG {name} attention enc({name})".encode()
+            assert result.figure == f"JPEG {name} attention enc({name})".encode()
 
 
 async def test_a_failing_job_fails_alone_and_the_worker_keeps_going(make_worker):
@@ -365,7 +365,7 @@ async def test_encoded_photos_are_cached_by_key_and_reused_without_bytes(make_wo
     samples = await worker.samples(photo("a", data=False), n=2)
     figure = await worker.attention(photo("a", data=False))
     assert samples.samples == ["sample0 enc(a) t=1.0", "sample1 enc(a) t=1.0"]
-    assert figure.png.startswith(b"PNG a")
+    assert figure.figure.startswith(b"JPEG a")
     assert captioner.encode_batches == [["a"]]  # encoded once
 
     with pytest.raises(NotCached):
