@@ -22,8 +22,8 @@ Measured and not adopted (AMD EPYC with AVX-512 VNNI, 2 cores shared, ORT 1.32, 
 - int8 for the 14x14 and 7x7 stages only (the same quantizer, the 28x28 tap and all before it
   in float32): 9.2 -> 6.7 ms on one thread, 6.8 -> 5.5-5.8 ms on two, the block-4 and block-6
   taps moved by 0.40 and 0.30 (a tenth of their spread); rescored with it, the model card's rows
-  moved by up to 2 points either way, beyond the issue's 0.5 (README, "Measured and not adopted
-  this session"). With 7-bit weights, as AVX2 without VNNI needs, up to 2.5 points.
+  moved by up to 2 points either way, beyond the issue's 0.5 (the README's benchmark section
+  has the rows). With 7-bit weights, as AVX2 without VNNI needs, up to 2.5 points.
 - Session options: no memory arena raised the peak RSS (153 MB against 116 for a session run
   on 8 images); no memory pattern saved 5 MB. The defaults stay.
 """
