@@ -519,7 +519,7 @@ async def test_a_scene_photo_gets_its_caption_and_attention_its_figure(bot_conta
     figure = await emu.next_bot_message(6001, timeout=60)
     assert figure["reply_to_message"]["message_id"] == command["message_id"]
     picture = Image.open(io.BytesIO(figure["photo_bytes"]))
-    assert picture.format == "PNG" and picture.width > picture.height > 0
+    assert picture.format == "JPEG" and picture.width > picture.height > 0
     assert bot_container.logs.events("job")
 
 
