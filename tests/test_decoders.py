@@ -128,9 +128,9 @@ def test_an_int8_product_is_the_float_product_within_its_rounding_row_by_row(mla
     x[3] = 0.0  # an all-zero row
     product = Product(w, mlas, int8=True)
     y = product(x)
-    # Each operand is off by at most half its int8 step (max|x| / 127 per row of x, max|w| / 127
+    # Each operand is off by at most half its integer step (max|x| / 63 per row of x, max|w| / 127
     # per column of w), so an entry by at most sum|x| w_step / 2 + x_step sum|w| / 2 + K steps / 4.
-    x_step = np.abs(x).max(1, keepdims=True) / 127
+    x_step = np.abs(x).max(1, keepdims=True) / Product.X_STEPS
     w_step = np.abs(w).max(0) / 127
     bound = np.abs(x).sum(1, keepdims=True) * w_step / 2 + x_step * np.abs(w).sum(0) / 2
     bound += len(w) * x_step * w_step / 4
@@ -141,6 +141,34 @@ def test_an_int8_product_is_the_float_product_within_its_rounding_row_by_row(mla
         assert (product(x[i : i + 1]) == y[i : i + 1]).all()
     other = Product(w, not mlas, int8=True)(x)  # ONNX Runtime and numpy: the same integers
     np.testing.assert_allclose(other, y, rtol=1e-6, atol=1e-7)
+
+
+def without_vnni(rounded: np.ndarray, w_int8: np.ndarray, zero: int) -> np.ndarray:
+    """MLAS's integer product as its kernels for x86 CPUs without VNNI compute it (AVX2: each two
+    neighbouring products of uint8 x and int8 w added in 16 bits, saturating, by vpmaddubsw; then
+    summed in 32 bits), less the zero point's share."""
+    a = rounded.astype(np.int64) + zero  # (B, K): the uint8 values the kernel reads
+    w = w_int8.astype(np.int64)  # (K, O)
+    pairs = np.einsum("bkp,kpo->bko", a.reshape(len(a), -1, 2), w.reshape(-1, 2, w.shape[1]))
+    return np.clip(pairs, -(2**15), 2**15 - 1).sum(1) - zero * w.sum(0)
+
+
+@pytest.mark.parametrize("mlas", [True, False])
+def test_an_int8_product_is_the_same_on_cpus_without_vnni(mlas):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    w[:, 0] = 1.0  # a column all at the int8 maximum, 127
+    x = np.tanh(rng.standard_normal((6, 64)) * 2).astype(np.float32)
+    x[4], x[5] = 1.0, -1.0  # rows all at their maximum: every pair of products at its largest
+    product = Product(w, mlas, int8=True)
+    rounded, row_scale = product.rounded_rows(x)
+    assert np.abs(rounded).max() == Product.X_STEPS and np.abs(product.w_int8).max() == 127
+    integers = without_vnni(rounded, product.w_int8, Product.X_ZERO)
+    np.testing.assert_array_equal(
+        integers, rounded.astype(np.int64) @ product.w_int8
+    )  # no pair saturated
+    expected = integers.astype(np.float32) * (row_scale * product.w_scale)
+    np.testing.assert_allclose(product(x), expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("mlas", [True, False])
