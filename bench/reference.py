@@ -155,7 +155,9 @@ def peak_rss_mb() -> float:
 
 
 def cpu_description() -> str:
-    """Model name, AVX-512 or not (from the CPU's flags, and torch's kernel choice), cores, load."""
+    """Model name, AVX-512 and VNNI or not (from the CPU's flags, and torch's kernel choice),
+    cores, load. VNNI (AVX512_VNNI or AVX-VNNI) decides ONNX Runtime's int8 kernels: without it
+    a product of int8 and uint8 runs through 16-bit pair sums (model/decoding.py, `Product`)."""
     fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first CPU's fields
@@ -168,10 +170,14 @@ def cpu_description() -> str:
     avx512 = (
         "AVX-512: yes" if "avx512f" in flags else ("AVX-512: no" if flags else "AVX-512: unknown")
     )
+    vnni = "VNNI: " + (
+        "yes" if flags & {"avx512_vnni", "avx_vnni"} else "no" if flags else "unknown"
+    )
     blas = "MKL" if torch.backends.mkl.is_available() else "no MKL"
     capability = torch.backends.cpu.get_cpu_capability()
     return (
-        f"{name} ({platform.machine()}), {avx512}, {len(os.sched_getaffinity(0))} cores usable, "
+        f"{name} ({platform.machine()}), {avx512}, {vnni}, {len(os.sched_getaffinity(0))} cores "
+        "usable, "
         f"torch {torch.__version__} ({blas}, {capability} kernels), load average "
         f"{os.getloadavg()[0]:.1f}"
     )

@@ -33,4 +33,4 @@ def test_ratio_targets_are_judged_against_the_reference_fastest_photo():
 
 def test_machine_line_names_the_cpu_and_avx512():
     line = cpu_description()
-    assert "AVX-512: " in line and "cores usable" in line
+    assert "AVX-512: " in line and "VNNI: " in line and "cores usable" in line
