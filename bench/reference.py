@@ -177,8 +177,7 @@ def cpu_description() -> str:
     capability = torch.backends.cpu.get_cpu_capability()
     return (
         f"{name} ({platform.machine()}), {avx512}, {vnni}, {len(os.sched_getaffinity(0))} cores "
-        "usable, "
-        f"torch {torch.__version__} ({blas}, {capability} kernels), load average "
+        f"usable, torch {torch.__version__} ({blas}, {capability} kernels), load average "
         f"{os.getloadavg()[0]:.1f}"
     )
 
