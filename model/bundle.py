@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from model.casts import to_half
 from model.domain import DOMAIN_FILE, DomainCheck, DomainVerdict
 from model.imagenet import Label, OnnxImageNetHead, TorchImageNetHead
 from model.preprocessing import EncoderConfig, preprocess_batch
@@ -335,7 +336,7 @@ class EncoderSide:
         if not images:
             return []
         grids = self.encoder.encode_array(preprocess_batch(images, self.config))
-        return list(grids.astype(np.float16))
+        return list(to_half(grids))  # ONNX Runtime's Cast: 18x numpy's speed (model/casts.py)
 
     def domain(self, grids: Sequence[np.ndarray]) -> list[DomainVerdict]:
         if not grids:

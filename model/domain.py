@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from model.casts import to_float
+
 if TYPE_CHECKING:
     import torch
 
@@ -71,7 +73,7 @@ class DomainVerdict:
 
 def domain_features(grids: np.ndarray) -> np.ndarray:
     """(B, cells, D) grids -> (B, 2D) float32: every feature's mean and spread over the cells."""
-    grids = np.asarray(grids, dtype=np.float32)
+    grids = to_float(grids)  # float16 as encoded: numpy's cast took 2.6 of 3.9 ms for 16 grids
     cells = grids.shape[1]
     # From sums (one pass each, as the torch version this replaced: its mean and std over a middle
     # dimension took 20 times as long).
