@@ -141,8 +141,11 @@ class Captioner:
         log.info("encoder on %s", side.encoder.describe())
         # int8: the attention decoder's product of h (model/decoding.py, `Product`); the model
         # card's scores moved by at most 0.1 points from float32's (README, benchmark section)
+        repeated = side.config.repeated_columns
         runtimes = {
-            kind: decoding.runtime(decoding.load_tables(bundle.file(f"{kind}.npz")), int8=True)
+            kind: decoding.runtime(
+                decoding.load_tables(bundle.file(f"{kind}.npz")), int8=True, repeated=repeated
+            )
             for kind in kinds
         }
         return cls(side, runtimes, vocab)
@@ -177,7 +180,11 @@ class Captioner:
 
         device = str(next(encoder.parameters()).device)
         side = serving.EncoderSide.in_torch(encoder, domain_check)
-        runtimes = {kind: decoding.runtime(decoder_tables(d)) for kind, d in decoders.items()}
+        repeated = side.config.repeated_columns
+        runtimes = {
+            kind: decoding.runtime(decoder_tables(d), repeated=repeated)
+            for kind, d in decoders.items()
+        }
         captioner = cls(side, runtimes, vocab, device)
         captioner.modules = dict(decoders)
         return captioner

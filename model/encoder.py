@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from model.preprocessing import EncoderConfig, preprocess_array
+from model.preprocessing import LITE0_TAP_CHANNELS, EncoderConfig, preprocess_array
 
 TORCHVISION_BACKBONES = ("resnet50", "resnet101", "inception_v3")
 CPU_CHUNK = 1  # images per CNN pass on a CPU; see Encoder.forward
@@ -69,7 +69,6 @@ LITE0_TAPS = {
     10: "block 4 (112 ch, stride 16)",
     15: "block 6 (320 ch, stride 32)",
 }
-LITE0_TAP_CHANNELS = (40, 112, 320)
 # The encoder's "top": MBConv layers 11..15 (blocks 5 and 6, stride 32), the part that may be
 # fine-tuned with the attention decoder (model/train.py). Its input is the block-4 tap, which the
 # 14x14 grid keeps at full resolution, so the feature cache alone is enough to train it.

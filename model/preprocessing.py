@@ -20,6 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# EfficientNet-Lite0's taps on the grid, in this order: blocks 2, 4 and 6 (strides 8, 16, 32)
+LITE0_TAP_CHANNELS = (40, 112, 320)
+LITE0_TAP_STRIDES = (8, 16, 32)
+
 
 @dataclass
 class EncoderConfig:
@@ -64,8 +68,22 @@ class EncoderConfig:
     @property
     def feature_dim(self) -> int:
         """Features per grid cell: the CNN's taps, then the colour statistics."""
-        cnn = 40 + 112 + 320 if self.backbone == "efficientnet_lite0" else 2048
+        cnn = sum(LITE0_TAP_CHANNELS) if self.backbone == "efficientnet_lite0" else 2048
         return cnn + (self.hue_bins + 4 if self.colour_stats else 0)
+
+    @property
+    def repeated_columns(self) -> tuple[int, int, int] | None:
+        """(first, end, k): the grid's columns first..end-1 hold the coarsest tap, a map
+        coarser than the grid repeated over k x k blocks of cells (the block-6 tap at 16 px
+        cells: 7x7 onto 14x14, k = 2), so a product reading them needs one cell per block; None
+        if no tap is coarser than the grid."""
+        if self.backbone != "efficientnet_lite0":
+            return None
+        stride, channels = LITE0_TAP_STRIDES[-1], LITE0_TAP_CHANNELS[-1]
+        if stride <= self.cell_px or stride % self.cell_px:
+            return None
+        first = sum(LITE0_TAP_CHANNELS[:-1])
+        return first, first + channels, stride // self.cell_px
 
     def to_dict(self) -> dict:
         return asdict(self)

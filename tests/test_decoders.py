@@ -15,14 +15,14 @@ from model.decoding import Product, beam_search, decode, load_tables, runtime, s
 BOS, EOS, VOCAB = 1, 2, 30
 
 
-def make(kind, seed=0):
+def make(kind, seed=0, num_cells=49):
     torch.manual_seed(seed)
     decoder = build_decoder(
         DecoderConfig(
             kind=kind,
             vocab_size=VOCAB,
             feature_dim=40,
-            num_cells=49,
+            num_cells=num_cells,
             embed_dim=16,
             hidden_dim=32,
             attention_dim=24,
@@ -73,6 +73,40 @@ def test_numpy_steps_equal_the_teacher_forced_torch_pass(kind, mlas):
         assert np.allclose(full_alphas.sum(-1), 1.0)  # a distribution over cells
     else:
         assert full_alphas is None and step_alphas[0] is None
+
+
+def repeated_grids(columns: slice, k: int, side: int = 6, batch: int = 3) -> np.ndarray:
+    """Random grids (batch, side * side, 40) whose `columns` repeat over k x k blocks of cells,
+    as the encoder's block-6 tap does on its 14x14 grid."""
+    grid = grids(batch).reshape(batch, 49, 40)[:, : side * side].reshape(batch, side, side, 40)
+    coarse = grid[:, ::k, ::k, columns].repeat(k, axis=1).repeat(k, axis=2)
+    grid = grid.copy()
+    grid[..., columns] = coarse
+    return np.ascontiguousarray(grid.reshape(batch, side * side, 40))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_repeated_columns_read_once_a_block_give_the_torch_pass(k):
+    """The attention decoder's image graph reads the columns that repeat over k x k blocks at
+    one cell per block; on grids so made its steps equal torch's, and on grids whose columns do
+    not repeat they do not (the shortcut really skips the other cells)."""
+    decoder, columns = make("attention", num_cells=36), slice(12, 32)
+    inputs = torch.randint(3, VOCAB, (3, 5), generator=torch.Generator().manual_seed(2))
+    inputs[:, 0] = BOS
+    shortcut = runtime(decoder_tables(decoder), repeated=(columns.start, columns.stop, k))
+
+    def logits(grid):
+        state, out = shortcut.start(grid), []
+        for t in range(inputs.shape[1]):
+            out.append(shortcut.step(inputs[:, t].numpy(), state)[0])
+        with torch.no_grad():
+            full = decoder(torch.from_numpy(grid), inputs)[0].numpy()
+        return np.stack(out, 1), full
+
+    ours, torch_logits = logits(repeated_grids(columns, k))
+    np.testing.assert_allclose(ours, torch_logits, rtol=1e-5, atol=1e-5)
+    ours, torch_logits = logits(grids().reshape(3, 49, 40)[:, :36].copy())
+    assert np.abs(ours - torch_logits).max() > 1e-3
 
 
 @pytest.mark.parametrize("kind", ["baseline", "attention"])

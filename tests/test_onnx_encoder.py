@@ -82,6 +82,21 @@ def test_captions_domain_and_labels_are_the_same_with_either_runtime(captioners)
     ]
 
 
+def test_the_grids_repeat_the_columns_their_config_says(captioners):
+    """EncoderConfig.repeated_columns, which the attention decoder reads once a block of cells
+    (model/decoding.py), holds exactly on both runtimes' grids, and the other taps' do not."""
+    images = pictures()
+    for captioner in captioners:
+        config = captioner.side.config
+        first, end, k = config.repeated_columns
+        rows, cols = config.grid
+        grid = captioner.encoder.encode_array(preprocess_batch(images, config))
+        blocks = grid.reshape(len(images), rows // k, k, cols // k, k, -1)
+        first_cell = np.broadcast_to(blocks[:, :, :1, :, :1], blocks.shape)
+        assert np.array_equal(blocks[..., first:end], first_cell[..., first:end])
+        assert not np.array_equal(blocks[..., :first], first_cell[..., :first])
+
+
 def test_side_by_side_encoding_gives_the_same_grid(captioners):
     encoder = captioners[0].encoder
     batch = preprocess_batch(pictures()[:3], encoder.config)
