@@ -6,11 +6,10 @@ the model through the worker alone.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 from bot.log import get_logger
-from model.devices import TorchMissing
+from model.devices import TorchMissing, usable_cpus
 
 if TYPE_CHECKING:
     from bot.settings import Settings
@@ -56,7 +55,7 @@ def _load(settings: Settings) -> Any:
 
 def _use_cpu_threads(captioner: Any, settings: Settings) -> Any:
     if captioner.device == "cpu":
-        threads = settings.inference_threads or len(os.sched_getaffinity(0))
+        threads = settings.inference_threads or usable_cpus()
         captioner.set_cpu_threads(threads)
         log.info("inference_threads", threads=threads)
     return captioner

@@ -108,7 +108,9 @@ class Settings(BaseSettings):
     batch_wait_ms: int = Field(
         10, ge=0, le=10_000, description="Wait for a batch to fill while photos queue"
     )
-    inference_threads: int = Field(0, ge=0, le=256, description="CPU threads; 0: every core")
+    inference_threads: int = Field(
+        0, ge=0, le=256, description="CPU threads; 0: every core usable (affinity, cgroup quota)"
+    )
     encoded_cache_size: int = Field(128, ge=0, description="Encoded photos kept")
     rate_limit_per_min: int = Field(20, ge=0, description="Requests per user a minute; 0: off")
     allowed_user_ids: Annotated[frozenset[int], NoDecode] = Field(

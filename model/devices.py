@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -9,6 +11,19 @@ if TYPE_CHECKING:
     import torch
 
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU the NVIDIA driver sees
+CPU_QUOTA = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+
+
+def usable_cpus(quota_file: Path = CPU_QUOTA) -> int:
+    """The cores this process may run on at once: its CPU affinity, capped by its cgroup's CPU
+    quota (`docker run --cpus 1.5` gives 2), so that a container does not start a thread per
+    core of its host."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = quota_file.read_text().split()[:2]
+        return max(1, min(cores, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 file, or "max": no quota
+        return cores
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from model.devices import usable_cpus
 from model.preprocessing import EncoderConfig, colour_statistics_array
 
 log = logging.getLogger("model.onnx_encoder")
@@ -61,7 +62,7 @@ def session_options(threads: int) -> Any:
     options.intra_op_num_threads, options.inter_op_num_threads = max(1, threads), 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    spin = "1" if threads > 1 else "0"
+    spin = "1" if 1 < threads <= usable_cpus() else "0"  # a descheduled spinner stalls the rest
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     options.add_session_config_entry("session.force_spinning_stop", spin)
     return options
@@ -83,7 +84,9 @@ class OnnxEncoder:
     thread 5.9-6.0 ms. There two intra-op threads barely helped the CNN (4.65 -> 4.62 ms median),
     but on the slower EPYC of a later session they did: a lone photo's encoding and captions took
     19.3 against 21.9 ms (p50 of 320 photos each, in alternating blocks of 40). The second session
-    costs 19 MB.
+    costs 19 MB. Its threads have since spun while it runs (`session_options`): with them
+    sleeping between operators, two threads had run the CNN barely faster than one (8.3 against
+    9.1 ms in one session's measurement), spinning 5.3-5.9 ms.
     """
 
     def __init__(

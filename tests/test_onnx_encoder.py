@@ -335,3 +335,31 @@ def test_serving_runs_numpy_products_on_one_blas_thread(captioners, cache):
     assert out["after"] and set(out["after"]) == {1}
     if out["cores"] > 1:  # where BLAS would use several, it did before the call
         assert max(out["before"]) > 1
+
+
+@pytest.mark.parametrize(
+    "quota, expected",
+    [("150000 100000\n", 2), ("50000 100000\n", 1), ("max 100000\n", None), (None, None)],
+)
+def test_usable_cpus_are_the_affinity_capped_by_the_cgroup_quota(quota, expected, tmp_path):
+    from model.devices import usable_cpus
+
+    cores = len(os.sched_getaffinity(0))
+    quota_file = tmp_path / "cpu.max"
+    if quota is not None:
+        quota_file.write_text(quota)
+    assert usable_cpus(quota_file) == min(cores, expected or cores)
+
+
+def test_only_a_session_whose_threads_fit_the_cores_spins(monkeypatch):
+    """The lone image's threads spin while it runs; more threads than cores would stall on a
+    descheduled spinner, so they sleep instead."""
+    from model import onnx_encoder
+
+    def spins(threads: int) -> str:
+        entries = onnx_encoder.session_options(threads).get_session_config_entry
+        assert entries("session.force_spinning_stop") == entries("session.intra_op.allow_spinning")
+        return entries("session.intra_op.allow_spinning")
+
+    monkeypatch.setattr(onnx_encoder, "usable_cpus", lambda: 2)
+    assert [spins(threads) for threads in (1, 2, 3)] == ["0", "1", "0"]
