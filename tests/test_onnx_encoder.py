@@ -106,7 +106,7 @@ def test_side_by_side_encoding_gives_the_same_grid(captioners):
         encoder.use_cpu_workers(2)
         assert "side by side on 2 threads, a lone image on 2" in encoder.describe()
         side_by_side = encoder.encode_array(batch)
-        one = encoder.encode_array(batch[:1])  # the CNN on a worker, the colours on this thread
+        one = encoder.encode_array(batch[:1])  # the colours, then the CNN on 2 threads
     finally:
         encoder.use_cpu_workers(1)
     assert np.array_equal(side_by_side, alone) and np.array_equal(one, alone[:1])
