@@ -452,9 +452,8 @@ class AttentionRuntime:
         names = ("cells_b", "position", "keys_w", "keys_b", "init_w", "init_b")
         constants = {name: self.a[name] for name in names}
         if repeated is None:
-            product = [
-                _node("MatMul", ["x_", "cells_w"], "cells_product")
-            ]  # (I, N, D) -> (I, N, C)
+            # (I, N, D) -> (I, N, C)
+            product = [_node("MatMul", ["x_", "cells_w"], "cells_product")]
             constants["cells_w"] = self.a["cells_w"]
         else:
             product, more = self._cells_product(*repeated)
@@ -464,8 +463,9 @@ class AttentionRuntime:
     def _cells_product(self, first: int, end: int, k: int) -> tuple[list, Arrays]:
         """grid (I, N, D) @ cells_w (D, C) with the repeated columns read once per k x k block:
         at 14x14 cells the block-6 tap's 320 of 488 columns at 49 cells instead of 196, the image
-        graph 0.71 against 0.99 ms per image (one thread, 300 interleaved runs; 8 images 5.6
-        against 7.9 ms), its outputs within 6e-6 of the whole product's (float32 rounding)."""
+        graph 0.71-0.87 against 0.99-1.12 ms per image (one thread, 200-300 interleaved runs;
+        8 images 5.6-6.0 against 7.9-8.3 ms), its outputs within 1.4e-5 of the whole product's
+        (float32 rounding; the model card's scores unchanged)."""
         side, w = self.side, self.a["cells_w"]
         coarse = side // k  # each block's first cell, and each cell's block
         blocks = np.arange(coarse) * k * side
