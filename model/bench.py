@@ -4,7 +4,6 @@ each figure also as a ratio to the original bot's inference path timed in the sa
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 
 from model.captioner import MAX_LEN, Captioner
+from model.devices import usable_cpus
 from model.figure import attention_figure
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,7 +98,7 @@ def main(weights_dir, repeats: int = 50) -> int:
     from model.data.scenes import render_scene
 
     captioner = Captioner.load(weights_dir)
-    captioner.set_cpu_threads(len(os.sched_getaffinity(0)))  # as the bot runs it
+    captioner.set_cpu_threads(usable_cpus())  # as the bot runs it
     rss_serving, serving_torch = serving_peak_rss(weights_dir)
     images = [render_scene(20_000_000 + i)[1] for i in range(32)]
 
@@ -229,7 +229,7 @@ def main(weights_dir, repeats: int = 50) -> int:
     notes = [
         f"encoder: {captioner.encoder.describe()}; "
         f"{torch.get_num_threads()} torch thread(s), a batch's images encoded side by side on "
-        f"{len(os.sched_getaffinity(0))} cores (as the bot runs it)",
+        f"{usable_cpus()} cores (as the bot runs it)",
         f"the serving process {'imported' if serving_torch else 'did not import'} torch",
         "noise: the headline ratio per round ranged "
         f"{min(round_ratios):.1f}x-{max(round_ratios):.1f}x "
