@@ -47,7 +47,7 @@ from model.devices import serving_device
 from model.domain import DOMAIN_FILE, DomainCheck, DomainVerdict
 from model.imagenet import Label
 from model.preprocessing import EncoderConfig
-from model.vocab import Vocabulary, with_articles
+from model.vocab import Vocabulary, looks_cut, with_articles
 
 if TYPE_CHECKING:
     import torch
@@ -58,9 +58,12 @@ DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DECODERS = ("baseline", "attention")
 
 
+UNFINISHED = "…"  # ends the text of a caption cut at MAX_LEN words or ending mid-phrase
+
+
 @dataclass
 class Caption:
-    text: str
+    text: str  # the words, and UNFINISHED after them if the caption was cut (`_spelled`)
     tokens: list[str]
     alphas: list[list[list[float]]] | None = None  # one rows x cols map per token (attention only)
 
@@ -299,16 +302,25 @@ class Captioner:
             raise ValueError(f"no {name!r} decoder loaded (have: {', '.join(self.runtimes)})")
         return self.runtimes[name]
 
+    def _spelled(self, token_ids) -> tuple[list[str], str]:
+        """A caption's words and its text. A caption cut at MAX_LEN words (the training scenes'
+        have at most 16) or ending mid-phrase ("... and a", as a decoder may end one on a photo
+        far from its training pictures) ends in UNFINISHED rather than passing for whole."""
+        tokens = with_articles(self.vocab.decode(token_ids))
+        text = " ".join(tokens)
+        cut = len(token_ids) >= MAX_LEN or looks_cut(tokens)
+        return tokens, f"{text} {UNFINISHED}" if cut else text
+
     def _texts(self, ids) -> list[str]:
-        return [" ".join(with_articles(self.vocab.decode(i))) for i in ids]
+        return [self._spelled(i)[1] for i in ids]
 
     def _captions(self, ids, alphas) -> list[Caption]:
         rows, cols = self.grid
         out = []
         for token_ids, alpha in zip(ids, alphas):
-            tokens = with_articles(self.vocab.decode(token_ids))
+            tokens, text = self._spelled(token_ids)
             maps = alpha.reshape(-1, rows, cols).tolist() if alpha is not None else None
-            out.append(Caption(" ".join(tokens), tokens, maps))
+            out.append(Caption(text, tokens, maps))
         return out
 
     # -- decoding ----------------------------------------------------------------------------

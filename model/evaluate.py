@@ -60,7 +60,7 @@ def evaluate(
 def semantic_scores(scenes, captions) -> dict:
     from model.data.semantics import aggregate, judge, localisation
 
-    scores = aggregate([judge(scene, c.text) for scene, c in zip(scenes, captions)])
+    scores = aggregate([judge(scene, " ".join(c.tokens)) for scene, c in zip(scenes, captions)])
     if captions and captions[0].alphas is not None:
         hits = total = 0
         for scene, caption in zip(scenes, captions):

@@ -34,6 +34,19 @@ def with_articles(tokens: list[str]) -> list[str]:
     ]
 
 
+# Words after which an English caption cannot have ended: articles, conjunctions, prepositions.
+DANGLING = frozenset(
+    "a an the and or but of to in on at by for from with into onto below above under over "  # noqa: SIM905
+    "behind beside between near".split()
+)
+
+
+def looks_cut(tokens: list[str]) -> bool:
+    """Whether a caption stops mid-phrase ("... and a"): a decoder far from its training
+    pictures may end one so."""
+    return bool(tokens) and tokens[-1] in DANGLING
+
+
 def fold_articles(tokens: list[str]) -> list[str]:
     """ "an" -> "a": what BLEU and CIDEr compare, since the scene references never write "an"."""
     return ["a" if word == "an" else word for word in tokens]

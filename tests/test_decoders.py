@@ -323,6 +323,31 @@ def test_greedy_captions_and_samples_decode_together_as_they_would_apart(int8):
     assert_maps_equal(alphas[:2], greedy_alphas)
 
 
+def test_a_caption_cut_at_the_word_limit_says_so():
+    """A caption that runs to MAX_LEN words without ending (here: the end banned) or ends
+    mid-phrase ends in "…", its words and maps unchanged; the bundled captioner's captions of a
+    scene end whole."""
+    from model.captioner import MAX_LEN, UNFINISHED, Captioner
+    from model.data.scenes import render_scene
+
+    image = render_scene(30_000_000)[1]
+    never_ending = Captioner.untrained(seed=3)
+    never_ending._banned = (*never_ending._banned, never_ending.vocab.eos)
+    cut = never_ending.captions(never_ending.encode([image]), 2)[0]
+    for caption in (cut.attention, cut.baseline):
+        assert len(caption.tokens) == MAX_LEN
+        assert caption.text == " ".join(caption.tokens) + " " + UNFINISHED
+    assert len(cut.attention.alphas) == MAX_LEN
+    assert all(sample.endswith(" " + UNFINISHED) for sample in cut.samples)
+    whole = Captioner.load()
+    ended = whole.captions(whole.encode([image]), 2)[0]
+    for caption in (ended.attention, ended.baseline):
+        assert len(caption.tokens) < MAX_LEN and caption.text == " ".join(caption.tokens)
+    assert not any(UNFINISHED in sample for sample in ended.samples)
+    words = ["a", "red", "circle", "and", "a"]
+    assert whole._spelled([whole.vocab.index[w] for w in words]) == (words, "a red circle and a …")
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_captioner_captions_equal_its_separate_calls(threads, monkeypatch):
     """With two threads (as the bot sets them) a lone photo's baseline caption is written on a
