@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from model.decoders import DecoderConfig, build_decoder, decoder_tables
-from model.decoding import Product, beam_search, decode, load_tables, runtime, save_tables
+from model.decoding import (
+    Product,
+    beam_search,
+    decode,
+    greedy,
+    load_tables,
+    runtime,
+    save_tables,
+)
 
 BOS, EOS, VOCAB = 1, 2, 30
 
@@ -241,6 +249,50 @@ def test_batched_greedy_equals_one_image_at_a_time(int8):
     together, _ = decode(attention, grid, BOS, EOS)
     alone = [decode(attention, grid[i : i + 1], BOS, EOS)[0][0] for i in range(4)]
     assert together == alone
+
+
+@pytest.mark.parametrize("max_len", [1, 20])
+def test_the_baselines_greedy_loop_writes_what_decode_does(max_len):
+    """One ONNX graph looping over the steps (BaselineRuntime.greedy), on a batch whose captions
+    end at once, after a word, or run to max_len: the same words as decode, for the batch and
+    for each image alone."""
+    tables = decoder_tables(make("baseline"))
+    tables.arrays["fc_b"][EOS] -= 1.3  # ended by 0, 1 and 20 words (seen), as seed 0 draws
+    baseline, grid = runtime(tables), grids(6)
+    expected = decode(baseline, grid, BOS, EOS, max_len)
+    assert baseline.greedy(grid, BOS, EOS, max_len, ()) is not None  # the loop ran
+    assert greedy(baseline, grid, BOS, EOS, max_len) == expected
+    for i in range(len(grid)):
+        alone = greedy(baseline, grid[i : i + 1], BOS, EOS, max_len)
+        assert alone == ([expected[0][i]], [None])
+
+
+def test_the_bundled_baselines_greedy_loop_writes_what_decode_does():
+    """The bundled baseline on 48 held-out scenes, with its banned words and with its most
+    written word banned as well."""
+    from model.captioner import Captioner
+    from model.data.scenes import render_scene
+
+    captioner = Captioner.load()
+    baseline, (bos, eos) = (
+        captioner.runtimes["baseline"],
+        (captioner.vocab.bos, captioner.vocab.eos),
+    )
+    encoded = captioner.encode([render_scene(30_000_000 + seed)[1] for seed in range(48)])
+    grid = captioner._stack(encoded)
+    written = [
+        w for ids in decode(baseline, grid, bos, eos, banned=captioner._banned)[0] for w in ids
+    ]
+    for banned in (captioner._banned, (*captioner._banned, max(set(written), key=written.count))):
+        expected = decode(baseline, grid, bos, eos, banned=banned)
+        assert len({tuple(ids) for ids in expected[0]}) > 10
+        assert greedy(baseline, grid, bos, eos, banned=banned) == expected
+
+
+def test_without_onnxruntime_greedy_is_decode():
+    numpy_only, grid = steps("baseline", mlas=False), grids(4)
+    assert numpy_only.greedy(grid, BOS, EOS, 20, ()) is None
+    assert greedy(numpy_only, grid, BOS, EOS) == decode(numpy_only, grid, BOS, EOS)
 
 
 def test_rows_in_any_image_order_attend_their_own_images_cells_kept_once():
