@@ -429,9 +429,10 @@ class Captioner:
         cores are otherwise idle then (its encoding and captions 22.2 against 23.7 ms, 14 paired
         rounds), and as one ONNX Runtime loop (decoding.greedy) it holds no GIL: a whole lone
         photo 5.7 % faster than with the step-by-step caption beside it (paired medians of 500),
-        which had come to gain nothing over writing it after. A batch's are not: in the bot its decoding shares the cores with the next batch's
-        encoding, where a third thread gained nothing (67.4 against 67.1 and 58.2 against 61.1
-        photos/s in two A/B runs of 6 paired rounds)."""
+        which had come to gain nothing over writing it after. A batch's are not: in the bot its
+        decoding shares the cores with the next batch's encoding, where a third thread gained
+        nothing (67.4 against 67.1 and 58.2 against 61.1 photos/s in two A/B runs of 6 paired
+        rounds)."""
         if beside and self._beside is not None:
             return self._beside.submit(work)
         done: Future = Future()
