@@ -249,9 +249,19 @@ def test_numpy_preprocess_equals_the_old_torch_one(backbone):
         assert np.array_equal(got, old_torch_preprocess(image, config).numpy())
 
 
-def test_numpy_colour_statistics_equal_torch_ones():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_colour_statistics_without_torch_equal_torch_ones(compiled):
+    """The serving encoder's colour statistics, compiled by numba or in numpy, equal the torch
+    encoder's (training's) on scenes, grey and noise."""
     from model.data.scenes import render_scene
-    from model.preprocessing import colour_statistics_array, preprocess_batch
+    from model.preprocessing import (
+        _compiled_colour_cells,
+        colour_statistics_array,
+        colour_statistics_numpy,
+        preprocess_batch,
+    )
+
+    assert _compiled_colour_cells() is not None  # numba is a dependency
 
     images = [render_scene(seed)[1] for seed in range(3)] + [
         Image.new("RGB", (224, 224), (128, 128, 128)),  # grey: no hue at all
@@ -261,6 +271,6 @@ def test_numpy_colour_statistics_equal_torch_ones():
     expected = colour_statistics(
         (torch.from_numpy(pixels) * 0.5 + 0.5).clamp(0, 1), (14, 14), hue_bins=12
     )
-    got = colour_statistics_array(pixels)
+    got = (colour_statistics_array if compiled else colour_statistics_numpy)(pixels)
     assert got.shape == (5, 196, 16) and got.dtype == np.float32
     np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=2e-5)
