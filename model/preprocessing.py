@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -119,14 +120,19 @@ def preprocess_array(
 
     The same numbers as the torch version this replaced (pixels / 255, minus the mean, over the
     deviation, in float32: tests/test_encoder.py checks they are equal), read from a table of the
-    256 values per channel: 0.17 ms for a 224 px picture, where the arithmetic took 0.6 ms in numpy
-    and 0.28 in torch.
+    256 values per channel: for a 224 px picture 0.06 ms in one pass compiled by numba, 0.14 ms by
+    numpy's `take` a channel at a time (a lone photo's encoding and captions 1.9 % faster with the
+    first, paired medians of 600), where the arithmetic took 0.6 ms in numpy and 0.28 in torch.
     """
     config = config or EncoderConfig()
     pixels = np.asarray(resized_rgb(image, config.image_size), dtype=np.uint8)
     table = _pixel_table(config.normalisation)
     if out is None:
         out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+    kernels = _compiled()
+    if kernels is not None:  # 3 lookups a pixel in one pass, not 3 strided passes of np.take
+        kernels.normalised(pixels, table, out)
+        return out
     for channel in range(3):
         np.take(table[channel], pixels[:, :, channel], out=out[channel])
     return out
@@ -160,11 +166,12 @@ def colour_statistics_array(images: np.ndarray, config: EncoderConfig | None = N
     config = config or EncoderConfig()
     rows, cols = config.grid
     height, width = images.shape[2:]
-    cells = _compiled_colour_cells() if height % rows == 0 and width % cols == 0 else None
-    if cells is None:
+    kernels = _compiled() if height % rows == 0 and width % cols == 0 else None
+    if kernels is None:
         return colour_statistics_numpy(images, config)
     mean, std = (np.asarray(v, dtype=np.float32) for v in config.normalisation)
-    return cells(np.ascontiguousarray(images, np.float32), mean, std, config.hue_bins, rows, cols)
+    pixels = np.ascontiguousarray(images, np.float32)
+    return kernels.colour_cells(pixels, mean, std, config.hue_bins, rows, cols)
 
 
 def colour_statistics_numpy(images: np.ndarray, config: EncoderConfig | None = None) -> np.ndarray:
@@ -268,19 +275,33 @@ def _colour_cells(images, mean, std, bins, rows, cols):  # pragma: no cover (com
     return out
 
 
+def _normalised(pixels, table, out):  # pragma: no cover (compiled by numba)
+    """out[c, y, x] = table[c, pixels[y, x, c]]: preprocess_array's lookup in one pass."""
+    height, width, _ = pixels.shape
+    for y in range(height):
+        for x in range(width):
+            for c in range(3):
+                out[c, y, x] = table[c, pixels[y, x, c]]
+
+
+@dataclass(frozen=True)
+class _Kernels:
+    normalised: Any
+    colour_cells: Any
+
+
 @lru_cache(maxsize=1)
-def _compiled_colour_cells():
-    """`_colour_cells` compiled by numba (about 1 s, once per process, or read from numba's
-    cache), releasing the GIL while it runs; None without numba."""
+def _compiled() -> _Kernels | None:
+    """`_normalised` and `_colour_cells` compiled by numba (about 1 s, once per process, or read
+    from numba's cache), releasing the GIL while they run; None without numba."""
     try:
         import numba
     except ImportError:
         return None
 
-    def compiled(cache: bool):
-        return numba.njit(cache=cache, nogil=True, boundscheck=False, error_model="numpy")(
-            _colour_cells
-        )
+    def compiled(cache: bool) -> _Kernels:
+        jit = numba.njit(cache=cache, nogil=True, boundscheck=False, error_model="numpy")
+        return _Kernels(jit(_normalised), jit(_colour_cells))
 
     try:
         return compiled(cache=True)

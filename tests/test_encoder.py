@@ -231,10 +231,16 @@ def old_torch_preprocess(image: Image.Image, config: EncoderConfig) -> torch.Ten
     return (pixels - mean) / std
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet50"])
-def test_numpy_preprocess_equals_the_old_torch_one(backbone):
+def test_numpy_preprocess_equals_the_old_torch_one(backbone, compiled, monkeypatch):
+    """By numba's one pass, or by numpy's lookups where numba is missing."""
+    from model import preprocessing
     from model.data.scenes import render_scene
     from model.preprocessing import preprocess_array
+
+    if not compiled:
+        monkeypatch.setattr(preprocessing, "_compiled", lambda: None)
 
     config = EncoderConfig(backbone=backbone)
     images = [
@@ -255,13 +261,13 @@ def test_colour_statistics_without_torch_equal_torch_ones(compiled):
     encoder's (training's) on scenes, grey and noise."""
     from model.data.scenes import render_scene
     from model.preprocessing import (
-        _compiled_colour_cells,
+        _compiled,
         colour_statistics_array,
         colour_statistics_numpy,
         preprocess_batch,
     )
 
-    assert _compiled_colour_cells() is not None  # numba is a dependency
+    assert _compiled() is not None  # numba is a dependency
 
     images = [render_scene(seed)[1] for seed in range(3)] + [
         Image.new("RGB", (224, 224), (128, 128, 128)),  # grey: no hue at all
