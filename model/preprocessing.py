@@ -12,6 +12,7 @@ the encoder the very same numbers.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -293,7 +294,8 @@ class _Kernels:
 @lru_cache(maxsize=1)
 def _compiled() -> _Kernels | None:
     """`_normalised` and `_colour_cells` compiled by numba (about 1 s, once per process, or read
-    from numba's cache), releasing the GIL while they run; None without numba."""
+    from numba's cache), releasing the GIL while they run, and tried once on a tiny picture;
+    None without numba, or where compiling or that try failed (logged): numpy does their work."""
     try:
         import numba
     except ImportError:
@@ -304,9 +306,26 @@ def _compiled() -> _Kernels | None:
         return _Kernels(jit(_normalised), jit(_colour_cells))
 
     try:
-        return compiled(cache=True)
-    except RuntimeError:  # no writable cache directory: compile in every process
-        return compiled(cache=False)
+        try:
+            kernels = compiled(cache=True)
+        except RuntimeError:  # no writable cache directory: compile in every process
+            kernels = compiled(cache=False)
+        _try(kernels)
+    except Exception as error:  # noqa: BLE001 - any failure means the numpy path, not none
+        logging.getLogger("model.preprocessing").warning(
+            "numba kernels unavailable, numpy instead: %s: %s", type(error).__name__, error
+        )
+        return None
+    return kernels
+
+
+def _try(kernels: _Kernels) -> None:
+    """Compile (or load) both kernels for the argument types of real calls, on a 2x2 picture."""
+    table = _pixel_table(((0.5,) * 3, (0.5,) * 3))
+    pixels = np.empty((1, 3, 2, 2), np.float32)
+    kernels.normalised(np.zeros((2, 2, 3), np.uint8), table, pixels[0])
+    mean, std = np.zeros(3, np.float32), np.ones(3, np.float32)
+    kernels.colour_cells(pixels, mean, std, 2, 1, 1)
 
 
 def _hue6(r: np.ndarray, g: np.ndarray, b: np.ndarray, max_c: np.ndarray, chroma: np.ndarray):

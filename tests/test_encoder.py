@@ -255,6 +255,25 @@ def test_numpy_preprocess_equals_the_old_torch_one(backbone, compiled, monkeypat
         assert np.array_equal(got, old_torch_preprocess(image, config).numpy())
 
 
+def test_kernels_that_fail_to_compile_leave_the_work_to_numpy(monkeypatch, caplog):
+    import numba
+
+    from model import preprocessing
+
+    def broken(*args, **kwargs):
+        def jit(function):
+            def run(*a):
+                raise numba.core.errors.TypingError("no such CPU")
+
+            return run
+
+        return jit
+
+    monkeypatch.setattr(numba, "njit", broken)
+    assert preprocessing._compiled.__wrapped__() is None
+    assert "numpy instead: TypingError" in caplog.text
+
+
 @pytest.mark.parametrize("compiled", [True, False])
 def test_colour_statistics_without_torch_equal_torch_ones(compiled):
     """The serving encoder's colour statistics, compiled by numba or in numpy, equal the torch
