@@ -18,6 +18,9 @@ results equal the teacher-forced torch pass to float rounding (tests/test_decode
 Speed (issue 13). Every product with a weight matrix runs in ONNX Runtime's MLAS (a one-node
 MatMul model per weight matrix, its constant right-hand side packed once), and the attention of a
 step as one small ONNX Runtime graph (`Attend`), where onnxruntime is importable, else in numpy.
+The baseline's greedy decoding is also one ONNX Runtime graph that loops over its steps
+(`BaselineRuntime.greedy`, tested to write what `decode` writes): it holds no GIL, so a lone
+photo's baseline caption runs beside the attention decoder's captions.
 Measured on the 2-core AMD EPYC (AVX-512) of issue 13, one thread, (B, 384) @ (384, 1706): MLAS
 33 / 39 / 60 us at B = 1 / 6 / 8; numpy's OpenBLAS 32 / 168 / 141 us (its small-M kernels are
 slow, B = 6 slower than B = 8, and its threads stalled for ms on busy cores), torch's MKL 32 /
@@ -424,8 +427,12 @@ def _greedy_loop(a: Arrays, hidden: int, eos: int, never: tuple[int, ...], max_l
         return helper.make_tensor_value_info(name, kind, shape)
 
     f32, i64, boolean = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
-    carried = [("word", i64, ["B"]), ("c", f32, ["B", H]), ("from_h", f32, ["B", four_h])]
-    carried.append(("finished", boolean, ["B"]))
+    carried = [
+        ("word", i64, ["B"]),
+        ("c", f32, ["B", H]),
+        ("from_h", f32, ["B", four_h]),
+        ("finished", boolean, ["B"]),
+    ]
     body = helper.make_graph(
         body_nodes,
         "step",

@@ -310,8 +310,8 @@ def _compiled() -> _Kernels | None:
             kernels = compiled(cache=True)
         except RuntimeError:  # no writable cache directory: compile in every process
             kernels = compiled(cache=False)
-        _try(kernels)
-    except Exception as error:  # noqa: BLE001 - any failure means the numpy path, not none
+        _warm_up(kernels)
+    except Exception as error:  # whatever failed, numpy does the work
         logging.getLogger("model.preprocessing").warning(
             "numba kernels unavailable, numpy instead: %s: %s", type(error).__name__, error
         )
@@ -319,7 +319,7 @@ def _compiled() -> _Kernels | None:
     return kernels
 
 
-def _try(kernels: _Kernels) -> None:
+def _warm_up(kernels: _Kernels) -> None:
     """Compile (or load) both kernels for the argument types of real calls, on a 2x2 picture."""
     table = _pixel_table(((0.5,) * 3, (0.5,) * 3))
     pixels = np.empty((1, 3, 2, 2), np.float32)
