@@ -170,9 +170,18 @@ def colour_statistics_array(images: np.ndarray, config: EncoderConfig | None = N
     kernels = _compiled() if height % rows == 0 and width % cols == 0 else None
     if kernels is None:
         return colour_statistics_numpy(images, config)
-    mean, std = (np.asarray(v, dtype=np.float32) for v in config.normalisation)
+    mean, std = _normalisation_arrays(config.normalisation)
     pixels = np.ascontiguousarray(images, np.float32)
     return kernels.colour_cells(pixels, mean, std, config.hue_bins, rows, cols)
+
+
+@lru_cache(maxsize=4)
+def _normalisation_arrays(
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel mean and deviation as float32 arrays (3,), made once."""
+    mean, std = (np.asarray(v, dtype=np.float32) for v in normalisation)
+    return mean, std
 
 
 def colour_statistics_numpy(images: np.ndarray, config: EncoderConfig | None = None) -> np.ndarray:
