@@ -16,11 +16,12 @@ row lookup, the attention and two matrix products (model/decoders.py describes t
 results equal the teacher-forced torch pass to float rounding (tests/test_decoders.py).
 
 Speed (issue 13). Every product with a weight matrix runs in ONNX Runtime's MLAS (a one-node
-MatMul model per weight matrix, its constant right-hand side packed once), and the attention of a
-step as one small ONNX Runtime graph (`Attend`), where onnxruntime is importable, else in numpy.
-The baseline's greedy decoding is also one ONNX Runtime graph that loops over its steps
-(`BaselineRuntime.greedy`, tested to write what `decode` writes): it holds no GIL, so a lone
-photo's baseline caption runs beside the attention decoder's captions.
+MatMul model per weight matrix, its constant right-hand side packed once) where onnxruntime is
+importable, and the attention of a step, the LSTM cell and `decode`'s choice of words and rows
+between steps run as numba kernels (model/decoding_kernels.py) where they compile; else numpy,
+which the tests hold them to. The baseline's greedy decoding is one ONNX Runtime graph that loops
+over its steps (`BaselineRuntime.greedy`, tested to write what `decode` writes): it holds no GIL,
+so a lone photo's baseline caption runs beside the attention decoder's captions.
 Measured on the 2-core AMD EPYC (AVX-512) of issue 13, one thread, (B, 384) @ (384, 1706): MLAS
 33 / 39 / 60 us at B = 1 / 6 / 8; numpy's OpenBLAS 32 / 168 / 141 us (its small-M kernels are
 slow, B = 6 slower than B = 8, and its threads stalled for ms on busy cores), torch's MKL 32 /
@@ -34,7 +35,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -238,14 +241,59 @@ def _session(model: bytes):
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
+# Vectorised reductions need their sums reordered; no flag that assumes finite numbers
+_FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
+
+
+@lru_cache(maxsize=1)
+def compiled_kernels() -> SimpleNamespace | None:
+    """model/decoding_kernels.py's kernels compiled by numba (model/compiled.py), or None: numpy
+    does their work."""
+    try:
+        from model import decoding_kernels as k
+    except ImportError:  # no numba
+        return None
+    from model.compiled import compile_kernels
+
+    kernels = {"attend": k.attend, "lstm": k.lstm, "next_words": k.next_words}
+    kernels["distinct"] = k.distinct
+    return compile_kernels("decoding", kernels, _warm_up, fastmath=_FASTMATH)
+
+
+def _warm_up(kernels: SimpleNamespace) -> None:
+    """Compile (or load) the kernels for the argument types of real calls, on tiny arrays."""
+    one, ids = np.ones, np.zeros(2, np.int64)
+    kernels.attend(
+        *(one((1, 4), np.float32), one((1, 1, 2, 2), np.float32), np.zeros(1, np.int64)),
+        *(one((1, 4, 2), np.float32), one((1, 2), np.float32), one((1, 4, 3), np.float32)),
+        *(one(1, np.float32), one((1, 2, 3, 3), np.float32), one((1, 2), np.float32)),
+        one(2, np.float32),
+    )
+    kernels.lstm(one((1, 4), np.float32), one((1, 1), np.float32))
+    sampling, finished = np.array([True, False]), np.zeros(2, bool)
+    kernels.next_words(one((1, 3), np.float32), ids, ids[:1], sampling, one(1), finished, 1.0, 2, 0)
+    kernels.distinct(ids, ids, finished, 3)
+
+
 # ----------------------------------------------------------------------------------------------
 # The two decoders' steps
 
 
-def _lstm(gates: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _lstm(
+    gates: np.ndarray, c: np.ndarray, kernels: SimpleNamespace | None
+) -> tuple[np.ndarray, np.ndarray]:
     """An LSTM cell's update from its gate pre-activations (B, 4H), laid out i, f, o, g with the
     i, f, o quarters halved by the tables: sigmoid(x) = (1 + tanh(x / 2)) / 2, so one tanh serves
-    all four gates. Overwrites `gates`."""
+    all four gates. By the compiled kernel where given (model/decoding_kernels.py), else numpy."""
+    if kernels is None:
+        return _lstm_numpy(gates, c)
+    return kernels.lstm(
+        np.ascontiguousarray(gates, np.float32), np.ascontiguousarray(c, np.float32)
+    )
+
+
+def _lstm_numpy(gates: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """_lstm in numpy. Overwrites `gates`."""
     hidden = c.shape[1]
     t = np.tanh(gates, out=gates)
     s = t[:, : 3 * hidden]  # (B, 3H): i, f, o
@@ -268,17 +316,18 @@ class BaselineRuntime:
 
     per_row = ("image_gates", "c", "from_h")
 
-    def __init__(self, tables: Tables, mlas: bool = True):
+    def __init__(self, tables: Tables, compiled: bool = True):
         self.config, a = tables.config, tables.arrays
         self.a = a
         self.hidden = self.config["hidden_dim"]
-        self.from_h = Product(a["from_h"], mlas)  # h (B, H) -> (B, 4H + V): gates | logits
+        self.from_h = Product(a["from_h"], compiled)  # h (B, H) -> (B, 4H + V): gates | logits
+        self.kernels = compiled_kernels() if compiled else None  # numba's, or None: numpy
         # greedy's loop graphs, by (bos, eos, max_len, never); None without onnxruntime
-        self._loops: dict | None = {} if _mlas(mlas) else None
+        self._loops: dict | None = {} if _mlas(compiled) else None
         # The image's share as one graph: 166 us per image, 238 us a product at a time, 390 us
         # in numpy (whose multithreaded OpenBLAS also took 22 ms on 2 busy cores)
         self._image = (
-            _Graph(*self._image_graph(a), 3, {"gates": 2, "hc": 2}) if _mlas(mlas) else None
+            _Graph(*self._image_graph(a), 3, {"gates": 2, "hc": 2}) if _mlas(compiled) else None
         )
 
     @staticmethod
@@ -327,7 +376,7 @@ class BaselineRuntime:
         four_h = 4 * self.hidden
         from_h = state["from_h"]
         gates = self.a["word_gates"][words] + state["image_gates"] + from_h[:, :four_h]
-        h, state["c"] = _lstm(gates, state["c"])
+        h, state["c"] = _lstm(gates, state["c"], self.kernels)
         state["from_h"] = from_h = self.from_h(h)
         return from_h[:, four_h:] + self.a["fc_b"], None  # (B, V)
 
@@ -467,71 +516,54 @@ def _greedy_loop(a: Arrays, hidden: int, eos: int, never: tuple[int, ...], max_l
 
 
 class Attend:
-    """The attention of one step and its gated context:
+    """The attention of one step and its gated context, for every row:
 
-        alpha (B, N), covered (B, F, S, S), keys (K, A, N), query (B, A), cells (K, N, C),
-        beta (B,)  ->  alpha (B, N), covered (B, F, S, S), context (B, C)
+        alpha (B, N), covered (B, F, S, S), image (B,), keys (I, N, A), query (B, A),
+        cells (I, N, C), beta (B,)  ->  alpha (B, N), covered (B, F, S, S), context (B, C)
 
     alpha is the last map, covered the location filters' response to the sum of past maps (the
     convolution is linear, so only the last map is convolved and the sum's response is kept);
-    K is 1 (AttentionRuntime calls it once per run of rows that read one image) or B. One ONNX
-    Runtime graph where onnxruntime is importable (measured about 2x faster than `_numpy` at
-    B = 6), else numpy. The product that reads the context is AttentionRuntime's, once for the
-    rows of every image: inside this graph its 2.4 MB matrix was read once per image a step
-    (a batch of 8 photos with 3 samples each: 9.9 -> 9.3 ms per photo when it left)."""
+    row b reads image image[b]'s keys and cells, kept once per image. Compiled by numba
+    (model/decoding_kernels.py: all rows in one call, measured there against the ONNX Runtime
+    graph it replaced) where it compiles, else numpy, a run of rows of one image at a time. The
+    product that reads the context is AttentionRuntime's, once for the rows of every image."""
 
-    def __init__(self, a: Arrays, side: int, mlas: bool = True):
-        conv = a["location_conv"]  # (F, 2, k, k): over the last map, over the sum of past maps
+    def __init__(self, a: Arrays, side: int, compiled: bool = True):
+        conv = np.ascontiguousarray(a["location_conv"], np.float32)  # (F, 2, k, k): over the
+        self.conv = conv  # last map, over the sum of past maps
         self.filters, self.kernel, self.side = conv.shape[0], conv.shape[2], side
         flat = conv.reshape(self.filters, 2, -1)  # (F, 2, k*k)
         self.taps = np.ascontiguousarray(np.concatenate([flat[:, 0].T, flat[:, 1].T], 1))
-        self.location = np.ascontiguousarray(a["location_w"].T)  # (A, F)
-        self.score = a["score_w"]  # (A,)
-        self._session = _session(self._graph(conv)) if _mlas(mlas) else None
+        self.location = np.ascontiguousarray(a["location_w"], np.float32)  # (F, A)
+        self.score = np.ascontiguousarray(a["score_w"], np.float32)  # (A,)
+        self._kernels = compiled_kernels() if compiled else None
 
-    def _graph(self, conv: np.ndarray) -> bytes:
-        pads = [self.kernel // 2] * 4
-        nodes = [
-            _node("Conv", ["alpha", "conv_last"], "last", pads=pads),  # (B, F, S, S)
-            _node("Conv", ["alpha", "conv_past"], "grown", pads=pads),
-            _node("Add", ["covered", "grown"], "covered_out"),
-            _node("Add", ["last", "covered_out"], "where_map"),
-            _node("Reshape", ["where_map", "flat"], "where"),  # (B, F, N)
-            _node("MatMul", ["location", "where"], "energy_where"),  # (B, A, N)
-            _node("Add", ["energy_where", "keys"], "energy_keys"),
-            _node("Add", ["energy_keys", "query"], "energy"),
-            _node("Tanh", ["energy"], "activation"),
-            _node("MatMul", ["score", "activation"], "scores"),  # (B, 1, N)
-            _node("Softmax", ["scores"], "alpha_out"),
-            _node("MatMul", ["alpha_out", "cells"], "context"),  # (B, 1, C)
-            _node("Mul", ["context", "beta"], "gated"),
-        ]
-        constants = {
-            "conv_last": conv[:, :1],
-            "conv_past": conv[:, 1:],
-            "flat": np.array([0, self.filters, self.side**2], np.int64),
-            "location": self.location,
-            "score": self.score[None],
-        }
-        inputs = {"alpha": 4, "covered": 4, "keys": 3, "query": 3, "cells": 3, "beta": 3}
-        return _model(nodes, constants, inputs, {"alpha_out": 3, "covered_out": 4, "gated": 3})
+    def __call__(self, alpha, covered, image, keys, query, cells, beta):
+        if self._kernels is None:
+            return self._runs(alpha, covered, image, keys, query, cells, beta)
+        c = np.ascontiguousarray  # one signature, compiled once: float32 arrays, C order
+        return self._kernels.attend(
+            *(c(alpha, np.float32), c(covered, np.float32), c(image, np.int64)),
+            *(c(keys, np.float32), c(query, np.float32), c(cells, np.float32)),
+            *(c(beta, np.float32), self.conv, self.location, self.score),
+        )
 
-    def __call__(self, alpha, covered, keys, query, cells, beta):
-        batch, side = len(alpha), self.side
-        if self._session is None:
-            return self._numpy(alpha, covered, keys, query, cells, beta)
-        feeds = {
-            "alpha": alpha.reshape(batch, 1, side, side),
-            "covered": covered,
-            "keys": keys,
-            "query": np.ascontiguousarray(query)[:, :, None],
-            "cells": cells,
-            "beta": beta.reshape(batch, 1, 1).astype(np.float32),
-        }
-        alpha, covered, context = self._session.run(None, feeds)
-        return alpha.reshape(batch, -1), covered, context.reshape(batch, -1)
+    def _runs(self, alpha, covered, image, keys, query, cells, beta):
+        """`_numpy` once per run of rows that read one image (decode and beam search keep rows
+        in image order: one run per image), that image's keys and cells not copied."""
+        bounds = [0, *(np.flatnonzero(np.diff(image)) + 1), len(image)]
+        runs = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):  # row slices are views: nothing copied
+            one, rows = slice(image[lo], image[lo] + 1), slice(lo, hi)  # (1, ...): the image's
+            runs.append(
+                self._numpy(
+                    alpha[rows], covered[rows], keys[one], query[rows], cells[one], beta[rows]
+                )
+            )
+        return runs[0] if len(runs) == 1 else tuple(np.concatenate(part) for part in zip(*runs))
 
     def _numpy(self, alpha, covered, keys, query, cells, beta):
+        """The rows of one image: keys (1, N, A), cells (1, N, C)."""
         batch, side, filters, pad = len(alpha), self.side, self.filters, self.kernel // 2
         padded = np.pad(alpha.reshape(batch, side, side), ((0, 0), (pad, pad), (pad, pad)))
         taps = sliding_window_view(padded, (self.kernel, self.kernel), axis=(1, 2))
@@ -539,8 +571,8 @@ class Attend:
         response = response.reshape(batch, side * side, 2 * filters).transpose(0, 2, 1)
         covered = covered + response[:, filters:].reshape(covered.shape)  # (B, F, S, S)
         where = response[:, :filters] + covered.reshape(batch, filters, -1)  # (B, F, N)
-        energy = np.tanh(self.location @ where + keys + query[:, :, None])  # (B, A, N)
-        alpha = _softmax(self.score @ energy)  # (B, N); the score's bias cancels
+        energy = where.transpose(0, 2, 1) @ self.location + keys + query[:, None, :]
+        alpha = _softmax(np.tanh(energy) @ self.score)  # (B, N); the score's bias cancels
         context = np.matmul(alpha[:, None, :], cells)[:, 0] * beta[:, None]  # (B, C)
         return alpha, covered, context
 
@@ -558,7 +590,7 @@ class AttentionRuntime:
     def __init__(
         self,
         tables: Tables,
-        mlas: bool = True,
+        compiled: bool = True,
         int8: bool = False,
         repeated: tuple[int, int, int] | None = None,
     ):
@@ -569,13 +601,14 @@ class AttentionRuntime:
         # h (B, H) -> (B, 4H + A + 1 + V): gates | query | gate | logits; in int8 if asked
         # (`Product`). The context's product stays float32: in int8 too, the bundled weights'
         # relation accuracy at 224 px fell from 0.952 to 0.944 (h alone: every score within 0.1).
-        self.from_h = Product(a["from_h"], mlas, int8)
-        self.attend = Attend(a, self.side, mlas)
-        self.context = Product(a["context"], mlas)  # gated context (B, C) -> (B, 4H + V)
+        self.from_h = Product(a["from_h"], compiled, int8)
+        self.attend = Attend(a, self.side, compiled)
+        self.context = Product(a["context"], compiled)  # gated context (B, C) -> (B, 4H + V)
+        self.kernels = compiled_kernels() if compiled else None  # numba's, or None: numpy
         # What each image gives every row that reads it, as one graph: 1.33 against 1.47 ms per
         # image a product at a time with numpy between them (10.9 against 13.5 ms for 8 images)
         self._images = (
-            _Graph(*self._images_graph(repeated), 3, self._IMAGES) if _mlas(mlas) else None
+            _Graph(*self._images_graph(repeated), 3, self._IMAGES) if _mlas(compiled) else None
         )
 
     _IMAGES = {"cells": 3, "keys": 3, "hc": 2}  # the image graph's outputs and their ranks
@@ -587,6 +620,9 @@ class AttentionRuntime:
         """
         names = ("cells_b", "position", "keys_w", "keys_b", "init_w", "init_b")
         constants = {name: self.a[name] for name in names}
+        cells = self.side**2
+        constants["average"] = np.full((1, cells), 1 / cells, np.float32)
+        constants["flat"] = np.array([0, -1], np.int64)
         if repeated is None:
             # (I, N, D) -> (I, N, C)
             product = [_node("MatMul", ["x_", "cells_w"], "cells_product")]
@@ -637,19 +673,20 @@ class AttentionRuntime:
             _node("Relu", ["cells_sum"], "cells_relu"),
             _node("Add", ["cells_relu", "position"], "cells"),
             _node("MatMul", ["cells", "keys_w"], "keys_product"),  # (I, N, A)
-            _node("Add", ["keys_product", "keys_b"], "keys_sum"),
-            _node("Transpose", ["keys_sum"], "keys", perm=[0, 2, 1]),  # (I, A, N)
-            _node("ReduceMean", ["cells"], "mean", axes=[1], keepdims=0),  # (I, C)
+            _node("Add", ["keys_product", "keys_b"], "keys"),
+            # the mean cell as a product: ReduceMean over the cells took 55 us, this 3
+            _node("MatMul", ["average", "cells"], "mean"),  # (1, N) @ (I, N, C) -> (I, 1, C)
             _node("MatMul", ["mean", "init_w"], "init_product"),
             _node("Add", ["init_product", "init_b"], "init_sum"),
-            _node("Tanh", ["init_sum"], "hc"),  # (I, 2H): h | c
+            _node("Tanh", ["init_sum"], "hc_3"),
+            _node("Reshape", ["hc_3", "flat"], "hc"),  # (I, 2H): h | c
         ]
 
     def _images_numpy(self, grid: np.ndarray) -> list[np.ndarray]:
         a = self.a
         cells = np.maximum(grid.astype(np.float32) @ a["cells_w"] + a["cells_b"], 0.0)
         cells += a["position"]  # (I, N, C)
-        keys = (cells @ a["keys_w"] + a["keys_b"]).transpose(0, 2, 1)  # (I, A, N)
+        keys = cells @ a["keys_w"] + a["keys_b"]  # (I, N, A)
         return [cells, keys, np.tanh(cells.mean(axis=1) @ a["init_w"] + a["init_b"])]
 
     def start(self, grid: np.ndarray, rows: np.ndarray | None = None) -> State:
@@ -662,7 +699,7 @@ class AttentionRuntime:
         batch, filters = len(hc), self.attend.filters
         return {
             "cells": np.ascontiguousarray(cells),  # (I, N, C)
-            "keys": np.ascontiguousarray(keys),  # (I, A, N)
+            "keys": np.ascontiguousarray(keys),  # (I, N, A)
             "image": rows,  # (B,): the image each row reads
             "c": np.ascontiguousarray(hc[:, hidden:]),  # (B, H)
             "from_h": self.from_h(hc[:, :hidden]),  # (B, 4H + A + 1 + V)
@@ -676,28 +713,19 @@ class AttentionRuntime:
         from_h = state["from_h"]  # (B, 4H + A + 1 + V)
         pre = from_h[:, : four_h + attention] + word[:, : four_h + attention]  # gates | query
         beta = 1.0 / (1.0 + np.exp(-(from_h[:, four_h + attention] + a["gate_b"])))  # (B,)
-        alpha, state["covered"], context = self._attend(state, pre[:, four_h:], beta)
+        image, last, covered = state["image"], state["alpha"], state["covered"]
+        query, keys, cells = pre[:, four_h:], state["keys"], state["cells"]
+        alpha, state["covered"], context = self.attend(
+            last, covered, image, keys, query, cells, beta
+        )
         from_context = self.context(context)  # (B, 4H + V): gates | logits
         gates = pre[:, :four_h] + from_context[:, :four_h]
-        h, state["c"] = _lstm(gates, state["c"])
+        h, state["c"] = _lstm(gates, state["c"], self.kernels)
         state["from_h"] = from_h = self.from_h(h)
         state["alpha"] = alpha
         logits = from_h[:, four_h + attention + 1 :] + from_context[:, four_h:]
         logits += word[:, four_h + attention :]
         return logits, alpha
-
-    def _attend(self, state: State, query: np.ndarray, beta: np.ndarray):
-        """The attention of every row, one `Attend` call per run of rows that read one image
-        (decode and beam search keep rows in image order: one run per image)."""
-        image, alpha, covered = state["image"], state["alpha"], state["covered"]
-        bounds = [0, *(np.flatnonzero(np.diff(image)) + 1), len(image)]
-        runs = []
-        for lo, hi in zip(bounds[:-1], bounds[1:]):  # row slices are views: nothing copied
-            one = slice(image[lo], image[lo] + 1)  # (1, ...): that image's cells and keys
-            rows = slice(lo, hi)
-            keys, cells, q = state["keys"][one], state["cells"][one], query[rows]
-            runs.append(self.attend(alpha[rows], covered[rows], keys, q, cells, beta[rows]))
-        return runs[0] if len(runs) == 1 else tuple(np.concatenate(part) for part in zip(*runs))
 
     def select(self, state: State, index: np.ndarray) -> State:
         """Rows `index` of the state (the cells and keys are the images', shared)."""
@@ -709,7 +737,7 @@ Runtime = BaselineRuntime | AttentionRuntime
 
 def runtime(
     tables: Tables,
-    mlas: bool = True,
+    compiled: bool = True,
     int8: bool = False,
     repeated: tuple[int, int, int] | None = None,
 ) -> Runtime:
@@ -720,9 +748,9 @@ def runtime(
     of cells (EncoderConfig.repeated_columns), which the attention decoder reads once a block."""
     kind = tables.config["kind"]
     if kind == "baseline":
-        return BaselineRuntime(tables, mlas)
+        return BaselineRuntime(tables, compiled)
     if kind == "attention":
-        return AttentionRuntime(tables, mlas, int8, repeated)
+        return AttentionRuntime(tables, compiled, int8, repeated)
     raise ValueError(f"unknown decoder kind {kind!r}; choose from ['attention', 'baseline']")
 
 
@@ -762,20 +790,21 @@ def decode(
     rows = rows if rows is not None else np.arange(batch)
     images, first, owner = np.unique(rows, return_index=True, return_inverse=True)
     state = runtime.start(grid, images)  # one runtime row per distinct caption so far
-    sampled = np.flatnonzero(~np.broadcast_to(np.asarray(greedy, bool), (batch,)))  # (S,)
+    sampling = ~np.broadcast_to(np.asarray(greedy, bool), (batch,))  # (B,)
+    sampled = np.flatnonzero(sampling)  # (S,)
     rng = rng if rng is not None else np.random.default_rng()
-    never = np.array(sorted({*banned, bos}), dtype=np.intp)
+    choice = _Choice(
+        np.array(sorted({*banned, bos}), dtype=np.intp), sampling, temperature, top_k or 0, eos
+    )
+    kernels = runtime.kernels
     step_words = np.full(len(images), bos, dtype=np.intp)  # (U,)
     finished = np.zeros(batch, dtype=bool)
     tokens, maps = [], []
     for _ in range(max_len):
         logits, alpha = runtime.step(step_words, state)  # (U, V), (U, N) | None
-        logits = logits[owner]  # (B, V)
-        logits[:, never] = -np.inf
-        words = logits.argmax(axis=1)
-        if len(sampled):
-            words[sampled] = _draw(logits[sampled], temperature, top_k, rng)
-        words[finished] = eos
+        draws = rng.random(len(sampled))  # one a sampling caption, finished or not
+        words = _next_words(logits, owner, choice, draws, finished, kernels)  # (B,)
+        vocab = logits.shape[1]
         tokens.append(words)
         maps.append(alpha[owner] if alpha is not None else None)
         ended = words == eos
@@ -783,7 +812,7 @@ def decode(
             break
         if len(sampled) or (ended & ~finished).any():  # else every row stays as it is
             count = len(first)
-            owner, first, parent = _distinct(owner, words, finished | ended, logits.shape[1])
+            owner, first, parent = _distinct(owner, words, finished | ended, vocab, kernels)
             if len(parent) != count or np.any(parent != np.arange(count)):
                 state = runtime.select(state, parent)
         finished |= ended
@@ -809,10 +838,44 @@ def greedy(
     return _captions(tokens, [None], eos)
 
 
-def _distinct(owner: np.ndarray, words: np.ndarray, finished: np.ndarray, vocab: int):
-    """The runtime rows of the next step: one per distinct (row, word) among unfinished captions.
-    Returns each caption's new row (B,) (0 for finished ones), and per new row (U,) its first
-    caption and its parent row."""
+@dataclass(frozen=True)
+class _Choice:
+    """How `decode` chooses words: never (W,) words never written, sampling (B,) which captions
+    sample (the others are greedy), temperature and top_k (0: all words) for those, <eos>."""
+
+    never: np.ndarray
+    sampling: np.ndarray
+    temperature: float
+    top_k: int
+    eos: int
+
+
+def _next_words(logits, owner, choice: _Choice, draws, finished, kernels) -> np.ndarray:
+    """Each caption's next word (B,) from its runtime row's logits (U, V): the greedy ones' most
+    likely (the first of equal maxima), the sampling ones' drawn by `_draw` from draws (S,), one
+    uniform number a sampling caption in order; <eos> for finished captions. Compiled where
+    `kernels` are given (model/decoding_kernels.py): 1-2 us a step against about 15 in numpy."""
+    if kernels is not None:
+        return kernels.next_words(
+            *(np.ascontiguousarray(logits, np.float32), owner, choice.never, choice.sampling),
+            *(draws, finished, float(choice.temperature), choice.top_k, choice.eos),
+        )
+    logits = logits[owner]  # (B, V)
+    logits[:, choice.never] = -np.inf
+    words = logits.argmax(axis=1)
+    if len(draws):
+        words[choice.sampling] = _draw(logits[choice.sampling], choice, draws)
+    words[finished] = choice.eos
+    return words
+
+
+def _distinct(owner: np.ndarray, words: np.ndarray, finished: np.ndarray, vocab: int, kernels):
+    """The runtime rows of the next step: one per distinct (row, word) among unfinished captions,
+    in ascending order of (row, word). Returns each caption's new row (B,) (0 for finished ones),
+    and per new row (U,) its first caption and its parent row. Compiled where `kernels` are
+    given."""
+    if kernels is not None:
+        return kernels.distinct(owner, words, finished, vocab)
     live = np.flatnonzero(~finished)
     pairs, first, inverse = np.unique(
         owner[live] * vocab + words[live], return_index=True, return_inverse=True
@@ -833,17 +896,16 @@ def _captions(tokens: np.ndarray, maps: list, eos: int):
     return ids, alphas
 
 
-def _draw(
-    logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator
-) -> np.ndarray:
+def _draw(logits: np.ndarray, choice: _Choice, draws: np.ndarray) -> np.ndarray:
     """One word per row of logits (S, V), from softmax(logits / temperature), within the top k if
-    given: the first word whose cumulative probability passes a uniform draw."""
-    logits = logits / max(temperature, 1e-6)
-    if top_k and top_k < logits.shape[1]:
+    given: the first word whose cumulative probability passes its uniform draw (S,)."""
+    logits = logits / max(choice.temperature, 1e-6)
+    top_k = choice.top_k
+    if 0 < top_k < logits.shape[1]:
         kth = np.partition(logits, -top_k, axis=1)[:, -top_k, None]
         logits[logits < kth] = -np.inf
     cumulative = np.cumsum(_softmax(logits), axis=1)  # (S, V)
-    drawn = rng.random(len(logits))[:, None] * cumulative[:, -1:]
+    drawn = draws[:, None] * cumulative[:, -1:]
     return np.minimum((cumulative <= drawn).sum(axis=1), logits.shape[1] - 1)
 
 

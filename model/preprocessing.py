@@ -12,12 +12,11 @@ the encoder the very same numbers.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
@@ -294,41 +293,17 @@ def _normalised(pixels, table, out):  # pragma: no cover (compiled by numba)
                 out[c, y, x] = table[c, pixels[y, x, c]]
 
 
-@dataclass(frozen=True)
-class _Kernels:
-    normalised: Any
-    colour_cells: Any
-
-
 @lru_cache(maxsize=1)
-def _compiled() -> _Kernels | None:
-    """`_normalised` and `_colour_cells` compiled by numba (about 1 s, once per process, or read
-    from numba's cache), releasing the GIL while they run, and tried once on a tiny picture;
-    None without numba, or where compiling or that try failed (logged): numpy does their work."""
-    try:
-        import numba
-    except ImportError:
-        return None
+def _compiled() -> SimpleNamespace | None:
+    """`_normalised` and `_colour_cells` compiled by numba (model/compiled.py), or None: numpy
+    does their work."""
+    from model.compiled import compile_kernels
 
-    def compiled(cache: bool) -> _Kernels:
-        jit = numba.njit(cache=cache, nogil=True, boundscheck=False, error_model="numpy")
-        return _Kernels(jit(_normalised), jit(_colour_cells))
-
-    try:
-        try:
-            kernels = compiled(cache=True)
-        except RuntimeError:  # no writable cache directory: compile in every process
-            kernels = compiled(cache=False)
-        _warm_up(kernels)
-    except Exception as error:  # whatever failed, numpy does the work
-        logging.getLogger("model.preprocessing").warning(
-            "numba kernels unavailable, numpy instead: %s: %s", type(error).__name__, error
-        )
-        return None
-    return kernels
+    kernels = {"normalised": _normalised, "colour_cells": _colour_cells}
+    return compile_kernels("preprocessing", kernels, _warm_up)
 
 
-def _warm_up(kernels: _Kernels) -> None:
+def _warm_up(kernels: SimpleNamespace) -> None:
     """Compile (or load) both kernels for the argument types of real calls, on a 2x2 picture."""
     table = _pixel_table(((0.5,) * 3, (0.5,) * 3))
     pixels = np.empty((1, 3, 2, 2), np.float32)

@@ -11,8 +11,14 @@ import torch
 
 from model.decoders import DecoderConfig, build_decoder, decoder_tables
 from model.decoding import (
+    Attend,
     Product,
+    _Choice,
+    _distinct,
+    _lstm_numpy,
+    _next_words,
     beam_search,
+    compiled_kernels,
     decode,
     greedy,
     load_tables,
@@ -47,8 +53,8 @@ def make(kind, seed=0, num_cells=49):
     return decoder.eval()
 
 
-def steps(kind, seed=0, mlas=True, int8=False):
-    return runtime(decoder_tables(make(kind, seed)), mlas, int8)
+def steps(kind, seed=0, compiled=True, int8=False):
+    return runtime(decoder_tables(make(kind, seed)), compiled, int8)
 
 
 def grids(batch=3, seed=1):
@@ -61,15 +67,15 @@ def assert_maps_equal(left, right):
         assert (a is None and b is None) or np.allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("mlas", [True, False])
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("kind", ["baseline", "attention"])
-def test_numpy_steps_equal_the_teacher_forced_torch_pass(kind, mlas):
+def test_numpy_steps_equal_the_teacher_forced_torch_pass(kind, compiled):
     decoder, grid = make(kind), grids()
     inputs = torch.randint(3, VOCAB, (3, 7), generator=torch.Generator().manual_seed(2))
     inputs[:, 0] = BOS
     with torch.no_grad():
         full_logits, full_alphas = decoder(torch.from_numpy(grid), inputs)
-    numpy_steps = runtime(decoder_tables(decoder), mlas)
+    numpy_steps = runtime(decoder_tables(decoder), compiled)
     state, step_logits, step_alphas = numpy_steps.start(grid), [], []
     for t in range(inputs.shape[1]):
         logits, alpha = numpy_steps.step(inputs[:, t].numpy(), state)
@@ -155,10 +161,10 @@ print(json.dumps(out))
 
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("kind", ["baseline", "attention"])
-def test_mlas_and_numpy_products_decode_alike(kind, int8):
+def test_compiled_and_numpy_steps_decode_alike(kind, int8):
     grid = grids(5)
-    mlas, numpy = steps(kind, int8=int8), steps(kind, mlas=False, int8=int8)
-    assert decode(mlas, grid, BOS, EOS)[0] == decode(numpy, grid, BOS, EOS)[0]
+    compiled, numpy = steps(kind, int8=int8), steps(kind, compiled=False, int8=int8)
+    assert decode(compiled, grid, BOS, EOS)[0] == decode(numpy, grid, BOS, EOS)[0]
 
 
 @pytest.mark.parametrize("mlas", [True, False])
@@ -213,12 +219,12 @@ def test_an_int8_product_is_the_same_on_cpus_without_vnni(mlas):
     np.testing.assert_allclose(product(x), expected, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("mlas", [True, False])
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("kind", ["baseline", "attention"])
-def test_float16_grids_decode_as_their_float32_values(kind, mlas):
+def test_float16_grids_decode_as_their_float32_values(kind, compiled):
     half = grids(4).astype(np.float16)
-    ids, alphas = decode(steps(kind, mlas=mlas), half, BOS, EOS)
-    ids32, alphas32 = decode(steps(kind, mlas=mlas), half.astype(np.float32), BOS, EOS)
+    ids, alphas = decode(steps(kind, compiled=compiled), half, BOS, EOS)
+    ids32, alphas32 = decode(steps(kind, compiled=compiled), half.astype(np.float32), BOS, EOS)
     assert ids == ids32
     assert_maps_equal(alphas, alphas32)
 
@@ -290,7 +296,7 @@ def test_the_bundled_baselines_greedy_loop_writes_what_decode_does():
 
 
 def test_without_onnxruntime_greedy_is_decode():
-    numpy_only, grid = steps("baseline", mlas=False), grids(4)
+    numpy_only, grid = steps("baseline", compiled=False), grids(4)
     assert numpy_only.greedy(grid, BOS, EOS, 20, ()) is None
     assert greedy(numpy_only, grid, BOS, EOS) == decode(numpy_only, grid, BOS, EOS)
 
@@ -609,3 +615,124 @@ def test_articles_agree_with_the_next_word_one_word_per_word():
         "hour",
     ]
     assert fold_articles(["an", "orange", "circle"]) == ["a", "orange", "circle"]
+
+
+# The compiled kernels (model/decoding_kernels.py) against their numpy twins
+
+
+def test_numba_is_there_so_the_compiled_kernels_are_what_these_tests_check():
+    assert compiled_kernels() is not None
+
+
+@pytest.mark.parametrize("side, kernel", [(7, 5), (14, 5), (4, 3)])
+def test_the_compiled_attention_equals_numpys_for_rows_of_any_image(side, kernel):
+    rng = np.random.default_rng(side)
+    images, rows, filters, attention, channels = 3, 7, 8, 24, 32
+    cells_n = side * side
+    a = {
+        "location_conv": rng.standard_normal((filters, 2, kernel, kernel)).astype(np.float32),
+        "location_w": rng.standard_normal((filters, attention)).astype(np.float32),
+        "score_w": rng.standard_normal(attention).astype(np.float32),
+    }
+    alpha = rng.dirichlet(np.ones(cells_n), rows).astype(np.float32)
+    covered = rng.standard_normal((rows, filters, side, side)).astype(np.float32)
+    image = np.array([2, 0, 0, 2, 1, 2, 1])  # runs of one image, in any order
+    keys = rng.standard_normal((images, cells_n, attention)).astype(np.float32)
+    query = rng.standard_normal((rows, attention)).astype(np.float32)
+    cells = rng.standard_normal((images, cells_n, channels)).astype(np.float32)
+    beta = rng.uniform(0, 1, rows).astype(np.float32)
+    inputs = (alpha, covered, image, keys, query, cells, beta)
+    compiled = Attend(a, side, compiled=True)(*inputs)
+    numpy = Attend(a, side, compiled=False)(*inputs)
+    for got, expected in zip(compiled, numpy):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(compiled[0] - numpy[0]).max() > 0  # two computations, not one
+
+
+def test_the_compiled_lstm_cell_equals_numpys():
+    rng = np.random.default_rng(0)
+    gates = (rng.standard_normal((5, 4 * 16)) * 3).astype(np.float32)
+    c = rng.standard_normal((5, 16)).astype(np.float32)
+    h, c_next = compiled_kernels().lstm(gates, c)
+    expected_h, expected_c = _lstm_numpy(gates.copy(), c)
+    np.testing.assert_allclose(h, expected_h, atol=1e-6)
+    np.testing.assert_allclose(c_next, expected_c, atol=1e-6)
+
+
+def test_the_compiled_tanh_is_within_its_error_of_the_true_one():
+    import numba
+
+    from model.decoding_kernels import tanh
+
+    @numba.njit
+    def tanh_of(x):
+        out = np.empty_like(x)
+        for i in range(len(x)):
+            out[i] = tanh(x[i])
+        return out
+
+    x = np.linspace(-12, 12, 200_001, dtype=np.float32)
+    assert np.abs(tanh_of(x) - np.tanh(x.astype(np.float64))).max() < 3.5e-7
+
+
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_the_compiled_choice_of_words_and_rows_equals_numpys(top_k):
+    rng = np.random.default_rng(top_k)
+    kernels = compiled_kernels()
+    for _ in range(200):
+        batch, rows, vocab = rng.integers(1, 9), rng.integers(1, 4), 12
+        logits = rng.standard_normal((rows, vocab)).astype(np.float32) * 2
+        owner = np.sort(rng.integers(0, rows, batch))
+        sampling = rng.random(batch) < 0.6
+        finished = rng.random(batch) < 0.2
+        choice = _Choice(np.array([1, 4]), sampling, float(rng.uniform(0.5, 2)), top_k, EOS)
+        draws = rng.random(sampling.sum())
+        words = _next_words(logits, owner, choice, draws, finished, kernels)
+        assert (words == _next_words(logits, owner, choice, draws, finished, None)).all()
+        assert not np.isin(words[~finished], [1, 4]).any() and (words[finished] == EOS).all()
+        done = finished | (words == EOS)
+        compiled = _distinct(owner, words, done, vocab, kernels)
+        for got, expected in zip(compiled, _distinct(owner, words, done, vocab, None)):
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_decoding_kernels_that_fail_to_compile_leave_the_work_to_numpy(monkeypatch, caplog):
+    import numba
+
+    from model import decoding
+
+    def broken(*args, **kwargs):
+        def jit(function):
+            def run(*a):
+                raise numba.core.errors.TypingError("no such CPU")
+
+            return run
+
+        return jit
+
+    monkeypatch.setattr(numba, "njit", broken)
+    assert decoding.compiled_kernels.__wrapped__() is None
+    assert "decoding: numba kernels unavailable, numpy instead: TypingError" in caplog.text
+
+
+def test_the_bundled_attention_decoder_writes_alike_compiled_or_in_numpy():
+    """Greedy captions and seeded samples of 48 held-out scenes: the same words either way."""
+    from model.captioner import Captioner
+    from model.data.scenes import render_scene
+    from model.decoding import Tables
+
+    captioner = Captioner.load()
+    compiled = captioner.runtimes["attention"]
+    numpy = runtime(Tables(compiled.config, compiled.a), compiled=False, int8=True)
+    bos, eos = captioner.vocab.bos, captioner.vocab.eos
+    grid = captioner._stack(captioner.encode([render_scene(31_000_000 + s)[1] for s in range(48)]))
+    rows = np.repeat(np.arange(48), 4)
+    greedy_rows = np.arange(len(rows)) % 4 == 0  # a greedy caption and 3 samples per scene
+
+    def written(steps):
+        rng = np.random.default_rng(0)
+        return decode(steps, grid, bos, eos, greedy=greedy_rows, rng=rng, rows=rows)[0]
+
+    expected = written(numpy)
+    assert len({tuple(ids) for ids in expected}) > 40
+    assert written(compiled) == expected

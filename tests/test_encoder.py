@@ -271,7 +271,7 @@ def test_kernels_that_fail_to_compile_leave_the_work_to_numpy(monkeypatch, caplo
 
     monkeypatch.setattr(numba, "njit", broken)
     assert preprocessing._compiled.__wrapped__() is None
-    assert "numpy instead: TypingError" in caplog.text
+    assert "preprocessing: numba kernels unavailable, numpy instead: TypingError" in caplog.text
 
 
 @pytest.mark.parametrize("compiled", [True, False])
