@@ -101,7 +101,8 @@ def _convolve(padded, taps, wide, span, last, grown):
 
 @register_jitable
 def _scores(keys, query, where, location, score, out):
-    """out[n] = score . tanh(keys[n] + query + where[n] @ location), over the A axis."""
+    """out[n] = score . tanh(keys[n] + query + where[n] @ location), over the A axis. (No array
+    views in the loops: each costs numba a reference count, and this took 15 us against 8.)"""
     filters, attention = location.shape
     energy = np.empty(attention, np.float32)
     for n in range(keys.shape[0]):
@@ -111,14 +112,18 @@ def _scores(keys, query, where, location, score, out):
         while f < filters:  # four filters a pass over energy where they remain: 1.9x faster
             if f + 4 <= filters:
                 w0, w1, w2, w3 = where[n, f], where[n, f + 1], where[n, f + 2], where[n, f + 3]
-                l0, l1, l2, l3 = location[f], location[f + 1], location[f + 2], location[f + 3]
                 for a in range(attention):
-                    energy[a] += l0[a] * w0 + l1[a] * w1 + l2[a] * w2 + l3[a] * w3
+                    energy[a] += (
+                        location[f, a] * w0
+                        + location[f + 1, a] * w1
+                        + location[f + 2, a] * w2
+                        + location[f + 3, a] * w3
+                    )
                 f += 4
             else:
-                weight, row = where[n, f], location[f]
+                w0 = where[n, f]
                 for a in range(attention):
-                    energy[a] += row[a] * weight
+                    energy[a] += location[f, a] * w0
                 f += 1
         total = np.float32(0)
         for a in range(attention):
