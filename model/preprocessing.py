@@ -242,18 +242,21 @@ def _colour_cells(images, mean, std, bins, rows, cols):  # pragma: no cover (com
     """colour_statistics_numpy's numbers, cell by cell in one pass: each pixel's hue (the hexcone
     formula, red winning ties as in `_hue6`) gives 1 - frac of its chroma to its lower bin and frac
     to the next round the circle; sums in float32 over a cell's pixels (numpy's are float64: the
-    two differ by under 3e-6)."""
+    two differ by under 3e-6). The channel and chroma sums stay in registers and grey pixels
+    (no chroma, nothing to the bins) skip the hue: 0.23 against 0.29 ms for a scene or a photo
+    (uniform noise, whose hues defeat branch prediction, 0.63 either way)."""
     batch, _, height, width = images.shape
     cell_h, cell_w = height // rows, width // cols
     out = np.empty((batch, rows * cols, bins + 4), np.float32)
-    sums = np.zeros(bins + 4, np.float32)  # the cell's hue bins, then r, g, b and chroma
-    zero, one, tiny = np.float32(0), np.float32(1), np.float32(1e-6)
+    histogram = np.zeros(bins + 1, np.float32)  # the cell's hue bins; the last one wraps to 0
+    zero, one = np.float32(0), np.float32(1)
     per_bin, area = np.float32(bins / 6), np.float32(cell_h * cell_w)
     for n in range(batch):
         red, green, blue = images[n, 0], images[n, 1], images[n, 2]
         for cell in range(rows * cols):
             top, left = (cell // cols) * cell_h, (cell % cols) * cell_w
-            sums[:] = 0
+            histogram[:] = 0
+            sum_r, sum_g, sum_b, sum_chroma = zero, zero, zero, zero
             for y in range(top, top + cell_h):
                 for x in range(left, left + cell_w):
                     r = min(max(red[y, x] * std[0] + mean[0], zero), one)
@@ -261,26 +264,29 @@ def _colour_cells(images, mean, std, bins, rows, cols):  # pragma: no cover (com
                     b = min(max(blue[y, x] * std[2] + mean[2], zero), one)
                     largest = max(max(r, g), b)
                     chroma = largest - min(min(r, g), b)
+                    sum_r, sum_g, sum_b = sum_r + r, sum_g + g, sum_b + b
+                    sum_chroma += chroma
+                    if chroma == zero:
+                        continue
                     if largest == r:
-                        hue = (g - b) / max(chroma, tiny)
+                        hue = (g - b) / chroma
                     elif largest == g:
-                        hue = (b - r) / max(chroma, tiny) + np.float32(2)
+                        hue = (b - r) / chroma + np.float32(2)
                     else:
-                        hue = (r - g) / max(chroma, tiny) + np.float32(4)
+                        hue = (r - g) / chroma + np.float32(4)
                     if hue < zero:
                         hue += np.float32(6)
                     position = hue * per_bin
                     low = np.int64(position)
                     high = (position - np.float32(low)) * chroma  # the next bin's share
                     low = low - bins if low >= bins else low
-                    sums[low] += chroma - high
-                    sums[low + 1 if low + 1 < bins else 0] += high
-                    sums[bins] += r
-                    sums[bins + 1] += g
-                    sums[bins + 2] += b
-                    sums[bins + 3] += chroma
-            for k in range(bins + 4):
-                out[n, cell, k] = sums[k] / area
+                    histogram[low] += chroma - high
+                    histogram[low + 1] += high
+            histogram[0] += histogram[bins]
+            for k in range(bins):
+                out[n, cell, k] = histogram[k] / area
+            for k, total in enumerate((sum_r, sum_g, sum_b, sum_chroma)):
+                out[n, cell, bins + k] = total / area
     return out
 
 
