@@ -256,7 +256,7 @@ def compiled_kernels() -> SimpleNamespace | None:
     from model.compiled import compile_kernels
 
     kernels = {"attend": k.attend, "lstm": k.lstm, "next_words": k.next_words}
-    kernels["distinct"] = k.distinct
+    kernels.update(distinct=k.distinct, query_and_gate=k.query_and_gate)
     return compile_kernels("decoding", kernels, _warm_up, fastmath=_FASTMATH)
 
 
@@ -269,7 +269,9 @@ def _warm_up(kernels: SimpleNamespace) -> None:
         *(one(1, np.float32), one((1, 2, 3, 3), np.float32), one((1, 2), np.float32)),
         one(2, np.float32),
     )
-    kernels.lstm(one((1, 4), np.float32), one((1, 1), np.float32))
+    floats = (one((1, 4), np.float32), one((1, 5), np.float32), one((1, 1), np.float32))
+    kernels.lstm(one((2, 4), np.float32), ids[:1], *floats)
+    kernels.query_and_gate(one((2, 7), np.float32), ids[:1], one((1, 7), np.float32), 0.5, 4, 2)
     sampling, finished = np.array([True, False]), np.zeros(2, bool)
     kernels.next_words(one((1, 3), np.float32), ids, ids[:1], sampling, one(1), finished, 1.0, 2, 0)
     kernels.distinct(ids, ids, finished, 3)
@@ -280,16 +282,30 @@ def _warm_up(kernels: SimpleNamespace) -> None:
 
 
 def _lstm(
-    gates: np.ndarray, c: np.ndarray, kernels: SimpleNamespace | None
+    table: np.ndarray,
+    words: np.ndarray,
+    first: np.ndarray,
+    second: np.ndarray,
+    c: np.ndarray,
+    kernels: SimpleNamespace | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """An LSTM cell's update from its gate pre-activations (B, 4H), laid out i, f, o, g with the
-    i, f, o quarters halved by the tables: sigmoid(x) = (1 + tanh(x / 2)) / 2, so one tanh serves
-    all four gates. By the compiled kernel where given (model/decoding_kernels.py), else numpy."""
+    """An LSTM cell's update from its gate pre-activations table[words] + first + second (the first
+    4H columns of each: (B, 4H), laid out i, f, o, g with the i, f, o quarters halved by the
+    tables: sigmoid(x) = (1 + tanh(x / 2)) / 2, so one tanh serves all four gates). By the compiled
+    kernel where given (model/decoding_kernels.py), else numpy."""
+    four_h = 4 * c.shape[1]
     if kernels is None:
-        return _lstm_numpy(gates, c)
-    return kernels.lstm(
-        np.ascontiguousarray(gates, np.float32), np.ascontiguousarray(c, np.float32)
-    )
+        return _lstm_numpy(table[words, :four_h] + first[:, :four_h] + second[:, :four_h], c)
+    return kernels.lstm(_floats(table), _ids(words), _floats(first), _floats(second), _floats(c))
+
+
+def _floats(x: np.ndarray) -> np.ndarray:
+    """x as the compiled kernels take it: float32, C order (one signature, compiled once)."""
+    return np.ascontiguousarray(x, np.float32)
+
+
+def _ids(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, np.int64)
 
 
 def _lstm_numpy(gates: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -375,8 +391,8 @@ class BaselineRuntime:
     def step(self, words: np.ndarray, state: State) -> tuple[np.ndarray, None]:
         four_h = 4 * self.hidden
         from_h = state["from_h"]
-        gates = self.a["word_gates"][words] + state["image_gates"] + from_h[:, :four_h]
-        h, state["c"] = _lstm(gates, state["c"], self.kernels)
+        table, image = self.a["word_gates"], state["image_gates"]
+        h, state["c"] = _lstm(table, words, image, from_h, state["c"], self.kernels)
         state["from_h"] = from_h = self.from_h(h)
         return from_h[:, four_h:] + self.a["fc_b"], None  # (B, V)
 
@@ -709,23 +725,31 @@ class AttentionRuntime:
 
     def step(self, words: np.ndarray, state: State) -> tuple[np.ndarray, np.ndarray]:
         a, four_h, attention = self.a, 4 * self.hidden, self.attention
-        word = a["word"][words]  # (B, 4H + A + V): gates | query | logits
-        from_h = state["from_h"]  # (B, 4H + A + 1 + V)
-        pre = from_h[:, : four_h + attention] + word[:, : four_h + attention]  # gates | query
-        beta = 1.0 / (1.0 + np.exp(-(from_h[:, four_h + attention] + a["gate_b"])))  # (B,)
+        table = a["word"]  # (V, 4H + A + V): each word's gates | query | logits
+        from_h = state["from_h"]  # (B, 4H + A + 1 + V): gates | query | gate | logits
+        query, beta = self._query_and_gate(words, from_h)  # (B, A), (B,)
         image, last, covered = state["image"], state["alpha"], state["covered"]
-        query, keys, cells = pre[:, four_h:], state["keys"], state["cells"]
         alpha, state["covered"], context = self.attend(
-            last, covered, image, keys, query, cells, beta
+            last, covered, image, state["keys"], query, state["cells"], beta
         )
         from_context = self.context(context)  # (B, 4H + V): gates | logits
-        gates = pre[:, :four_h] + from_context[:, :four_h]
-        h, state["c"] = _lstm(gates, state["c"], self.kernels)
+        h, state["c"] = _lstm(table, words, from_h, from_context, state["c"], self.kernels)
         state["from_h"] = from_h = self.from_h(h)
         state["alpha"] = alpha
         logits = from_h[:, four_h + attention + 1 :] + from_context[:, four_h:]
-        logits += word[:, four_h + attention :]
+        logits += table[words, four_h + attention :]
         return logits, alpha
+
+    def _query_and_gate(self, words: np.ndarray, from_h: np.ndarray):
+        """The step's query (B, A) and context gate (B,) from the last word and state."""
+        a, start, end = self.a, 4 * self.hidden, 4 * self.hidden + self.attention
+        if self.kernels is not None:
+            gate_b = float(a["gate_b"][0])
+            words, from_h = _ids(words), _floats(from_h)
+            table = _floats(a["word"])
+            return self.kernels.query_and_gate(table, words, from_h, gate_b, start, end - start)
+        query = from_h[:, start:end] + a["word"][words, start:end]
+        return query, 1.0 / (1.0 + np.exp(-(from_h[:, end] + a["gate_b"])))
 
     def select(self, state: State, index: np.ndarray) -> State:
         """Rows `index` of the state (the cells and keys are the images', shared)."""

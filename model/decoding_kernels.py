@@ -157,23 +157,39 @@ def _context(alpha, cells, beta, out):
         out[c] *= beta
 
 
-def lstm(gates, c):
-    """An LSTM cell's update as `_lstm_numpy` computes it: gates (B, 4H) laid out i, f, o, g with
-    the i, f, o quarters halved by the tables (sigmoid(x) = (1 + tanh(x / 2)) / 2), c (B, H)
-    -> h (B, H), c (B, H)."""
+def lstm(table, words, first, second, c):
+    """An LSTM cell's update as `decoding._lstm_numpy` computes it, from its gate pre-activations
+    table[words] + first + second (the first 4H columns of each, laid out i, f, o, g with the i, f,
+    o quarters halved by the tables: sigmoid(x) = (1 + tanh(x / 2)) / 2), c (B, H)
+    -> h (B, H), c (B, H). The sums are made here, not as arrays of their own."""
     batch, hidden = c.shape
     h, c_next = np.empty_like(c), np.empty_like(c)
     half = np.float32(0.5)
     for b in range(batch):
-        row = gates[b]
+        word = words[b]
         for k in range(hidden):
-            i = half * tanh(row[k]) + half
-            f = half * tanh(row[hidden + k]) + half
-            o = half * tanh(row[2 * hidden + k]) + half
-            cell = f * c[b, k] + i * tanh(row[3 * hidden + k])
+            i = half * tanh(table[word, k] + first[b, k] + second[b, k]) + half
+            j = hidden + k
+            f = half * tanh(table[word, j] + first[b, j] + second[b, j]) + half
+            j += hidden
+            o = half * tanh(table[word, j] + first[b, j] + second[b, j]) + half
+            j += hidden
+            cell = f * c[b, k] + i * tanh(table[word, j] + first[b, j] + second[b, j])
             c_next[b, k] = cell
             h[b, k] = o * tanh(cell)
     return h, c_next
+
+
+def query_and_gate(table, words, from_h, gate_b, start, attention):
+    """The attention decoder's query (B, A), from_h[:, start:start + A] + table[words, same], and
+    its context gate (B,), sigmoid(from_h[:, start + A] + gate_b), as its step computes them."""
+    batch = len(words)
+    query, beta = np.empty((batch, attention), np.float32), np.empty(batch, np.float32)
+    for b in range(batch):
+        for a in range(attention):
+            query[b, a] = from_h[b, start + a] + table[words[b], start + a]
+        beta[b] = np.float32(1) / (np.float32(1) + np.exp(-(from_h[b, start + attention] + gate_b)))
+    return query, beta
 
 
 # ----------------------------------------------------------------------------------------------

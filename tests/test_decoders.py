@@ -15,7 +15,7 @@ from model.decoding import (
     Product,
     _Choice,
     _distinct,
-    _lstm_numpy,
+    _lstm,
     _next_words,
     beam_search,
     compiled_kernels,
@@ -651,12 +651,16 @@ def test_the_compiled_attention_equals_numpys_for_rows_of_any_image(side, kernel
 
 def test_the_compiled_lstm_cell_equals_numpys():
     rng = np.random.default_rng(0)
-    gates = (rng.standard_normal((5, 4 * 16)) * 3).astype(np.float32)
-    c = rng.standard_normal((5, 16)).astype(np.float32)
-    h, c_next = compiled_kernels().lstm(gates, c)
-    expected_h, expected_c = _lstm_numpy(gates.copy(), c)
+    hidden, words = 16, np.array([3, 0, 3, 1, 2])
+    table = rng.standard_normal((4, 4 * hidden + 7)).astype(np.float32)
+    first = (rng.standard_normal((5, 4 * hidden)) * 2).astype(np.float32)
+    second = (rng.standard_normal((5, 4 * hidden + 9)) * 2).astype(np.float32)
+    c = rng.standard_normal((5, hidden)).astype(np.float32)
+    h, c_next = _lstm(table, words, first, second, c, compiled_kernels())
+    expected_h, expected_c = _lstm(table, words, first, second, c, None)
     np.testing.assert_allclose(h, expected_h, atol=1e-6)
     np.testing.assert_allclose(c_next, expected_c, atol=1e-6)
+    assert np.abs(h - expected_h).max() > 0  # two computations, not one
 
 
 def test_the_compiled_tanh_is_within_its_error_of_the_true_one():
