@@ -11,10 +11,11 @@ graph of 15 nodes, run once per image a step, each node costing a few microsecon
 arithmetic: 34 / 80 / 134 us at 1 / 3 / 6 rows, where this loop nest takes about 20 us a row over
 the rows of every image at once. `decode`'s numpy between steps (the next words, the sampling
 draws, np.unique's regrouping of rows) took about 45 us a step, these kernels 5-7. Together with
-the LSTM cell they made a lone photo (encoding, both greedy captions and 5 samples) 14 % faster
-and a batch of 8 photos with 3 samples each 11 % faster (paired medians, README). Loops are
-written so that LLVM vectorises the inner one: long, contiguous, free of calls that are not
-inlined (hence `tanh` below, not libm's).
+the LSTM cell and the step's query and gate they made a lone photo (encoding, both greedy captions
+and 5 samples) 16 % faster and a batch of 8 photos with 3 samples each 11 % faster (paired
+medians, README). Loops are written so that LLVM vectorises the inner one: long, contiguous, free
+of calls that are not inlined (hence `tanh` below, not libm's), and of array views (numba counts a
+reference for each) and array expressions (slow to compile) inside them.
 """
 
 from __future__ import annotations

@@ -4,9 +4,28 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 
+import pytest
 import pytest_asyncio
 
 from bot.worker import InferenceWorker
+
+
+@pytest.fixture
+def numba_that_cannot_compile(monkeypatch) -> None:
+    """numba.njit as on a machine where compiling fails: every kernel it makes raises numba's
+    TypingError when called (model/compiled.py must leave their work to numpy)."""
+    import numba
+
+    def broken(*args, **kwargs):
+        def jit(function):
+            def run(*a):
+                raise numba.core.errors.TypingError("no such CPU")
+
+            return run
+
+        return jit
+
+    monkeypatch.setattr(numba, "njit", broken)
 
 
 @pytest_asyncio.fixture

@@ -700,21 +700,10 @@ def test_the_compiled_choice_of_words_and_rows_equals_numpys(top_k):
             np.testing.assert_array_equal(got, expected)
 
 
-def test_decoding_kernels_that_fail_to_compile_leave_the_work_to_numpy(monkeypatch, caplog):
-    import numba
-
+@pytest.mark.usefixtures("numba_that_cannot_compile")
+def test_decoding_kernels_that_fail_to_compile_leave_the_work_to_numpy(caplog):
     from model import decoding
 
-    def broken(*args, **kwargs):
-        def jit(function):
-            def run(*a):
-                raise numba.core.errors.TypingError("no such CPU")
-
-            return run
-
-        return jit
-
-    monkeypatch.setattr(numba, "njit", broken)
     assert decoding.compiled_kernels.__wrapped__() is None
     assert "decoding: numba kernels unavailable, numpy instead: TypingError" in caplog.text
 

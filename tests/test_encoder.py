@@ -255,21 +255,10 @@ def test_numpy_preprocess_equals_the_old_torch_one(backbone, compiled, monkeypat
         assert np.array_equal(got, old_torch_preprocess(image, config).numpy())
 
 
-def test_kernels_that_fail_to_compile_leave_the_work_to_numpy(monkeypatch, caplog):
-    import numba
-
+@pytest.mark.usefixtures("numba_that_cannot_compile")
+def test_kernels_that_fail_to_compile_leave_the_work_to_numpy(caplog):
     from model import preprocessing
 
-    def broken(*args, **kwargs):
-        def jit(function):
-            def run(*a):
-                raise numba.core.errors.TypingError("no such CPU")
-
-            return run
-
-        return jit
-
-    monkeypatch.setattr(numba, "njit", broken)
     assert preprocessing._compiled.__wrapped__() is None
     assert "preprocessing: numba kernels unavailable, numpy instead: TypingError" in caplog.text
 
