@@ -234,11 +234,9 @@ def _draw(row, temperature, top_k, draw):
     for word in range(vocab):
         row[word] /= scale
     if 0 < top_k < vocab:
-        for word in range(vocab):  # out if top_k others are larger: below the k-th largest
-            larger = 0
-            for other in range(vocab):
-                larger += row[other] > row[word]
-            if larger >= top_k:
+        kth = _kth_smallest(row.copy(), vocab - top_k)  # the k-th largest
+        for word in range(vocab):
+            if row[word] < kth:
                 row[word] = -np.inf
     top = row[0]
     for word in range(1, vocab):
@@ -257,40 +255,74 @@ def _draw(row, temperature, top_k, draw):
     return min(passed, vocab - 1)
 
 
+@register_jitable
+def _kth_smallest(values, k):
+    """values' k-th smallest (from 0), as np.partition(values, k)[k] gives it, by quickselect
+    (Hoare's partition; `values` is reordered). Plain loops: with np.partition or np.sort numba
+    took seconds longer to compile `next_words`, and a count of the larger ones per word took
+    vocab^2 steps, far too many for a vocabulary of 10,000."""
+    low, high = 0, len(values) - 1
+    while low < high:
+        pivot = values[(low + high) // 2]
+        i, j = low, high
+        while i <= j:
+            while values[i] < pivot:
+                i += 1
+            while values[j] > pivot:
+                j -= 1
+            if i <= j:
+                values[i], values[j] = values[j], values[i]
+                i, j = i + 1, j - 1
+        if k <= j:
+            high = j
+        elif k >= i:
+            low = i
+        else:
+            break  # values[j + 1 : i] all equal the pivot, k among them
+    return values[k]
+
+
 def distinct(owner, words, finished, vocab):
     """`decoding._distinct`: the runtime rows of the next step, one per distinct (row, word)
-    among unfinished captions in ascending order of row * vocab + word -> each caption's new row
-    (B,) (0 for finished ones), and per new row its first caption and its parent row."""
+    among unfinished captions in ascending order of (row, word) -> each caption's new row (B,)
+    (0 for finished ones), and per new row its first caption and its parent row. The captions are
+    grouped by row (a counting sort, their order kept within a row), and each row's distinct words
+    kept sorted by insertion: a row has at most as many words as captions reading it."""
     batch = len(owner)
-    keys = np.empty(batch, np.int64)  # the live captions' keys, ascending, each key's first
-    first = np.empty(batch, np.int64)  # caption where several share it
-    rows = 0
-    for b in range(batch):  # insertion into the distinct keys so far (a few dozen at most)
-        if finished[b]:
-            continue
-        key = owner[b] * vocab + words[b]
-        at = rows
-        while at > 0 and keys[at - 1] > key:
-            at -= 1
-        if at > 0 and keys[at - 1] == key:
-            continue
-        for later in range(rows, at, -1):  # make room
-            keys[later], first[later] = keys[later - 1], first[later - 1]
-        keys[at], first[at] = key, b
-        rows += 1
-    new_owner = np.zeros(batch, np.int64)
+    rows_before = 0
+    for b in range(batch):
+        rows_before = max(rows_before, owner[b] + 1)
+    starts = np.zeros(rows_before + 1, np.int64)  # where each row's captions begin in `order`
     for b in range(batch):
         if not finished[b]:
-            key = owner[b] * vocab + words[b]
-            lo, hi = 0, rows  # binary search of its key
-            while lo < hi:
-                middle = (lo + hi) // 2
-                if keys[middle] < key:
-                    lo = middle + 1
-                else:
-                    hi = middle
-            new_owner[b] = lo
-    parent = np.empty(rows, np.int64)
-    for row in range(rows):
-        parent[row] = keys[row] // vocab
-    return new_owner, first[:rows], parent
+            starts[owner[b] + 1] += 1
+    for row in range(rows_before):
+        starts[row + 1] += starts[row]
+    order, filled = np.empty(starts[rows_before], np.int64), starts[:rows_before].copy()
+    for b in range(batch):
+        if not finished[b]:
+            order[filled[owner[b]]] = b
+            filled[owner[b]] += 1
+    new_owner = np.zeros(batch, np.int64)
+    word_of, first = np.empty(len(order), np.int64), np.empty(len(order), np.int64)
+    parent = np.empty(len(order), np.int64)
+    rows = 0
+    for row in range(rows_before):
+        base = rows  # this row's new rows start here, one per distinct word, ascending
+        for i in range(starts[row], starts[row + 1]):
+            b, word = order[i], words[order[i]]
+            at = rows
+            while at > base and word_of[at - 1] > word:
+                at -= 1
+            if at > base and word_of[at - 1] == word:
+                continue  # an earlier caption of this row wrote it
+            for later in range(rows, at, -1):  # make room
+                word_of[later], first[later] = word_of[later - 1], first[later - 1]
+            word_of[at], first[at], parent[rows] = word, b, row
+            rows += 1
+        for i in range(starts[row], starts[row + 1]):
+            at = base
+            while word_of[at] != words[order[i]]:
+                at += 1
+            new_owner[order[i]] = at
+    return new_owner, first[:rows], parent[:rows]

@@ -683,10 +683,16 @@ def test_the_compiled_tanh_is_within_its_error_of_the_true_one():
 def test_the_compiled_choice_of_words_and_rows_equals_numpys(top_k):
     rng = np.random.default_rng(top_k)
     kernels = compiled_kernels()
-    for _ in range(200):
-        batch, rows, vocab = rng.integers(1, 9), rng.integers(1, 4), 12
+    for trial in range(300):
+        # small batches, and large ones whose captions read their rows in any order (as
+        # Captioner.captions' greedy captions first, then the samples)
+        large = trial % 3 == 0
+        batch, rows = rng.integers(1, 300 if large else 9), rng.integers(1, 40)
+        vocab = 3000 if trial % 50 == 1 else 12  # a COCO-sized vocabulary now and then
         logits = rng.standard_normal((rows, vocab)).astype(np.float32) * 2
-        owner = np.sort(rng.integers(0, rows, batch))
+        logits = np.round(logits, 1)  # with ties
+        owner = rng.integers(0, rows, batch)
+        owner = owner if large else np.sort(owner)
         sampling = rng.random(batch) < 0.6
         finished = rng.random(batch) < 0.2
         choice = _Choice(np.array([1, 4]), sampling, float(rng.uniform(0.5, 2)), top_k, EOS)
@@ -698,6 +704,21 @@ def test_the_compiled_choice_of_words_and_rows_equals_numpys(top_k):
         compiled = _distinct(owner, words, done, vocab, kernels)
         for got, expected in zip(compiled, _distinct(owner, words, done, vocab, None)):
             np.testing.assert_array_equal(got, expected)
+
+
+def test_the_kth_smallest_by_quickselect_is_numpys():
+    import numba
+
+    from model.decoding_kernels import _kth_smallest
+
+    kth_smallest = numba.njit(_kth_smallest)
+    rng = np.random.default_rng(0)
+    for size in (1, 2, 3, 12, 41, 1000):
+        for _ in range(20):
+            values = np.round(rng.standard_normal(size), 1).astype(np.float32)  # with ties
+            values[rng.random(size) < 0.1] = -np.inf  # never-written words
+            k = int(rng.integers(0, size))
+            assert kth_smallest(values.copy(), k) == np.partition(values, k)[k]
 
 
 @pytest.mark.usefixtures("numba_that_cannot_compile")
