@@ -274,7 +274,7 @@ def _warm_up(kernels: SimpleNamespace) -> None:
     kernels.query_and_gate(one((2, 7), np.float32), ids[:1], one((1, 7), np.float32), 0.5, 4, 2)
     sampling, finished = np.array([True, False]), np.zeros(2, bool)
     kernels.next_words(one((1, 3), np.float32), ids, ids[:1], sampling, one(1), finished, 1.0, 2, 0)
-    kernels.distinct(ids, ids, finished, 3)
+    kernels.distinct(ids, ids, finished)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -879,7 +879,7 @@ def _next_words(logits, owner, choice: _Choice, draws, finished, kernels) -> np.
     `kernels` are given (model/decoding_kernels.py): 1-2 us a step against about 15 in numpy."""
     if kernels is not None:
         return kernels.next_words(
-            *(np.ascontiguousarray(logits, np.float32), owner, choice.never, choice.sampling),
+            *(_floats(logits), _ids(owner), _ids(choice.never), choice.sampling),
             *(draws, finished, float(choice.temperature), choice.top_k, choice.eos),
         )
     logits = logits[owner]  # (B, V)
@@ -897,7 +897,7 @@ def _distinct(owner: np.ndarray, words: np.ndarray, finished: np.ndarray, vocab:
     and per new row (U,) its first caption and its parent row. Compiled where `kernels` are
     given."""
     if kernels is not None:
-        return kernels.distinct(owner, words, finished, vocab)
+        return kernels.distinct(_ids(owner), _ids(words), finished)
     live = np.flatnonzero(~finished)
     pairs, first, inverse = np.unique(
         owner[live] * vocab + words[live], return_index=True, return_inverse=True

@@ -282,7 +282,7 @@ def _kth_smallest(values, k):
     return values[k]
 
 
-def distinct(owner, words, finished, vocab):
+def distinct(owner, words, finished):
     """`decoding._distinct`: the runtime rows of the next step, one per distinct (row, word)
     among unfinished captions in ascending order of (row, word) -> each caption's new row (B,)
     (0 for finished ones), and per new row its first caption and its parent row. The captions are
