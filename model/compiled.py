@@ -3,9 +3,10 @@
 A module keeps its kernels' bodies as plain Python beside the numpy code they replace, and asks
 `compile_kernels` for them once (lru_cache on the caller's side). Every kernel releases the GIL
 while it runs (`nogil`), so the bot's event loop and the other stage's thread go on beside it.
-Compiling takes about a second the first time and a fraction of that from numba's on-disk cache;
-a kernel that will not compile or run here (no numba, an unsupported CPU, no cache directory that
-can be written and no way round it) leaves its work to numpy: logged, never a failed photo.
+Compiling takes a second (preprocessing's) to four (decoding's) the first time and a fraction of
+that from numba's on-disk cache; a kernel that will not compile or run here (no numba, an
+unsupported CPU, no cache directory that can be written and no way round it) leaves its work to
+numpy: logged, never a failed photo.
 """
 
 from __future__ import annotations

@@ -813,7 +813,7 @@ def decode(
     images, first, owner = np.unique(rows, return_index=True, return_inverse=True)
     state = runtime.start(grid, images)  # one runtime row per distinct caption so far
     sampling = ~np.broadcast_to(np.asarray(greedy, bool), (batch,))  # (B,)
-    sampled = np.flatnonzero(sampling)  # (S,)
+    sampling_count = int(np.count_nonzero(sampling))  # S
     rng = rng if rng is not None else np.random.default_rng()
     choice = _Choice(
         np.array(sorted({*banned, bos}), dtype=np.intp), sampling, temperature, top_k or 0, eos
@@ -824,7 +824,7 @@ def decode(
     tokens, maps = [], []
     for _ in range(max_len):
         logits, alpha = runtime.step(step_words, state)  # (U, V), (U, N) | None
-        draws = rng.random(len(sampled))  # one a sampling caption, finished or not
+        draws = rng.random(sampling_count)  # one a sampling caption, finished or not
         words = _next_words(logits, owner, choice, draws, finished, kernels)  # (B,)
         vocab = logits.shape[1]
         tokens.append(words)
@@ -832,7 +832,7 @@ def decode(
         ended = words == eos
         if (finished | ended).all():
             break
-        if len(sampled) or (ended & ~finished).any():  # else every row stays as it is
+        if sampling_count or (ended & ~finished).any():  # else every row stays as it is
             count = len(first)
             owner, first, parent = _distinct(owner, words, finished | ended, vocab, kernels)
             if len(parent) != count or np.any(parent != np.arange(count)):
