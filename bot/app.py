@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import signal
+import sys
 import time
 
 from aiogram import Bot, Dispatcher
@@ -66,6 +67,7 @@ async def start_worker(worker: InferenceWorker) -> None:
         ) from error
     log.info("model_warmed_up", seconds=round(seconds, 2))
     freeze_heap()
+    share_the_gil_sooner()
     await worker.start()
 
 
@@ -75,6 +77,20 @@ def freeze_heap() -> None:
     collection (in the bot benchmark each took ~0.1-0.3 s of the event loop's time)."""
     gc.collect()
     gc.freeze()
+
+
+# The worker's threads (encoding, decoding) hand the GIL back and forth with the event loop:
+# each return from ONNX Runtime or a numba kernel takes the GIL again, and while the event loop
+# runs Python a waiting thread got it only after CPython's switch interval, 5 ms (an encoder
+# thread waited 1.9-2.4 ms per image in the bot benchmark's bursts, /proc schedstat). At 0.5 ms
+# the bursts gave 3.3 % more photos/s against the previous code (paired median of 16 rounds),
+# 4.2 % against 5 ms (12 rounds); 0.2 ms gave 2.9 %.
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
+def share_the_gil_sooner() -> None:
+    """A thread waiting for the GIL gets it within GIL_SWITCH_INTERVAL_S."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
 
 class BotApp:

@@ -7,6 +7,7 @@ gate so that jobs pile up in the queue deterministically (no timing guesses).
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -574,3 +575,20 @@ async def test_a_failing_domain_check_fails_only_its_job(make_worker):
     a, bad = await asyncio.gather(*tasks, return_exceptions=True)
     assert a.headline == "attention enc(a)"
     assert isinstance(bad, InferenceFailed)
+
+
+async def test_starting_the_bot_worker_hands_the_gil_over_sooner(make_worker):
+    """The worker's threads take the GIL back after every ONNX Runtime or numba call; the bot
+    shortens CPython's switch interval so that they wait less for the event loop's Python."""
+    from bot.app import GIL_SWITCH_INTERVAL_S, start_worker
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        worker = make_worker(FakeCaptioner())
+        await start_worker(worker)
+        assert worker.running
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)
+        assert GIL_SWITCH_INTERVAL_S < 0.005
+    finally:
+        sys.setswitchinterval(before)
