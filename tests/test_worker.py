@@ -7,6 +7,7 @@ gate so that jobs pile up in the queue deterministically (no timing guesses).
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 import threading
 import time
@@ -592,3 +593,4 @@ async def test_starting_the_bot_worker_hands_the_gil_over_sooner(make_worker):
         assert GIL_SWITCH_INTERVAL_S < 0.005
     finally:
         sys.setswitchinterval(before)
+        gc.unfreeze()  # start_worker froze the heap, as the bot does once its model has loaded
