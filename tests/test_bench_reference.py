@@ -34,3 +34,33 @@ def test_ratio_targets_are_judged_against_the_reference_fastest_photo():
 def test_machine_line_names_the_cpu_and_avx512():
     line = cpu_description()
     assert "AVX-512: " in line and "VNNI: " in line and "cores usable" in line
+
+
+def test_the_benchmark_driver_collects_its_garbage_before_a_timed_run_not_during_it():
+    import gc
+    import weakref
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from bot_bench import driver_collects_outside
+
+    class Node:
+        pass
+
+    cycle = Node()
+    cycle.me = cycle  # only the cycle collector frees it
+    gone = weakref.ref(cycle)
+    del cycle
+    was_enabled = gc.isenabled()
+    gc.enable()
+    try:
+        try:
+            with driver_collects_outside():
+                assert gone() is None  # collected before the clock starts
+                assert not gc.isenabled()  # and no collection while it runs
+                raise KeyboardInterrupt  # a run that ends badly
+        except KeyboardInterrupt:
+            pass
+        assert gc.isenabled()
+    finally:
+        if not was_enabled:
+            gc.disable()
