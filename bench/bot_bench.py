@@ -138,12 +138,12 @@ class Bot:
 @contextlib.contextmanager
 def driver_collects_outside() -> Iterator[None]:
     """Within: this process (the emulator standing in for Telegram's servers, the load, the
-    reference) collects its garbage before, not while the bot is timed. Its full collections
-    grow with what the emulators keep (every update, file and message of the run) and took
-    163-249 ms (55,000 objects); one fell in the third paired round of the Redis benchmark in
-    every run, a burst in which the emulator answered nobody for 0.16 s, and that round lost
-    20-30 % of its photos/s against 7 % in the others. The bot's own processes collect as
-    they always do."""
+    reference) collects its garbage before, not while the bot or the reference is timed. Its
+    full collections grow with what the emulators keep (every update, file and message of the
+    run) and took 163-249 ms (55,000 objects); one fell in the third paired round of the Redis
+    benchmark in every run, a burst in which the emulator answered nobody for 0.16 s, and that
+    round lost 20-30 % of its photos/s against 7 % in the others. The bot's own processes
+    collect as they always do."""
     gc.collect()
     gc.disable()
     try:
@@ -199,7 +199,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def time_reference(reference: ReferenceCaptioner, times: Reference, photos: int) -> None:
     image = render_scene(20_000_000)[1]
-    times.ms += [reference.time_photo(image) for _ in range(photos)]
+    for _ in range(photos):
+        with driver_collects_outside():  # as for the bot: the emulators' heap is not its cost
+            times.ms.append(reference.time_photo(image))
 
 
 # Each bot's BATCH_MAX: the default, and 1
