@@ -97,6 +97,21 @@ def test_a_photo_encoded_by_one_worker_is_cached_for_another(sync_client):
     assert 0 < sync_client.ttl(f"{prefix}:encoded:photo") <= 60
 
 
+def test_an_unshared_cache_keeps_its_entries_in_this_process(sync_client):
+    prefix = f"s{next(_prefixes)}"
+    alone = RedisEncodedCache(4, sync_client, prefix=prefix, ttl_s=60)
+    other = RedisEncodedCache(4, sync_client, prefix=prefix, ttl_s=60)
+    alone.shared = False  # a worker alone in its consumer group (JobConsumer)
+    alone.put("photo", entry(1))
+    alone.flush()
+    assert np.array_equal(alone.get("photo").encoded.grid, entry(1).encoded.grid)
+    assert "photo" not in other and sync_client.exists(f"{prefix}:encoded:photo") == 0
+    alone.shared = True
+    alone.put("next", entry(2))
+    alone.flush()
+    assert "next" in other
+
+
 async def test_the_event_loop_asks_redis_whether_a_photo_is_cached_from_a_thread(sync_client):
     prefix = f"s{next(_prefixes)}"
     first = RedisEncodedCache(4, sync_client, prefix=prefix, ttl_s=60)

@@ -351,3 +351,37 @@ async def test_a_caller_cancelled_while_its_pipeline_runs_leaves_the_others_thei
     done = await asyncio.gather(*tasks, return_exceptions=True)
     assert done[0] == [b"0"] and done[2] == [b"2"]
     assert isinstance(done[1], asyncio.CancelledError)
+
+
+async def test_live_consumers_are_those_that_checked_in_within_the_claim_idle_time(client):
+    transport = await make(client, claim_idle_ms=400)
+    assert await transport.live_consumers("a") == {"a"}
+    assert await transport.live_consumers("b") == {"a", "b"}
+    await asyncio.sleep(0.5)
+    assert await transport.live_consumers("a") == {"a"}  # b died: silent too long
+
+
+async def test_a_worker_alone_stops_sharing_encodings_until_another_checks_in(client):
+    transport = await make(client, claim_idle_ms=600)  # checks in every 0.2 s
+    for update_id in range(20):
+        await transport.enqueue(job(update_id))  # more than it holds: it stays at capacity
+    cache = types.SimpleNamespace(shared=True)  # RedisEncodedCache's switch
+    settings = types.SimpleNamespace(batch_max=4, shutdown_timeout_s=5)
+    service = _StuckService()
+    consumer = JobConsumer(transport, service, settings, name="a", cache=cache)
+    stop = asyncio.Event()
+    running = asyncio.create_task(consumer.run(stop))
+    try:
+        await until(lambda: not cache.shared)
+        await until(lambda: consumer.in_hand == 12)
+        await asyncio.sleep(0.7)
+        # at capacity for longer than claim_idle_ms, and yet it checks in:
+        checked_in = asyncio.get_running_loop().time()
+        assert await transport.live_consumers("b") == {"a", "b"}  # a second worker, once
+        await until(lambda: cache.shared)
+        await until(lambda: not cache.shared)
+        assert asyncio.get_running_loop().time() - checked_in >= 0.55  # live for claim_idle_ms
+    finally:
+        service.release.set()
+        stop.set()
+        await asyncio.wait_for(running, 20)

@@ -17,7 +17,13 @@ from bot.app import BotApp, build_bot, start_worker
 from bot.health import heartbeat
 from bot.jobs.consumer import JobConsumer
 from bot.jobs.frontend import EnqueueingService, UpdateGate
-from bot.jobs.shared import SharedAllowlist, SharedPhotoBook, SharedRateLimit, shared_cache
+from bot.jobs.shared import (
+    RedisEncodedCache,
+    SharedAllowlist,
+    SharedPhotoBook,
+    SharedRateLimit,
+    shared_cache,
+)
 from bot.jobs.transport import RedisTransport, UnreachableError, connect_client, wait_for_redis
 from bot.log import get_logger
 from bot.middlewares import AllowlistMiddleware, RateLimitMiddleware
@@ -87,7 +93,10 @@ class QueuedBotApp(BotApp):
         self.consumer: JobConsumer | None = None
         if worker is not None:
             self.consumer = JobConsumer(
-                transport, CaptionService(self.bot, worker, self.photos, settings), settings
+                transport,
+                CaptionService(self.bot, worker, self.photos, settings),
+                settings,
+                cache=worker.cache if isinstance(worker.cache, RedisEncodedCache) else None,
             )
         self._stop_consuming = asyncio.Event()
         self._consuming: asyncio.Task[None] | None = None
@@ -125,9 +134,13 @@ def shared_photos(transport: RedisTransport) -> SharedPhotoBook:
     return SharedPhotoBook(transport.client, transport.prefix)
 
 
-def share_cache(worker: InferenceWorker, settings: Settings, transport: RedisTransport) -> None:
+def share_cache(
+    worker: InferenceWorker, settings: Settings, transport: RedisTransport
+) -> RedisEncodedCache:
     """The worker's encoded-photo cache, shared with every other worker through Redis."""
-    worker.cache = shared_cache(settings, transport.prefix)
+    cache = shared_cache(settings, transport.prefix)
+    worker.cache = cache
+    return cache
 
 
 async def run_worker(
@@ -135,10 +148,13 @@ async def run_worker(
 ) -> None:
     if worker is None:
         worker = await InferenceWorker.load(settings)
-    share_cache(worker, settings, transport)
+    cache = share_cache(worker, settings, transport)
     bot = build_bot(settings)
     consumer = JobConsumer(
-        transport, CaptionService(bot, worker, shared_photos(transport), settings), settings
+        transport,
+        CaptionService(bot, worker, shared_photos(transport), settings),
+        settings,
+        cache=cache,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

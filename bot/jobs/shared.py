@@ -149,7 +149,8 @@ class RedisEncodedCache(EncodedCache):
     encoding stage (the write took about 1 ms per photo there: the thumbnail's JPEG, 200 KB
     over the socket, three round trips). Until it lands, another worker misses and
     downloads the photo, as it would for a photo never seen. At most `backlog` writes
-    wait; more are dropped (logged), so a slow Redis never holds the model up.
+    wait; more are dropped (logged), so a slow Redis never holds the model up. With `shared`
+    False (a worker alone in its consumer group: JobConsumer) entries stay in this process.
     """
 
     def __init__(
@@ -166,6 +167,7 @@ class RedisEncodedCache(EncodedCache):
         )
         self._writer: threading.Thread | None = None
         self._writer_lock = threading.Lock()
+        self.shared = True
 
     def _key(self, key: str) -> str:
         return encoded_key(self.prefix, key)
@@ -213,7 +215,7 @@ class RedisEncodedCache(EncodedCache):
 
     def put(self, key: str, entry: _CacheEntry, source: bytes | None = None) -> None:
         super().put(key, entry)
-        if self.capacity <= 0:
+        if self.capacity <= 0 or not self.shared:
             return
         self._start_writer()
         if source is not None and len(source) > SOURCE_MAX_BYTES:

@@ -54,6 +54,17 @@ return redis.call('XADD', KEYS[2], '*', 'cached', cached, unpack(ARGV, 3))
 
 # KEYS: the job's reply record, stream. ARGV: the record, its TTL (s), the group, the entry
 # id. The record, the XACK and the XDEL happen together (a script is atomic).
+# KEYS: the roll (a sorted set of consumers by when they last checked in, in Redis's clock).
+# ARGV: this consumer, how long (ms) a silent consumer still counts. Returns the live ones.
+_ROLL_CALL = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZADD', KEYS[1], ms, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+
 _FINISH = """
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('XACK', KEYS[2], ARGV[3], ARGV[4])
@@ -282,6 +293,13 @@ class RedisTransport:
             # typed list[Any]: xclaim's stub wants a list of every id type, and list is invariant
             ordered: list[Any] = sorted(held, key=_id_key)
             await self.client.xclaim(self.stream, GROUP, consumer, 0, ordered, justid=True)
+
+    async def live_consumers(self, consumer: str) -> set[str]:
+        """Marks `consumer` live and returns every consumer marked within `claim_idle_ms`, itself
+        included: the workers that checked in lately. (The group's own consumer list will not
+        do: Redis 7.0 lists a consumer only once it was handed a job, and keeps a dead one.)"""
+        call = ScriptCall(_ROLL_CALL, (self.key("consumers"),), (consumer, self.claim_idle_ms))
+        return {_str(name) for name in await self._run((), call)}
 
     async def answered(self, update_id: int) -> bool:
         return bool(await self.client.exists(self.key("reply", update_id)))
