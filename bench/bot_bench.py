@@ -140,10 +140,10 @@ def driver_collects_outside() -> Iterator[None]:
     """Within: this process (the emulator standing in for Telegram's servers, the load, the
     reference) collects its garbage before, not while the bot or the reference is timed. Its
     full collections grow with what the emulators keep (every update, file and message of the
-    run) and took 163-249 ms (55,000 objects); one fell in the third paired round of the Redis
-    benchmark in every run, a burst in which the emulator answered nobody for 0.16 s, and that
-    round lost 20-30 % of its photos/s against 7 % in the others. The bot's own processes
-    collect as they always do."""
+    run) and took 130-250 ms by the third round (55,000 objects), 366 ms once; one fell in the
+    third paired round of the Redis benchmark in every run, a burst in which the emulator
+    answered nobody for 0.16 s, and that round lost 16-30 % of its photos/s against 8 % in the
+    others. The bot's own processes collect as they always do."""
     gc.collect()
     gc.disable()
     try:
