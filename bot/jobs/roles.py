@@ -96,7 +96,7 @@ class QueuedBotApp(BotApp):
                 transport,
                 CaptionService(self.bot, worker, self.photos, settings),
                 settings,
-                cache=worker.cache if isinstance(worker.cache, RedisEncodedCache) else None,
+                cache=redis_cache(worker),
             )
         self._stop_consuming = asyncio.Event()
         self._consuming: asyncio.Task[None] | None = None
@@ -134,13 +134,15 @@ def shared_photos(transport: RedisTransport) -> SharedPhotoBook:
     return SharedPhotoBook(transport.client, transport.prefix)
 
 
-def share_cache(
-    worker: InferenceWorker, settings: Settings, transport: RedisTransport
-) -> RedisEncodedCache:
+def share_cache(worker: InferenceWorker, settings: Settings, transport: RedisTransport) -> None:
     """The worker's encoded-photo cache, shared with every other worker through Redis."""
-    cache = shared_cache(settings, transport.prefix)
-    worker.cache = cache
-    return cache
+    worker.cache = shared_cache(settings, transport.prefix)
+
+
+def redis_cache(worker: InferenceWorker) -> RedisEncodedCache | None:
+    """The worker's cache if `share_cache` made it the Redis one (its consumer switches its
+    writes off while no other worker lives)."""
+    return worker.cache if isinstance(worker.cache, RedisEncodedCache) else None
 
 
 async def run_worker(
@@ -148,13 +150,13 @@ async def run_worker(
 ) -> None:
     if worker is None:
         worker = await InferenceWorker.load(settings)
-    cache = share_cache(worker, settings, transport)
+    share_cache(worker, settings, transport)
     bot = build_bot(settings)
     consumer = JobConsumer(
         transport,
         CaptionService(bot, worker, shared_photos(transport), settings),
         settings,
-        cache=cache,
+        cache=redis_cache(worker),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
