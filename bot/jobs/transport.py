@@ -54,6 +54,12 @@ return redis.call('XADD', KEYS[2], '*', 'cached', cached, unpack(ARGV, 3))
 
 # KEYS: the job's reply record, stream. ARGV: the record, its TTL (s), the group, the entry
 # id. The record, the XACK and the XDEL happen together (a script is atomic).
+_FINISH = """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('XACK', KEYS[2], ARGV[3], ARGV[4])
+return redis.call('XDEL', KEYS[2], ARGV[4])
+"""
+
 # KEYS: the roll (a sorted set of consumers by when they last checked in, in Redis's clock).
 # ARGV: this consumer, how long (ms) a silent consumer still counts. Returns the live ones.
 _ROLL_CALL = """
@@ -63,12 +69,6 @@ redis.call('ZADD', KEYS[1], ms, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms - tonumber(ARGV[2]))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return redis.call('ZRANGE', KEYS[1], 0, -1)
-"""
-
-_FINISH = """
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call('XACK', KEYS[2], ARGV[3], ARGV[4])
-return redis.call('XDEL', KEYS[2], ARGV[4])
 """
 
 
