@@ -87,8 +87,12 @@ COPY weights/ weights/
 ENV CAPTION_CACHE_DIR=/app/.cache
 COPY --from=bundle /app/.cache/ /app/.cache/
 # Bytecode compiled now: the container's root filesystem is read-only at run time.
+# /var/lib/captionbot: the journal of accepted updates (JOURNAL_FILE), a volume, so that a
+# photo accepted but not yet answered survives the process and its container.
 RUN python -m compileall -q bot model \
-    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin captionbot
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin captionbot \
+    && mkdir -p /var/lib/captionbot && chown 10001 /var/lib/captionbot
+VOLUME /var/lib/captionbot
 USER 10001
 
 # PLAYGROUND=off: in a container a missing token is an error, not a local chat page.
@@ -98,6 +102,7 @@ ENV LOG_FORMAT=json \
     WEIGHTS_DIR=/app/weights \
     DEVICE=cpu \
     HEALTH_FILE=/tmp/captionbot.health \
+    JOURNAL_FILE=/var/lib/captionbot/journal.sqlite3 \
     HOME=/tmp \
     XDG_CACHE_HOME=/tmp/.cache \
     TORCH_HOME=/tmp/.cache/torch \

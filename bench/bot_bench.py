@@ -25,6 +25,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,7 +69,9 @@ def scene_jpeg(seed: int) -> bytes:
 
 def bot_env(emu: BotAPIEmulator, captioner: str, **settings: object) -> dict[str, str]:
     """The environment of a benchmarked `python -m bot` against the emulator: no rate limit,
-    a deep queue, JSON logs; `settings` add to or override it."""
+    a deep queue, JSON logs, a journal of its own (bots run side by side, each with its own
+    emulator, whose update ids overlap); `settings` add to or override it."""
+    journal = Path(tempfile.mkdtemp(prefix="captionbot-bench-")) / "journal.sqlite3"
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
     env.update(
         {
@@ -81,6 +84,7 @@ def bot_env(emu: BotAPIEmulator, captioner: str, **settings: object) -> dict[str
             "LOG_FORMAT": "json",
             "LOG_LEVEL": "INFO",
             "HEALTH_FILE": "off",
+            "JOURNAL_FILE": str(journal),
             "RATE_LIMIT_PER_MIN": "0",
             "QUEUE_MAX": "1000",
         }

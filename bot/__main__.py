@@ -65,6 +65,7 @@ async def run_playground(settings: Settings) -> None:
                     "mode": "polling",
                     "telegram_api_base": emulator.base_url,
                     "telegram_bot_token": SecretStr(emulator.bot_token),
+                    "journal_file": None,  # the emulator's updates die with this process
                 }
             )
         )

@@ -9,6 +9,7 @@ import gc
 import signal
 import sys
 import time
+from typing import Any
 
 from aiogram import Bot, Dispatcher
 from aiogram.client.session.aiohttp import AiohttpSession
@@ -21,6 +22,8 @@ from aiohttp import web
 from bot import texts
 from bot.handlers import routers
 from bot.health import heartbeat
+from bot.journal import Journal, JournalError, bot_id_of
+from bot.journaling import JournaledRequestHandler, Journaling
 from bot.log import get_logger
 from bot.middlewares import (
     AllowlistMiddleware,
@@ -100,10 +103,18 @@ class BotApp:
     # Webhook: the in-process bot answers 200 at once; a frontend only after the enqueue.
     handle_in_background = True
 
-    def __init__(self, settings: Settings, worker: InferenceWorker | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        worker: InferenceWorker | None,
+        journaling: Journaling | None = None,
+    ) -> None:
         self.settings = settings
         self.retry = RetryMiddleware(budget_s=settings.send_retry_timeout_s)
         self.bot = build_bot(settings, self.retry)
+        self.journaling = journaling  # the one-process bot's journal (bot/journaling.py)
+        if journaling is not None:
+            self.bot.session.middleware(journaling.request_middleware)
         self.worker = worker
         self.service = self._make_service()
         self.updates = UpdateContextMiddleware()
@@ -132,6 +143,8 @@ class BotApp:
         dp = Dispatcher()
         dp["service"] = self.service
         dp.update.outer_middleware(self.updates)
+        if self.journaling is not None:
+            dp.update.outer_middleware(self.journaling.update_middleware)
         allowlist, rate_limit = self._limit_middlewares()
         for observer in (dp.message, dp.callback_query):
             observer.outer_middleware(allowlist)
@@ -149,6 +162,8 @@ class BotApp:
             # per photo in the sustained Redis benchmark fell from 1.48 to 0.95 ms.
             freeze_heap()
         await self._started()
+        if self.journaling is not None:
+            self.journaling.replay(self.dispatcher, self.bot, self.service.tell)
         if self.settings.health_file is not None:
             self._heartbeat = asyncio.create_task(heartbeat(self.settings.health_file, self._alive))
         try:
@@ -188,6 +203,8 @@ class BotApp:
                 await self._heartbeat
             with contextlib.suppress(OSError):
                 self.settings.health_file.unlink()  # type: ignore[union-attr]
+        if self.journaling is not None:
+            self.journaling.close()
         log.info(
             "stopped",
             jobs_done=self.worker.jobs_done if self.worker else 0,
@@ -204,12 +221,16 @@ class BotApp:
     async def run_webhook(self) -> None:
         settings = self.settings
         app = web.Application()
-        SimpleRequestHandler(
+        handler: dict[str, Any] = dict(
             dispatcher=self.dispatcher,
             bot=self.bot,
             secret_token=settings.webhook_secret_value,
             handle_in_background=self.handle_in_background,
-        ).register(app, path=settings.webhook_path)
+        )
+        if self.journaling is not None:
+            JournaledRequestHandler(self.journaling, **handler).register(app, settings.webhook_path)
+        else:
+            SimpleRequestHandler(**handler).register(app, path=settings.webhook_path)
         app.router.add_get("/healthz", self._healthz)
         runner = web.AppRunner(app, handle_signals=False)
         await runner.setup()
@@ -256,10 +277,24 @@ async def run(settings: Settings, worker: InferenceWorker | None = None, role: s
 
         await run_role(settings, role, worker)
         return
+    journaling = open_journaling(settings)  # before the model loads: a bad place fails at once
     if worker is None:
         worker = await InferenceWorker.load(settings)
-    app = BotApp(settings, worker)
+    app = BotApp(settings, worker, journaling)
     if settings.mode == "webhook":
         await app.run_webhook()
     else:
         await app.run_polling()
+
+
+def open_journaling(settings: Settings) -> Journaling | None:
+    """The one-process bot's journal at JOURNAL_FILE (None when off); StartupError, one line,
+    when it cannot be kept there."""
+    if settings.journal_file is None:
+        return None
+    try:
+        journal = Journal.open(settings.journal_file, bot_id_of(settings.require_token()))
+    except JournalError as error:
+        raise StartupError(str(error)) from None
+    log.info("journal_opened", path=str(settings.journal_file), pending=journal.pending_count())
+    return Journaling(journal, settings.job_max_deliveries)

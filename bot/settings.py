@@ -125,6 +125,10 @@ class Settings(BaseSettings):
     health_file: Path | None = Field(
         Path("/tmp/captionbot.health"), description="Heartbeat file; off disables it"
     )
+    journal_file: Path | None = Field(
+        Path("state/journal.sqlite3"),
+        description="One process: accepted updates kept here until answered; off disables it",
+    )
     playground_port: int = Field(8080, ge=0, le=65535, description="The playground page's port")
     playground_host: str = Field(
         "127.0.0.1", description="The playground's address; 0.0.0.0 in a container"
@@ -246,10 +250,10 @@ class Settings(BaseSettings):
             )
         return frozenset(int(item) for item in items if item)
 
-    @field_validator("health_file", mode="before")
+    @field_validator("health_file", "journal_file", mode="before")
     @classmethod
     def _off_is_none(cls, value: Any) -> Any:
-        return None if isinstance(value, str) and value.lower() in ("off", "none") else value
+        return None if isinstance(value, str) and value.lower() in ("", "off", "none") else value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

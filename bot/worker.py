@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -34,6 +35,10 @@ if TYPE_CHECKING:
     from bot.settings import Settings
 
 log = get_logger("bot.worker")
+
+# Test hook (the journal's crash tests): a worker started with this set takes its first batch
+# and holds it, logging `test_holding_jobs`, until the process is killed.
+HOLD_JOBS_ENV = "CAPTIONBOT_TEST_HOLD_JOBS"
 
 # Thumbnails kept beside encoder outputs for /attention figures; the figure draws small
 # tiles, so the full-size photo isn't needed once it has been encoded.
@@ -451,6 +456,9 @@ class InferenceWorker:
         try:
             while True:
                 batch = await self._next_batch()
+                if os.environ.get(HOLD_JOBS_ENV):
+                    log.warning("test_holding_jobs", jobs=len(batch))
+                    await asyncio.Event().wait()  # until SIGKILL
                 # A handler that gave up (cancelled) no longer needs its job run.
                 live = [job for job in batch if not job.future.done()]
                 self._in_flight.extend(live)

@@ -43,6 +43,7 @@ from bot_helpers import HAVE_WEIGHTS, REPO, TOKEN, BotProcess, emu, image_bytes 
 from PIL import Image
 
 from bot.emulator import BotAPIEmulator
+from bot.worker import HOLD_JOBS_ENV
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(600)]
 module_loop = pytest.mark.asyncio(loop_scope="module")
@@ -604,12 +605,15 @@ async def test_compose_config_up_and_down_with_a_token(build, compose):
 
 
 async def compose_up_and_down(build, program: tuple[str, ...], emu: BotAPIEmulator) -> None:
-    """Plain `up`: the bot alone, one process with the in-process queue; no Redis, no worker."""
+    """Plain `up`: the bot alone, one process with the in-process queue; no Redis, no worker.
+    Its journal lives on compose's volume: photos accepted but not answered when the container
+    is SIGKILLed (a test hook holds the worker) are answered by the container `up` makes next."""
     project = f"captionbottest{RUN}token"
     env_file = build.context / ".env"
+    settings = f"\nTELEGRAM_BOT_TOKEN={TOKEN}\nTELEGRAM_API_BASE={emu.base_url}\n"
     shutil.copy(build.context / ".env.example", env_file)
     with open(env_file, "a") as handle:
-        handle.write(f"\nTELEGRAM_BOT_TOKEN={TOKEN}\nTELEGRAM_API_BASE={emu.base_url}\n")
+        handle.write(settings + f"{HOLD_JOBS_ENV}=1\n")
     # The only change to the real compose file: the host network, to reach the emulator.
     override = build.context / f"compose.test-{RUN}.yml"
     override.write_text(
@@ -635,6 +639,16 @@ async def compose_up_and_down(build, program: tuple[str, ...], emu: BotAPIEmulat
             timeout=timeout,
         )
 
+    async def up() -> ContainerLogs:
+        started = await run("up", "-d", "--no-build")
+        assert started.returncode == 0, started.stdout + started.stderr
+        container = (await run("ps", "-q", "bot")).stdout.strip()
+        assert container
+        logs = ContainerLogs(container)
+        await logs.start()
+        await logs.wait_for_event("bot_started", timeout=150)
+        return logs
+
     config = await run("config", files=("docker-compose.yml",))
     assert config.returncode == 0, config.stderr
     services = yaml.safe_load(config.stdout)["services"]
@@ -647,21 +661,36 @@ async def compose_up_and_down(build, program: tuple[str, ...], emu: BotAPIEmulat
 
     logs = None
     try:
-        up = await run("up", "-d", "--no-build")
-        assert up.returncode == 0, up.stdout + up.stderr
-        container = (await run("ps", "-q", "bot")).stdout.strip()
-        assert container
-        logs = ContainerLogs(container)
-        await logs.start()
-        await logs.wait_for_event("bot_started", timeout=150)
+        logs = await up()
         emu.user_sends_text(6201, "/help")
         assert "/sample" in (await emu.next_bot_message(6201, timeout=30))["text"]
         services = sorted(
             c["Config"]["Labels"]["com.docker.compose.service"] for c in project_containers(project)
         )
         assert services == ["bot", "settings"], services
+
+        chats = {6202: 424242, 6203: 424243}  # scenes the bundled model captions
+        sent = [
+            (chat, emu.user_sends_photo(chat, scene_png(seed)[1])) for chat, seed in chats.items()
+        ]
+        await logs.wait_for_event("test_holding_jobs", timeout=60)
+        deadline = time.monotonic() + 30
+        while emu.pending_updates:  # confirmed to Telegram: it will not send them again
+            assert time.monotonic() < deadline, emu.pending_updates
+            await asyncio.sleep(0.1)
+        killed = await adocker("kill", logs.container)  # SIGKILL; no restart after a kill
+        assert killed.returncode == 0, killed.stderr
+        await logs.wait_exit(timeout=60)
+        await logs.close()
+        env_file.write_text(env_file.read_text().replace(f"{HOLD_JOBS_ENV}=1\n", ""))
+        logs = await up()  # a new container (its settings changed), the same volume
+        for chat, photo in sent:
+            reply = await emu.next_bot_message(chat, timeout=90)
+            assert reply["reply_to_message"]["message_id"] == photo["message_id"]
+            assert "Baseline decoder: " in reply["text"]
+        assert len(logs.events("update_replayed")) == len(sent)
     finally:
-        down = await run("down", "--remove-orphans")
+        down = await run("down", "-v", "--remove-orphans")
         if logs is not None:
             await logs.wait_exit(timeout=60)
             await logs.close()
@@ -671,6 +700,9 @@ async def compose_up_and_down(build, program: tuple[str, ...], emu: BotAPIEmulat
     (chosen,) = logs.events("role_chosen")  # --role auto: no Redis service, so one process
     assert chosen["role"] == "all" and chosen["queue"] == "in-process", chosen
     assert not project_containers(project)
+    for chat, _ in sent:  # and no second answer
+        answers = [m for m in emu.chat_history(chat) if m["from"]["is_bot"]]
+        assert len(answers) == 1, answers
 
 
 # ---- compose's scale profile: Redis, one frontend, three workers ------------------------

@@ -1,0 +1,167 @@
+"""The aiogram side of the one-process bot's journal (bot/journal.py): no accepted update is
+lost when the process dies, and none is answered twice for it.
+
+- `request_middleware` (the Bot API session): a getUpdates response is journaled, in one
+  transaction, before the dispatcher sees it. aiogram polls one request at a time, so the
+  next getUpdates, whose offset confirms those updates to Telegram, leaves only after that.
+- `JournaledRequestHandler` (webhook mode): an authenticated update is journaled before the
+  200 that confirms it.
+- `update_middleware` (outer, the first): an update the journal already knew (Telegram hands
+  over again what was not confirmed before a crash) is not handled again; a handled one is
+  marked done when its handler returns or fails. A cancelled handler (the process is going
+  away) leaves its update pending.
+- `replay` (at start, once the model is up): the updates still pending are handled again,
+  as Telegram would have sent them; one that JOB_MAX_DELIVERIES starts found pending (a photo
+  that takes the process down with it each time) gets an apology instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiogram import BaseMiddleware, Bot, Dispatcher
+from aiogram.client.session.middlewares.base import BaseRequestMiddleware, NextRequestMiddlewareType
+from aiogram.methods import GetUpdates, TelegramMethod
+from aiogram.methods.base import Response, TelegramType
+from aiogram.types import TelegramObject, Update
+from aiogram.webhook.aiohttp_server import SimpleRequestHandler
+from aiohttp import web
+
+from bot import texts
+from bot.journal import Journal, Pending
+from bot.log import get_logger
+
+log = get_logger("bot.journal")
+
+# Test hook (the crash tests): a bot started with this set handles the first updates it gets,
+# then never confirms them (it holds the next getUpdates), until it is killed.
+HOLD_CONFIRM_ENV = "CAPTIONBOT_TEST_HOLD_CONFIRM"
+REPLAYED = "journal_replayed"  # in a replayed update's handler data
+_SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+
+Tell = Callable[[int, int | None, str], Awaitable[None]]  # chat, message replied to, text
+
+
+class Journaling:
+    def __init__(self, journal: Journal, max_deliveries: int) -> None:
+        self.journal = journal
+        self.max_deliveries = max_deliveries
+        self._known: set[int] = set()  # journaled before they arrived: not to be handled
+        self._replays: set[asyncio.Task[Any]] = set()
+        self.request_middleware = _JournalGetUpdates(self)
+        self.update_middleware = _MarkDone(self)
+
+    def accept(self, updates: list[tuple[int, str]]) -> None:
+        known = self.journal.accept(updates)
+        if known:
+            log.info("updates_already_journaled", update_ids=sorted(known))
+            self._known |= known
+
+    def seen_before(self, update_id: int) -> bool:
+        """True (once) for an update that was in the journal before it arrived."""
+        if update_id in self._known:
+            self._known.discard(update_id)
+            return True
+        return False
+
+    def replay(self, dispatcher: Dispatcher, bot: Bot, tell: Tell) -> int:
+        """Handles the updates still pending from an earlier run, each in a task of its own;
+        returns how many."""
+        pending = self.journal.take_pending()
+        for entry in pending:
+            task = asyncio.create_task(self._replay(entry, dispatcher, bot, tell))
+            self._replays.add(task)
+            task.add_done_callback(self._replays.discard)
+        if pending:
+            log.warning("replaying_pending_updates", count=len(pending))
+        return len(pending)
+
+    async def _replay(self, entry: Pending, dispatcher: Dispatcher, bot: Bot, tell: Tell) -> None:
+        update = json.loads(entry.body)
+        if entry.starts >= self.max_deliveries:
+            log.error("update_gave_up", update_id=entry.update_id, starts=entry.starts)
+            if (where := _reply_place(update)) is not None:
+                with contextlib.suppress(Exception):  # tell() logs what it could not send
+                    await tell(*where, texts.JOB_GAVE_UP)
+            self.journal.done(entry.update_id)
+            return
+        log.info("update_replayed", update_id=entry.update_id, starts=entry.starts)
+        await dispatcher.feed_raw_update(bot, update, **{REPLAYED: True})
+
+    def close(self) -> None:
+        self.journal.close()
+
+
+class _JournalGetUpdates(BaseRequestMiddleware):
+    def __init__(self, journaling: Journaling) -> None:
+        self.journaling = journaling
+        self.hold_confirm = bool(os.environ.get(HOLD_CONFIRM_ENV))
+
+    async def __call__(
+        self,
+        make_request: NextRequestMiddlewareType[TelegramType],
+        bot: Bot,
+        method: TelegramMethod[TelegramType],
+    ) -> Response[TelegramType]:
+        if not isinstance(method, GetUpdates):
+            return await make_request(bot, method)
+        if self.hold_confirm and method.offset is not None:
+            log.warning("test_holding_confirm", offset=method.offset)
+            await asyncio.Event().wait()  # until SIGKILL
+        # narrowed by isinstance, which aiogram's generic middleware type cannot follow
+        response = await make_request(bot, method)  # type: ignore[arg-type]
+        # aiogram's session hands middlewares the method's result (a list of updates).
+        updates = getattr(response, "result", response)
+        if isinstance(updates, list) and updates:
+            self.journaling.accept([(u.update_id, _as_json(u)) for u in updates])
+        return response
+
+
+class _MarkDone(BaseMiddleware):
+    def __init__(self, journaling: Journaling) -> None:
+        self.journaling = journaling
+
+    async def __call__(self, handler: Any, event: TelegramObject, data: dict[str, Any]) -> Any:
+        assert isinstance(event, Update)
+        if not data.get(REPLAYED) and self.journaling.seen_before(event.update_id):
+            return None  # handled (or being handled) from the journal already
+        try:
+            result = await handler(event, data)
+        except Exception:
+            self.journaling.journal.done(event.update_id)  # aiogram logs the error itself
+            raise
+        self.journaling.journal.done(event.update_id)
+        return result
+
+
+class JournaledRequestHandler(SimpleRequestHandler):
+    """aiogram's webhook handler, journaling each authenticated update before the 200."""
+
+    def __init__(self, journaling: Journaling, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.journaling = journaling
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if self.verify_secret(request.headers.get(_SECRET_HEADER, ""), self.bot):
+            body = await request.text()  # aiohttp keeps it for aiogram's own read
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                self.journaling.accept([(int(json.loads(body)["update_id"]), body)])
+        return await super().handle(request)
+
+
+def _as_json(update: Update) -> str:
+    """The update as Telegram's JSON (11 us for a photo message)."""
+    return update.model_dump_json(exclude_none=True, by_alias=True)
+
+
+def _reply_place(update: dict[str, Any]) -> tuple[int, int | None] | None:
+    """(chat id, message id) an apology for `update` goes to, if it has a chat."""
+    message = update.get("message") or (update.get("callback_query") or {}).get("message")
+    if not isinstance(message, dict) or "chat" not in message:
+        return None
+    return message["chat"]["id"], message.get("message_id")

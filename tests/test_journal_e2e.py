@@ -1,0 +1,171 @@
+"""End to end: the one-process bot (`python -m bot`, no QUEUE_URL) SIGKILLed with photos it
+had accepted and not answered, then started again, against the Bot API emulator.
+
+- Confirmed to Telegram, not answered (a test hook holds the worker's first batch): the
+  restarted bot answers each photo from its journal, exactly once.
+- Journaled, not yet confirmed (another hook holds the getUpdates that would confirm them):
+  Telegram hands them over again and the journal has them too; each is answered once.
+- A photo pending at JOB_MAX_DELIVERIES starts gets an apology, not another try.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from bot_helpers import TOKEN, BotProcess, bot_env, dump_output, emu, image_bytes  # noqa: F401
+
+from bot import texts
+from bot.journal import Journal, bot_id_of
+from bot.journaling import HOLD_CONFIRM_ENV
+from bot.worker import HOLD_JOBS_ENV
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
+
+
+def env(emu, tmp: Path, **overrides) -> dict[str, str]:
+    settings = dict(
+        CAPTIONER="untrained",
+        RATE_LIMIT_PER_MIN=0,
+        DEFAULT_SAMPLES=1,
+        OMP_NUM_THREADS=1,
+        INFERENCE_THREADS=1,
+        BATCH_MAX=2,
+    )
+    return bot_env(emu.base_url, tmp, **{**settings, **overrides})
+
+
+async def start(environment: dict[str, str], tmp: Path) -> BotProcess:
+    process = BotProcess(environment, cwd=tmp)
+    await process.start()
+    try:
+        await process.wait_for_event("bot_started", timeout=120)
+    except BaseException:
+        await kill(process)
+        raise
+    return process
+
+
+async def kill(process: BotProcess) -> None:
+    dump_output(process)
+    if process.proc is not None and process.proc.returncode is None:
+        process.proc.kill()
+        await process.wait_exit(10)
+
+
+def answers(emu, chat: int, message_id: int, text: str) -> list[dict]:
+    return [
+        m
+        for m in emu.chat_history(chat)
+        if m["from"]["is_bot"]
+        and (m.get("reply_to_message") or {}).get("message_id") == message_id
+        and text in m.get("text", "")
+    ]
+
+
+async def wait_until(condition, timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.1)
+
+
+def send_photos(emu, chats: range, per_chat: int) -> list[tuple[int, int]]:
+    sent = []
+    for chat in chats:
+        for k in range(per_chat):
+            photo = image_bytes(color=(chat % 256, 40 + k, 90))
+            sent.append((chat, emu.user_sends_photo(chat, photo)["message_id"]))
+    return sent
+
+
+def pending_in_journal(tmp: Path) -> int:
+    journal = Journal.open(tmp / "state" / "journal.sqlite3", bot_id_of(TOKEN))
+    try:
+        return journal.pending_count()
+    finally:
+        journal.close()
+
+
+async def answered_once_each(emu, bot: BotProcess, sent: list[tuple[int, int]]) -> None:
+    """Every photo gets one caption answer, and no second one comes."""
+
+    def all_answered() -> bool:
+        return all(answers(emu, chat, mid, "Baseline decoder: ") for chat, mid in sent)
+
+    await wait_until(all_answered, 90, f"not every photo answered:\n{bot.output[-3000:]}")
+    await asyncio.sleep(1.5)  # time for a duplicate to show
+    for chat, mid in sent:
+        assert len(answers(emu, chat, mid, "Baseline decoder: ")) == 1, (chat, mid)
+
+
+async def test_photos_confirmed_but_not_answered_are_answered_after_a_sigkill(emu, tmp_path):
+    first = await start(env(emu, tmp_path, **{HOLD_JOBS_ENV: 1}), tmp_path)
+    try:
+        sent = send_photos(emu, range(9301, 9304), per_chat=2)
+        await first.wait_for_event("test_holding_jobs", timeout=30)
+        # The bot's next getUpdates confirmed all six to Telegram: it will not send them again.
+        await wait_until(lambda: not emu.pending_updates, 30, "updates not confirmed")
+    finally:
+        await kill(first)
+    assert not any(answers(emu, chat, mid, "") for chat, mid in sent)
+    assert pending_in_journal(tmp_path) == len(sent)
+
+    second = await start(env(emu, tmp_path), tmp_path)
+    try:
+        await answered_once_each(emu, second, sent)
+        replayed = second.events("update_replayed")
+        assert len(replayed) == len(sent) and {r["starts"] for r in replayed} == {1}
+        assert pending_in_journal(tmp_path) == 0
+    finally:
+        await second.stop()
+        dump_output(second)
+
+
+async def test_photos_journaled_before_confirming_are_answered_once_though_sent_again(
+    emu, tmp_path
+):
+    hooks = {HOLD_JOBS_ENV: 1, HOLD_CONFIRM_ENV: 1}
+    first = await start(env(emu, tmp_path, **hooks), tmp_path)
+    try:
+        sent = send_photos(emu, range(9311, 9313), per_chat=2)
+        await first.wait_for_event("test_holding_confirm", timeout=30)
+        await first.wait_for_event("test_holding_jobs", timeout=30)
+    finally:
+        await kill(first)
+    assert len(emu.pending_updates) == len(sent)  # Telegram will hand them over again
+    assert pending_in_journal(tmp_path) == len(sent)
+
+    second = await start(env(emu, tmp_path), tmp_path)
+    try:
+        await answered_once_each(emu, second, sent)
+        known = {i for e in second.events("updates_already_journaled") for i in e["update_ids"]}
+        assert len(known) == len(sent)  # the copies Telegram sent again were not handled
+        assert pending_in_journal(tmp_path) == 0
+    finally:
+        await second.stop()
+        dump_output(second)
+
+
+async def test_a_photo_pending_at_the_last_delivery_gets_an_apology(emu, tmp_path):
+    first = await start(env(emu, tmp_path, **{HOLD_JOBS_ENV: 1}), tmp_path)
+    try:
+        [(chat, mid)] = send_photos(emu, range(9321, 9322), per_chat=1)
+        await first.wait_for_event("test_holding_jobs", timeout=30)
+        await wait_until(lambda: not emu.pending_updates, 30, "update not confirmed")
+    finally:
+        await kill(first)
+
+    second = await start(env(emu, tmp_path, JOB_MAX_DELIVERIES=1), tmp_path)
+    try:
+        await wait_until(lambda: answers(emu, chat, mid, texts.JOB_GAVE_UP), 30, "no apology")
+        await asyncio.sleep(1.0)
+        assert not answers(emu, chat, mid, "Baseline decoder: ")
+        assert second.events("update_gave_up")[0]["starts"] == 1
+        assert pending_in_journal(tmp_path) == 0
+    finally:
+        await second.stop()
+        dump_output(second)
