@@ -91,7 +91,11 @@ class Journaling:
             self.journal.done(entry.update_id)
             return
         log.info("update_replayed", update_id=entry.update_id, starts=entry.starts)
-        await dispatcher.feed_raw_update(bot, update, **{REPLAYED: True})
+        try:
+            await dispatcher.feed_raw_update(bot, update, **{REPLAYED: True})
+        except Exception:  # logged, as aiogram's polling loop does; it would fail again
+            log.exception("update_replay_failed", update_id=entry.update_id)
+            self.journal.done(entry.update_id)
 
     def close(self) -> None:
         self.journal.close()
@@ -162,6 +166,8 @@ def _as_json(update: Update) -> str:
 def _reply_place(update: dict[str, Any]) -> tuple[int, int | None] | None:
     """(chat id, message id) an apology for `update` goes to, if it has a chat."""
     message = update.get("message") or (update.get("callback_query") or {}).get("message")
-    if not isinstance(message, dict) or "chat" not in message:
+    chat = message.get("chat") if isinstance(message, dict) else None
+    if not isinstance(chat, dict) or not isinstance(chat.get("id"), int):
         return None
-    return message["chat"]["id"], message.get("message_id")
+    reply_to = message.get("message_id")  # type: ignore[union-attr]  # a dict, as chat is
+    return chat["id"], reply_to if isinstance(reply_to, int) else None

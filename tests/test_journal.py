@@ -18,6 +18,7 @@ from aiogram.types import Message
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from bot import texts
 from bot.journal import DONE_KEEP_S, Journal, JournalError, bot_id_of
 from bot.journaling import JournaledRequestHandler, Journaling
 
@@ -176,3 +177,45 @@ async def _until(condition, timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
+
+
+async def test_a_pending_update_that_no_longer_parses_is_logged_and_dropped(tmp_path):
+    journal = Journal.open(tmp_path / "j.sqlite3", bot_id=5)
+    journal.accept(
+        [(1, json.dumps({"update_id": 1, "message": {"chat": "garbage"}})), (2, body(2))]
+    )
+    journal.close()
+    journaling = Journaling(Journal.open(tmp_path / "j.sqlite3", bot_id=5), max_deliveries=3)
+    dispatcher, seen = Dispatcher(), []
+    dispatcher.update.outer_middleware(journaling.update_middleware)
+
+    @dispatcher.message()
+    async def handle(message: Message) -> None:
+        seen.append(message.message_id)
+
+    async def tell(chat: int, reply_to: int | None, text: str) -> None:
+        raise AssertionError("nobody is told anything: the update is not over its deliveries")
+
+    bot = Bot("5:secret-part")
+    assert journaling.replay(dispatcher, bot, tell) == 2
+    await _until(lambda: journaling.journal.pending_count() == 0)
+    assert seen == [20]  # update 2 handled; update 1 logged (update_replay_failed) and dropped
+    await bot.session.close()
+
+
+async def test_an_update_over_its_deliveries_gets_an_apology_where_it_came_from(tmp_path):
+    journal = Journal.open(tmp_path / "j.sqlite3", bot_id=5)
+    journal.accept([(3, body(3, chat=77)), (4, json.dumps({"update_id": 4}))])
+    journal.take_pending()  # one start found them pending
+    journal.close()
+    journaling = Journaling(Journal.open(tmp_path / "j.sqlite3", bot_id=5), max_deliveries=2)
+    told: list[tuple[int, int | None, str]] = []
+
+    async def tell(chat: int, reply_to: int | None, text: str) -> None:
+        told.append((chat, reply_to, text))
+
+    bot = Bot("5:secret-part")
+    journaling.replay(Dispatcher(), bot, tell)
+    await _until(lambda: journaling.journal.pending_count() == 0)
+    assert told == [(77, 30, texts.JOB_GAVE_UP)]  # update 4 has no chat to tell
+    await bot.session.close()
