@@ -122,7 +122,13 @@ class BotApp:
         self._heartbeat: asyncio.Task[None] | None = None
 
     def _make_service(self) -> CaptionService:
-        return CaptionService(self.bot, self.worker, PhotoBook(), self.settings)  # type: ignore[arg-type]
+        return CaptionService(
+            self.bot,
+            self.worker,  # type: ignore[arg-type]
+            PhotoBook(),
+            self.settings,
+            journaled=self.journaling is not None,
+        )
 
     def _alive(self) -> bool:
         return self.worker is None or self.worker.running

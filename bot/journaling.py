@@ -9,7 +9,9 @@ lost when the process dies, and none is answered twice for it.
 - `update_middleware` (outer, the first): an update the journal already knew (Telegram hands
   over again what was not confirmed before a crash) is not handled again; a handled one is
   marked done when its handler returns or fails. A cancelled handler (the process is going
-  away) leaves its update pending.
+  away) leaves its update pending, and so does one whose job the worker dropped at a graceful
+  stop's deadline (`LeftForNextStart`): the next start answers it, instead of the user being
+  asked to send it again.
 - `replay` (at start, once the model is up): the updates still pending are handled again,
   as Telegram would have sent them; one that JOB_MAX_DELIVERIES starts found pending (a photo
   that takes the process down with it each time) gets an apology instead.
@@ -45,6 +47,10 @@ REPLAYED = "journal_replayed"  # in a replayed update's handler data
 _SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 
 Tell = Callable[[int, int | None, str], Awaitable[None]]  # chat, message replied to, text
+
+
+class LeftForNextStart(Exception):
+    """Raised by a handler whose job the stopping worker dropped: its update stays pending."""
 
 
 class Journaling:
@@ -136,6 +142,9 @@ class _MarkDone(BaseMiddleware):
             return None  # handled (or being handled) from the journal already
         try:
             result = await handler(event, data)
+        except LeftForNextStart:
+            log.info("update_left_for_next_start", update_id=event.update_id)
+            return None
         except Exception:
             self.journaling.journal.done(event.update_id)  # aiogram logs the error itself
             raise

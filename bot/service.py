@@ -17,6 +17,7 @@ from aiogram.types import BufferedInputFile, InlineKeyboardMarkup, Message, Repl
 from aiogram.utils.chat_action import ChatActionSender
 
 from bot import texts
+from bot.journaling import LeftForNextStart
 from bot.log import get_logger
 from bot.photos import DownloadFailed, PhotoBook, PhotoRef, TooLarge, download
 from bot.settings import Settings
@@ -37,12 +38,21 @@ T = TypeVar("T")
 
 class CaptionService:
     def __init__(
-        self, bot: Bot, worker: InferenceWorker, photos: PhotoBook, settings: Settings
+        self,
+        bot: Bot,
+        worker: InferenceWorker,
+        photos: PhotoBook,
+        settings: Settings,
+        *,
+        journaled: bool = False,
     ) -> None:
+        """`journaled`: the update being handled is in the journal (bot/journaling.py), so a
+        job the stopping worker dropped is left for the next start rather than refused."""
         self.bot = bot
         self.worker = worker
         self.photos = photos
         self.settings = settings
+        self.journaled = journaled
 
     # ---- the three things the bot does ---------------------------------------------
 
@@ -199,6 +209,8 @@ class CaptionService:
             log.warning("queue_full")
             reason = texts.QUEUE_FULL
         except WorkerStopped:
+            if self.journaled:
+                raise LeftForNextStart from None
             reason = texts.RESTARTING
         except InferenceFailed:
             reason = texts.INFERENCE_FAILED

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 log = get_logger("bot.worker")
 
-# Test hook (the journal's crash tests): a worker started with this set takes its first batch
-# and holds it, logging `test_holding_jobs`, until the process is killed.
+# Test hook (the journal's tests): a worker started with this set takes its first batch and
+# holds it, logging `test_holding_jobs`, until the process is killed or stops.
 HOLD_JOBS_ENV = "CAPTIONBOT_TEST_HOLD_JOBS"
 
 # Thumbnails kept beside encoder outputs for /attention figures; the figure draws small
@@ -456,12 +456,12 @@ class InferenceWorker:
         try:
             while True:
                 batch = await self._next_batch()
-                if os.environ.get(HOLD_JOBS_ENV):
-                    log.warning("test_holding_jobs", jobs=len(batch))
-                    await asyncio.Event().wait()  # until SIGKILL
                 # A handler that gave up (cancelled) no longer needs its job run.
                 live = [job for job in batch if not job.future.done()]
                 self._in_flight.extend(live)
+                if os.environ.get(HOLD_JOBS_ENV):
+                    log.warning("test_holding_jobs", jobs=len(batch))
+                    await asyncio.Event().wait()  # until SIGKILL, or stop() fails the jobs
                 started = time.perf_counter()
                 await self._stage(self._encoding, self._front, live)
                 if decoding is not None:

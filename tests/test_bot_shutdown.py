@@ -83,12 +83,15 @@ async def test_replies_retried_during_an_outage_do_not_outlast_the_shutdown_time
         assert took < 4 + 3, f"exited {took:.1f} s after SIGTERM with SHUTDOWN_TIMEOUT_S=4"
 
 
-async def test_photos_not_captioned_by_the_shutdown_timeout_are_told_to_resend(tmp_path):
+async def test_without_a_journal_photos_not_captioned_by_the_timeout_are_told_to_resend(tmp_path):
+    """With the journal (the default) they wait for the next start instead: test_journal_e2e."""
     async with BotAPIEmulator(bot_token=TOKEN) as emu:
         # 48 photos one at a time take far longer than 0.05 s (each 10-20 ms on a fast machine,
         # more under load), so the timeout strikes with photos still queued. With 20 photos and
         # 0.3 s a fast machine once answered them all in time.
-        bot = await start_bot(emu, tmp_path, BATCH_MAX=1, QUEUE_MAX=50, SHUTDOWN_TIMEOUT_S=0.05)
+        bot = await start_bot(
+            emu, tmp_path, BATCH_MAX=1, QUEUE_MAX=50, SHUTDOWN_TIMEOUT_S=0.05, JOURNAL_FILE="off"
+        )
         chats = list(range(4161, 4209))
         await accepted_photos(emu, chats)
         bot.signal(signal.SIGTERM)

@@ -6,6 +6,8 @@ had accepted and not answered, then started again, against the Bot API emulator.
 - Journaled, not yet confirmed (another hook holds the getUpdates that would confirm them):
   Telegram hands them over again and the journal has them too; each is answered once.
 - A photo pending at JOB_MAX_DELIVERIES starts gets an apology, not another try.
+- A graceful stop whose deadline strikes with photos unanswered leaves them for the next start
+  (without the journal they are told to send again: test_bot_shutdown).
 """
 
 from __future__ import annotations
@@ -165,6 +167,31 @@ async def test_a_photo_pending_at_the_last_delivery_gets_an_apology(emu, tmp_pat
         await asyncio.sleep(1.0)
         assert not answers(emu, chat, mid, "Baseline decoder: ")
         assert second.events("update_gave_up")[0]["starts"] == 1
+        assert pending_in_journal(tmp_path) == 0
+    finally:
+        await second.stop()
+        dump_output(second)
+
+
+async def test_photos_a_graceful_stop_could_not_answer_are_answered_by_the_next_start(
+    emu, tmp_path
+):
+    first = await start(env(emu, tmp_path, SHUTDOWN_TIMEOUT_S=0.5, **{HOLD_JOBS_ENV: 1}), tmp_path)
+    sent = send_photos(emu, range(9331, 9333), per_chat=2)
+    try:
+        await first.wait_for_event("test_holding_jobs", timeout=30)
+        await wait_until(lambda: not emu.pending_updates, 30, "updates not confirmed")
+        first.signal()  # SIGTERM: the held jobs miss the deadline
+        assert await first.wait_exit(timeout=60) == 0, first.output[-3000:]
+    finally:
+        await kill(first)
+    assert not any(answers(emu, chat, mid, "") for chat, mid in sent)  # nobody told to resend
+    assert len(first.events("update_left_for_next_start")) == len(sent)
+    assert pending_in_journal(tmp_path) == len(sent)
+
+    second = await start(env(emu, tmp_path), tmp_path)
+    try:
+        await answered_once_each(emu, second, sent)
         assert pending_in_journal(tmp_path) == 0
     finally:
         await second.stop()
