@@ -63,6 +63,7 @@ class Journal:
         self.bot_id = bot_id
         self.path = path
         self._marks = 0
+        self._closed = False
 
     @classmethod
     def open(cls, path: str | Path, bot_id: int) -> Journal:
@@ -114,6 +115,9 @@ class Journal:
         return known
 
     def done(self, update_id: int) -> None:
+        if self._closed:  # a handler that outlived the shutdown's last wait: it stays pending
+            log.warning("journal_closed_before_done", update_id=update_id)
+            return
         self._db.execute(  # one statement: its own transaction
             "UPDATE updates SET body = NULL, done_at = ? WHERE bot_id = ? AND update_id = ?",
             (time.time(), self.bot_id, update_id),
@@ -148,6 +152,7 @@ class Journal:
         self._db.execute("DELETE FROM updates WHERE done_at < ?", (cutoff,))
 
     def close(self) -> None:
+        self._closed = True
         self._db.close()
 
     @contextmanager
@@ -162,7 +167,7 @@ class Journal:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    connection = sqlite3.connect(path, isolation_level=None)  # autocommit; `with` = a transaction
+    connection = sqlite3.connect(path, isolation_level=None)  # autocommit: BEGIN where wanted
     try:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")

@@ -6,12 +6,12 @@ lost when the process dies, and none is answered twice for it.
   next getUpdates, whose offset confirms those updates to Telegram, leaves only after that.
 - `JournaledRequestHandler` (webhook mode): an authenticated update is journaled before the
   200 that confirms it.
-- `update_middleware` (outer, the first): an update the journal already knew (Telegram hands
-  over again what was not confirmed before a crash) is not handled again; a handled one is
-  marked done when its handler returns or fails. A cancelled handler (the process is going
-  away) leaves its update pending, and so does one whose job the worker dropped at a graceful
-  stop's deadline (`LeftForNextStart`): the next start answers it, instead of the user being
-  asked to send it again.
+- `update_middleware` (outer, inside the logging context's): an update the journal already
+  knew (Telegram hands over again what was not confirmed before a crash) is not handled again;
+  a handled one is marked done when its handler returns or fails. A cancelled handler (the
+  process is going away) leaves its update pending, and so does one whose job the worker
+  dropped at a graceful stop's deadline (`LeftForNextStart`): the next start answers it,
+  instead of the user being asked to send it again.
 - `replay` (at start, once the model is up): the updates still pending are handled again,
   as Telegram would have sent them; one that JOB_MAX_DELIVERIES starts found pending (a photo
   that takes the process down with it each time) gets an apology instead.
@@ -22,14 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiogram import BaseMiddleware, Bot, Dispatcher
-from aiogram.client.session.middlewares.base import BaseRequestMiddleware, NextRequestMiddlewareType
-from aiogram.methods import GetUpdates, TelegramMethod
-from aiogram.methods.base import Response, TelegramType
 from aiogram.types import TelegramObject, Update
 from aiogram.webhook.aiohttp_server import SimpleRequestHandler
 from aiohttp import web
@@ -37,12 +33,10 @@ from aiohttp import web
 from bot import texts
 from bot.journal import Journal, Pending
 from bot.log import get_logger
+from bot.middlewares import GetUpdatesMiddleware
 
 log = get_logger("bot.journal")
 
-# Test hook (the crash tests): a bot started with this set handles the first updates it gets,
-# then never confirms them (it holds the next getUpdates), until it is killed.
-HOLD_CONFIRM_ENV = "CAPTIONBOT_TEST_HOLD_CONFIRM"
 REPLAYED = "journal_replayed"  # in a replayed update's handler data
 _SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 
@@ -107,29 +101,13 @@ class Journaling:
         self.journal.close()
 
 
-class _JournalGetUpdates(BaseRequestMiddleware):
+class _JournalGetUpdates(GetUpdatesMiddleware):
     def __init__(self, journaling: Journaling) -> None:
+        super().__init__()
         self.journaling = journaling
-        self.hold_confirm = bool(os.environ.get(HOLD_CONFIRM_ENV))
 
-    async def __call__(
-        self,
-        make_request: NextRequestMiddlewareType[TelegramType],
-        bot: Bot,
-        method: TelegramMethod[TelegramType],
-    ) -> Response[TelegramType]:
-        if not isinstance(method, GetUpdates):
-            return await make_request(bot, method)
-        if self.hold_confirm and method.offset is not None:
-            log.warning("test_holding_confirm", offset=method.offset)
-            await asyncio.Event().wait()  # until SIGKILL
-        # narrowed by isinstance, which aiogram's generic middleware type cannot follow
-        response = await make_request(bot, method)  # type: ignore[arg-type]
-        # aiogram's session hands middlewares the method's result (a list of updates).
-        updates = getattr(response, "result", response)
-        if isinstance(updates, list) and updates:
-            self.journaling.accept([(u.update_id, _as_json(u)) for u in updates])
-        return response
+    def received(self, updates: list[Update]) -> None:
+        self.journaling.accept([(u.update_id, _as_json(u)) for u in updates])
 
 
 class _MarkDone(BaseMiddleware):

@@ -10,11 +10,15 @@
   the rest of that minute is ignored so a flood doesn't become a flood of replies.
 - `ChatActionMiddleware` (the Bot API session, every call): a chat action ("typing...") that the
   chat is still showing is not sent again.
+- `GetUpdatesMiddleware` (the Bot API session, getUpdates only): the base of what must happen
+  to the updates a getUpdates returns before the next one confirms them to Telegram (the
+  journal's write, bot/journaling.py; a Redis frontend's gate, bot/jobs/frontend.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -24,7 +28,7 @@ import structlog
 from aiogram import BaseMiddleware, Bot
 from aiogram.client.session.middlewares.base import BaseRequestMiddleware, NextRequestMiddlewareType
 from aiogram.dispatcher.flags import get_flag
-from aiogram.methods import SendChatAction, TelegramMethod
+from aiogram.methods import GetUpdates, SendChatAction, TelegramMethod
 from aiogram.methods.base import Response, TelegramType
 from aiogram.types import CallbackQuery, Message, TelegramObject, Update, User
 
@@ -36,6 +40,10 @@ log = get_logger("bot.updates")
 Handler = Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]]
 
 INFERENCE_FLAG = "inference"
+
+# Test hook (the crash tests): a bot started with this set handles the first updates it gets,
+# then never confirms them (it holds the next getUpdates), until it is killed.
+HOLD_CONFIRM_ENV = "CAPTIONBOT_TEST_HOLD_CONFIRM"
 
 
 class UpdateContextMiddleware(BaseMiddleware):
@@ -252,3 +260,38 @@ async def keep_response_types(
     if returning not in _response_types:
         _response_types[returning] = Response[returning]  # type: ignore[valid-type]
     return await make_request(bot, method)
+
+
+class GetUpdatesMiddleware(BaseRequestMiddleware):
+    """Around getUpdates only: `before` runs before each call (the offset in it confirms every
+    update the previous call returned), `received` with the updates each call returns, before
+    the dispatcher sees them. Other calls pass through."""
+
+    def __init__(self) -> None:
+        self.hold_confirm = bool(os.environ.get(HOLD_CONFIRM_ENV))
+
+    async def before(self) -> None:
+        """Hook: wait here for what must happen before updates are confirmed."""
+
+    def received(self, updates: list[Update]) -> None:
+        """Hook: the updates a getUpdates returned (none: not called)."""
+
+    async def __call__(
+        self,
+        make_request: NextRequestMiddlewareType[TelegramType],
+        bot: Bot,
+        method: TelegramMethod[TelegramType],
+    ) -> Response[TelegramType]:
+        if not isinstance(method, GetUpdates):
+            return await make_request(bot, method)
+        await self.before()
+        if self.hold_confirm and method.offset is not None:
+            log.warning("test_holding_confirm", offset=method.offset)
+            await asyncio.Event().wait()  # until SIGKILL
+        # narrowed by isinstance, which aiogram's generic middleware type cannot follow
+        response = await make_request(bot, method)  # type: ignore[arg-type]
+        # aiogram's session hands middlewares the method's result (a list of updates).
+        updates = getattr(response, "result", response)
+        if isinstance(updates, list) and updates:
+            self.received(updates)
+        return response

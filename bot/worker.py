@@ -305,6 +305,7 @@ class InferenceWorker:
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
         self._in_flight: list[_Job] = []
+        self._hold = bool(os.environ.get(HOLD_JOBS_ENV))
         self.batches_run = 0
         self.jobs_done = 0
 
@@ -459,7 +460,7 @@ class InferenceWorker:
                 # A handler that gave up (cancelled) no longer needs its job run.
                 live = [job for job in batch if not job.future.done()]
                 self._in_flight.extend(live)
-                if os.environ.get(HOLD_JOBS_ENV):
+                if self._hold:
                     log.warning("test_holding_jobs", jobs=len(batch))
                     await asyncio.Event().wait()  # until SIGKILL, or stop() fails the jobs
                 started = time.perf_counter()

@@ -24,7 +24,7 @@ from bot_helpers import TOKEN, BotProcess, bot_env, dump_output, emu, image_byte
 from redis_helpers import redis_server  # noqa: F401 (fixture)
 
 from bot.jobs.consumer import HOLD_BATCH_ENV
-from bot.jobs.frontend import HOLD_CONFIRM_ENV
+from bot.middlewares import HOLD_CONFIRM_ENV
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 

@@ -20,7 +20,7 @@ from bot_helpers import TOKEN, BotProcess, bot_env, dump_output, emu, image_byte
 
 from bot import texts
 from bot.journal import Journal, bot_id_of
-from bot.journaling import HOLD_CONFIRM_ENV
+from bot.middlewares import HOLD_CONFIRM_ENV
 from bot.worker import HOLD_JOBS_ENV
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]

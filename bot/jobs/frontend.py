@@ -14,14 +14,10 @@ Telegram before its job is in the stream.
 from __future__ import annotations
 
 import asyncio
-import os
 from contextvars import ContextVar
 from typing import Any
 
 from aiogram import BaseMiddleware, Bot
-from aiogram.client.session.middlewares.base import BaseRequestMiddleware, NextRequestMiddlewareType
-from aiogram.methods import GetUpdates, TelegramMethod
-from aiogram.methods.base import Response, TelegramType
 from aiogram.types import TelegramObject, Update, User
 
 from bot import texts
@@ -29,15 +25,13 @@ from bot.jobs.record import JobRecord
 from bot.jobs.shared import photo_writes_deferred, take_photo_writes
 from bot.jobs.transport import QueueFullError, RedisTransport, retry_redis
 from bot.log import get_logger
+from bot.middlewares import GetUpdatesMiddleware
 from bot.photos import PhotoBook, PhotoRef
 from bot.service import CaptionService
 from bot.settings import Settings
 
 log = get_logger("bot.jobs")
 
-# Test hook (the crash test): a frontend started with this set handles the first updates
-# it gets, then never confirms them (it holds the next getUpdates), until it is killed.
-HOLD_CONFIRM_ENV = "CAPTIONBOT_TEST_HOLD_CONFIRM"
 
 # (update_id, user_id) of the update being handled, set by UpdateGate's update middleware.
 _current_update: ContextVar[tuple[int, int] | None] = ContextVar("current_update", default=None)
@@ -123,30 +117,16 @@ class UpdateGate:
         self._changed.set()
 
 
-class _HoldGetUpdates(BaseRequestMiddleware):
+class _HoldGetUpdates(GetUpdatesMiddleware):
     def __init__(self, gate: UpdateGate) -> None:
+        super().__init__()
         self.gate = gate
-        self.hold_confirm = bool(os.environ.get(HOLD_CONFIRM_ENV))
 
-    async def __call__(
-        self,
-        make_request: NextRequestMiddlewareType[TelegramType],
-        bot: Bot,
-        method: TelegramMethod[TelegramType],
-    ) -> Response[TelegramType]:
-        if not isinstance(method, GetUpdates):
-            return await make_request(bot, method)
+    async def before(self) -> None:
         await self.gate.wait_handled()
-        if self.hold_confirm and method.offset is not None:
-            log.warning("test_holding_confirm", offset=method.offset)
-            await asyncio.Event().wait()  # until SIGKILL
-        # narrowed by isinstance, which aiogram's generic middleware type cannot follow
-        response = await make_request(bot, method)  # type: ignore[arg-type]
-        # aiogram's session hands middlewares the method's result (a list of updates).
-        updates = getattr(response, "result", response)
-        if isinstance(updates, list):
-            self.gate.received(updates)
-        return response
+
+    def received(self, updates: list[Update]) -> None:
+        self.gate.received(updates)
 
 
 class _TrackUpdate(BaseMiddleware):
