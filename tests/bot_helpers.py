@@ -191,6 +191,42 @@ async def start_bot(
     return process
 
 
+async def start_until(
+    env: dict[str, str], tmp: Path, ready: str, args: tuple[str, ...] = ()
+) -> BotProcess:
+    """`python -m bot *args`, once it has logged `ready`; killed if it does not in 120 s."""
+    process = BotProcess(env, cwd=tmp, args=args)
+    await process.start()
+    try:
+        await process.wait_for_event(ready, timeout=120)
+    except BaseException:
+        if process.proc is not None and process.proc.returncode is None:
+            process.proc.kill()
+        raise
+    return process
+
+
+async def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> None:
+    """Polls `condition` every 0.1 s; TimeoutError(what) after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.1)
+
+
+def replies_to(emu: BotAPIEmulator, chat: int, message_id: int, containing: str) -> list[dict]:
+    """The bot's messages in `chat` that reply to `message_id` and contain `containing`."""
+    return [
+        m
+        for m in emu.chat_history(chat)
+        if m["from"]["is_bot"]
+        and (m.get("reply_to_message") or {}).get("message_id") == message_id
+        and containing in m.get("text", "")
+    ]
+
+
 def dump_output(process: BotProcess) -> None:
     """With BOT_LOG_DUMP=<file>, keep the bot's output for a look after the run."""
     target = os.environ.get("BOT_LOG_DUMP")

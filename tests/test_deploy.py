@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -195,6 +196,20 @@ def test_compose_file_parses_and_sets_the_operational_limits():
     assert grace > Settings().shutdown_timeout_s
 
 
+def test_the_journal_lives_on_a_volume_in_the_image_and_under_compose():
+    """The one-process bot's journal must outlive its container: the image declares its folder
+    a volume (`docker run` gets an anonymous one), compose mounts a named one there."""
+    journal = Path(image_env()["JOURNAL_FILE"])
+    volumes = [rest for keyword, rest in final_stage() if keyword == "VOLUME"]
+    assert str(journal.parent) in volumes
+    runs = " ".join(rest for keyword, rest in final_stage() if keyword == "RUN")
+    assert f"chown 10001 {journal.parent}" in runs  # the bot's user writes there
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    bot = compose["services"]["bot"]
+    assert bot["environment"]["JOURNAL_FILE"] == str(journal)
+    assert f"bot-state:{journal.parent}" in bot["volumes"] and "bot-state" in compose["volumes"]
+
+
 def test_compose_scale_profile_redis_one_frontend_and_workers_without_a_second_poller():
     """`docker compose --profile scale up --scale worker=N`: Redis (built here, append-only),
     the bot as the one frontend, N workers. Plain `up` runs only settings and bot."""
@@ -267,6 +282,7 @@ async def test_the_image_command_with_the_image_settings_starts_the_bot(tmp_path
     to the checkout), a token from the env file, and the HEALTHCHECK passing."""
     env = {key: value.replace("/app", str(REPO)) for key, value in image_env().items()}
     env["HEALTH_FILE"] = str(tmp_path / "health")
+    env["JOURNAL_FILE"] = str(tmp_path / "journal.sqlite3")  # the image's: on its volume
     env["HOME"] = env["XDG_CACHE_HOME"] = str(tmp_path)
     env["TORCH_HOME"] = str(tmp_path / "torch")
     env.update({"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO)})

@@ -20,7 +20,18 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
-from bot_helpers import TOKEN, BotProcess, bot_env, dump_output, emu, image_bytes, numbered_lines  # noqa: F401
+from bot_helpers import (  # noqa: F401 (emu: fixture)
+    TOKEN,
+    BotProcess,
+    bot_env,
+    dump_output,
+    emu,
+    image_bytes,
+    numbered_lines,
+    replies_to,
+    start_until,
+    wait_until,
+)
 from redis_helpers import redis_server  # noqa: F401 (fixture)
 
 from bot.jobs.consumer import HOLD_BATCH_ENV
@@ -45,14 +56,7 @@ def queue_env(emu, redis_server, tmp: Path, **overrides) -> dict[str, str]:
 
 
 async def start_role(role: str, env: dict[str, str], tmp: Path, ready: str) -> BotProcess:
-    process = BotProcess(env, cwd=tmp, args=("--role", role))
-    await process.start()
-    try:
-        await process.wait_for_event(ready, timeout=120)
-    except BaseException:
-        kill(process)
-        raise
-    return process
+    return await start_until(env, tmp, ready, args=("--role", role))
 
 
 def kill(process: BotProcess) -> None:
@@ -61,22 +65,7 @@ def kill(process: BotProcess) -> None:
 
 
 def caption_answers(emu, chat: int, photo_message_id: int) -> list[dict]:
-    return [
-        m
-        for m in emu.chat_history(chat)
-        if m["from"]["is_bot"]
-        and (m.get("reply_to_message") or {}).get("message_id") == photo_message_id
-        and "Baseline decoder: " in m.get("text", "")
-    ]
-
-
-async def wait_until(condition, timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.1)
+    return replies_to(emu, chat, photo_message_id, "Baseline decoder: ")
 
 
 @pytest_asyncio.fixture(loop_scope="module")

@@ -16,7 +16,17 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from bot_helpers import TOKEN, BotProcess, bot_env, dump_output, emu, image_bytes  # noqa: F401
+from bot_helpers import (  # noqa: F401 (emu: fixture)
+    TOKEN,
+    BotProcess,
+    bot_env,
+    dump_output,
+    emu,
+    image_bytes,
+    replies_to,
+    start_until,
+    wait_until,
+)
 
 from bot import texts
 from bot.journal import Journal, bot_id_of
@@ -39,14 +49,7 @@ def env(emu, tmp: Path, **overrides) -> dict[str, str]:
 
 
 async def start(environment: dict[str, str], tmp: Path) -> BotProcess:
-    process = BotProcess(environment, cwd=tmp)
-    await process.start()
-    try:
-        await process.wait_for_event("bot_started", timeout=120)
-    except BaseException:
-        await kill(process)
-        raise
-    return process
+    return await start_until(environment, tmp, "bot_started")
 
 
 async def kill(process: BotProcess) -> None:
@@ -54,25 +57,6 @@ async def kill(process: BotProcess) -> None:
     if process.proc is not None and process.proc.returncode is None:
         process.proc.kill()
         await process.wait_exit(10)
-
-
-def answers(emu, chat: int, message_id: int, text: str) -> list[dict]:
-    return [
-        m
-        for m in emu.chat_history(chat)
-        if m["from"]["is_bot"]
-        and (m.get("reply_to_message") or {}).get("message_id") == message_id
-        and text in m.get("text", "")
-    ]
-
-
-async def wait_until(condition, timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.1)
 
 
 def send_photos(emu, chats: range, per_chat: int) -> list[tuple[int, int]]:
@@ -92,16 +76,24 @@ def pending_in_journal(tmp: Path) -> int:
         journal.close()
 
 
-async def answered_once_each(emu, bot: BotProcess, sent: list[tuple[int, int]]) -> None:
-    """Every photo gets one caption answer, and no second one comes."""
+async def restart_answers_once_each(emu, tmp: Path, sent: list[tuple[int, int]]) -> BotProcess:
+    """A new bot process gets every photo one caption answer, and no second one comes; its
+    journal is empty after. Returns the process, stopped (its log lines kept)."""
 
     def all_answered() -> bool:
-        return all(answers(emu, chat, mid, "Baseline decoder: ") for chat, mid in sent)
+        return all(replies_to(emu, chat, mid, "Baseline decoder: ") for chat, mid in sent)
 
-    await wait_until(all_answered, 90, f"not every photo answered:\n{bot.output[-3000:]}")
-    await asyncio.sleep(1.5)  # time for a duplicate to show
-    for chat, mid in sent:
-        assert len(answers(emu, chat, mid, "Baseline decoder: ")) == 1, (chat, mid)
+    bot = await start(env(emu, tmp), tmp)
+    try:
+        await wait_until(all_answered, 90, f"not every photo answered:\n{bot.output[-3000:]}")
+        await asyncio.sleep(1.5)  # time for a duplicate to show
+        for chat, mid in sent:
+            assert len(replies_to(emu, chat, mid, "Baseline decoder: ")) == 1, (chat, mid)
+        assert pending_in_journal(tmp) == 0
+    finally:
+        await bot.stop()
+        dump_output(bot)
+    return bot
 
 
 async def test_photos_confirmed_but_not_answered_are_answered_after_a_sigkill(emu, tmp_path):
@@ -113,18 +105,12 @@ async def test_photos_confirmed_but_not_answered_are_answered_after_a_sigkill(em
         await wait_until(lambda: not emu.pending_updates, 30, "updates not confirmed")
     finally:
         await kill(first)
-    assert not any(answers(emu, chat, mid, "") for chat, mid in sent)
+    assert not any(replies_to(emu, chat, mid, "") for chat, mid in sent)
     assert pending_in_journal(tmp_path) == len(sent)
 
-    second = await start(env(emu, tmp_path), tmp_path)
-    try:
-        await answered_once_each(emu, second, sent)
-        replayed = second.events("update_replayed")
-        assert len(replayed) == len(sent) and {r["starts"] for r in replayed} == {1}
-        assert pending_in_journal(tmp_path) == 0
-    finally:
-        await second.stop()
-        dump_output(second)
+    second = await restart_answers_once_each(emu, tmp_path, sent)
+    replayed = second.events("update_replayed")
+    assert len(replayed) == len(sent) and {r["starts"] for r in replayed} == {1}
 
 
 async def test_photos_journaled_before_confirming_are_answered_once_though_sent_again(
@@ -141,15 +127,9 @@ async def test_photos_journaled_before_confirming_are_answered_once_though_sent_
     assert len(emu.pending_updates) == len(sent)  # Telegram will hand them over again
     assert pending_in_journal(tmp_path) == len(sent)
 
-    second = await start(env(emu, tmp_path), tmp_path)
-    try:
-        await answered_once_each(emu, second, sent)
-        known = {i for e in second.events("updates_already_journaled") for i in e["update_ids"]}
-        assert len(known) == len(sent)  # the copies Telegram sent again were not handled
-        assert pending_in_journal(tmp_path) == 0
-    finally:
-        await second.stop()
-        dump_output(second)
+    second = await restart_answers_once_each(emu, tmp_path, sent)
+    known = {i for e in second.events("updates_already_journaled") for i in e["update_ids"]}
+    assert len(known) == len(sent)  # the copies Telegram sent again were not handled
 
 
 async def test_a_photo_pending_at_the_last_delivery_gets_an_apology(emu, tmp_path):
@@ -163,9 +143,9 @@ async def test_a_photo_pending_at_the_last_delivery_gets_an_apology(emu, tmp_pat
 
     second = await start(env(emu, tmp_path, JOB_MAX_DELIVERIES=1), tmp_path)
     try:
-        await wait_until(lambda: answers(emu, chat, mid, texts.JOB_GAVE_UP), 30, "no apology")
+        await wait_until(lambda: replies_to(emu, chat, mid, texts.JOB_GAVE_UP), 30, "no apology")
         await asyncio.sleep(1.0)
-        assert not answers(emu, chat, mid, "Baseline decoder: ")
+        assert not replies_to(emu, chat, mid, "Baseline decoder: ")
         assert second.events("update_gave_up")[0]["starts"] == 1
         assert pending_in_journal(tmp_path) == 0
     finally:
@@ -185,14 +165,8 @@ async def test_photos_a_graceful_stop_could_not_answer_are_answered_by_the_next_
         assert await first.wait_exit(timeout=60) == 0, first.output[-3000:]
     finally:
         await kill(first)
-    assert not any(answers(emu, chat, mid, "") for chat, mid in sent)  # nobody told to resend
+    assert not any(replies_to(emu, chat, mid, "") for chat, mid in sent)  # nobody told to resend
     assert len(first.events("update_left_for_next_start")) == len(sent)
     assert pending_in_journal(tmp_path) == len(sent)
 
-    second = await start(env(emu, tmp_path), tmp_path)
-    try:
-        await answered_once_each(emu, second, sent)
-        assert pending_in_journal(tmp_path) == 0
-    finally:
-        await second.stop()
-        dump_output(second)
+    await restart_answers_once_each(emu, tmp_path, sent)
