@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import gc
 import io
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -71,7 +73,9 @@ def bot_env(emu: BotAPIEmulator, captioner: str, **settings: object) -> dict[str
     """The environment of a benchmarked `python -m bot` against the emulator: no rate limit,
     a deep queue, JSON logs, a journal of its own (bots run side by side, each with its own
     emulator, whose update ids overlap); `settings` add to or override it."""
-    journal = Path(tempfile.mkdtemp(prefix="captionbot-bench-")) / "journal.sqlite3"
+    folder = tempfile.mkdtemp(prefix="captionbot-bench-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    journal = Path(folder) / "journal.sqlite3"
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
     env.update(
         {
