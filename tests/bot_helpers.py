@@ -12,6 +12,7 @@ import io
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,13 @@ def without_torch(tmp: Path) -> str:
         "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
     )
     return os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")]))
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on at 127.0.0.1 (now)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def bot_env(base_url: str, tmp: Path, **overrides: Any) -> dict[str, str]:

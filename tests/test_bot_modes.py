@@ -6,25 +6,26 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import aiohttp
 import pytest
-from bot_helpers import TOKEN, BotProcess, bot_env, dump_output, image_bytes, without_torch
+from bot_helpers import (
+    TOKEN,
+    BotProcess,
+    bot_env,
+    dump_output,
+    free_port,
+    image_bytes,
+    without_torch,
+)
 
 from bot.emulator import BotAPIEmulator
 
 pytestmark = [pytest.mark.timeout(120)]
 
 SECRET_PART = TOKEN.split(":", 1)[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_bot_sync(

@@ -8,6 +8,7 @@ had accepted and not answered, then started again, against the Bot API emulator.
 - A photo pending at JOB_MAX_DELIVERIES starts gets an apology, not another try.
 - A graceful stop whose deadline strikes with photos unanswered leaves them for the next start
   (without the journal they are told to send again: test_bot_shutdown).
+- Webhook mode: photos whose posts got their 200 are answered after a SIGKILL.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aiohttp
 import pytest
 from bot_helpers import (  # noqa: F401 (emu: fixture)
     TOKEN,
@@ -22,6 +24,7 @@ from bot_helpers import (  # noqa: F401 (emu: fixture)
     bot_env,
     dump_output,
     emu,
+    free_port,
     image_bytes,
     replies_to,
     start_until,
@@ -29,6 +32,7 @@ from bot_helpers import (  # noqa: F401 (emu: fixture)
 )
 
 from bot import texts
+from bot.emulator import BotAPIEmulator
 from bot.journal import Journal, bot_id_of
 from bot.middlewares import HOLD_CONFIRM_ENV
 from bot.worker import HOLD_JOBS_ENV
@@ -76,14 +80,16 @@ def pending_in_journal(tmp: Path) -> int:
         journal.close()
 
 
-async def restart_answers_once_each(emu, tmp: Path, sent: list[tuple[int, int]]) -> BotProcess:
+async def restart_answers_once_each(
+    emu, tmp: Path, sent: list[tuple[int, int]], ready: str = "bot_started", **overrides
+) -> BotProcess:
     """A new bot process gets every photo one caption answer, and no second one comes; its
     journal is empty after. Returns the process, stopped (its log lines kept)."""
 
     def all_answered() -> bool:
         return all(replies_to(emu, chat, mid, "Baseline decoder: ") for chat, mid in sent)
 
-    bot = await start(env(emu, tmp), tmp)
+    bot = await start_until(env(emu, tmp, **overrides), tmp, ready)
     try:
         await wait_until(all_answered, 90, f"not every photo answered:\n{bot.output[-3000:]}")
         await asyncio.sleep(1.5)  # time for a duplicate to show
@@ -170,3 +176,36 @@ async def test_photos_a_graceful_stop_could_not_answer_are_answered_by_the_next_
     assert pending_in_journal(tmp_path) == len(sent)
 
     await restart_answers_once_each(emu, tmp_path, sent)
+
+
+async def test_in_webhook_mode_photos_given_their_200_are_answered_after_a_sigkill(tmp_path):
+    port = free_port()
+    hook = dict(
+        MODE="webhook",
+        WEBHOOK_URL="https://bot.example.org/hook",
+        WEBHOOK_SECRET="s3cret",
+        WEBHOOK_HOST="127.0.0.1",
+        WEBHOOK_PORT=port,
+    )
+    async with BotAPIEmulator(bot_token=TOKEN) as emu:  # its own: this one gets a webhook set
+        first = await start_until(
+            env(emu, tmp_path, **hook, **{HOLD_JOBS_ENV: 1}), tmp_path, "webhook_listening"
+        )
+        sent = []
+        try:
+            secret = {"X-Telegram-Bot-Api-Secret-Token": "s3cret"}
+            async with aiohttp.ClientSession(headers=secret) as http:
+                for update_id, chat in enumerate(range(9341, 9344), 1):
+                    message = emu.user_sends_photo(chat, image_bytes(color=(chat % 256, 7, 7)))
+                    update = {"update_id": update_id, "message": message}
+                    async with http.post(f"http://127.0.0.1:{port}/hook", json=update) as posted:
+                        assert posted.status == 200  # confirmed: Telegram would not send it again
+                    sent.append((chat, message["message_id"]))
+            await first.wait_for_event("test_holding_jobs", timeout=30)
+        finally:
+            await kill(first)
+        assert pending_in_journal(tmp_path) == len(sent)
+        second = await restart_answers_once_each(
+            emu, tmp_path, sent, ready="webhook_listening", **hook
+        )
+        assert len(second.events("update_replayed")) == len(sent)

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from bot_helpers import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -80,12 +80,6 @@ def photo_jpeg() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(data.chelsea()).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def get_json(url: str) -> dict:
