@@ -58,10 +58,9 @@ class Pending:
 
 
 class Journal:
-    def __init__(self, connection: sqlite3.Connection, bot_id: int, path: Path) -> None:
+    def __init__(self, connection: sqlite3.Connection, bot_id: int) -> None:
         self._db = connection
         self.bot_id = bot_id
-        self.path = path
         self._marks = 0
         self._closed = False
 
@@ -89,7 +88,7 @@ class Journal:
                 f"JOURNAL_FILE={path}: cannot keep the journal there ({error}); give it a "
                 "writable place (a volume in a container), or JOURNAL_FILE=off"
             ) from None
-        journal = cls(connection, bot_id, path)
+        journal = cls(connection, bot_id)
         journal.purge()
         return journal
 

@@ -153,8 +153,9 @@ def _as_json(update: Update) -> str:
 def _reply_place(update: dict[str, Any]) -> tuple[int, int | None] | None:
     """(chat id, message id) an apology for `update` goes to, if it has a chat."""
     message = update.get("message") or (update.get("callback_query") or {}).get("message")
-    chat = message.get("chat") if isinstance(message, dict) else None
+    if not isinstance(message, dict):
+        return None
+    chat, reply_to = message.get("chat"), message.get("message_id")
     if not isinstance(chat, dict) or not isinstance(chat.get("id"), int):
         return None
-    reply_to = message.get("message_id")  # type: ignore[union-attr]  # a dict, as chat is
     return chat["id"], reply_to if isinstance(reply_to, int) else None
