@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: lint test run bench eval weights browser redis docker-engine docker-clean clean
+.PHONY: lint test run bench bench-avx2 eval weights browser redis docker-engine docker-clean clean
 
 # torch/torchvision are pinned to the builds this project's machines carry on disk; the project's
 # own dependency ranges then accept them instead of downloading others.
@@ -76,6 +76,12 @@ bench: $(STAMP) redis
 	$(PY) -m model bench
 	$(PY) bench/bot_bench.py
 	$(PY) bench/redis_bench.py
+
+# The model's and the bot's benchmarks with the kernels of a CPU without AVX-512 or VNNI (issue
+# 13's AMD VM), on this one: bench/avx2_only.py (needs CPUID faulting, which it checks).
+bench-avx2: $(STAMP)
+	$(PY) bench/avx2_only.py -- $(PY) -m model bench
+	$(PY) bench/avx2_only.py -- $(PY) bench/bot_bench.py
 
 eval: $(STAMP)
 	$(PY) -m model eval

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from bench import avx2_only
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -173,6 +175,9 @@ def cpu_description() -> str:
     vnni = "VNNI: " + (
         "yes" if flags & {"avx512_vnni", "avx_vnni"} else "no" if flags else "unknown"
     )
+    if avx2_only.emulated() is not None:  # /proc/cpuinfo shows the CPU, not what code sees
+        avx512 = "AVX-512: hidden (bench/avx2_only.py: the kernels of an AVX2-only CPU)"
+        vnni = "VNNI: hidden"
     blas = "MKL" if torch.backends.mkl.is_available() else "no MKL"
     capability = torch.backends.cpu.get_cpu_capability()
     return (
