@@ -77,6 +77,8 @@ def environment(base: dict[str, str] | None = None) -> dict[str, str]:
     env["LD_PRELOAD"] = ":".join(preload)
     tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
     env["GLIBC_TUNABLES"] = ":".join([*tunables, f"glibc.cpu.hwcaps={GLIBC_HIDDEN}"])
+    # Python's faulthandler would take SIGSEGV from the mask and report each CPUID as a crash.
+    env.pop("PYTHONFAULTHANDLER", None)
     return env
 
 

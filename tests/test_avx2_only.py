@@ -131,3 +131,22 @@ def test_the_bundled_model_writes_the_same_captions_with_avx2_kernels():
     """The encoder's float32 kernels differ (AVX2 against AVX-512, 8 against 16 lanes), so the
     grids differ in their last bits; the held-out scenes' captions and seeded samples do not."""
     assert run(CAPTIONS) == run(CAPTIONS, masked=False)
+
+
+def test_the_command_line_runs_a_command_masked():
+    out = subprocess.run(
+        [sys.executable, "bench/avx2_only.py", "--", sys.executable, "-c", WHAT_CODE_SEES],
+        cwd=avx2_only.REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.splitlines()[-1])["torch"] == "AVX2"
+
+
+def test_without_cpuid_faulting_it_refuses_rather_than_run_unmasked(monkeypatch, capsys):
+    monkeypatch.setattr(avx2_only, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    assert "no CPUID faulting" in (avx2_only.unavailable() or "")
+    assert avx2_only.main(["--", "true"]) == 1
+    assert "no CPUID faulting" in capsys.readouterr().err
