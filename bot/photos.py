@@ -31,9 +31,28 @@ IMAGE_MIME_TYPES = {
     "image/x-bmp",
     "image/x-ms-bmp",
     "image/gif",
+    "image/heic",  # an iPhone's photo sent as a file
+    "image/heif",
+    "image/heic-sequence",  # a burst or Live Photo: its primary picture
+    "image/heif-sequence",
+    "image/avif",
+    "image/tiff",
 }
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif"}
-SUPPORTED_FORMATS = "JPEG, PNG, WebP, BMP or GIF"
+IMAGE_EXTENSIONS = {
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".png",
+    ".webp",
+    ".bmp",
+    ".gif",
+    ".heic",
+    ".heif",
+    ".avif",
+    ".tif",
+    ".tiff",
+}
+SUPPORTED_FORMATS = "JPEG, PNG, WebP, HEIC, AVIF, TIFF, BMP or GIF"  # model.images.FORMATS
 
 # Telegram sends each photo in several sizes; the model looks at 224 px, so the
 # smallest size that is at least this big keeps downloads and decoding cheap.

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 from aiogram.filters.callback_data import CallbackData
 from aiogram.types import InlineKeyboardButton, InlineKeyboardMarkup
 
+from bot.photos import SUPPORTED_FORMATS
+
 if TYPE_CHECKING:
     from bot.worker import AttentionResult, CaptionResult
     from model.captioner import Label
@@ -27,8 +29,8 @@ def help_text(*, default_samples: int, max_samples: int, readme_url: str | None)
         [
             "I describe images in a sentence.",
             "",
-            "Send a photo (or an image file: JPEG, PNG, WebP, BMP, or the first frame of a "
-            "GIF) and I reply with the attention decoder's caption, the baseline decoder's "
+            f"Send a photo (or an image file: {SUPPORTED_FORMATS}; of a GIF, its first frame) "
+            "and I reply with the attention decoder's caption, the baseline decoder's "
             f"caption and {default_samples} sampled captions.",
             "",
             "Commands (reply to a photo, put them in a photo's caption, or use them on your "
@@ -62,8 +64,7 @@ JOB_GAVE_UP = (
     "Sorry, I tried several times and couldn't finish this one. Please send it again later."
 )
 NOT_AN_IMAGE = (
-    "That file isn't an image I can read. Send a photo, or an image file "
-    "(JPEG, PNG, WebP, BMP or GIF)."
+    f"That file isn't an image I can read. Send a photo, or an image file ({SUPPORTED_FORMATS})."
 )
 
 

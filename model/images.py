@@ -13,8 +13,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageOps
 
+# HEIC (iPhones' photos, as sent as a file) through libheif; it applies the file's rotation on
+# opening and clears the EXIF orientation, so exif_transpose does not turn the picture twice.
+pillow_heif.register_heif_opener()
+
+FORMATS = "JPEG, PNG, WebP, HEIC, AVIF, TIFF, BMP or GIF"  # what open_image reads
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 megapixels: any phone photo, no bomb
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024  # the Bot API's download limit
 # JPEGs are decoded at a 1/2..1/8 scale (PIL's draft mode: the DCT skips the detail) that keeps
@@ -61,9 +67,7 @@ def open_image(
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
-        raise ImageError(
-            "this file is not an image I can read (JPEG, PNG, WebP, BMP or GIF)"
-        ) from None
+        raise ImageError(f"this file is not an image I can read ({FORMATS})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError("the image is too large (it claims more pixels than I accept)") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError):

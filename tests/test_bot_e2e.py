@@ -160,6 +160,8 @@ async def test_a_fast_reply_shows_no_typing(emu, bot):
         ("PNG", "scene.png", "image/png", {}),
         ("WEBP", "scene.webp", "image/webp", {}),
         ("BMP", "scene.bmp", "image/bmp", {}),
+        ("AVIF", "scene.avif", "image/avif", {"quality": 90}),
+        ("TIFF", "scan.tiff", "image/tiff", {}),
         ("PNG", "no-mime.png", "application/octet-stream", {}),
     ],
 )
@@ -169,6 +171,16 @@ async def test_an_image_sent_as_a_document_is_captioned(emu, bot, fmt, name, mim
     reply = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
     assert reply_id(reply) == sent["message_id"]
     assert_image_answered(reply)
+
+
+@pytest.mark.parametrize("mime", ["image/heic", "application/octet-stream"])
+async def test_an_iphone_heic_sent_as_a_file_is_captioned(emu, bot, mime):
+    chat = new_chat()
+    heic = image_bytes("HEIF", (1008, 756), quality=90)  # an iPhone's 4:3, scaled down
+    sent = emu.user_sends_document(chat, heic, "IMG_0042.HEIC", mime)
+    reply = await emu.next_bot_message(chat, timeout=REPLY_TIMEOUT)
+    assert reply_id(reply) == sent["message_id"]
+    assert_caption_reply(reply)
 
 
 async def test_an_animated_gif_is_captioned_from_its_first_frame(emu, bot):

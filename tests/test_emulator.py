@@ -262,6 +262,19 @@ async def test_user_photo_download_round_trip(emu, bot):
     assert Image.open(thumb).size == (90, 68)
 
 
+async def test_a_heic_photo_reaches_the_bot_as_jpeg(emu, bot):
+    """Telegram's clients send an iPhone's HEIC photo as JPEG, and the emulator stores it so."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (400, 300), (30, 160, 40)).save(buffer, "HEIF", quality=90)
+    sent = emu.user_sends_photo(CHAT, buffer.getvalue())
+    assert [(s["width"], s["height"]) for s in sent["photo"]][-1] == (400, 300)
+    message = (await bot.get_updates(timeout=0))[0].message
+    downloaded = Image.open(await bot.download(message.photo[-1].file_id))
+    assert downloaded.format == "JPEG" and downloaded.size == (400, 300)
+    r, g, b = downloaded.convert("RGB").getpixel((200, 150))
+    assert g > 140 and r < 60 and b < 60
+
+
 async def test_non_image_photo_is_rejected_on_the_user_side(emu):
     with pytest.raises(ValueError):
         emu.user_sends_photo(CHAT, b"not an image")

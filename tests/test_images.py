@@ -2,6 +2,8 @@
 
 import io
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -34,7 +36,7 @@ def png_claiming(width: int, height: int) -> bytes:
     )
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "HEIF", "AVIF", "TIFF", "BMP", "GIF"])
 def test_common_formats_open_as_rgb(fmt):
     image = open_image(encoded(Image.new("RGB", (64, 48), (200, 30, 30)), fmt))
     assert image.mode == "RGB" and image.size == (64, 48)
@@ -122,6 +124,44 @@ def test_exif_orientation_is_applied():
     exif[0x0112] = 6  # "rotate 90 CW to display"
     image = open_image(encoded(wide, "JPEG", exif=exif.tobytes()))
     assert image.size == (40, 80)
+
+
+def test_an_iphone_heic_is_turned_once():
+    """An iPhone's HEIC says how to turn it; libheif turns it on opening and clears the EXIF
+    orientation, so that exif_transpose does not turn it a second time."""
+    wide = Image.new("RGB", (80, 40), (0, 0, 0))
+    wide.paste((255, 0, 0), (0, 0, 40, 40))  # red on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    image = open_image(encoded(wide, "HEIF", exif=exif.tobytes(), quality=95))
+    assert image.size == (40, 80)
+    top, bottom = image.getpixel((20, 10)), image.getpixel((20, 70))
+    assert top[0] > 200 > bottom[0]  # turned clockwise: the left half on top
+
+
+def test_model_images_reads_heic_by_itself(tmp_path):
+    """In a process that imports nothing else (the bot's worker, a Redis worker), not only where
+    the emulator has registered the HEIF opener too."""
+    path = tmp_path / "IMG_0001.HEIC"
+    path.write_bytes(encoded(Image.new("RGB", (64, 48), (200, 30, 30)), "HEIF"))
+    code = f"from model.images import open_image; print(open_image({str(path)!r}).size)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "(64, 48)"
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_a_heic_or_avif_bomb_is_refused_from_its_header(fmt):
+    data = encoded(Image.new("RGB", (400, 300)), fmt)
+    assert open_image(data, max_pixels=120_000).size == (400, 300)
+    with pytest.raises(ImageError, match="too large: 400x300 pixels"):
+        open_image(data, max_pixels=119_999)
+
+
+def test_truncated_heic():
+    noise = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    data = encoded(Image.fromarray(noise), "HEIF")
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        open_image(data[: len(data) // 2])
 
 
 def test_animated_gif_gives_its_first_frame():

@@ -16,7 +16,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+import pillow_heif
 from PIL import Image, UnidentifiedImageError
+
+pillow_heif.register_heif_opener()  # an iPhone's photos: its client sends them, as JPEG
 
 # Bots may download files up to 20 MB through getFile; larger ones exist (users can send
 # them) but can only be described, not fetched.
@@ -142,6 +145,12 @@ class PreparedPhoto:
     height: int
     image_format: str
     thumbnails: tuple[tuple[bytes, int, int], ...]
+    as_jpeg: bytes | None = None  # the original as Telegram keeps it, where not as sent
+
+
+# What the emulator keeps of a photo as sent; Telegram's clients and servers turn the rest (an
+# iPhone's HEIC, a TIFF, a BMP) into JPEG, which is what a bot then downloads.
+KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp"}
 
 
 def prepare_photo(data: bytes) -> PreparedPhoto | None:
@@ -154,7 +163,8 @@ def prepare_photo(data: bytes) -> PreparedPhoto | None:
     thumbnails = tuple(
         _thumbnail(data, side) for side in THUMBNAIL_SIDES if max(width, height) > side
     )
-    return PreparedPhoto(width, height, image_format, thumbnails)
+    as_jpeg = None if image_format in KEPT_FORMATS else _thumbnail(data, max(width, height))[0]
+    return PreparedPhoto(width, height, image_format, thumbnails, as_jpeg)
 
 
 def store_photo(
@@ -174,9 +184,9 @@ def store_photo(
     for thumb, thumb_width, thumb_height in prepared.thumbnails:
         stored = store.add(thumb, "photos", "jpg", "image/jpeg")
         sizes.append(photo_size(stored, thumb_width, thumb_height))
-    extension = {"PNG": "png", "GIF": "gif", "WEBP": "webp"}.get(prepared.image_format, "jpg")
+    extension = KEPT_FORMATS.get(prepared.image_format, "jpg")
     mime_type = "image/jpeg" if extension == "jpg" else f"image/{extension}"
-    original = store.add(data, "photos", extension, mime_type)
+    original = store.add(prepared.as_jpeg or data, "photos", extension, mime_type)
     sizes.append(photo_size(original, prepared.width, prepared.height))
     return sizes
 
