@@ -193,3 +193,15 @@ def test_a_bomb_below_pillows_own_limit_is_refused_by_ours():
         open_image(png_claiming(7000, 7000))
     with pytest.raises(ImageError, match="corrupt or truncated"):  # the same junk, when allowed
         open_image(png_claiming(7000, 7000), max_pixels=50_000_000)
+
+
+def test_every_file_the_bot_takes_as_an_image_opens():
+    """The bot's list of image files (bot/photos.py) and what open_image reads agree."""
+    from bot.photos import IMAGE_EXTENSIONS, SUPPORTED_FORMATS
+    from model.images import FORMATS
+
+    assert SUPPORTED_FORMATS == FORMATS
+    writers = Image.registered_extensions()
+    for extension in sorted(IMAGE_EXTENSIONS):
+        data = encoded(Image.new("RGB", (32, 24), (10, 20, 200)), writers[extension])
+        assert open_image(data).size == (32, 24), extension
