@@ -193,6 +193,20 @@ async def test_page_api_refuses_bad_input(emu, http):
     assert code == 403
 
 
+async def test_an_iphone_heic_dropped_on_the_page_is_a_photo_the_page_can_show(emu, http):
+    buffer = io.BytesIO()
+    Image.new("RGB", (640, 480), (40, 90, 200)).save(buffer, "HEIF")
+    form = aiohttp.FormData()
+    form.add_field("file", buffer.getvalue(), filename="IMG_0007.HEIC", content_type="image/heic")
+    async with http.post(f"/api/chats/{CHAT}/uploads", data=form) as resp:
+        message = (await resp.json())["message"]
+    largest = message["photo"][-1]
+    assert (largest["width"], largest["height"]) == (640, 480)
+    async with http.get(f"/api/files/{largest['file_id']}") as resp:
+        assert resp.content_type == "image/jpeg"  # what a browser shows (and Telegram keeps)
+        assert Image.open(io.BytesIO(await resp.read())).size == (640, 480)
+
+
 async def test_upload_over_the_limit_is_refused(emu, http, monkeypatch):
     monkeypatch.setattr("bot.emulator.playground.MAX_PAGE_UPLOAD_BYTES", 1000)
     form = aiohttp.FormData()
