@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pillow_heif
 from PIL import Image, ImageOps
+from PIL.JpegImagePlugin import JpegImageFile
 
 # HEIC (iPhones' photos, as sent as a file) through libheif; it applies the file's rotation on
 # opening and clears the EXIF orientation, so exif_transpose does not turn the picture twice.
@@ -23,6 +24,12 @@ from PIL import Image, ImageOps
 pillow_heif.register_heif_opener()
 
 FORMATS = "JPEG, PNG, WebP, HEIC, AVIF, TIFF, BMP or GIF"  # what open_image reads
+# Pillow's names of those formats: the only decoders an untrusted file reaches. Pillow can read
+# thirty more (PCX, TGA, SGI, ICNS, DDS, JPEG 2000, PSD, FITS; EPS through Ghostscript, a
+# program of its own), formats nobody sends as a photo, whose decoders have had most of Pillow's
+# security fixes. Pillow's JPEG opener also gives camera JPEGs with several pictures (MPO: Ultra
+# HDR gain maps, depth maps, stereo pairs) as MPO.
+DECODERS = ("JPEG", "PNG", "WEBP", "HEIF", "AVIF", "TIFF", "BMP", "GIF")
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 megapixels: any phone photo, no bomb
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024  # the Bot API's download limit
 # JPEGs are decoded at a 1/2..1/8 scale (PIL's draft mode: the DCT skips the detail) that keeps
@@ -53,14 +60,14 @@ def open_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image: Image.Image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data), formats=DECODERS)
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError(
                     f"the image is too large: {width}x{height} pixels "
                     f"({width * height / 1e6:.0f} megapixels, limit {max_pixels / 1e6:.0f})"
                 )
-            if image.format == "JPEG":  # decode at 1/2..1/8 scale: much faster
+            if isinstance(image, JpegImageFile):  # MPO too: decode at 1/2..1/8 scale
                 image.draft("RGB", (DECODE_SIDE, DECODE_SIDE))
             image.seek(0)  # the first frame of an animation
             image.load()

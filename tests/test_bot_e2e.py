@@ -448,6 +448,12 @@ async def test_bad_input_gets_a_specific_reply_and_nothing_else_breaks(emu, bot)
             lambda: emu.user_sends_document(chat, b"\x00\x01garbage" * 50, "fake.png", "image/png"),
             "can't use this image",
         ),
+        (  # a format Pillow reads but the bot does not offer, named and typed as a JPEG
+            lambda: emu.user_sends_document(
+                chat, _encoded(Image.new("RGB", (64, 48), 9), "PCX"), "scan.jpg", "image/jpeg"
+            ),
+            "not an image I can read",
+        ),
         (
             lambda: emu.user_sends_document(chat, jpeg[: len(jpeg) // 2], "cut.jpg", "image/jpeg"),
             "corrupt or truncated",

@@ -137,7 +137,7 @@ def loads_entry(data: bytes) -> _CacheEntry:
         # opened as the worker opened it before encoding (draft decode, EXIF rotation)
         thumbnail = _thumbnail(open_image(body[split:]))
     elif header["thumbnail"]:
-        thumbnail = Image.open(io.BytesIO(body[split:]))
+        thumbnail = Image.open(io.BytesIO(body[split:]), formats=("JPEG",))  # as dumps_entry
         thumbnail.load()
     return _CacheEntry(Encoded(grid=array.copy()), thumbnail)
 
