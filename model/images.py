@@ -38,6 +38,18 @@ DEFAULT_MAX_BYTES = 20 * 1024 * 1024  # the Bot API's download limit
 # 28, and 300 held-out scenes rendered at 1024 px as JPEG q70 caption as well (attention exact
 # match 0.967 both ways; baseline 0.863 -> 0.870).
 DECODE_SIDE = 224
+# Other formats decode at full size, and a small file can hold a big picture: a 176 KB PNG of
+# 39 megapixels with transparency took 743 MB to open, and its 117 MB of RGB stayed while the
+# worker's batch (up to BATCH_MAX pictures) waited for the encoder. So such a picture is
+# box-reduced as soon as it is decoded, in the mode it decoded to, to a shorter side of at least
+# this: that PNG now takes 300 MB to open and keeps 1.8 MB (an RGB one 298 -> 152 MB; a lossless
+# WebP of 8 KB still 597 MB, in Pillow's WebP decoder). The encoder's resize
+# (model/preprocessing.py, `reducing_gap` 3) box-reduces to this side itself before its bicubic
+# step, so it sees nearly the same pixels, and a picture under twice this side is not touched.
+REDUCED_SIDE = 3 * DECODE_SIDE
+# Modes Pillow's reduce averages correctly (RGBA and LA through premultiplied alpha); palette
+# and 16-bit modes are converted to one of these first.
+REDUCIBLE = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "I", "F")
 
 
 class ImageError(ValueError):
@@ -71,7 +83,7 @@ def open_image(
                 image.draft("RGB", (DECODE_SIDE, DECODE_SIDE))
             image.seek(0)  # the first frame of an animation
             image.load()
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # a full-size copy only to turn it
             return _to_rgb(image)
     except ImageError:
         raise
@@ -100,16 +112,37 @@ def _read(path: Path, max_bytes: int) -> bytes:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Normalise every mode to 8-bit RGB: 16-bit and float scaled, transparency onto white."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        values = np.asarray(image, dtype=np.float32)
-        low, high = float(values.min()), float(values.max())
-        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
-        image = Image.fromarray(scaled.astype(np.uint8), "L")
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    """Normalise every mode to 8-bit RGB, reduced if big (`_reduced`): 16-bit and float scaled,
+    transparency onto white."""
+    if image.mode.startswith("I;16"):
+        image = image.convert("I")
+    elif image.mode == "1":
+        image = image.convert("L")
+    elif image.mode in ("P", "PA"):
+        image = image.convert(
+            "RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB"
+        )
+    image = _reduced(image)
+    if image.mode in ("I", "F"):
+        image = _scaled(np.asarray(image, dtype=np.float32))
+    if image.mode in ("RGBA", "LA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _reduced(image: Image.Image) -> Image.Image:
+    """The picture box-reduced by a whole factor to a shorter side of REDUCED_SIDE to twice it,
+    its aspect kept; one under twice REDUCED_SIDE or in another mode as it is."""
+    factor = min(image.size) // REDUCED_SIDE
+    return image.reduce(factor) if factor > 1 and image.mode in REDUCIBLE else image
+
+
+def _scaled(values: np.ndarray) -> Image.Image:
+    """16-bit or float samples stretched over 0..255 as grey; NaN and infinities at the ends."""
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+    scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return Image.fromarray(scaled.astype(np.uint8), "L")

@@ -4,13 +4,14 @@ import io
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from model.images import DECODE_SIDE, ImageError, open_image
+from model.images import DECODE_SIDE, REDUCED_SIDE, ImageError, open_image
 
 
 def encoded(image: Image.Image, fmt: str, **options) -> bytes:
@@ -208,6 +209,74 @@ def test_formats_not_offered_never_reach_their_decoders(fmt):
     assert Image.open(io.BytesIO(data)).format == fmt  # Pillow itself would take it
     with pytest.raises(ImageError, match="not an image I can read"):
         open_image(data)
+
+
+LOSSLESS = {"WEBP": {"lossless": True}}
+
+
+def halves(size: tuple[int, int], left, right, mode: str = "RGB") -> Image.Image:
+    """A picture whose left half is one colour and right half another."""
+    picture = Image.new(mode, size, left)
+    picture.paste(right, (size[0] // 2, 0, size[0], size[1]))
+    return picture
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L;16", "F"])
+def test_a_big_picture_in_any_format_is_reduced_as_soon_as_it_is_decoded(mode):
+    """A small file can hold a big picture (a 176 KB PNG of 39 megapixels cost 743 MB when it
+    was converted at full size): the picture is box-reduced, in the mode it decoded to, to a
+    shorter side of REDUCED_SIDE..2x, its aspect and its content kept."""
+    size = (3 * REDUCED_SIDE + 100, 2 * REDUCED_SIDE + 50)  # reduced by 2
+    if mode in ("L;16", "F"):
+        dark, light = (1000, 60000) if mode == "L;16" else (-3.5, 7.25)
+        picture = halves(size, dark, light, "I;16" if mode == "L;16" else "F")
+    else:
+        picture = halves(size, (200, 30, 30), (30, 30, 200))
+        if mode == "RGBA":  # the right half half-transparent: onto white, it turns pale
+            picture.putalpha(halves(size, 255, 128, "L"))
+        elif mode == "P":
+            picture = picture.convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    image = open_image(encoded(picture, "TIFF" if mode == "F" else "PNG"))
+    assert image.mode == "RGB" and image.size == (size[0] // 2, size[1] // 2)
+    left, right = image.getpixel((10, 10)), image.getpixel((image.width - 10, 10))
+    if mode in ("L;16", "F"):
+        assert left[0] < 5 and right[0] > 250
+    elif mode == "RGBA":
+        assert left == (200, 30, 30) and right[2] > 200 and 130 < right[0] < 150
+    else:
+        assert left == (200, 30, 30) and right == (30, 30, 200)
+
+
+def test_a_picture_under_twice_the_reduced_side_is_not_touched():
+    size = (2 * REDUCED_SIDE + 300, 2 * REDUCED_SIDE - 1)
+    assert open_image(encoded(Image.new("RGB", size, (9, 9, 9)), "PNG")).size == size
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "WEBP"])
+def test_a_big_picture_is_turned_once_and_reduced(fmt):
+    """The orientation is read from the file before its picture is reduced: a reduced copy keeps
+    no TIFF tags."""
+    wide = halves((4 * REDUCED_SIDE, 2 * REDUCED_SIDE), (0, 0, 0), (255, 255, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the left (black) half goes to the top
+    image = open_image(encoded(wide, fmt, exif=exif.tobytes(), **LOSSLESS.get(fmt, {})))
+    assert image.size == (REDUCED_SIDE, 2 * REDUCED_SIDE)
+    assert image.getpixel((10, 10)) == (0, 0, 0) and image.getpixel((10, image.height - 10)) == (
+        255,
+        255,
+        255,
+    )
+
+
+def test_float_samples_that_are_not_numbers_go_to_the_ends():
+    values = np.array([[np.nan, 0.0, 1.0], [2.0, np.inf, -np.inf]], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "invalid value encountered in cast"
+        image = open_image(encoded(Image.fromarray(values), "TIFF"))
+    row = [image.getpixel((x, 0))[0] for x in range(3)] + [
+        image.getpixel((x, 1))[0] for x in range(3)
+    ]
+    assert row == [0, 0, 127, 255, 255, 0]
 
 
 def test_missing_path():
