@@ -7,6 +7,7 @@ directory, in a child process that imports torch, into one cached directory:
     $CAPTION_CACHE_DIR/bundle-<sha256>/
         manifest.json        the key, the encoder's config, what each artifact's build measured
         encoder.onnx         Encoder._forward: pixels -> grid (model/onnx_encoder.py)
+        encoder.tflite       its CNN share for LiteRT, where installed (model/lite_encoder.py)
         imagenet_head.onnx   the wheel's ORIGINAL blocks 5-6 + classifier on the block-4 share
         domain.npz           the domain check's arrays (model/domain.py), where domain.pt exists
         baseline.npz         each decoder's decoding tables (model/decoding.py), where its .pt
@@ -14,7 +15,7 @@ directory, in a child process that imports torch, into one cached directory:
 
 The key is a sha256 over BUNDLE_VERSION, the artifact names, the pretrained wheel's version and
 every weight file (*.pt, *.json but the card's scores), so changed weights never meet a stale
-bundle. Each ONNX graph is checked against torch in the child before the bundle is published
+bundle. Each graph is checked against torch in the child before the bundle is published
 (an atomic rename: a reader never sees half a bundle). `load_bundle` (the parent) reads the
 manifest and files with numpy and onnxruntime only; `EncoderSide` is the encoder side built from
 it: preprocess, encode, the domain check, ImageNet labels; model/captioner.py builds the decoders'
@@ -25,7 +26,8 @@ One more artifact is one more entry in ARTIFACTS: a function (weights_dir, path)
 with `bundle.file(name)` (or `bundle.arrays(name)` for an .npz). Bump BUNDLE_VERSION when an
 artifact's content changes for the same weights.
 
-    CAPTION_ENCODER_RUNTIME   auto (default: the bundle's ONNX Runtime encoder on CPUs) or torch
+    CAPTION_ENCODER_RUNTIME   auto (default: on CPUs the bundle's LiteRT encoder, else its ONNX
+                              Runtime one), onnx (ONNX Runtime's) or torch
     CAPTION_CACHE_DIR         where bundles go (default $XDG_CACHE_HOME/captionbot, else
                               ~/.cache/captionbot)
 
@@ -77,8 +79,8 @@ def cache_dir() -> Path:
 
 def wanted_runtime() -> str:
     wanted = os.environ.get(RUNTIME_ENV, "auto").strip().lower()
-    if wanted not in ("auto", "torch"):
-        log.warning("%s=%s is neither auto nor torch: taken as auto", RUNTIME_ENV, wanted)
+    if wanted not in ("auto", "onnx", "torch"):
+        log.warning("%s=%s is not auto, onnx or torch: taken as auto", RUNTIME_ENV, wanted)
         return "auto"
     return wanted
 
@@ -199,6 +201,12 @@ def _build_encoder(weights_dir: Path, path: Path) -> dict:
     return onnx_encoder.export(_torch_encoder(weights_dir), path)
 
 
+def _build_lite_encoder(weights_dir: Path, path: Path) -> dict | None:
+    from model import lite_encoder
+
+    return lite_encoder.export(_torch_encoder(weights_dir), path)
+
+
 def _build_imagenet_head(weights_dir: Path, path: Path) -> dict | None:
     import torch
 
@@ -243,6 +251,7 @@ def _decoder_builder(kind: str) -> Callable[[Path, Path], dict | None]:
 # name -> builder(weights_dir, path) -> info for the manifest, or None: nothing to build
 ARTIFACTS: dict[str, Callable[[Path, Path], dict | None]] = {
     "encoder.onnx": _build_encoder,
+    "encoder.tflite": _build_lite_encoder,
     "imagenet_head.onnx": _build_imagenet_head,
     "domain.npz": _build_domain,
     "baseline.npz": _decoder_builder("baseline"),
@@ -309,15 +318,10 @@ class EncoderSide:
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> EncoderSide:
-        from model.onnx_encoder import OnnxEncoder
 
         head = bundle.file("imagenet_head.onnx") if bundle.has("imagenet_head.onnx") else None
         return cls(
-            OnnxEncoder(
-                bundle.file("encoder.onnx"),
-                bundle.config,
-                colour_in_graph=bundle.manifest["artifacts"]["encoder.onnx"]["colour_in_graph"],
-            ),
+            _cnn_encoder(bundle),
             DomainCheck.load_npz(bundle.file("domain.npz")) if bundle.has("domain.npz") else None,
             (lambda: OnnxImageNetHead(head)) if head is not None else None,
         )
@@ -356,6 +360,18 @@ class EncoderSide:
             if self._imagenet is None:
                 self._imagenet = self.imagenet_factory()
         return self._imagenet.labels(np.stack([np.asarray(g) for g in grids]), k)
+
+
+def _cnn_encoder(bundle: Bundle) -> Any:
+    """LiteRT's encoder where the bundle has its graph and LiteRT imports (unless
+    CAPTION_ENCODER_RUNTIME=onnx), else ONNX Runtime's (model/lite_encoder.py says why)."""
+    from model import lite_encoder
+    from model.onnx_encoder import OnnxEncoder
+
+    if bundle.has("encoder.tflite") and wanted_runtime() == "auto" and lite_encoder.available():
+        return lite_encoder.LiteEncoder(bundle.file("encoder.tflite"), bundle.config)
+    colour_in_graph = bundle.manifest["artifacts"]["encoder.onnx"]["colour_in_graph"]
+    return OnnxEncoder(bundle.file("encoder.onnx"), bundle.config, colour_in_graph=colour_in_graph)
 
 
 def main(argv=None) -> int:

@@ -127,7 +127,7 @@ class Captioner:
             )
         vocab = Vocabulary.load(weights_dir / "vocab.json")
         device = serving_device(device)
-        if device == "cpu" and serving.wanted_runtime() == "auto":
+        if device == "cpu" and serving.wanted_runtime() != "torch":
             try:
                 return cls._from_bundle(serving.load_bundle(weights_dir), kinds, vocab)
             except Exception as error:  # no onnxruntime, the export, its check, a corrupt file...

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -96,9 +97,6 @@ class OnnxEncoder:
         threads: int = 1,
         colour_in_graph: bool = False,
     ):
-        import onnxruntime
-
-        self._ort = onnxruntime
         self.path = Path(path)
         self.config = config or EncoderConfig()
         self.grid = self.config.grid
@@ -107,15 +105,24 @@ class OnnxEncoder:
         self.threads = max(1, threads)  # the session's intra-op threads
         self.colour_in_numpy = self.config.colour_stats and not colour_in_graph
         self.session: Any = self._session(self.threads)  # a broken file fails now
-        self.input_name = self.session.get_inputs()[0].name
         self._pool: ThreadPoolExecutor | None = None
         self._solo: Any = None  # the lone image's session: `workers` intra-op threads
         self.workers = 1
 
-    def _session(self, threads: int) -> Any:
-        return self._ort.InferenceSession(
+    def _session(self, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+        """The CNN on `threads` threads: pixels (B, 3, S, S) -> its grid share (B, cells, C)."""
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(
             str(self.path), session_options(threads), providers=["CPUExecutionProvider"]
         )
+        name = session.get_inputs()[0].name
+        return lambda pixels: session.run(None, {name: pixels})[0]
+
+    def runtime(self) -> str:
+        import onnxruntime
+
+        return f"ONNX Runtime {onnxruntime.__version__}"
 
     def use_cpu_workers(self, workers: int) -> None:
         """Encode a batch's images `workers` at a time, side by side, and a lone image on
@@ -132,7 +139,7 @@ class OnnxEncoder:
         self._solo = self._session(self.workers) if solo else None
 
     def _cnn(self, pixels: np.ndarray, session: Any = None) -> np.ndarray:
-        return (session or self.session).run(None, {self.input_name: pixels})[0]
+        return (session or self.session)(pixels)
 
     def _encode(self, pixels: np.ndarray) -> np.ndarray:
         cnn = self._cnn(pixels)
@@ -162,7 +169,7 @@ class OnnxEncoder:
             f"{self.workers if self._solo else self.threads}"
         )
         return (
-            f"ONNX Runtime {self._ort.__version__} ({self.path.name}, {self.threads} thread(s) "
+            f"{self.runtime()} ({self.path.name}, {self.threads} thread(s) "
             f"per image{side_by_side if self.workers > 1 else ''})"
         )
 

@@ -308,7 +308,7 @@ def test_the_image_is_pinned_small_and_serves_without_torch(build):
     assert f"aiogram=={aiogram_version}" in (REPO / "docker" / "requirements.txt").read_text()
     assert (no_torch, no_torchvision) == ("True", "True")
     # The bundle built in at build time matches the weights (build=False: nothing is built).
-    assert "encoder.onnx" in artifacts and "attention.npz" in artifacts
+    assert "encoder.tflite" in artifacts and "attention.npz" in artifacts
 
 
 def test_what_needs_torch_stops_the_bot_at_start_and_says_so(build):

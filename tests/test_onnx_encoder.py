@@ -1,6 +1,7 @@
-"""The encoder through ONNX Runtime, from the serving bundle (model/onnx_encoder.py,
-model/bundle.py): the same grid and captions as torch, a bundle keyed by the weights and loaded
-without torch, and torch whenever the bundle cannot be had."""
+"""The encoder through LiteRT or ONNX Runtime, from the serving bundle (model/lite_encoder.py,
+model/onnx_encoder.py, model/bundle.py): the same grid and captions as torch on either runtime, a
+bundle keyed by the weights and loaded without torch, and torch whenever the bundle cannot be
+had."""
 
 import json
 import logging
@@ -17,6 +18,7 @@ from PIL import Image
 from model import bundle as serving
 from model.captioner import DEFAULT_WEIGHTS_DIR, Captioner
 from model.data.scenes import render_scene
+from model.lite_encoder import LiteEncoder
 from model.onnx_encoder import TOLERANCE, OnnxEncoder
 from model.preprocessing import EncoderConfig, preprocess_batch
 
@@ -28,16 +30,25 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("bundle-cache")
 
 
+RUNTIMES = ("litert", "onnx")  # the bundle's encoders: the default, CAPTION_ENCODER_RUNTIME=onnx
+
+
 @pytest.fixture(scope="module")
 def captioners(cache):
+    """({runtime: captioner} for RUNTIMES, the torch captioner)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(serving.CACHE_ENV, str(cache))
-        onnx = Captioner.load()  # builds the bundle into the empty cache
+        fast = {"litert": Captioner.load()}  # builds the bundle into the empty cache
+        mp.setenv(serving.RUNTIME_ENV, "onnx")
+        fast["onnx"] = Captioner.load()
         mp.setenv(serving.RUNTIME_ENV, "torch")
         plain = Captioner.load()
-    assert isinstance(onnx.encoder, OnnxEncoder)
+    assert isinstance(fast["litert"].encoder, LiteEncoder)
+    assert type(fast["onnx"].encoder) is OnnxEncoder
+    assert fast["litert"].encoder.describe().startswith("LiteRT ")
+    assert fast["onnx"].encoder.describe().startswith("ONNX Runtime ")
     assert plain.encoder.describe() == "torch"
-    return onnx, plain
+    return fast, plain
 
 
 def cells() -> int:
@@ -55,29 +66,31 @@ def pictures() -> list[Image.Image]:
     ]
 
 
-def test_onnx_grid_equals_torch_within_tolerance(captioners):
-    onnx, plain = captioners
-    batch = preprocess_batch(pictures(), onnx.side.config)
-    got, expected = onnx.encoder.encode_array(batch), plain.encoder.encode_array(batch)
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_grid_equals_torch_within_tolerance(captioners, runtime):
+    fast, plain = captioners[0][runtime], captioners[1]
+    batch = preprocess_batch(pictures(), fast.side.config)
+    got, expected = fast.encoder.encode_array(batch), plain.encoder.encode_array(batch)
     assert got.shape == expected.shape == (len(batch), cells(), 488)
     assert got.dtype == expected.dtype == np.float32
     assert np.abs(got - expected).max() <= TOLERANCE
 
 
-def test_captions_domain_and_labels_are_the_same_with_either_runtime(captioners):
-    onnx, plain = captioners
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_captions_domain_and_labels_are_the_same_as_torchs(captioners, runtime):
+    fast, plain = captioners[0][runtime], captioners[1]
     images = pictures()
-    fast, slow = onnx.encode(images), plain.encode(images)
-    assert all(e.grid.dtype == np.float16 and e.grid.shape == (cells(), 488) for e in fast)
+    quick, slow = fast.encode(images), plain.encode(images)
+    assert all(e.grid.dtype == np.float16 and e.grid.shape == (cells(), 488) for e in quick)
     for kind in ("attention", "baseline"):
-        assert [c.text for c in onnx.greedy(fast, kind)] == [
+        assert [c.text for c in fast.greedy(quick, kind)] == [
             c.text for c in plain.greedy(slow, kind)
         ]
     np.testing.assert_allclose(
-        [v.score for v in onnx.domain(fast)], [v.score for v in plain.domain(slow)], rtol=1e-3
+        [v.score for v in fast.domain(quick)], [v.score for v in plain.domain(slow)], rtol=1e-3
     )
-    assert [v.in_domain for v in onnx.domain(fast)] == [v.in_domain for v in plain.domain(slow)]
-    assert [[label.label for label in labels] for labels in onnx.imagenet_labels(fast)] == [
+    assert [v.in_domain for v in fast.domain(quick)] == [v.in_domain for v in plain.domain(slow)]
+    assert [[label.label for label in labels] for labels in fast.imagenet_labels(quick)] == [
         [label.label for label in labels] for labels in plain.imagenet_labels(slow)
     ]
 
@@ -86,7 +99,7 @@ def test_the_grids_repeat_the_columns_their_config_says(captioners):
     """EncoderConfig.repeated_columns, which the attention decoder reads once a block of cells
     (model/decoding.py), holds exactly on both runtimes' grids, and the other taps' do not."""
     images = pictures()
-    for captioner in captioners:
+    for captioner in [*captioners[0].values(), captioners[1]]:
         config = captioner.side.config
         first, end, k = config.repeated_columns
         rows, cols = config.grid
@@ -97,8 +110,9 @@ def test_the_grids_repeat_the_columns_their_config_says(captioners):
         assert not np.array_equal(blocks[..., :first], first_cell[..., :first])
 
 
-def test_side_by_side_encoding_gives_the_same_grid(captioners):
-    encoder = captioners[0].encoder
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_side_by_side_encoding_gives_the_same_grid(captioners, runtime):
+    encoder = captioners[0][runtime].encoder
     batch = preprocess_batch(pictures()[:3], encoder.config)
     try:
         encoder.use_cpu_workers(1)
@@ -119,12 +133,14 @@ def test_second_load_uses_the_cached_bundle(captioners, cache, monkeypatch):
     bundle = serving.load_bundle(DEFAULT_WEIGHTS_DIR)
     assert set(bundle.manifest["artifacts"]) == {
         "encoder.onnx",
+        "encoder.tflite",
         "imagenet_head.onnx",
         "domain.npz",
         "baseline.npz",
         "attention.npz",
     }
-    assert bundle.manifest["artifacts"]["encoder.onnx"]["largest_difference"] <= TOLERANCE
+    for graph in ("encoder.onnx", "encoder.tflite"):
+        assert bundle.manifest["artifacts"][graph]["largest_difference"] <= TOLERANCE
 
 
 def test_bundle_key_is_the_weight_files(tmp_path):
@@ -154,12 +170,16 @@ def test_failed_build_falls_back_to_torch_and_says_why(tmp_path, monkeypatch, ca
     assert captioner.has_domain_check  # domain.pt, read by torch
 
 
-def test_corrupt_cached_graph_falls_back_to_torch(captioners, cache, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("runtime, graph", [("auto", "encoder.tflite"), ("onnx", "encoder.onnx")])
+def test_corrupt_cached_graph_falls_back_to_torch(
+    captioners, cache, tmp_path, monkeypatch, caplog, runtime, graph
+):
     (built,) = cache.glob("bundle-*")
     broken = tmp_path / built.name
     shutil.copytree(built, broken)
-    (broken / "encoder.onnx").write_bytes(b"not a graph")
+    (broken / graph).write_bytes(b"not a graph")
     monkeypatch.setenv(serving.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(serving.RUNTIME_ENV, runtime)
     with caplog.at_level(logging.WARNING, logger="model.captioner"):
         captioner = Captioner.load()
     assert captioner.encoder.describe() == "torch" and "encoder on torch" in caplog.text
@@ -240,7 +260,7 @@ def test_serving_process_does_not_import_the_exporter(captioners, cache):
     """onnxscript (torch's exporter) stays out; onnx itself builds the decoders' small graphs."""
     code = (
         "import sys; from model.captioner import Captioner; c = Captioner.load(); "
-        "print(c.encoder.describe().startswith('ONNX Runtime'), "
+        "print(c.encoder.describe().startswith('LiteRT'), "
         "any(m.split('.')[0] in ('onnxscript', 'torch') for m in sys.modules))"
     )
     assert run_python(code, cache).split() == ["True", "False"]
@@ -277,7 +297,7 @@ def test_the_docker_build_command_finds_or_builds_the_bundle(captioners, cache):
     )
     assert done.returncode == 0, done.stderr
     (built,) = cache.glob("bundle-*")
-    assert str(built) in done.stdout and "encoder.onnx" in done.stdout
+    assert str(built) in done.stdout and "encoder.tflite" in done.stdout
 
 
 def test_a_cached_bundle_serves_where_torch_is_not_installed(captioners, cache, tmp_path):
