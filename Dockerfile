@@ -48,8 +48,9 @@ RUN index() { if [ -n "$1" ]; then echo "--index-url $1"; else echo "--no-index"
     && /opt/venv/bin/pip check
 
 # ---- bundle: the serving bundle, built with torch (model/bundle.py) ----------------------
-# The encoder and the ImageNet head as ONNX graphs (each checked against torch), the domain
-# check's and the decoders' arrays: everything serving needs, built here once from weights/.
+# The encoder as a TFLite graph (LiteRT) and an ONNX graph, the ImageNet head as an ONNX graph
+# (each checked against torch), the domain check's and the decoders' arrays: everything serving
+# needs, built here once from weights/.
 FROM build AS bundle
 WORKDIR /app
 COPY model/ model/
@@ -58,7 +59,7 @@ ENV CAPTION_CACHE_DIR=/app/.cache
 RUN /opt/venv/bin/python -m model.bundle --weights weights
 
 # ---- serving: the environment without torch --------------------------------------------------
-# Serving reads the bundle with numpy and ONNX Runtime only, so torch (about 1 GB installed on
+# Serving reads the bundle with numpy, LiteRT and ONNX Runtime only, so torch (about 1 GB installed on
 # its own) and what only it or the ONNX exporter use leave the runtime image; pip check proves
 # that what stays has every dependency. The efficientnet-lite0 wheel stays: its version is part
 # of the bundle's key.
