@@ -22,8 +22,14 @@ model/bundle.py).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import queue
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,9 @@ from model.onnx_encoder import TOLERANCE, OnnxEncoder, colour_fits_numpy
 from model.preprocessing import EncoderConfig
 
 TAPS = (4, 10, 15)  # model.encoder.LITE0_TAPS: the blocks whose outputs make the grid
+BANNER = b"Created TensorFlow Lite XNNPACK delegate"  # what LiteRT prints on its first interpreter
+_first = threading.Lock()
+_made: list[bool] = []  # an interpreter has been made in this process
 
 
 def available() -> bool:
@@ -77,8 +86,12 @@ class _Interpreters:
     def _interpreter(self) -> Any:
         from ai_edge_litert.interpreter import Interpreter
 
-        interpreter = Interpreter(model_path=str(self.path), num_threads=self.threads)
-        interpreter.allocate_tensors()
+        with _first:
+            quiet = _without_banner() if not _made else contextlib.nullcontext()
+            with quiet:
+                interpreter = Interpreter(model_path=str(self.path), num_threads=self.threads)
+                interpreter.allocate_tensors()
+            _made.append(True)
         return interpreter
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
@@ -97,6 +110,28 @@ class _Interpreters:
             return out
         finally:
             self._idle.put(interpreter)
+
+
+@contextlib.contextmanager
+def _without_banner() -> Iterator[None]:
+    """LiteRT's C++ logger writes "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." to
+    the process's stderr when its first interpreter is made, outside Python's logging: a line
+    that is not JSON in the bot's LOG_FORMAT=json output, and that nothing in its Python API turns
+    off. So the stderr file descriptor goes to a file meanwhile, and whatever else was written
+    there is written back."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            rest = [line for line in caught.read().splitlines(True) if BANNER not in line]
+            if rest:
+                os.write(2, b"".join(rest))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ same grid as torch for other grid layouts than the bundled one, correct under co
 and ONNX Runtime's encoder wherever LiteRT is missing. (The bundled weights' graph against torch,
 and the captions it gives: tests/test_onnx_encoder.py, which runs on both runtimes.)"""
 
+import os
 import threading
 
 import numpy as np
@@ -93,3 +94,13 @@ def test_without_litert_the_bundle_serves_onnx_runtimes_encoder(bundle, monkeypa
     monkeypatch.setattr(lite_encoder, "available", lambda: False)
     assert type(serving.EncoderSide.from_bundle(bundle).encoder) is OnnxEncoder
     assert lite_encoder.export(object(), bundle.directory / "unused.tflite") is None
+
+
+def test_the_first_interpreters_banner_is_kept_out_of_stderr_and_nothing_else(capfd):
+    """LiteRT's C++ logger announces its first interpreter on stderr, a line that is not JSON
+    in the bot's LOG_FORMAT=json output; what else is written to stderr meanwhile stays."""
+    with lite_encoder._without_banner():
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+        os.write(2, b"ERROR: something else\n")
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "ERROR: something else\nafter\n"
