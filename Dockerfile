@@ -63,9 +63,14 @@ RUN /opt/venv/bin/python -m model.bundle --weights weights
 # its own) and what only it or the ONNX exporter use leave the runtime image; pip check proves
 # that what stays has every dependency. The efficientnet-lite0 wheel stays: its version is part
 # of the bundle's key.
+# Of LiteRT's wheel only its interpreter stays: its compiled-model API, WebGPU accelerator, NPU
+# vendors' plugins and tools (40 MB) are never loaded (model/lite_encoder.py).
 FROM build AS serving
 RUN /opt/venv/bin/pip uninstall -y -q torch efficientnet-lite-pytorch onnxscript onnx-ir \
         sympy mpmath networkx Jinja2 MarkupSafe fsspec filelock \
+    && litert=$(/opt/venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/ai_edge_litert \
+    && rm -rf "$litert/libLiteRt.so" "$litert/libLiteRtWebGpuAccelerator.so" "$litert/tools" \
+        "$litert/vendors" "$litert/aot" \
     && /opt/venv/bin/pip check
 
 # ---- the image -----------------------------------------------------------------------------
