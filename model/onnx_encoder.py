@@ -1,4 +1,6 @@
-"""The encoder through ONNX Runtime: the CPU serving path's encoder, 3-4x faster than torch's.
+"""The encoder through ONNX Runtime: the CPU serving path's encoder where LiteRT's wheel is missing
+or CAPTION_ENCODER_RUNTIME=onnx (model/lite_encoder.py, slightly faster, has its threading from
+here), 3-4x faster than torch's.
 
 The encoder's CNN (EfficientNet-Lite0 up to block 6 and the grid taps: `Encoder.cnn_features`)
 is exported with `torch.onnx.export(dynamo=True)` into the
