@@ -363,13 +363,19 @@ class EncoderSide:
 
 
 def _cnn_encoder(bundle: Bundle) -> Any:
-    """LiteRT's encoder where the bundle has its graph and LiteRT imports (unless
+    """LiteRT's encoder where the bundle has its graph and LiteRT imports and loads it (unless
     CAPTION_ENCODER_RUNTIME=onnx), else ONNX Runtime's (model/lite_encoder.py says why)."""
     from model import lite_encoder
     from model.onnx_encoder import OnnxEncoder
 
     if bundle.has("encoder.tflite") and wanted_runtime() == "auto" and lite_encoder.available():
-        return lite_encoder.LiteEncoder(bundle.file("encoder.tflite"), bundle.config)
+        try:
+            return lite_encoder.LiteEncoder(bundle.file("encoder.tflite"), bundle.config)
+        except Exception as error:  # a damaged file, an interpreter LiteRT cannot make
+            reason = (str(error).strip().splitlines() or [""])[-1]
+            log.warning(
+                "encoder on ONNX Runtime: LiteRT failed (%s: %s)", type(error).__name__, reason
+            )
     colour_in_graph = bundle.manifest["artifacts"]["encoder.onnx"]["colour_in_graph"]
     return OnnxEncoder(bundle.file("encoder.onnx"), bundle.config, colour_in_graph=colour_in_graph)
 

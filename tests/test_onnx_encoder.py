@@ -170,16 +170,31 @@ def test_failed_build_falls_back_to_torch_and_says_why(tmp_path, monkeypatch, ca
     assert captioner.has_domain_check  # domain.pt, read by torch
 
 
-@pytest.mark.parametrize("runtime, graph", [("auto", "encoder.tflite"), ("onnx", "encoder.onnx")])
-def test_corrupt_cached_graph_falls_back_to_torch(
-    captioners, cache, tmp_path, monkeypatch, caplog, runtime, graph
-):
+def _with_a_damaged(graph: str, cache, tmp_path, monkeypatch) -> None:
     (built,) = cache.glob("bundle-*")
     broken = tmp_path / built.name
     shutil.copytree(built, broken)
     (broken / graph).write_bytes(b"not a graph")
     monkeypatch.setenv(serving.CACHE_ENV, str(tmp_path))
-    monkeypatch.setenv(serving.RUNTIME_ENV, runtime)
+
+
+def test_a_damaged_tflite_graph_falls_back_to_onnx_runtime(
+    captioners, cache, tmp_path, monkeypatch, caplog
+):
+    _with_a_damaged("encoder.tflite", cache, tmp_path, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="model.bundle"):
+        captioner = Captioner.load()
+    assert type(captioner.encoder) is OnnxEncoder and "LiteRT failed" in caplog.text
+    image = render_scene(30_000_000)[1]
+    fast = captioners[0]["litert"]
+    assert captioner.greedy(captioner.encode([image]))[0].text == (
+        fast.greedy(fast.encode([image]))[0].text
+    )
+
+
+def test_a_damaged_onnx_graph_falls_back_to_torch(captioners, cache, tmp_path, monkeypatch, caplog):
+    _with_a_damaged("encoder.onnx", cache, tmp_path, monkeypatch)
+    monkeypatch.setenv(serving.RUNTIME_ENV, "onnx")
     with caplog.at_level(logging.WARNING, logger="model.captioner"):
         captioner = Captioner.load()
     assert captioner.encoder.describe() == "torch" and "encoder on torch" in caplog.text
