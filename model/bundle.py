@@ -17,7 +17,7 @@ The key is a sha256 over BUNDLE_VERSION, the artifact names, the pretrained whee
 every weight file (*.pt, *.json but the card's scores), so changed weights never meet a stale
 bundle. Each graph is checked against torch in the child before the bundle is published
 (an atomic rename: a reader never sees half a bundle). `load_bundle` (the parent) reads the
-manifest and files with numpy and onnxruntime only; `EncoderSide` is the encoder side built from
+manifest and files with numpy, LiteRT and onnxruntime only; `EncoderSide` is the encoder side built from
 it: preprocess, encode, the domain check, ImageNet labels; model/captioner.py builds the decoders'
 runtimes from their tables.
 
@@ -318,7 +318,6 @@ class EncoderSide:
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> EncoderSide:
-
         head = bundle.file("imagenet_head.onnx") if bundle.has("imagenet_head.onnx") else None
         return cls(
             _cnn_encoder(bundle),
