@@ -1,6 +1,7 @@
 """The encoder's CNN through LiteRT (TensorFlow Lite's runtime) and its XNNPACK kernels: the CPU
-serving path's encoder where the `ai-edge-litert` wheel installs (Linux on x86_64 and ARM), ONNX
-Runtime's (model/onnx_encoder.py) elsewhere or with CAPTION_ENCODER_RUNTIME=onnx.
+serving path's encoder where the `ai-edge-litert` wheel installs (Linux on x86_64 and ARM, macOS
+on Apple silicon), ONNX Runtime's (model/onnx_encoder.py) elsewhere or with
+CAPTION_ENCODER_RUNTIME=onnx.
 
 Why a second runtime (issue 13): XNNPACK's convolutions on NHWC tensors ran the CNN faster than
 ONNX Runtime's MLAS in its NCHWc layout, on the same weights, to float rounding. Measured on the
