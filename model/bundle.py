@@ -17,9 +17,9 @@ The key is a sha256 over BUNDLE_VERSION, the artifact names, the pretrained whee
 every weight file (*.pt, *.json but the card's scores), so changed weights never meet a stale
 bundle. Each graph is checked against torch in the child before the bundle is published
 (an atomic rename: a reader never sees half a bundle). `load_bundle` (the parent) reads the
-manifest and files with numpy, LiteRT and onnxruntime only; `EncoderSide` is the encoder side built from
-it: preprocess, encode, the domain check, ImageNet labels; model/captioner.py builds the decoders'
-runtimes from their tables.
+manifest and files with numpy, LiteRT and onnxruntime only; `EncoderSide` is the encoder side
+built from it: preprocess, encode, the domain check, ImageNet labels; model/captioner.py builds
+the decoders' runtimes from their tables.
 
 One more artifact is one more entry in ARTIFACTS: a function (weights_dir, path) -> info dict
 (None when the weights have nothing to put there) that runs in the child; the parent reads it
