@@ -36,13 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from model.onnx_encoder import TOLERANCE, OnnxEncoder, colour_fits_numpy
-from model.preprocessing import EncoderConfig
+from model.onnx_encoder import TOLERANCE, OnnxEncoder, check_images, colour_fits_numpy
+from model.preprocessing import LITE0_TAP_STRIDES, EncoderConfig
 
-TAPS = (4, 10, 15)  # model.encoder.LITE0_TAPS: the blocks whose outputs make the grid
 BANNER = b"Created TensorFlow Lite XNNPACK delegate"  # what LiteRT prints on its first interpreter
-_first = threading.Lock()
-_made: list[bool] = []  # an interpreter has been made in this process
+_making = threading.Lock()  # one interpreter made at a time: they share stderr's redirection
 
 
 def available() -> bool:
@@ -87,12 +85,9 @@ class _Interpreters:
     def _interpreter(self) -> Any:
         from ai_edge_litert.interpreter import Interpreter
 
-        with _first:
-            quiet = _without_banner() if not _made else contextlib.nullcontext()
-            with quiet:
-                interpreter = Interpreter(model_path=str(self.path), num_threads=self.threads)
-                interpreter.allocate_tensors()
-            _made.append(True)
+        with _making, _without_banner():
+            interpreter = Interpreter(model_path=str(self.path), num_threads=self.threads)
+            interpreter.allocate_tensors()
         return interpreter
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
@@ -119,7 +114,8 @@ def _without_banner() -> Iterator[None]:
     the process's stderr when its first interpreter is made, outside Python's logging: a line
     that is not JSON in the bot's LOG_FORMAT=json output, and that nothing in its Python API turns
     off. So the stderr file descriptor goes to a file meanwhile, and whatever else was written
-    there is written back."""
+    there is written back. (Only the first interpreter of a process prints it; the few made
+    later, at start-up or for a new concurrent caller, pass through the same filter.)"""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as caught:
@@ -275,7 +271,7 @@ def supported(config: EncoderConfig) -> bool:
     if config.backbone != "efficientnet_lite0" or not colour_fits_numpy(config):
         return False
     rows, cols = config.grid
-    sides = [math.ceil(config.image_size / stride) for stride in (8, 16, 32)]  # the taps' maps
+    sides = [math.ceil(config.image_size / stride) for stride in LITE0_TAP_STRIDES]  # tap maps
     return rows == cols and all(s % rows == 0 or rows % s == 0 for s in sides)
 
 
@@ -283,6 +279,8 @@ def build(encoder) -> bytes:
     """The flatbuffer of `encoder`'s CNN share (torch Encoder, EfficientNet-Lite0, `supported`):
     images (1, 3, S, S) -> grid (1, rows, cols, channels), each tap averaged or repeated onto
     the grid's cells."""
+    from model.encoder import LITE0_TAPS  # torch: the bundle's builder has it
+
     net, side = encoder.network, encoder.grid[0]
     graph = _Graph()
     size = encoder.config.image_size
@@ -291,7 +289,7 @@ def build(encoder) -> bytes:
     x, shape = graph.to_channels_last(x, shape)
     x, shape = graph.conv(x, shape, net._conv_stem, relu6=True)
     taps, tap_shapes = [], []
-    for index, block in enumerate(net._blocks[: TAPS[-1] + 1]):
+    for index, block in enumerate(net._blocks[: max(LITE0_TAPS) + 1]):
         before, before_shape = x, shape
         if block._block_args.expand_ratio != 1:
             x, shape = graph.conv(x, shape, block._expand_conv, relu6=True)
@@ -299,7 +297,7 @@ def build(encoder) -> bytes:
         x, shape = graph.conv(x, shape, block._project_conv, relu6=False)
         if shape == before_shape and block.id_skip:  # stride 1, as many channels in as out
             x = graph.add(x, before, shape)
-        if index in TAPS:
+        if index in LITE0_TAPS:
             tap, tap_shape = x, shape
             if shape[1] > side:
                 tap, tap_shape = graph.average(x, shape, shape[1] // side)
@@ -317,16 +315,10 @@ def export(encoder, out: Path) -> dict | None:
     encoder's config is not supported."""
     import torch
 
-    from model.data.scenes import render_scene
-    from model.preprocessing import preprocess_batch
-
     if not available() or not supported(encoder.config):
         return None
     out.write_bytes(build(encoder))
-    size = encoder.config.image_size
-    noise = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    scenes = preprocess_batch([render_scene(seed)[1] for seed in range(2)], encoder.config)
-    images = np.concatenate([noise.numpy(), scenes])
+    images = check_images(encoder.config)
     with torch.inference_mode():
         expected = encoder.cnn_features(torch.from_numpy(images)).numpy()
     got = _Interpreters(out, 1)(images)

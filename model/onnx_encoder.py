@@ -222,15 +222,24 @@ def colour_fits_numpy(config: EncoderConfig) -> bool:
     return config.image_size % rows == 0 and config.image_size % cols == 0
 
 
+def check_images(config: EncoderConfig) -> np.ndarray:
+    """What an exported graph is checked against torch on (B, 3, S, S): two pictures of noise in
+    the normalised range, then two rendered scenes."""
+    from model.data.scenes import render_scene
+    from model.preprocessing import preprocess_batch
+
+    size = config.image_size
+    noise = np.random.default_rng(0).uniform(-1, 1, (2, 3, size, size)).astype(np.float32)
+    scenes = preprocess_batch([render_scene(seed)[1] for seed in range(2)], config)
+    return np.concatenate([noise, scenes])
+
+
 def export(encoder, out: Path) -> dict:
     """Export `encoder` (torch) to ONNX at `out`: its CNN share, or where the colour statistics
     cannot be had in numpy its whole `_forward`. Checks OnnxEncoder's grid against torch's on a
     test batch (rendered scenes and noise), raising beyond TOLERANCE; returns the manifest's info.
     """
     import torch
-
-    from model.data.scenes import render_scene
-    from model.preprocessing import preprocess_batch
 
     colour_in_graph = encoder.config.colour_stats and not colour_fits_numpy(encoder.config)
 
@@ -244,11 +253,8 @@ def export(encoder, out: Path) -> dict:
                 return self.encoder._forward(images)
             return self.encoder.cnn_features(images)
 
-    size = encoder.config.image_size
-    noise = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    export_module(Graph().eval(), noise, out, "images", "grid")
-    scenes = preprocess_batch([render_scene(seed)[1] for seed in range(2)], encoder.config)
-    images = np.concatenate([noise.numpy(), scenes])
+    images = check_images(encoder.config)
+    export_module(Graph().eval(), torch.from_numpy(images[:2]), out, "images", "grid")
     with torch.inference_mode():
         expected = encoder._forward(torch.from_numpy(images)).numpy()
     runtime = OnnxEncoder(out, encoder.config, colour_in_graph=colour_in_graph)
