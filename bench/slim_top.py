@@ -254,9 +254,8 @@ def compare(slim: EncoderTop, count: int, log=print) -> None:
 
     captioner = Captioner.load(WEIGHTS)
     encoder = captioner.side.encoder
-    tops = {"shipped": list(encoder.network._blocks), "narrow": None}
-    with_top(encoder, slim)
-    tops["narrow"] = list(encoder.network._blocks)
+    shipped = list(encoder.network._blocks)
+    tops = {"shipped": shipped, "narrow": list(with_top(encoder, slim).network._blocks)}
 
     def run(images):
         out = {}

@@ -13,7 +13,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import slim_top  # noqa: E402
 from model.data.scenes import render_scene  # noqa: E402
 from model.encoder import Encoder  # noqa: E402
-from model.preprocessing import EncoderConfig, preprocess_array  # noqa: E402
+from model.preprocessing import LITE0_TAP_CHANNELS, EncoderConfig, preprocess_array  # noqa: E402
+
+
+def _kept_channels(block, small) -> list[int]:
+    """Which of `block`'s expansion channels its narrowed copy `small` kept, found by their
+    expansion weights."""
+    rows = block._expand_conv.weight.flatten(1)
+    return [int((rows == row).all(1).nonzero()[0]) for row in small._expand_conv.weight.flatten(1)]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +36,7 @@ def maps(encoder) -> torch.Tensor:
 
 
 def test_the_lower_cnn_gives_the_block4_share_of_the_served_grid(encoder, maps):
-    low, mid, _ = (40, 112, 320)
+    low, mid, _ = LITE0_TAP_CHANNELS
     pixels = torch.from_numpy(preprocess_array(render_scene(0)[1]))[None]
     with torch.inference_mode():
         grid = encoder.cnn_features(pixels)  # (1, 196, 472)
@@ -45,12 +52,8 @@ def test_a_narrowed_top_is_the_shipped_one_without_its_dropped_channels(maps):
         width = block._depthwise_conv.out_channels
         kept = small._depthwise_conv.out_channels
         assert kept % 8 == 0 and abs(kept - width / 2) <= 4
-        # the kept channels are found by their expansion weights; the others lose their
-        # projection column, which removes everything they contribute
-        rows = block._expand_conv.weight.flatten(1)
-        chosen = [
-            int((rows == row).all(1).nonzero()[0]) for row in small._expand_conv.weight.flatten(1)
-        ]
+        # the dropped channels lose their projection column, which removes all they contribute
+        chosen = _kept_channels(block, small)
         dropped = sorted(set(range(width)) - set(chosen))
         block._project_conv.weight.data[:, dropped] = 0
     with torch.inference_mode():
@@ -63,10 +66,7 @@ def test_it_keeps_the_channels_that_matter_most(maps):
     scores = slim_top.channel_importance(teacher, maps)
     slim = slim_top.narrowed(teacher, maps, keep=0.25)
     for score, block, small in zip(scores, teacher.blocks, slim.blocks):
-        rows = block._expand_conv.weight.flatten(1)
-        chosen = [
-            int((rows == row).all(1).nonzero()[0]) for row in small._expand_conv.weight.flatten(1)
-        ]
+        chosen = _kept_channels(block, small)
         assert score[chosen].min() >= torch.topk(score, len(chosen)).values.min()
         assert chosen == sorted(chosen)
 
