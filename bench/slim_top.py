@@ -14,7 +14,9 @@ most of them in its 1x1 convolutions to and from 672-1,152 expansion channels at
    they are;
 3. reports the CNN's time in LiteRT, the serving runtime, against the shipped top (interleaved
    rounds, one and two threads) and, with --eval, the model card's rows with the narrowed top,
-   how many greedy captions stay word for word the same, and how many domain-check verdicts stay.
+   how many greedy captions stay word for word the same, and how many domain-check verdicts stay;
+   with --refit also what the domain check rejects once refitted on each top's grids (15 minutes
+   more).
 
 It changes no weights: whether a faster top that rewords some captions meets the quality target
 (`make eval` within 0.5 points of the model card on every row) is the question it answers.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import multiprocessing
 import statistics
@@ -239,7 +242,62 @@ def cnn_times(
 # ---- what it costs: the model card's rows, captions and domain verdicts -------------------
 
 
-def compare(slim: EncoderTop, count: int, log=print) -> None:
+def _per_top(encoder: Encoder, tops: dict[str, list], work):
+    """work() with each top's layers in `encoder` in turn: {top's name: what it returned}."""
+    out = {}
+    for name, blocks in tops.items():
+        encoder.network._blocks = nn.ModuleList(blocks)
+        out[name] = work()
+    return out
+
+
+def refit_domain(
+    captioner,
+    tops: dict[str, list],
+    fit_scenes: int = 3000,
+    calibration_scenes: int = 100,
+    log=print,
+) -> None:
+    """The domain check fitted and calibrated again on each top's grids, from the renders
+    `python -m model domain-fit` uses (each rendered once for both tops), and the non-scenes
+    each refitted check lets through."""
+    from model import domain
+    from model.data.sources import TRAIN_SEED_BASE, load_image, scene_key, training_variant
+    from model.nonscenes import nonscenes
+
+    def features(pictures: list) -> dict[str, np.ndarray]:
+        parts: dict[str, list] = {name: [] for name in tops}
+        for start in range(0, len(pictures), 32):
+            images = [
+                load_image(p) if isinstance(p, str) else p for p in pictures[start : start + 32]
+            ]
+            encode = functools.partial(domain.encode_features, captioner, images)
+            chunk = _per_top(captioner.side.encoder, tops, encode)
+            for name, rows in chunk.items():
+                parts[name].append(rows)
+        return {name: np.concatenate(rows) for name, rows in parts.items()}
+
+    seeds = range(TRAIN_SEED_BASE, TRAIN_SEED_BASE + fit_scenes)
+    fitted = features([scene_key(s, *training_variant(s)) for s in seeds])
+    seeds = range(domain.CALIBRATION_SEED_BASE, domain.CALIBRATION_SEED_BASE + calibration_scenes)
+    held_out = {
+        domain.render_name(side, quality): features([scene_key(s, side, quality) for s in seeds])
+        for side, quality in domain.CALIBRATION_RENDERS
+    }
+    others = nonscenes()
+    other = features(list(others.values()))
+    for name in tops:
+        check = domain.fit(fitted[name])
+        check.threshold = domain.calibrate(check, {k: v[name] for k, v in held_out.items()})
+        outside = check.score_features(other[name]) > check.threshold
+        through = [n for n, out in zip(others, outside) if not out]
+        log(
+            f"domain check refitted on the {name} top's grids: {int(outside.sum())}/{len(others)} "
+            f"non-scenes rejected; let through: {', '.join(through) or 'none'}"
+        )
+
+
+def compare(slim: EncoderTop, count: int, refit: bool = False, log=print) -> None:
     """Greedy captions and domain verdicts of the card's held-out scenes (and the non-scenes)
     with the shipped top and with `slim`, side by side."""
     import os
@@ -258,15 +316,14 @@ def compare(slim: EncoderTop, count: int, log=print) -> None:
     tops = {"shipped": shipped, "narrow": list(with_top(encoder, slim).network._blocks)}
 
     def run(images):
-        out = {}
-        for name, blocks in tops.items():
-            encoder.network._blocks = nn.ModuleList(blocks)
+        def work():
             encoded = captioner.encode(images)
-            out[name] = (
+            return (
                 {kind: captioner.greedy(encoded, kind) for kind in captioner.decoders},
                 [v.in_domain for v in captioner.domain(encoded)],
             )
-        return out
+
+        return _per_top(encoder, tops, work)
 
     for variant, (side, quality) in SCENE_VARIANTS.items():
         examples = scene_examples(TEST_SEED_BASE, count, side=side, jpeg_quality=quality)
@@ -315,6 +372,8 @@ def compare(slim: EncoderTop, count: int, log=print) -> None:
         f"shipped top, {rejected['narrow']}/{len(pictures)} with the narrow one; changed: "
         + (", ".join(flipped) or "none")
     )
+    if refit:
+        refit_domain(captioner, tops, log=log)
 
 
 def main() -> None:
@@ -325,6 +384,9 @@ def main() -> None:
     parser.add_argument("--val-scenes", type=int, default=1000, help="validation renders")
     parser.add_argument("--eval", action="store_true", help="the card's scenes, both tops")
     parser.add_argument("--count", type=int, default=1000, help="held-out scenes per render")
+    parser.add_argument(
+        "--refit", action="store_true", help="with --eval: the domain check refitted per top"
+    )
     parser.add_argument("--save", type=Path, help="write the narrowed top (torch.save) here")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -354,7 +416,7 @@ def main() -> None:
             f"{medians['narrow']:.2f} ms ({medians['shipped'] / medians['narrow']:.3f}x)"
         )
     if args.eval:
-        compare(slim, args.count, log=log)
+        compare(slim, args.count, refit=args.refit, log=log)
 
 
 if __name__ == "__main__":
