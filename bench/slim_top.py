@@ -42,11 +42,11 @@ import torch.nn as nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from model.data.sources import TRAIN_SEED_BASE, VAL_SEED_BASE  # noqa: E402
 from model.encoder import TOP_FIRST_BLOCK, TUNED_TOP_FILE, Encoder, EncoderTop  # noqa: E402
 from model.preprocessing import EncoderConfig, preprocess_array  # noqa: E402
 
 WEIGHTS = REPO / "weights"
-VAL_SEED = 10_000_000  # model.data.sources.VAL_SEED_BASE
 
 
 # ---- data: block-4 maps of rendered training scenes ----------------------------------------
@@ -178,6 +178,8 @@ def distil(
     def error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
         return (((got - want) / spread) ** 2).mean()
 
+    student.eval()
+    validation = error(_outputs(student, val_maps), val_targets)
     student.requires_grad_(True).train()
     optimiser = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.0)
     steps_per_epoch = len(maps) // batch
@@ -199,7 +201,7 @@ def distil(
         log(f"epoch {epoch + 1}/{epochs}: validation error {validation:.4f}")
         student.train()
     student.eval().requires_grad_(False)
-    return float(error(_outputs(student, val_maps), val_targets))
+    return float(validation)
 
 
 # ---- what it buys: the CNN's time in LiteRT -----------------------------------------------
@@ -242,12 +244,20 @@ def cnn_times(
 # ---- what it costs: the model card's rows, captions and domain verdicts -------------------
 
 
-def _per_top(encoder: Encoder, tops: dict[str, list], work):
-    """work() with each top's layers in `encoder` in turn: {top's name: what it returned}."""
-    out = {}
-    for name, blocks in tops.items():
-        encoder.network._blocks = nn.ModuleList(blocks)
-        out[name] = work()
+def _per_top(captioner, tops: dict[str, list], pictures: list, work, batch: int = 32) -> dict:
+    """work(images) on `pictures` (scene keys or images) a batch at a time, each batch rendered
+    once and run with each top's layers in the encoder in turn: {top's name: [work's result for
+    each batch]}."""
+    from model.data.sources import load_image
+
+    encoder = captioner.side.encoder
+    out: dict[str, list] = {name: [] for name in tops}
+    for start in range(0, len(pictures), batch):
+        part = pictures[start : start + batch]
+        images = [load_image(p) if isinstance(p, str) else p for p in part]
+        for name, blocks in tops.items():
+            encoder.network._blocks = nn.ModuleList(blocks)
+            out[name].append(work(images))
     return out
 
 
@@ -259,22 +269,14 @@ def refit_domain(
     log=print,
 ) -> None:
     """The domain check fitted and calibrated again on each top's grids, from the renders
-    `python -m model domain-fit` uses (each rendered once for both tops), and the non-scenes
-    each refitted check lets through."""
+    `python -m model domain-fit` uses, and the non-scenes each refitted check lets through."""
     from model import domain
-    from model.data.sources import TRAIN_SEED_BASE, load_image, scene_key, training_variant
+    from model.data.sources import scene_key, training_variant
     from model.nonscenes import nonscenes
 
     def features(pictures: list) -> dict[str, np.ndarray]:
-        parts: dict[str, list] = {name: [] for name in tops}
-        for start in range(0, len(pictures), 32):
-            images = [
-                load_image(p) if isinstance(p, str) else p for p in pictures[start : start + 32]
-            ]
-            encode = functools.partial(domain.encode_features, captioner, images)
-            chunk = _per_top(captioner.side.encoder, tops, encode)
-            for name, rows in chunk.items():
-                parts[name].append(rows)
+        encode = functools.partial(domain.encode_features, captioner)
+        parts = _per_top(captioner, tops, pictures, encode)
         return {name: np.concatenate(rows) for name, rows in parts.items()}
 
     seeds = range(TRAIN_SEED_BASE, TRAIN_SEED_BASE + fit_scenes)
@@ -297,6 +299,25 @@ def refit_domain(
         )
 
 
+def _agreement(scenes: list, texts: dict[str, list[str]]) -> str:
+    """How the two tops' captions of `scenes` compare: word for word, and as the card judges."""
+    from model.data.semantics import aggregate, judge
+
+    judged = {name: [judge(s, t) for s, t in zip(scenes, texts[name])] for name in texts}
+    same = sum(a == b for a, b in zip(texts["shipped"], texts["narrow"]))
+    only = {
+        name: sum(j.exact and not k.exact for j, k in zip(judged[name], judged[other]))
+        for name, other in (("shipped", "narrow"), ("narrow", "shipped"))
+    }
+    rows = {name: aggregate(judged[name]) for name in judged}
+    metrics = ("exact_match", "group_recall", "hallucination_rate", "relation_accuracy")
+    moved = ", ".join(f"{m} {rows['shipped'][m]:.3f} -> {rows['narrow'][m]:.3f}" for m in metrics)
+    return (
+        f"{same}/{len(scenes)} captions the same; exact only with the shipped top "
+        f"{only['shipped']}, only with the narrow one {only['narrow']}; {moved}"
+    )
+
+
 def compare(slim: EncoderTop, count: int, refit: bool = False, log=print) -> None:
     """Greedy captions and domain verdicts of the card's held-out scenes (and the non-scenes)
     with the shipped top and with `slim`, side by side."""
@@ -305,8 +326,7 @@ def compare(slim: EncoderTop, count: int, refit: bool = False, log=print) -> Non
     os.environ["CAPTION_ENCODER_RUNTIME"] = "torch"
     from model.captioner import Captioner
     from model.data.scenes import make_scene
-    from model.data.semantics import aggregate, judge
-    from model.data.sources import TEST_SEED_BASE, load_image, scene_examples
+    from model.data.sources import TEST_SEED_BASE, scene_examples
     from model.evaluate import SCENE_VARIANTS
     from model.nonscenes import nonscenes
 
@@ -315,62 +335,42 @@ def compare(slim: EncoderTop, count: int, refit: bool = False, log=print) -> Non
     shipped = list(encoder.network._blocks)
     tops = {"shipped": shipped, "narrow": list(with_top(encoder, slim).network._blocks)}
 
-    def run(images):
-        def work():
-            encoded = captioner.encode(images)
-            return (
-                {kind: captioner.greedy(encoded, kind) for kind in captioner.decoders},
-                [v.in_domain for v in captioner.domain(encoded)],
-            )
+    def outcomes(images: list) -> list[tuple[dict[str, str], bool]]:
+        """Per picture: its greedy caption by decoder, and whether it is in the domain."""
+        encoded = captioner.encode(images)
+        captions = {kind: captioner.greedy(encoded, kind) for kind in captioner.decoders}
+        verdicts = captioner.domain(encoded)
+        return [
+            ({kind: " ".join(captions[kind][i].tokens) for kind in captions}, v.in_domain)
+            for i, v in enumerate(verdicts)
+        ]
 
-        return _per_top(encoder, tops, work)
+    def run(pictures: list) -> dict[str, list[tuple[dict[str, str], bool]]]:
+        parts = _per_top(captioner, tops, pictures, outcomes)
+        return {name: [row for part in rows for row in part] for name, rows in parts.items()}
 
     for variant, (side, quality) in SCENE_VARIANTS.items():
         examples = scene_examples(TEST_SEED_BASE, count, side=side, jpeg_quality=quality)
         scenes = [make_scene(int(e.key.split("/")[1])) for e in examples]
-        got: dict[str, tuple[dict, list]] = {"shipped": ({}, []), "narrow": ({}, [])}
-        for start in range(0, count, 50):
-            part = run([load_image(e.key) for e in examples[start : start + 50]])
-            for name, (captions, verdicts) in part.items():
-                for kind, caps in captions.items():
-                    got[name][0].setdefault(kind, []).extend(caps)
-                got[name][1].extend(verdicts)
+        got = run([e.key for e in examples])
         for kind in captioner.decoders:
-            texts = {name: [" ".join(c.tokens) for c in got[name][0][kind]] for name in got}
-            judged = {name: [judge(s, t) for s, t in zip(scenes, texts[name])] for name in got}
-            same = sum(a == b for a, b in zip(texts["shipped"], texts["narrow"]))
-            only = {
-                name: sum(j.exact and not k.exact for j, k in zip(judged[name], judged[other]))
-                for name, other in (("shipped", "narrow"), ("narrow", "shipped"))
-            }
-            rows = {name: aggregate(judged[name]) for name in got}
-            moved = ", ".join(
-                f"{metric} {rows['shipped'][metric]:.3f} -> {rows['narrow'][metric]:.3f}"
-                for metric in (
-                    "exact_match",
-                    "group_recall",
-                    "hallucination_rate",
-                    "relation_accuracy",
-                )
-            )
-            log(
-                f"{variant} {kind}: {same}/{count} captions the same; exact only with the shipped "
-                f"top {only['shipped']}, only with the narrow one {only['narrow']}; {moved}"
-            )
-        flipped = sum(a != b for a, b in zip(got["shipped"][1], got["narrow"][1]))
+            texts = {name: [caption[kind] for caption, _ in rows] for name, rows in got.items()}
+            log(f"{variant} {kind}: {_agreement(scenes, texts)}")
+        flipped = sum(a[1] != b[1] for a, b in zip(got["shipped"], got["narrow"]))
         log(f"{variant}: domain verdicts changed {flipped}/{count}")
     pictures = nonscenes()
-    verdicts = run(list(pictures.values()))
-    flipped = [
+    got = run(list(pictures.values()))
+    inside = {name: [verdict for _, verdict in rows] for name, rows in got.items()}
+    changed = [
         f"{name} ({'in' if a else 'out'} -> {'in' if b else 'out'})"
-        for name, a, b in zip(pictures, verdicts["shipped"][1], verdicts["narrow"][1])
+        for name, a, b in zip(pictures, inside["shipped"], inside["narrow"])
         if a != b
     ]
-    rejected = {name: sum(not v for v in verdicts[name][1]) for name in verdicts}
+    rejected = {name: inside[name].count(False) for name in inside}
     log(
         f"non-scenes: judged outside the domain {rejected['shipped']}/{len(pictures)} with the "
         f"shipped top, {rejected['narrow']}/{len(pictures)} with the narrow one; changed: "
-        + (", ".join(flipped) or "none")
+        + (", ".join(changed) or "none")
     )
     if refit:
         refit_domain(captioner, tops, log=log)
@@ -393,7 +393,10 @@ def main() -> None:
     torch.set_num_threads(2)
     log = lambda text: print(text, flush=True)  # noqa: E731
     started = time.perf_counter()
-    maps, val_maps = block4_maps(0, args.scenes), block4_maps(VAL_SEED, args.val_scenes)
+    maps, val_maps = (
+        block4_maps(TRAIN_SEED_BASE, args.scenes),
+        block4_maps(VAL_SEED_BASE, args.val_scenes),
+    )
     seconds = time.perf_counter() - started
     log(f"block-4 maps of {len(maps)} + {len(val_maps)} renders: {seconds:.0f} s")
     teacher = shipped_top()
